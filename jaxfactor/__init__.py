@@ -1,0 +1,34 @@
+"""jaxfactor: factorized convolutions for JAX and Flax.
+
+A factorized convolution is an immutable pytree of factor arrays that *is* a
+convolution kernel, stored in pieces. `conv(x, kernel)` takes a dense HWIO
+kernel or any format and equals the dense convolution with `kernel.to_dense()`.
+"""
+
+from jaxfactor.convolution import conv as conv
+from jaxfactor.cost import Cost as Cost
+from jaxfactor.cost import cost as cost
+from jaxfactor.formats import CP as CP
+from jaxfactor.formats import DepthwiseSeparable as DepthwiseSeparable
+from jaxfactor.formats import Format as Format
+from jaxfactor.formats import LowRank as LowRank
+from jaxfactor.formats import SpatiallySeparable as SpatiallySeparable
+from jaxfactor.formats import Tucker as Tucker
+from jaxfactor.primitives import depthwise_conv as depthwise_conv
+from jaxfactor.primitives import pointwise_conv as pointwise_conv
+
+__version__ = "0.1.0"
+
+__all__ = (
+    "CP",
+    "Cost",
+    "DepthwiseSeparable",
+    "Format",
+    "LowRank",
+    "SpatiallySeparable",
+    "Tucker",
+    "conv",
+    "cost",
+    "depthwise_conv",
+    "pointwise_conv",
+)

@@ -1,0 +1,210 @@
+"""Argument checks shared by every public function.
+
+Every check runs on static information (shapes, dtypes, Python values), so it
+costs nothing under `jax.jit` and fires before any `lax` call. Messages always
+name the calling function and the argument, and show what was seen next to
+what was expected.
+"""
+
+from __future__ import annotations
+
+import operator
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+IMPLEMENTATIONS = ("auto", "factorized", "reconstructed")
+PADDING_STRINGS = ("SAME", "VALID", "CIRCULAR", "REFLECT", "CAUSAL")
+
+
+def is_array(value: Any) -> bool:
+  """True for jax arrays (tracers included) and numpy arrays."""
+  return isinstance(value, (jax.Array, np.ndarray))
+
+
+def check_array(fn: str, name: str, value: Any) -> None:
+  if not is_array(value):
+    raise TypeError(
+        f"{fn}: `{name}` must be a jax or numpy array, got"
+        f" {type(value).__name__}."
+    )
+
+
+def check_floating(fn: str, name: str, value: Any) -> None:
+  if not jnp.issubdtype(value.dtype, jnp.floating):
+    raise TypeError(
+        f"{fn}: `{name}` must have a floating dtype, got {value.dtype}."
+    )
+
+
+def check_ndim(fn: str, name: str, value: Any, ndim: int, layout: str) -> None:
+  if value.ndim != ndim:
+    raise ValueError(
+        f"{fn}: `{name}` must have shape {layout} (rank {ndim}), got shape"
+        f" {tuple(value.shape)} (rank {value.ndim})."
+    )
+
+
+def check_positive_dims(fn: str, name: str, shape: Sequence[int]) -> None:
+  if any(d < 1 for d in shape):
+    raise ValueError(
+        f"{fn}: every axis of `{name}` must have size >= 1, got shape"
+        f" {tuple(shape)}."
+    )
+
+
+def check_chain(
+    fn: str, fmt: str, left: str, left_shape, left_axis: int,
+    right: str, right_shape, right_axis: int,
+) -> None:
+  """Checks that two factors meet on an axis of the same size."""
+  a, b = left_shape[left_axis], right_shape[right_axis]
+  if a != b:
+    raise ValueError(
+        f"{fn}: {fmt} factors do not chain: `{left}` has shape"
+        f" {tuple(left_shape)} and `{right}` has shape {tuple(right_shape)};"
+        f" {left}.shape[{left_axis}] ({a}) must equal"
+        f" {right}.shape[{right_axis}] ({b})."
+    )
+
+
+def check_same_dtype(fn: str, named_arrays: Sequence[tuple[str, Any]]) -> None:
+  """Rejects mixed dtypes rather than letting XLA promote silently."""
+  first_name, first = named_arrays[0]
+  for name, value in named_arrays[1:]:
+    if value.dtype != first.dtype:
+      raise TypeError(
+          f"{fn}: `{name}` has dtype {value.dtype} but `{first_name}` has"
+          f" dtype {first.dtype}; jaxfactor does not promote dtypes"
+          " silently, cast one of them explicitly."
+      )
+
+
+def check_preferred_element_type(fn: str, dtype: Any, preferred: Any) -> Any:
+  """Returns `preferred` as a numpy dtype, or None."""
+  if preferred is None:
+    return None
+  preferred = np.dtype(preferred)
+  if not jnp.issubdtype(preferred, jnp.floating) or (
+      jnp.finfo(preferred).bits < jnp.finfo(dtype).bits
+  ):
+    raise TypeError(
+        f"{fn}: `preferred_element_type` must be a floating dtype at least"
+        f" as wide as the inputs' {dtype}, got {preferred}."
+    )
+  return preferred
+
+
+def check_implementation(fn: str, implementation: Any) -> None:
+  if implementation not in IMPLEMENTATIONS:
+    raise ValueError(
+        f"{fn}: `implementation` must be one of {IMPLEMENTATIONS}, got"
+        f" {implementation!r}."
+    )
+
+
+def _as_int(fn: str, name: str, value: Any) -> int:
+  if isinstance(value, bool):
+    raise TypeError(f"{fn}: `{name}` must be an int, got bool {value!r}.")
+  try:
+    return operator.index(value)
+  except TypeError:
+    raise TypeError(
+        f"{fn}: `{name}` must be an int, got {type(value).__name__}"
+        f" {value!r}."
+    ) from None
+
+
+def canonicalize_positive_ints(
+    fn: str, name: str, value: Any, ndim: int
+) -> tuple[int, ...]:
+  """`strides` / `dilation`: an int or one positive int per spatial axis."""
+  if isinstance(value, Sequence) and not isinstance(value, str):
+    if len(value) != ndim:
+      raise ValueError(
+          f"{fn}: `{name}` must be an int or a sequence of {ndim} ints (one"
+          f" per spatial axis), got {tuple(value)!r} of length {len(value)}."
+      )
+    values = tuple(_as_int(fn, name, v) for v in value)
+  else:
+    values = (_as_int(fn, name, value),) * ndim
+  if any(v < 1 for v in values):
+    raise ValueError(
+        f"{fn}: `{name}` must be positive on every axis, got {value!r}."
+    )
+  return values
+
+
+def canonicalize_padding(
+    fn: str, padding: Any, ndim: int
+) -> str | tuple[tuple[int, int], ...]:
+  """Flax's padding forms, checked: a mode string or one (low, high) per axis."""
+  if isinstance(padding, str):
+    if padding not in PADDING_STRINGS:
+      raise ValueError(
+          f"{fn}: `padding` must be one of {PADDING_STRINGS}, an int, or one"
+          f" int or (low, high) pair per spatial axis, got {padding!r}."
+      )
+    if padding == "CAUSAL" and ndim != 1:
+      raise ValueError(
+          f"{fn}: `padding`='CAUSAL' needs exactly 1 spatial axis, got a"
+          f" kernel with {ndim} spatial axes."
+      )
+    return padding
+  if isinstance(padding, Sequence):
+    if len(padding) != ndim:
+      raise ValueError(
+          f"{fn}: `padding` must have one int or (low, high) pair per spatial"
+          f" axis ({ndim}), got {padding!r} of length {len(padding)}."
+      )
+    pairs = []
+    for p in padding:
+      if isinstance(p, Sequence) and not isinstance(p, str):
+        if len(p) != 2:
+          raise ValueError(
+              f"{fn}: each `padding` entry must be an int or a (low, high)"
+              f" pair, got {p!r} in {padding!r}."
+          )
+        pair = (_as_int(fn, "padding", p[0]), _as_int(fn, "padding", p[1]))
+      else:
+        pair = (_as_int(fn, "padding", p),) * 2
+      pairs.append(pair)
+    pads = tuple(pairs)
+  else:
+    pads = ((_as_int(fn, "padding", padding),) * 2,) * ndim
+  if any(v < 0 for pair in pads for v in pair):
+    raise ValueError(
+        f"{fn}: `padding` must be non-negative, got {padding!r}."
+    )
+  return pads
+
+
+def check_input(
+    fn: str,
+    x: Any,
+    window: Sequence[int],
+    in_features: int,
+    *,
+    abstract: bool = False,
+) -> None:
+  """`x` must be `[*batch, *spatial, C]` with the kernel's C and N."""
+  if not abstract:
+    check_array(fn, "x", x)
+  check_floating(fn, "x", x)
+  n = len(window)
+  if x.ndim < n + 1:
+    raise ValueError(
+        f"{fn}: `x` must have shape [*batch, *spatial, C] with {n} spatial"
+        f" axes (rank >= {n + 1}) for a kernel with window {tuple(window)},"
+        f" got shape {tuple(x.shape)}."
+    )
+  if x.shape[-1] != in_features:
+    raise ValueError(
+        f"{fn}: `x` has {x.shape[-1]} channels (shape {tuple(x.shape)}) but"
+        f" the kernel expects in_features={in_features}."
+    )
+  # Batch axes may be empty; spatial and channel axes may not.
+  check_positive_dims(fn, "x", x.shape[x.ndim - n - 1 :])

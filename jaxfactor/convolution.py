@@ -1,0 +1,96 @@
+"""`conv`: one entry point for dense kernels and every factorized format."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from jaxfactor import _validation
+from jaxfactor import cost as cost_lib
+from jaxfactor import formats
+from jaxfactor import primitives
+
+
+def conv(
+    x: jax.typing.ArrayLike,
+    kernel: jax.typing.ArrayLike | formats.Format,
+    *,
+    strides: int | Sequence[int] = 1,
+    padding: Any = "SAME",
+    dilation: int | Sequence[int] = 1,
+    precision: lax.PrecisionLike = None,
+    preferred_element_type: jax.typing.DTypeLike | None = None,
+    implementation: str = "auto",
+) -> jax.Array:
+  """Convolves `x` with a dense kernel or a factorized format.
+
+  For any format `f`, `conv(x, f, ...)` equals
+  `conv(x, f.to_dense(), ...)`, i.e. Flax's `nn.Conv` (no bias) with kernel
+  `f.to_dense()`, for every strides, padding and dilation.
+
+  Args:
+    x: `[*batch, *spatial, C]`: N spatial axes (N = the kernel's), channels
+      last, any number of leading batch axes (none for an unbatched input).
+    kernel: a dense HWIO kernel `[*window, C, F]`, or a `DepthwiseSeparable`,
+      `SpatiallySeparable`, `LowRank`, `Tucker` or `CP`.
+    strides: an int or one per spatial axis.
+    padding: "SAME", "VALID", "CIRCULAR", "REFLECT", "CAUSAL" (N = 1 only),
+      an int, or one int or `(low, high)` pair per spatial axis; the same
+      meanings as Flax's `nn.Conv`.
+    dilation: kernel dilation, an int or one per spatial axis.
+    precision: passed to every `lax` call.
+    preferred_element_type: accumulation and output dtype (e.g. float32 for
+      bfloat16 inputs); None keeps `x`'s dtype. Intermediate stages of a
+      factorized chain are kept at this dtype too.
+    implementation: for a format, "factorized" runs the chain of factor
+      stages (strides, padding and dilation on the spatial stages only, 1x1
+      stages as channel contractions), "reconstructed" builds `to_dense()` and
+      runs one convolution, and "auto" picks whichever needs fewer FLOPs for
+      these static shapes (see `jaxfactor.cost`). Ignored for dense kernels.
+
+  Returns:
+    `[*batch, *out_spatial, F]`.
+
+  Raises:
+    TypeError: non-array inputs or factors, non-floating or mixed dtypes.
+    ValueError: `x` of the wrong rank or channel count, factors that do not
+      chain, bad strides/dilation/padding, or an empty output.
+
+  >>> import jax, jax.numpy as jnp
+  >>> import jaxfactor
+  >>> f = jaxfactor.LowRank(jnp.ones((3, 3, 16, 4)), jnp.ones((4, 32)))
+  >>> x = jnp.ones((2, 28, 28, 16))
+  >>> jaxfactor.conv(x, f, strides=2).shape
+  (2, 14, 14, 32)
+  """
+  fn = "conv"
+  _validation.check_implementation(fn, implementation)
+  window, in_features = cost_lib.check_kernel(fn, kernel)
+  _validation.check_input(fn, x, window, in_features)
+  _validation.check_same_dtype(fn, [("x", x), ("kernel", kernel)])
+  preferred = _validation.check_preferred_element_type(
+      fn, x.dtype, preferred_element_type
+  )
+  x, batch_shape, geometry = primitives.prepare(
+      fn, x, window, strides=strides, padding=padding, dilation=dilation
+  )
+  chosen, _ = cost_lib.choose_implementation(
+      kernel, x.shape, geometry, implementation
+  )
+  if chosen == "factorized":
+    stages = kernel.stages()
+  else:
+    if isinstance(kernel, formats.Format):
+      dense = kernel.to_dense()
+    else:
+      dense = jnp.asarray(kernel)
+    stages = [primitives.SpatialConv(dense, tuple(range(len(window))))]
+  y = primitives.run_stages(
+      x, stages, geometry, precision=precision,
+      preferred_element_type=preferred,
+  )
+  return primitives.restore_batch(y, batch_shape)

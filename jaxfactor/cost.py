@@ -1,0 +1,209 @@
+"""Exact parameter and FLOP counts, and the choice of implementation.
+
+FLOPs are counted the way XLA's `HloCostAnalysis` counts them, so that
+`cost(...).flops` matches `jax.jit(f).lower(x).compile().cost_analysis()`:
+
+* a multiply-add is 2 FLOPs;
+* a convolution counts only the taps that read real input: a tap that lands in
+  zero padding does no arithmetic (so "SAME" costs less than
+  `2 * out_pixels * k * C * F`);
+* a 1x1 stage (`dot_general`) costs `2 * B * pixels * C * F`;
+* explicit padding (`jnp.pad` for "CIRCULAR"/"REFLECT"), reshapes and casts
+  cost nothing; in `to_dense`, an elementwise product costs 1 per element.
+"""
+
+from __future__ import annotations
+
+import math
+import operator
+from collections.abc import Sequence
+from typing import Any, NamedTuple
+
+import jax
+
+from jaxfactor import _geometry
+from jaxfactor import _validation
+from jaxfactor import formats
+from jaxfactor import primitives
+
+
+class Cost(NamedTuple):
+  """Parameters stored and FLOPs spent by one convolution.
+
+  Attributes:
+    params: number of kernel parameters (the sum of the factors' sizes).
+    flops: floating-point operations for one call, multiply-add = 2.
+  """
+
+  params: int
+  flops: int
+
+
+def check_kernel(
+    fn: str, kernel: Any, *, abstract: bool = False
+) -> tuple[tuple[int, ...], int]:
+  """Validates a dense HWIO kernel or a format; returns `(window, C)`."""
+  if isinstance(kernel, formats.Format):
+    kernel.check(fn, abstract=abstract)
+    return kernel.window, kernel.in_features
+  if not (abstract and hasattr(kernel, "shape") and hasattr(kernel, "dtype")):
+    if not _validation.is_array(kernel):
+      raise TypeError(
+          f"{fn}: `kernel` must be a dense HWIO array or a jaxfactor format"
+          f" (DepthwiseSeparable, SpatiallySeparable, LowRank, Tucker, CP),"
+          f" got {type(kernel).__name__}."
+      )
+  _validation.check_floating(fn, "kernel", kernel)
+  if kernel.ndim < 3:
+    raise ValueError(
+        f"{fn}: a dense `kernel` must have shape [*window, C, F] with at"
+        f" least one spatial axis (rank >= 3), got shape"
+        f" {tuple(kernel.shape)}."
+    )
+  _validation.check_positive_dims(fn, "kernel", kernel.shape)
+  return tuple(kernel.shape[:-2]), kernel.shape[-2]
+
+
+def stage_flops(
+    stage: primitives.Stage,
+    in_shape: Sequence[int],
+    geometry: _geometry.Geometry,
+) -> tuple[int, tuple[int, ...]]:
+  """FLOPs of one stage on a `[B, *spatial, C]` input, and its output shape."""
+  batch, *spatial, _ = in_shape
+  kernel_shape = stage.kernel.shape
+  if isinstance(stage, primitives.Pointwise):
+    c, f = kernel_shape
+    return 2 * batch * math.prod(spatial) * c * f, (batch, *spatial, f)
+  out_spatial, pairs = [], 1
+  for axis, size in enumerate(spatial):
+    if axis in stage.axes:
+      k = kernel_shape[stage.axes.index(axis)]
+      stride, dilation = geometry.strides[axis], geometry.dilation[axis]
+      pad = geometry.padding[axis]
+      if geometry.fill != "constant":  # padded with data: every tap is real
+        size, pad = size + pad[0] + pad[1], (0, 0)
+      out = _geometry.output_size(size, k, stride, dilation, pad)
+      pairs *= _geometry.valid_taps(size, k, stride, dilation, pad)
+    else:
+      out = size
+      pairs *= size
+    out_spatial.append(out)
+  c_per_group, f = kernel_shape[-2:]
+  return 2 * batch * pairs * c_per_group * f, (batch, *out_spatial, f)
+
+
+def chain_flops(
+    stages: Sequence[primitives.Stage],
+    in_shape: Sequence[int],
+    geometry: _geometry.Geometry,
+) -> int:
+  total, shape = 0, tuple(in_shape)
+  for stage in stages:
+    flops, shape = stage_flops(stage, shape, geometry)
+    total += flops
+  return total
+
+
+def _dense_stage(kernel: Any) -> primitives.SpatialConv:
+  shape = kernel.shape
+  return primitives.SpatialConv(
+      jax.ShapeDtypeStruct(shape, kernel.dtype), tuple(range(len(shape) - 2))
+  )
+
+
+def choose_implementation(
+    kernel: Any,
+    in_shape: Sequence[int],
+    geometry: _geometry.Geometry,
+    implementation: str,
+) -> tuple[str, int]:
+  """Resolves `implementation` for these static shapes; returns it and FLOPs.
+
+  "auto" picks whichever of "factorized" and "reconstructed" needs fewer FLOPs
+  (ties go to "factorized"). A dense kernel is always "reconstructed": it is
+  its own dense kernel.
+  """
+  if not isinstance(kernel, formats.Format):
+    return "reconstructed", chain_flops([_dense_stage(kernel)], in_shape, geometry)
+  flops = {}
+  if implementation in ("auto", "factorized"):
+    flops["factorized"] = chain_flops(kernel.stages(), in_shape, geometry)
+  if implementation in ("auto", "reconstructed"):
+    flops["reconstructed"] = kernel.to_dense_flops() + chain_flops(
+        [_dense_stage(kernel)], in_shape, geometry
+    )
+  best = min(flops, key=flops.get)  # dicts keep order: ties -> factorized
+  return best, flops[best]
+
+
+def cost(
+    kernel: Any,
+    input_shape: Sequence[int],
+    *,
+    strides: int | Sequence[int] = 1,
+    padding: Any = "SAME",
+    dilation: int | Sequence[int] = 1,
+    implementation: str = "auto",
+) -> Cost:
+  """Counts the parameters and FLOPs of `conv(x, kernel, ...)`, exactly.
+
+  The count is of the computation `conv` runs for these arguments, stage by
+  stage, and equals XLA's own `cost_analysis()["flops"]` of the jitted call.
+  Leaves may be abstract (`jax.ShapeDtypeStruct`), so a format from
+  `jax.eval_shape` can be costed without allocating it.
+
+  Args:
+    kernel: a dense HWIO kernel `[*window, C, F]` or any format.
+    input_shape: the shape of `x`, `[*batch, *spatial, C]`.
+    strides: as in `conv`.
+    padding: as in `conv`.
+    dilation: as in `conv`.
+    implementation: as in `conv`: "auto", "factorized" or "reconstructed".
+
+  Returns:
+    `Cost(params, flops)`, Python ints.
+
+  Raises:
+    TypeError, ValueError: the same checks as `conv`.
+
+  >>> import jax.numpy as jnp
+  >>> import jaxfactor
+  >>> dense = jnp.ones((3, 3, 128, 128))
+  >>> jaxfactor.cost(dense, (1, 28, 28, 128), padding="VALID")
+  Cost(params=147456, flops=199360512)
+  """
+  fn = "cost"
+  _validation.check_implementation(fn, implementation)
+  window, in_features = check_kernel(fn, kernel, abstract=True)
+  if isinstance(input_shape, (str, bytes)) or not isinstance(
+      input_shape, Sequence
+  ):
+    raise TypeError(
+        f"{fn}: `input_shape` must be a sequence of ints, got"
+        f" {type(input_shape).__name__}."
+    )
+  try:
+    input_shape = tuple(operator.index(d) for d in input_shape)
+  except TypeError:
+    raise TypeError(
+        f"{fn}: `input_shape` must be a sequence of ints, got"
+        f" {input_shape!r}."
+    ) from None
+  _validation.check_input(
+      fn, jax.ShapeDtypeStruct(input_shape, kernel.dtype), window, in_features,
+      abstract=True,
+  )
+  n = len(window)
+  geometry = _geometry.resolve(
+      fn, input_shape[-n - 1 : -1], window,
+      strides=strides, padding=padding, dilation=dilation,
+  )
+  flat = (math.prod(input_shape[: -n - 1]), *input_shape[-n - 1 :])
+  _, flops = choose_implementation(kernel, flat, geometry, implementation)
+  params = (
+      kernel.num_params
+      if isinstance(kernel, formats.Format)
+      else math.prod(kernel.shape)
+  )
+  return Cost(params=params, flops=flops)

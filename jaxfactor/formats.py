@@ -1,0 +1,693 @@
+"""Factorized convolution kernels: immutable pytrees of factor arrays.
+
+A format *is* a convolution kernel stored in pieces. `to_dense()` returns the
+HWIO kernel `[*window, C, F]` it stands for, and `jaxfactor.conv(x, f)` equals
+the dense convolution with that kernel for every geometry. Each format also
+lists the chain of `lax` stages that computes it without reconstruction
+(`primitives.Pointwise` / `primitives.SpatialConv`); `conv` runs that chain and
+`cost` counts it.
+
+Formats are registered pytrees (leaves: the factor arrays, in field order), so
+they pass through `jax.jit`, `jax.vmap`, `jax.grad`, `jax.tree.map` and
+`flax.serialization`. Constructors validate; pytree unflattening does not (JAX
+rebuilds pytrees with placeholder leaves), so `conv`, `cost` and `to_dense`
+validate again at trace time.
+"""
+
+from __future__ import annotations
+
+import abc
+import math
+from collections.abc import Sequence
+from typing import Any, ClassVar
+
+import jax
+import jax.numpy as jnp
+from flax import serialization
+from jax import lax
+
+from jaxfactor import _validation
+from jaxfactor import primitives
+
+# `to_dense` is a handful of small contractions; run them at full precision so
+# the reconstructed kernel is exact on TPU/GPU too (where the default
+# precision of float32 matmuls is lower).
+_HIGHEST = lax.Precision.HIGHEST
+
+
+class Format(abc.ABC):
+  """Base class of factorized convolution kernels.
+
+  Subclasses declare `_fields` (pytree children, in order; a field may hold a
+  tuple of arrays) and `_static_fields` (hashable metadata, part of the pytree
+  structure), and implement the abstract members.
+  """
+
+  _fields: ClassVar[tuple[str, ...]] = ()
+  _tuple_fields: ClassVar[tuple[str, ...]] = ()
+  _static_fields: ClassVar[tuple[str, ...]] = ()
+
+  def __init_subclass__(cls, **kwargs):
+    super().__init_subclass__(**kwargs)
+    jax.tree_util.register_pytree_with_keys(
+        cls, cls._flatten_with_keys, cls._unflatten, cls._flatten
+    )
+    serialization.register_serialization_state(
+        cls, _to_state_dict, _from_state_dict
+    )
+
+  # --- pytree protocol -----------------------------------------------------
+
+  def _flatten(self):
+    return tuple(getattr(self, f) for f in self._fields), self._static()
+
+  def _flatten_with_keys(self):
+    children = tuple(
+        (jax.tree_util.GetAttrKey(f), getattr(self, f)) for f in self._fields
+    )
+    return children, self._static()
+
+  def _static(self):
+    return tuple(getattr(self, f) for f in self._static_fields)
+
+  @classmethod
+  def _unflatten(cls, static, children):
+    obj = object.__new__(cls)
+    for name, value in zip(cls._static_fields, static):
+      object.__setattr__(obj, name, value)
+    for name, value in zip(cls._fields, children):
+      object.__setattr__(obj, name, value)
+    return obj
+
+  # --- immutability ----------------------------------------------------------
+
+  def __setattr__(self, name, value):
+    raise AttributeError(
+        f"{type(self).__name__} is immutable; use"
+        f" .replace({name}=...) to get a modified copy."
+    )
+
+  def replace(self, **changes: Any) -> Format:
+    """Returns a copy with some fields replaced (validated like `__init__`)."""
+    unknown = set(changes) - set(self._fields + self._static_fields)
+    if unknown:
+      raise TypeError(
+          f"{type(self).__name__}.replace: unknown fields {sorted(unknown)};"
+          f" the fields are {self._fields + self._static_fields}."
+      )
+    values = {
+        f: getattr(self, f) for f in self._fields + self._static_fields
+    }
+    return type(self)(**{**values, **changes})
+
+  def _set_fields(self, fn: str, **values: Any) -> None:
+    for name, value in values.items():
+      if name in self._static_fields:
+        object.__setattr__(self, name, value)
+      elif name in self._tuple_fields:
+        object.__setattr__(
+            self,
+            name,
+            tuple(_as_factor(fn, f"{name}[{i}]", v) for i, v in enumerate(value)),
+        )
+      else:
+        object.__setattr__(self, name, _as_factor(fn, name, value))
+    self.check(fn)
+
+  def __repr__(self) -> str:
+    parts = [
+        f"{f}={_describe(getattr(self, f))}" for f in self._fields
+    ] + [f"{f}={getattr(self, f)!r}" for f in self._static_fields]
+    return f"{type(self).__name__}({', '.join(parts)})"
+
+  # --- shared properties -----------------------------------------------------
+
+  @property
+  @abc.abstractmethod
+  def window(self) -> tuple[int, ...]:
+    """The spatial window `(k_1, ..., k_N)` of the dense kernel."""
+
+  @property
+  @abc.abstractmethod
+  def in_features(self) -> int:
+    """`C`, the number of input channels."""
+
+  @property
+  @abc.abstractmethod
+  def out_features(self) -> int:
+    """`F`, the number of output channels."""
+
+  @property
+  def shape(self) -> tuple[int, ...]:
+    """Shape of the dense HWIO kernel, `(*window, C, F)`."""
+    return (*self.window, self.in_features, self.out_features)
+
+  @property
+  def num_spatial_dims(self) -> int:
+    return len(self.window)
+
+  @property
+  def dtype(self) -> Any:
+    return jax.tree.leaves(self)[0].dtype
+
+  @property
+  def num_params(self) -> int:
+    """Number of stored parameters (the sum of the factors' sizes)."""
+    return sum(math.prod(leaf.shape) for leaf in jax.tree.leaves(self))
+
+  # --- behaviour ---------------------------------------------------------------
+
+  def check(self, fn: str, *, abstract: bool = False) -> None:
+    """Raises unless the factors are floating arrays of one dtype that chain.
+
+    Args:
+      fn: the public function to name in error messages.
+      abstract: also accept leaves that only carry `.shape` and `.dtype`
+        (e.g. `jax.ShapeDtypeStruct`, for `cost`).
+    """
+    fmt = type(self).__name__
+    named = []
+    for name in self._fields:
+      value = getattr(self, name)
+      if name in self._tuple_fields:
+        if not isinstance(value, tuple):
+          raise TypeError(
+              f"{fn}: {fmt}.{name} must be a tuple of arrays, got"
+              f" {type(value).__name__}."
+          )
+        named += [(f"{name}[{i}]", v) for i, v in enumerate(value)]
+      else:
+        named.append((name, value))
+    for name, value in named:
+      if not (abstract and hasattr(value, "shape") and hasattr(value, "dtype")):
+        _validation.check_array(fn, f"{fmt}.{name}", value)
+      _validation.check_floating(fn, f"{fmt}.{name}", value)
+      _validation.check_positive_dims(fn, f"{fmt}.{name}", value.shape)
+    _validation.check_same_dtype(fn, named)
+    self._check_shapes(fn, fmt)
+
+  @abc.abstractmethod
+  def _check_shapes(self, fn: str, fmt: str) -> None:
+    """Raises ValueError unless the factor shapes chain."""
+
+  @abc.abstractmethod
+  def stages(self) -> list[primitives.Stage]:
+    """The chain of `lax` stages that applies this kernel, factor by factor."""
+
+  @abc.abstractmethod
+  def to_dense(self) -> jax.Array:
+    """The dense HWIO kernel `[*window, C, F]` this format stands for."""
+
+  @abc.abstractmethod
+  def to_dense_flops(self) -> int:
+    """FLOPs that `to_dense()` spends (multiply-add = 2, as XLA counts)."""
+
+
+def _as_factor(fn: str, name: str, value: Any) -> jax.Array:
+  _validation.check_array(fn, name, value)
+  return jnp.asarray(value)
+
+
+def _lift(a: jax.Array, ndim: int) -> jax.Array:
+  """Adds leading unit axes: explicit broadcasting, as strict mode requires."""
+  return a.reshape((1,) * (ndim - a.ndim) + a.shape)
+
+
+def _describe(value: Any) -> str:
+  if isinstance(value, tuple):
+    return "(" + ", ".join(_describe(v) for v in value) + ")"
+  if hasattr(value, "shape") and hasattr(value, "dtype"):
+    return f"{jnp.dtype(value.dtype).name}{list(value.shape)}"
+  return repr(value)
+
+
+def _to_state_dict(fmt: Format) -> dict[str, Any]:
+  return {
+      f: serialization.to_state_dict(getattr(fmt, f)) for f in fmt._fields
+  }
+
+
+def _from_state_dict(target: Format, state: dict[str, Any]) -> Format:
+  children = [
+      serialization.from_state_dict(getattr(target, f), state[f], name=f)
+      for f in target._fields
+  ]
+  return type(target)._unflatten(target._static(), children)
+
+
+def _check_rank(fn: str, name: str, value: jax.Array, ndim: int, layout: str):
+  _validation.check_ndim(fn, name, value, ndim, layout)
+
+
+class DepthwiseSeparable(Format):
+  """Depthwise-separable kernel: a depthwise conv, then a pointwise (1x1) conv.
+
+  `K[*w, c, f] = sum_j D[*w, 0, c*m + j] * P[c*m + j, f]`, with `k * C * m +
+  C * m * F` parameters for `k = prod(window)`, against `k * C * F` dense.
+
+  Attributes:
+    depthwise: `[*window, 1, C*m]`, lax/Flax's depthwise layout: output
+      channel `c*m + j` filters input channel `c`.
+    pointwise: `[C*m, F]`.
+    channel_multiplier: `m` (static). `C = depthwise.shape[-1] // m`.
+
+  References:
+    Howard et al., 2017, MobileNets, https://arxiv.org/abs/1704.04861;
+    Chollet, 2017, Xception, https://arxiv.org/abs/1610.02357.
+
+  >>> import jax.numpy as jnp
+  >>> import jaxfactor
+  >>> f = jaxfactor.DepthwiseSeparable(
+  ...     jnp.ones((3, 3, 1, 8)), jnp.ones((8, 16)), channel_multiplier=2)
+  >>> f.shape, f.num_params
+  ((3, 3, 4, 16), 200)
+  """
+
+  _fields = ("depthwise", "pointwise")
+  _static_fields = ("channel_multiplier",)
+  depthwise: jax.Array
+  pointwise: jax.Array
+  channel_multiplier: int
+
+  def __init__(self, depthwise, pointwise, *, channel_multiplier: int = 1):
+    if isinstance(channel_multiplier, bool) or not isinstance(
+        channel_multiplier, int
+    ) or channel_multiplier < 1:
+      raise ValueError(
+          "DepthwiseSeparable: `channel_multiplier` must be a positive int,"
+          f" got {channel_multiplier!r}."
+      )
+    self._set_fields(
+        "DepthwiseSeparable",
+        channel_multiplier=channel_multiplier,
+        depthwise=depthwise,
+        pointwise=pointwise,
+    )
+
+  def _check_shapes(self, fn, fmt):
+    dw, pw, m = self.depthwise, self.pointwise, self.channel_multiplier
+    if dw.ndim < 3 or dw.shape[-2] != 1 or dw.shape[-1] % m:
+      raise ValueError(
+          f"{fn}: {fmt} `depthwise` must have shape [*window, 1, C*m] with"
+          f" channel_multiplier m={m}, got shape {tuple(dw.shape)}."
+      )
+    _check_rank(fn, "pointwise", pw, 2, "[C*m, F]")
+    _validation.check_chain(
+        fn, fmt, "depthwise", dw.shape, -1, "pointwise", pw.shape, 0
+    )
+
+  @property
+  def window(self):
+    return tuple(self.depthwise.shape[:-2])
+
+  @property
+  def in_features(self):
+    return self.depthwise.shape[-1] // self.channel_multiplier
+
+  @property
+  def out_features(self):
+    return self.pointwise.shape[-1]
+
+  def stages(self):
+    axes = tuple(range(self.num_spatial_dims))
+    return [
+        primitives.SpatialConv(self.depthwise, axes, self.in_features),
+        primitives.Pointwise(self.pointwise),
+    ]
+
+  def to_dense(self):
+    self.check("to_dense")
+    c, m = self.in_features, self.channel_multiplier
+    dw = self.depthwise.reshape((*self.window, c, m))
+    pw = self.pointwise.reshape((c, m, self.out_features))
+    return jnp.einsum("...cj,cjf->...cf", dw, pw, precision=_HIGHEST)
+
+  def to_dense_flops(self):
+    return 2 * math.prod(self.shape) * self.channel_multiplier
+
+
+class SpatiallySeparable(Format):
+  """Spatially separable kernel: one 1-D convolution per spatial axis.
+
+  Factor `i` convolves along spatial axis `i` from `R_{i-1}` to `R_i`
+  channels (`R_0 = C`, `R_N = F`): a `k_h x 1` then a `1 x k_w` conv for 2-D.
+  `sum_i k_i * R_{i-1} * R_i` parameters.
+
+  Attributes:
+    factors: N arrays, factor `i` of shape `[k_i, R_{i-1}, R_i]`.
+
+  References:
+    Jaderberg et al., 2014, Speeding up Convolutional Neural Networks with Low
+    Rank Expansions, https://arxiv.org/abs/1405.3866; Szegedy et al., 2016,
+    Inception-v3, https://arxiv.org/abs/1512.00567.
+
+  >>> import jax.numpy as jnp
+  >>> import jaxfactor
+  >>> f = jaxfactor.SpatiallySeparable(
+  ...     (jnp.ones((3, 4, 6)), jnp.ones((3, 6, 8))))
+  >>> f.shape, f.ranks, f.num_params
+  ((3, 3, 4, 8), (6,), 216)
+  """
+
+  _fields = ("factors",)
+  _tuple_fields = ("factors",)
+  factors: tuple[jax.Array, ...]
+
+  def __init__(self, factors: Sequence[jax.typing.ArrayLike]):
+    if not isinstance(factors, (tuple, list)) or not factors:
+      raise TypeError(
+          "SpatiallySeparable: `factors` must be a non-empty tuple of arrays"
+          f" (one per spatial axis), got {type(factors).__name__}."
+      )
+    self._set_fields("SpatiallySeparable", factors=factors)
+
+  def _check_shapes(self, fn, fmt):
+    for i, factor in enumerate(self.factors):
+      _check_rank(fn, f"factors[{i}]", factor, 3, "[k_i, R_in, R_out]")
+    for i in range(1, len(self.factors)):
+      _validation.check_chain(
+          fn, fmt, f"factors[{i - 1}]", self.factors[i - 1].shape, 2,
+          f"factors[{i}]", self.factors[i].shape, 1,
+      )
+
+  @property
+  def window(self):
+    return tuple(f.shape[0] for f in self.factors)
+
+  @property
+  def in_features(self):
+    return self.factors[0].shape[1]
+
+  @property
+  def out_features(self):
+    return self.factors[-1].shape[2]
+
+  @property
+  def ranks(self) -> tuple[int, ...]:
+    """The inner ranks `(R_1, ..., R_{N-1})`."""
+    return tuple(f.shape[2] for f in self.factors[:-1])
+
+  def stages(self):
+    return [
+        primitives.SpatialConv(factor, (axis,))
+        for axis, factor in enumerate(self.factors)
+    ]
+
+  def to_dense(self):
+    self.check("to_dense")
+    kernel = self.factors[0]
+    for factor in self.factors[1:]:
+      kernel = jnp.einsum(
+          "...cr,wrs->...wcs", kernel, factor, precision=_HIGHEST
+      )
+    return kernel
+
+  def to_dense_flops(self):
+    flops, taps = 0, self.window[0]
+    for factor in self.factors[1:]:
+      k, r_in, r_out = factor.shape
+      flops += 2 * taps * self.in_features * r_in * k * r_out
+      taps *= k
+    return flops
+
+
+class LowRank(Format):
+  """Low-rank kernel: a k x k conv into R channels, then a 1x1 conv to F.
+
+  `K[*w, c, f] = sum_r S[*w, c, r] * P[r, f]`: the `(k*C) x F` filter matrix as
+  a product of rank `R`, with `k * C * R + R * F` parameters.
+
+  Attributes:
+    spatial: `[*window, C, R]`.
+    pointwise: `[R, F]`.
+
+  References:
+    Zhang et al., 2016, Accelerating Very Deep Convolutional Networks for
+    Classification and Detection, https://arxiv.org/abs/1505.06798.
+
+  >>> import jax.numpy as jnp
+  >>> import jaxfactor
+  >>> f = jaxfactor.LowRank(jnp.ones((3, 3, 4, 2)), jnp.ones((2, 8)))
+  >>> f.shape, f.rank, f.num_params
+  ((3, 3, 4, 8), 2, 88)
+  """
+
+  _fields = ("spatial", "pointwise")
+  spatial: jax.Array
+  pointwise: jax.Array
+
+  def __init__(self, spatial, pointwise):
+    self._set_fields("LowRank", spatial=spatial, pointwise=pointwise)
+
+  def _check_shapes(self, fn, fmt):
+    if self.spatial.ndim < 3:
+      raise ValueError(
+          f"{fn}: {fmt} `spatial` must have shape [*window, C, R] (rank >=3),"
+          f" got shape {tuple(self.spatial.shape)}."
+      )
+    _check_rank(fn, "pointwise", self.pointwise, 2, "[R, F]")
+    _validation.check_chain(
+        fn, fmt, "spatial", self.spatial.shape, -1,
+        "pointwise", self.pointwise.shape, 0,
+    )
+
+  @property
+  def window(self):
+    return tuple(self.spatial.shape[:-2])
+
+  @property
+  def in_features(self):
+    return self.spatial.shape[-2]
+
+  @property
+  def out_features(self):
+    return self.pointwise.shape[-1]
+
+  @property
+  def rank(self) -> int:
+    return self.pointwise.shape[0]
+
+  def stages(self):
+    axes = tuple(range(self.num_spatial_dims))
+    return [
+        primitives.SpatialConv(self.spatial, axes),
+        primitives.Pointwise(self.pointwise),
+    ]
+
+  def to_dense(self):
+    self.check("to_dense")
+    return jnp.einsum(
+        "...cr,rf->...cf", self.spatial, self.pointwise, precision=_HIGHEST
+    )
+
+  def to_dense_flops(self):
+    return 2 * math.prod(self.shape) * self.rank
+
+
+class Tucker(Format):
+  """Tucker-2 kernel: 1x1 conv C -> R_in, k x k conv R_in -> R_out, 1x1 to F.
+
+  `K[*w, c, f] = sum_{a,b} U[c, a] * G[*w, a, b] * V[b, f]`, with
+  `C * R_in + k * R_in * R_out + R_out * F` parameters.
+
+  Attributes:
+    in_proj: `U`, `[C, R_in]`.
+    core: `G`, `[*window, R_in, R_out]`.
+    out_proj: `V`, `[R_out, F]`.
+
+  References:
+    Kim et al., 2016, Compression of Deep Convolutional Neural Networks for
+    Fast and Low Power Mobile Applications, https://arxiv.org/abs/1511.06530.
+
+  >>> import jax.numpy as jnp
+  >>> import jaxfactor
+  >>> f = jaxfactor.Tucker(
+  ...     jnp.ones((8, 2)), jnp.ones((3, 3, 2, 3)), jnp.ones((3, 16)))
+  >>> f.shape, f.ranks, f.num_params
+  ((3, 3, 8, 16), (2, 3), 118)
+  """
+
+  _fields = ("in_proj", "core", "out_proj")
+  in_proj: jax.Array
+  core: jax.Array
+  out_proj: jax.Array
+
+  def __init__(self, in_proj, core, out_proj):
+    self._set_fields(
+        "Tucker", in_proj=in_proj, core=core, out_proj=out_proj
+    )
+
+  def _check_shapes(self, fn, fmt):
+    _check_rank(fn, "in_proj", self.in_proj, 2, "[C, R_in]")
+    if self.core.ndim < 3:
+      raise ValueError(
+          f"{fn}: {fmt} `core` must have shape [*window, R_in, R_out] (rank"
+          f" >= 3), got shape {tuple(self.core.shape)}."
+      )
+    _check_rank(fn, "out_proj", self.out_proj, 2, "[R_out, F]")
+    _validation.check_chain(
+        fn, fmt, "in_proj", self.in_proj.shape, 1, "core", self.core.shape, -2
+    )
+    _validation.check_chain(
+        fn, fmt, "core", self.core.shape, -1,
+        "out_proj", self.out_proj.shape, 0,
+    )
+
+  @property
+  def window(self):
+    return tuple(self.core.shape[:-2])
+
+  @property
+  def in_features(self):
+    return self.in_proj.shape[0]
+
+  @property
+  def out_features(self):
+    return self.out_proj.shape[1]
+
+  @property
+  def in_rank(self) -> int:
+    return self.in_proj.shape[1]
+
+  @property
+  def out_rank(self) -> int:
+    return self.out_proj.shape[0]
+
+  @property
+  def ranks(self) -> tuple[int, int]:
+    return (self.in_rank, self.out_rank)
+
+  def stages(self):
+    axes = tuple(range(self.num_spatial_dims))
+    return [
+        primitives.Pointwise(self.in_proj),
+        primitives.SpatialConv(self.core, axes),
+        primitives.Pointwise(self.out_proj),
+    ]
+
+  def _out_first(self) -> tuple[bool, int]:
+    """Contraction order of `to_dense` with fewer FLOPs, and those FLOPs."""
+    k = math.prod(self.window)
+    c, f, a, b = self.in_features, self.out_features, self.in_rank, self.out_rank
+    out_first = 2 * k * a * b * f + 2 * k * c * a * f
+    in_first = 2 * c * a * k * b + 2 * k * c * b * f
+    return out_first <= in_first, min(out_first, in_first)
+
+  def to_dense(self):
+    self.check("to_dense")
+    if self._out_first()[0]:
+      kernel = jnp.einsum(
+          "...ab,bf->...af", self.core, self.out_proj, precision=_HIGHEST
+      )
+      return jnp.einsum(
+          "ca,...af->...cf", self.in_proj, kernel, precision=_HIGHEST
+      )
+    kernel = jnp.einsum(
+        "ca,...ab->...cb", self.in_proj, self.core, precision=_HIGHEST
+    )
+    return jnp.einsum(
+        "...cb,bf->...cf", kernel, self.out_proj, precision=_HIGHEST
+    )
+
+  def to_dense_flops(self):
+    return self._out_first()[1]
+
+
+class CP(Format):
+  """CP (canonical polyadic) kernel: 1x1, one depthwise 1-D conv per axis, 1x1.
+
+  `K[*w, c, f] = sum_r U[c, r] * prod_i A_i[w_i, r] * V[r, f]`, with
+  `(C + sum_i k_i + F) * R` parameters: a 1x1 conv C -> R, a depthwise
+  `k_i`-tap conv along each spatial axis on the R channels, a 1x1 conv R -> F.
+
+  Attributes:
+    in_proj: `U`, `[C, R]`.
+    spatial: N arrays, `A_i` of shape `[k_i, R]`.
+    out_proj: `V`, `[R, F]`.
+
+  References:
+    Lebedev et al., 2015, Speeding-up Convolutional Neural Networks Using
+    Fine-tuned CP-Decomposition, https://arxiv.org/abs/1412.6553.
+
+  >>> import jax.numpy as jnp
+  >>> import jaxfactor
+  >>> f = jaxfactor.CP(
+  ...     jnp.ones((8, 4)), (jnp.ones((3, 4)), jnp.ones((3, 4))),
+  ...     jnp.ones((4, 16)))
+  >>> f.shape, f.rank, f.num_params
+  ((3, 3, 8, 16), 4, 120)
+  """
+
+  _fields = ("in_proj", "spatial", "out_proj")
+  _tuple_fields = ("spatial",)
+  in_proj: jax.Array
+  spatial: tuple[jax.Array, ...]
+  out_proj: jax.Array
+
+  def __init__(self, in_proj, spatial: Sequence[jax.typing.ArrayLike], out_proj):
+    if not isinstance(spatial, (tuple, list)) or not spatial:
+      raise TypeError(
+          "CP: `spatial` must be a non-empty tuple of arrays (one per spatial"
+          f" axis), got {type(spatial).__name__}."
+      )
+    self._set_fields("CP", in_proj=in_proj, spatial=spatial, out_proj=out_proj)
+
+  def _check_shapes(self, fn, fmt):
+    _check_rank(fn, "in_proj", self.in_proj, 2, "[C, R]")
+    _check_rank(fn, "out_proj", self.out_proj, 2, "[R, F]")
+    for i, factor in enumerate(self.spatial):
+      _check_rank(fn, f"spatial[{i}]", factor, 2, "[k_i, R]")
+      _validation.check_chain(
+          fn, fmt, "in_proj", self.in_proj.shape, 1,
+          f"spatial[{i}]", factor.shape, 1,
+      )
+    _validation.check_chain(
+        fn, fmt, "in_proj", self.in_proj.shape, 1,
+        "out_proj", self.out_proj.shape, 0,
+    )
+
+  @property
+  def window(self):
+    return tuple(a.shape[0] for a in self.spatial)
+
+  @property
+  def in_features(self):
+    return self.in_proj.shape[0]
+
+  @property
+  def out_features(self):
+    return self.out_proj.shape[1]
+
+  @property
+  def rank(self) -> int:
+    return self.in_proj.shape[1]
+
+  def stages(self):
+    r = self.rank
+    return [
+        primitives.Pointwise(self.in_proj),
+        *(
+            primitives.SpatialConv(a.reshape(a.shape[0], 1, r), (axis,), r)
+            for axis, a in enumerate(self.spatial)
+        ),
+        primitives.Pointwise(self.out_proj),
+    ]
+
+  def to_dense(self):
+    self.check("to_dense")
+    taps = self.spatial[0]
+    for a in self.spatial[1:]:
+      taps = taps[..., None, :] * _lift(a, taps.ndim + 1)  # [k_0..k_i, R]
+    weighted = taps[..., None, :] * _lift(self.in_proj, taps.ndim + 1)
+    return jnp.einsum(
+        "...cr,rf->...cf", weighted, self.out_proj, precision=_HIGHEST
+    )
+
+  def to_dense_flops(self):
+    # One multiply per element of each outer product, then the contraction.
+    flops, taps = 0, self.window[0]
+    for k in self.window[1:]:
+      taps *= k
+      flops += taps * self.rank
+    k, c, f, r = math.prod(self.window), self.in_features, self.out_features, self.rank
+    return flops + k * c * r + 2 * k * c * r * f

@@ -1,0 +1,256 @@
+"""`conv` equals Flax's dense `nn.Conv` with `to_dense()`, for every geometry."""
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax import lax
+
+import jaxfactor
+from reference import (FORMATS, RTOL, WINDOWS, flax_conv, random_format,
+                       random_input, relative_error, spatial_input_shape)
+
+PADDINGS = ("SAME", "VALID", "CIRCULAR", "REFLECT", "CAUSAL", 1, "pairs")
+# (strides, dilation) per case; per-axis values differ to catch axis mix-ups.
+GEOMETRIES = {
+    "unit": lambda n: (1, 1),
+    "strided_dilated": lambda n: ((2, 1, 3)[:n], (1, 2, 1)[:n]),
+    "both": lambda n: (2, (2, 2, 3)[:n]),
+}
+BATCHES = ((), (2,), (2, 1))
+
+
+def _padding(padding, n):
+  if padding == "pairs":
+    return ((2, 0), (0, 1), (1, 3))[:n]
+  return padding
+
+
+def _cases():
+  for name in FORMATS:
+    for n in (1, 2, 3):
+      for padding in PADDINGS:
+        if padding == "CAUSAL" and n != 1:
+          continue
+        for geometry in GEOMETRIES:
+          yield name, n, padding, geometry
+
+
+@pytest.mark.parametrize("implementation", ["factorized", "reconstructed"])
+@pytest.mark.parametrize("name,n,padding,geometry", list(_cases()))
+def test_equals_flax_dense_conv(name, n, padding, geometry, implementation):
+  window = WINDOWS[n]
+  fmt = random_format(name, window, 3, 5)
+  strides, dilation = GEOMETRIES[geometry](n)
+  padding = _padding(padding, n)
+  batch = BATCHES[(len(name) + n) % len(BATCHES)]
+  x = random_input(spatial_input_shape(window, batch=batch, extra=5))
+  kwargs = dict(strides=strides, padding=padding, dilation=dilation)
+
+  actual = jax.jit(
+      lambda x, f: jaxfactor.conv(
+          x, f, implementation=implementation, **kwargs
+      )
+  )(x, fmt)
+  expected = flax_conv(x, fmt.to_dense(), **kwargs)
+  assert relative_error(actual, expected) < RTOL[jnp.float64]
+
+
+@pytest.mark.parametrize("name", FORMATS)
+@pytest.mark.parametrize("n", [1, 2, 3])
+def test_float32_matches_float64_reference(name, n):
+  window = WINDOWS[n]
+  fmt64 = random_format(name, window, 4, 6)
+  fmt32 = jax.tree.map(lambda a: a.astype(jnp.float32), fmt64)
+  x64 = random_input(spatial_input_shape(window, channels=4))
+  for implementation in ("factorized", "reconstructed"):
+    actual = jaxfactor.conv(
+        x64.astype(jnp.float32), fmt32, strides=2,
+        precision=lax.Precision.HIGHEST, implementation=implementation,
+    )
+    assert actual.dtype == jnp.float32
+    expected = flax_conv(x64, fmt64.to_dense(), strides=2)
+    assert relative_error(actual, expected) < RTOL[jnp.float32]
+
+
+@pytest.mark.parametrize("n", [1, 2, 3])
+def test_dense_kernel_equals_flax(n):
+  kernel = random_input((*WINDOWS[n], 3, 4), seed=3)
+  x = random_input(spatial_input_shape(WINDOWS[n]))
+  for padding in ("SAME", "VALID", "CIRCULAR"):
+    actual = jaxfactor.conv(x, kernel, strides=2, dilation=2, padding=padding)
+    expected = flax_conv(x, kernel, strides=2, dilation=2, padding=padding)
+    assert relative_error(actual, expected) < RTOL[jnp.float64]
+
+
+def test_dense_kernel_equals_raw_lax():
+  """Flax is the oracle above; check it against a hand-written lax call."""
+  kernel = random_input((3, 2, 3, 4), seed=3)
+  x = random_input((2, 9, 8, 3))
+  actual = jaxfactor.conv(x, kernel, strides=(2, 1), padding=((1, 2), (0, 1)),
+                          dilation=(1, 2))
+  expected = lax.conv_general_dilated(
+      x, kernel, (2, 1), ((1, 2), (0, 1)), rhs_dilation=(1, 2),
+      dimension_numbers=("NHWC", "HWIO", "NHWC"),
+      precision=lax.Precision.HIGHEST)
+  assert relative_error(actual, expected) < RTOL[jnp.float64]
+
+
+@pytest.mark.parametrize("n", [1, 2, 3])
+@pytest.mark.parametrize("multiplier", [1, 3])
+@pytest.mark.parametrize("padding", ["SAME", "VALID", "CIRCULAR", 2])
+def test_depthwise_conv_equals_flax_grouped_conv(n, multiplier, padding):
+  channels = 3
+  kernel = random_input((*WINDOWS[n], 1, channels * multiplier), seed=4)
+  x = random_input(spatial_input_shape(WINDOWS[n], channels=channels))
+  actual = jaxfactor.depthwise_conv(x, kernel, strides=2, dilation=(2, 1, 1)[:n],
+                                    padding=padding)
+  layer = jax.tree_util.Partial  # placate linters; real oracle below
+  del layer
+  from flax import linen as nn
+  expected = nn.Conv(
+      channels * multiplier, WINDOWS[n], strides=2, padding=padding,
+      kernel_dilation=(2, 1, 1)[:n], feature_group_count=channels,
+      use_bias=False, precision=lax.Precision.HIGHEST,
+  ).apply({"params": {"kernel": kernel}}, x)
+  assert relative_error(actual, expected) < RTOL[jnp.float64]
+
+
+def test_pointwise_conv_equals_1x1_conv():
+  x = random_input((2, 5, 4, 3))
+  kernel = random_input((3, 6), seed=2)
+  actual = jaxfactor.pointwise_conv(x, kernel)
+  expected = flax_conv(x, kernel.reshape(1, 1, 3, 6))
+  assert relative_error(actual, expected) < RTOL[jnp.float64]
+  # Any leading axes: unbatched, or several batch axes.
+  assert jaxfactor.pointwise_conv(x[0, 0], kernel).shape == (4, 6)
+
+
+@pytest.mark.parametrize("name", FORMATS)
+def test_auto_picks_the_implementation_with_fewer_flops(name):
+  fmt = random_format(name, (3, 3), 3, 5)
+  x = random_input((1, 7, 7, 3))
+  auto = jaxfactor.cost(fmt, x.shape).flops
+  factorized = jaxfactor.cost(fmt, x.shape, implementation="factorized").flops
+  reconstructed = jaxfactor.cost(fmt, x.shape,
+                                 implementation="reconstructed").flops
+  assert auto == min(factorized, reconstructed)
+  expected = flax_conv(x, fmt.to_dense())
+  assert relative_error(jaxfactor.conv(x, fmt), expected) < RTOL[jnp.float64]
+
+
+def test_auto_switches_with_input_size():
+  """Full-rank Tucker: reconstructing costs a fixed ~2*k*C*R*(R+F), then each
+  pixel is cheaper than the three-stage chain; so small inputs go factorized
+  and large inputs reconstructed."""
+  fmt = random_format("tucker", (3, 3), 64, 64, ranks=(64, 64))
+  tiny, large = (1, 3, 3, 64), (8, 32, 32, 64)
+
+  def chosen(shape):
+    by_flops = {
+        jaxfactor.cost(fmt, shape, implementation=impl).flops: impl
+        for impl in ("reconstructed", "factorized")
+    }
+    assert len(by_flops) == 2
+    return by_flops[jaxfactor.cost(fmt, shape).flops]
+
+  assert chosen(tiny) == "factorized"
+  assert chosen(large) == "reconstructed"
+
+
+@pytest.mark.parametrize("batch", [(), (3,), (2, 3), (0,)])
+def test_batch_dims_are_flattened_and_restored(batch):
+  fmt = random_format("tucker", (3, 3), 3, 5)
+  x = random_input((*batch, 6, 7, 3))
+  y = jaxfactor.conv(x, fmt, strides=2)
+  assert y.shape == (*batch, 3, 4, 5)
+  if math_prod(batch):
+    flat = jaxfactor.conv(x.reshape(-1, 6, 7, 3), fmt, strides=2)
+    np.testing.assert_array_equal(y.reshape(-1, 3, 4, 5), flat)
+
+
+def math_prod(shape):
+  return int(np.prod(shape, dtype=int))
+
+
+@pytest.mark.parametrize("name", FORMATS)
+def test_jit_equals_eager(name):
+  fmt = random_format(name, (3, 2), 3, 5)
+  x = random_input((2, 7, 6, 3))
+  eager = jaxfactor.conv(x, fmt, strides=(1, 2), padding="CIRCULAR")
+  jitted = jax.jit(
+      lambda x, f: jaxfactor.conv(x, f, strides=(1, 2), padding="CIRCULAR")
+  )(x, fmt)
+  np.testing.assert_allclose(jitted, eager, rtol=1e-13, atol=1e-13)
+
+
+@pytest.mark.parametrize("name", FORMATS)
+def test_vmap_over_inputs_and_factors_equals_loop(name):
+  stack = [random_format(name, (3, 2), 3, 5, seed=s) for s in range(3)]
+  stacked = jax.tree.map(lambda *a: jnp.stack(a), *stack)
+  xs = random_input((3, 2, 6, 5, 3))
+  vmapped = jax.vmap(lambda x, f: jaxfactor.conv(x, f, strides=2))(xs, stacked)
+  looped = jnp.stack(
+      [jaxfactor.conv(x, f, strides=2) for x, f in zip(xs, stack)]
+  )
+  np.testing.assert_allclose(vmapped, looped, rtol=1e-12, atol=1e-12)
+  # vmap over an extra (non-leading) axis of x only.
+  fmt = stack[0]
+  xs_axis2 = jnp.moveaxis(xs, 0, 2)  # [2, 6, 3, 5, 3]
+  vmapped = jax.vmap(lambda x: jaxfactor.conv(x, fmt), in_axes=2)(xs_axis2)
+  looped = jnp.stack([jaxfactor.conv(x, fmt) for x in xs])
+  np.testing.assert_allclose(vmapped, looped, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("name", FORMATS)
+def test_grad_of_vmap_equals_sum_of_grads(name):
+  fmt = random_format(name, (3, 2), 3, 5)
+  xs = random_input((4, 1, 6, 5, 3))
+
+  def loss(f, x):
+    return jnp.sum(jnp.sin(jaxfactor.conv(x, f, strides=(2, 1))))
+
+  batched = jax.grad(lambda f: jnp.sum(jax.vmap(lambda x: loss(f, x))(xs)))(fmt)
+  summed = jax.tree.map(
+      lambda *g: sum(g), *[jax.grad(loss)(fmt, x) for x in xs]
+  )
+  assert isinstance(batched, type(fmt))
+  chex.assert_trees_all_close(batched, summed, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("name", FORMATS)
+def test_bfloat16_forward_within_1e2_of_float32(name):
+  fmt32 = random_format(name, (3, 3), 8, 8, dtype=jnp.float32)
+  fmt16 = jax.tree.map(lambda a: a.astype(jnp.bfloat16), fmt32)
+  x32 = random_input((2, 9, 9, 8), dtype=jnp.float32)
+  reference = jaxfactor.conv(x32, fmt32)
+  for preferred in (None, jnp.float32):
+    y = jaxfactor.conv(x32.astype(jnp.bfloat16), fmt16,
+                       preferred_element_type=preferred)
+    assert y.dtype == (preferred or jnp.bfloat16)
+    # bfloat16 has an 8-bit mantissa: rounding of inputs, factors and (for
+    # chains) intermediates gives ~0.4% each; 1e-2 bounds the sum.
+    assert relative_error(y, reference) < 1e-2
+
+
+def test_preferred_element_type_widens_every_stage():
+  fmt = random_format("tucker", (3, 3), 4, 4, dtype=jnp.float32)
+  x = random_input((1, 6, 6, 4), dtype=jnp.float32)
+  y = jaxfactor.conv(x, fmt, preferred_element_type=jnp.float64)
+  assert y.dtype == jnp.float64
+
+
+@pytest.mark.parametrize("name", FORMATS)
+def test_no_retracing_on_same_shapes(name):
+  fmt = random_format(name, (3, 3), 3, 4)
+  chex.clear_trace_counter()
+
+  @jax.jit
+  @chex.assert_max_traces(n=1)
+  def apply(x, f):
+    return jaxfactor.conv(x, f, strides=2)
+
+  apply(random_input((2, 8, 8, 3), seed=1), fmt)
+  apply(random_input((2, 8, 8, 3), seed=2),
+        jax.tree.map(lambda a: a + 1.0, fmt))
