@@ -6,8 +6,8 @@ kernel or any format and equals the dense convolution with `kernel.to_dense()`.
 """
 
 from jaxfactor.convolution import conv as conv
-from jaxfactor.cost import Cost as Cost
-from jaxfactor.cost import cost as cost
+from jaxfactor.cost_model import Cost as Cost
+from jaxfactor.cost_model import cost as cost
 from jaxfactor.formats import CP as CP
 from jaxfactor.formats import DepthwiseSeparable as DepthwiseSeparable
 from jaxfactor.formats import Format as Format

@@ -186,11 +186,11 @@ def check_input(
     fn: str,
     x: Any,
     window: Sequence[int],
-    in_features: int,
+    in_features: int | None,
     *,
     abstract: bool = False,
 ) -> None:
-  """`x` must be `[*batch, *spatial, C]` with the kernel's C and N."""
+  """`x` must be `[*batch, *spatial, C]` with the kernel's N (and C)."""
   if not abstract:
     check_array(fn, "x", x)
   check_floating(fn, "x", x)
@@ -201,10 +201,14 @@ def check_input(
         f" axes (rank >= {n + 1}) for a kernel with window {tuple(window)},"
         f" got shape {tuple(x.shape)}."
     )
-  if x.shape[-1] != in_features:
+  if in_features is not None and x.shape[-1] != in_features:
     raise ValueError(
         f"{fn}: `x` has {x.shape[-1]} channels (shape {tuple(x.shape)}) but"
         f" the kernel expects in_features={in_features}."
     )
   # Batch axes may be empty; spatial and channel axes may not.
-  check_positive_dims(fn, "x", x.shape[x.ndim - n - 1 :])
+  if any(d < 1 for d in x.shape[x.ndim - n - 1 :]):
+    raise ValueError(
+        f"{fn}: every spatial and channel axis of `x` must have size >= 1,"
+        f" got shape {tuple(x.shape)}."
+    )

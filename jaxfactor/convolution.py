@@ -10,7 +10,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from jaxfactor import _validation
-from jaxfactor import cost as cost_lib
+from jaxfactor import cost_model
 from jaxfactor import formats
 from jaxfactor import primitives
 
@@ -69,7 +69,7 @@ def conv(
   """
   fn = "conv"
   _validation.check_implementation(fn, implementation)
-  window, in_features = cost_lib.check_kernel(fn, kernel)
+  window, in_features = cost_model.check_kernel(fn, kernel)
   _validation.check_input(fn, x, window, in_features)
   _validation.check_same_dtype(fn, [("x", x), ("kernel", kernel)])
   preferred = _validation.check_preferred_element_type(
@@ -78,7 +78,7 @@ def conv(
   x, batch_shape, geometry = primitives.prepare(
       fn, x, window, strides=strides, padding=padding, dilation=dilation
   )
-  chosen, _ = cost_lib.choose_implementation(
+  chosen, _ = cost_model.choose_implementation(
       kernel, x.shape, geometry, implementation
   )
   if chosen == "factorized":

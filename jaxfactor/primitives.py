@@ -10,7 +10,7 @@ Every convolution jaxfactor runs is a chain of *stages*, each one `lax` call:
   along one axis.
 
 Strides, padding and dilation act on a stage's own axes; 1x1 stages and the
-other axes see none of them. `cost.py` counts the FLOPs of the same stages.
+other axes see none of them. `cost_model.py` counts the FLOPs of the same stages.
 """
 
 from __future__ import annotations
@@ -253,16 +253,14 @@ def depthwise_conv(
     )
   _validation.check_positive_dims(fn, "kernel", kernel.shape)
   window = kernel.shape[:-2]
-  _validation.check_array(fn, "x", x)
-  _validation.check_floating(fn, "x", x)
-  channels = x.shape[-1] if x.ndim else 0
-  if x.ndim < len(window) + 1 or kernel.shape[-1] % max(channels, 1) or not channels:
+  _validation.check_input(fn, x, window, in_features=None)
+  channels = x.shape[-1]
+  if kernel.shape[-1] % channels:
     raise ValueError(
-        f"{fn}: `x` must have shape [*batch, *spatial, C] with"
-        f" {len(window)} spatial axes and C dividing the kernel's last axis"
-        f" ({kernel.shape[-1]} = C*m), got shape {tuple(x.shape)}."
+        f"{fn}: `kernel` has shape {tuple(kernel.shape)}, but its last axis"
+        f" ({kernel.shape[-1]}) must be C*m, a multiple of the C={channels}"
+        f" channels of `x` (shape {tuple(x.shape)})."
     )
-  _validation.check_input(fn, x, window, channels)
   _validation.check_same_dtype(fn, [("x", x), ("kernel", kernel)])
   preferred = _validation.check_preferred_element_type(
       fn, x.dtype, preferred_element_type

@@ -1,0 +1,115 @@
+"""`cost` against XLA's own `cost_analysis()` of the jitted `conv`."""
+
+import math
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+import jaxfactor
+from jaxfactor import _geometry
+from jaxfactor import cost_model
+from reference import FORMATS, WINDOWS, random_format
+
+PADDINGS = ("SAME", "VALID", "CIRCULAR", ((2, 0), (0, 1), (1, 3)))
+
+
+def xla_flops(kernel, input_shape, dtype, **kwargs):
+  """FLOPs XLA counts for the compiled `conv`; factors are *arguments*, so
+  XLA cannot constant-fold `to_dense` away."""
+  x = jax.ShapeDtypeStruct(input_shape, dtype)
+  compiled = jax.jit(
+      lambda x, k: jaxfactor.conv(x, k, **kwargs)
+  ).lower(x, kernel).compile()
+  analysis = compiled.cost_analysis()
+  if isinstance(analysis, list):  # older JAX returned one dict per device
+    analysis = analysis[0]
+  return analysis.get("flops", 0.0)
+
+
+def _cases():
+  for name in (*FORMATS, "dense"):
+    for n in (1, 2, 3):
+      for padding in PADDINGS:
+        yield name, n, padding
+
+
+@pytest.mark.parametrize("implementation", ["factorized", "reconstructed", "auto"])
+@pytest.mark.parametrize("name,n,padding", list(_cases()))
+def test_flops_equal_xla_cost_analysis_float32(name, n, padding, implementation):
+  window = WINDOWS[n]
+  fmt = random_format("low_rank" if name == "dense" else name, window, 3, 5,
+                      dtype=jnp.float32)
+  kernel = fmt.to_dense() if name == "dense" else fmt
+  if isinstance(padding, tuple):
+    padding = padding[:n]
+  kwargs = dict(strides=(2, 1, 3)[:n], dilation=(1, 2, 1)[:n], padding=padding)
+  shape = (2, *(k + 5 + i for i, k in enumerate(window)), 3)
+  ours = jaxfactor.cost(kernel, shape, implementation=implementation, **kwargs)
+  assert ours.flops == xla_flops(kernel, shape, jnp.float32,
+                                 implementation=implementation, **kwargs)
+
+
+@pytest.mark.parametrize("name", ["depthwise_separable", "cp"])
+def test_float64_grouped_conv_documented_difference(name):
+  """XLA:CPU has no float64 grouped-convolution kernel: it rewrites a conv
+  with `feature_group_count=G` as a dense conv over a block-diagonal kernel
+  built with a mask (ConvolutionGroupConverter). `cost` counts the
+  algorithm's arithmetic, so in float64 XLA reports, per grouped stage, G
+  times our count plus 2 FLOPs (compare, select) per expanded kernel entry.
+  float32 has a native grouped kernel, and the counts agree exactly."""
+  fmt = random_format(name, (3, 2), 3, 5)
+  shape = (2, 9, 8, 3)
+  ours = jaxfactor.cost(fmt, shape, implementation="factorized").flops
+  geometry = _geometry.resolve("test", shape[1:-1], fmt.window, strides=1,
+                               padding="SAME", dilation=1)
+  extra, in_shape = 0, shape
+  for stage in fmt.stages():
+    flops, in_shape = cost_model.stage_flops(stage, in_shape, geometry)
+    groups = getattr(stage, "groups", 1)
+    if groups > 1:
+      window_size = math.prod(stage.kernel.shape[:-2])
+      extra += (groups - 1) * flops + 2 * window_size * groups * stage.kernel.shape[-1]
+  assert extra > 0
+  assert xla_flops(fmt, shape, jnp.float64,
+                   implementation="factorized") == ours + extra
+  fmt32 = jax.tree.map(lambda a: a.astype(jnp.float32), fmt)
+  assert xla_flops(fmt32, shape, jnp.float32,
+                   implementation="factorized") == ours
+
+
+@pytest.mark.parametrize("name", FORMATS)
+def test_params_are_the_factor_sizes(name):
+  fmt = random_format(name, (3, 3), 4, 6)
+  expected = sum(math.prod(leaf.shape) for leaf in jax.tree.leaves(fmt))
+  assert fmt.num_params == expected
+  assert jaxfactor.cost(fmt, (1, 8, 8, 4)).params == expected
+
+
+def test_closed_form_counts_for_a_realistic_layer():
+  """Counts written out by hand for 3x3, 128 -> 128, 28x28, VALID, batch 1."""
+  c = f = 128
+  pixels = 26 * 26
+  dense = jnp.zeros((3, 3, c, f), jnp.float32)
+  assert jaxfactor.cost(dense, (1, 28, 28, c), padding="VALID") == (
+      jaxfactor.Cost(params=9 * c * f, flops=2 * pixels * 9 * c * f))
+  separable = jaxfactor.DepthwiseSeparable(
+      jnp.zeros((3, 3, 1, c), jnp.float32), jnp.zeros((c, f), jnp.float32))
+  assert jaxfactor.cost(separable, (1, 28, 28, c), padding="VALID") == (
+      jaxfactor.Cost(params=9 * c + c * f,
+                     flops=2 * pixels * 9 * c + 2 * pixels * c * f))
+
+
+def test_abstract_formats_from_eval_shape():
+  fmt = random_format("tucker", (3, 3), 4, 6, dtype=jnp.float32)
+  abstract = jax.eval_shape(lambda f: f, fmt)
+  assert isinstance(jax.tree.leaves(abstract)[0], jax.ShapeDtypeStruct)
+  assert jaxfactor.cost(abstract, (2, 8, 8, 4)) == jaxfactor.cost(
+      fmt, (2, 8, 8, 4))
+
+
+def test_batch_axes_multiply_flops():
+  fmt = random_format("cp", (3, 3), 4, 6)
+  one = jaxfactor.cost(fmt, (8, 8, 4), implementation="factorized").flops
+  assert jaxfactor.cost(fmt, (2, 3, 8, 8, 4),
+                        implementation="factorized").flops == 6 * one
