@@ -1,0 +1,555 @@
+"""Dense kernel -> factors: the best factorization of a given rank.
+
+Every algorithm is a pure JAX function of the kernel with static ranks and
+iteration counts, so `decompose` runs under `jax.jit` and `jax.vmap` (a stack
+of same-shaped kernels in one call). The rank rules that read the kernel's
+values (`energy`, `rank="vbmf"`) choose a shape, so they need a concrete
+kernel.
+"""
+
+from __future__ import annotations
+
+import math
+import string
+import warnings
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+from jax.scipy.linalg import solve_triangular
+
+from jaxfactor import _validation
+from jaxfactor import formats
+from jaxfactor import ranks as ranks_lib
+
+_HIGHEST = lax.Precision.HIGHEST
+DEFAULT_ITERATIONS = {formats.Tucker: 10, formats.CP: 100}
+
+
+def relative_error(factors: formats.Format, kernel: jax.typing.ArrayLike):
+  """`||factors.to_dense() - kernel||_F / ||kernel||_F`.
+
+  Args:
+    factors: any format.
+    kernel: the dense HWIO kernel `[*window, C, F]` it approximates.
+
+  Returns:
+    A scalar array in the kernel's dtype.
+
+  >>> import jax.numpy as jnp
+  >>> import jaxfactor
+  >>> kernel = jnp.ones((3, 3, 4, 8))
+  >>> f = jaxfactor.decompose(kernel, "low_rank", rank=1)
+  >>> float(jaxfactor.relative_error(f, kernel)) < 1e-6
+  True
+  """
+  fn = "relative_error"
+  if not isinstance(factors, formats.Format):
+    raise TypeError(
+        f"{fn}: `factors` must be a jaxfactor format, got"
+        f" {type(factors).__name__}."
+    )
+  _validation.check_array(fn, "kernel", kernel)
+  if tuple(kernel.shape) != factors.shape:
+    raise ValueError(
+        f"{fn}: `kernel` has shape {tuple(kernel.shape)} but the factors"
+        f" stand for a kernel of shape {factors.shape}."
+    )
+  kernel = jnp.asarray(kernel)
+  dense = factors.to_dense().astype(kernel.dtype)
+  return jnp.linalg.norm((dense - kernel).ravel()) / jnp.linalg.norm(
+      kernel.ravel()
+  )
+
+
+def decompose(
+    kernel: jax.typing.ArrayLike,
+    format: Any,
+    *,
+    rank: Any = None,
+    energy: float | None = None,
+    inputs: jax.typing.ArrayLike | None = None,
+    iterations: int | None = None,
+    key: jax.Array | None = None,
+    restarts: int = 3,
+    damping: float = 1e-3,
+    compute_dtype: Any = None,
+) -> formats.Format:
+  """Factorizes a dense HWIO kernel into `format`, optimally where possible.
+
+  Algorithms (all jit-able and vmap-able at a static rank):
+
+  * `LowRank`: truncated SVD of the `(k*C) x F` filter matrix; optimal
+    (Eckart-Young). Singular values are split evenly between the factors.
+  * `SpatiallySeparable`: sequential truncated SVDs of the kernel's unfoldings
+    (TT-SVD). For N = 2 this is one SVD of the `(k_h*C) x (k_w*F)`
+    rearrangement, optimal (Jaderberg et al. 2014, scheme 2). For N >= 3 the
+    squared error is at most the sum over splits of the best squared errors of
+    the unfoldings `[C k_1..k_i] x [k_{i+1}..k_N F]` (Oseledets 2011, Thm 2.2),
+    and at least their maximum.
+  * `DepthwiseSeparable`: per input channel, the rank-m SVD of its `k x F`
+    slice; optimal for channel multiplier `m`.
+  * `Tucker` (Tucker-2 over the channel modes): HOSVD, then `iterations`
+    HOOI sweeps (Kim et al. 2016); never worse than HOSVD, exact at full rank.
+  * `CP`: ALS for `iterations` sweeps with normalised columns, from
+    SVD-based starts run side by side (vmapped): the pooled per-tap SVD (exact
+    at full rank) and `1 + restarts` HOSVD starts (leading singular vectors of
+    each mode unfolding, filled with uniform random columns from `key` where
+    a mode is smaller than the rank, as TensorLy's "svd" start); the best fit
+    is kept (Lebedev et al. 2015).
+
+  Args:
+    kernel: dense `[*window, C, F]`, e.g. a trained Flax `nn.Conv` kernel.
+    format: a format class or its name: "depthwise_separable",
+      "spatially_separable", "low_rank", "tucker", "cp".
+    rank: an int (for `Tucker` an int or `(R_in, R_out)`; for
+      `SpatiallySeparable` an int or one inner rank per split; for
+      `DepthwiseSeparable` the channel multiplier); a float in (0, 1]: the
+      largest rank whose parameters are at most that fraction of the dense
+      kernel's; or "vbmf": analytic empirical VBMF (Nakajima et al. 2013) on
+      the matrices the algorithm truncates, as Kim et al. 2016 pick Tucker-2
+      ranks.
+    energy: instead of `rank`, a fraction in (0, 1]: the smallest rank keeping
+      that fraction of the squared singular values of the matrices truncated
+      (per mode for `Tucker`; for `CP`, of the pooled per-tap SVD start).
+    inputs: optional sample of the layer's inputs `[*batch, *spatial, C]`
+      (`LowRank` and `Tucker` only). The *output* error on these inputs is
+      minimised instead of the weight error, in closed form: whiten with the
+      Cholesky factor of the damped covariance of the input patches
+      (`LowRank`: the `k*C` patch covariance; `Tucker`: the `C x C` channel
+      covariance), truncate, un-whiten.
+    iterations: HOOI sweeps (`Tucker`, default 10) or ALS sweeps (`CP`,
+      default 100).
+    key: PRNG key for the `CP` starts' random fill (default
+      `jax.random.key(0)`).
+    restarts: number of extra `CP` HOSVD starts with other random fills
+      (default 3; the cost grows linearly with it).
+    damping: ridge added to the input covariance, relative to its mean
+      eigenvalue.
+    compute_dtype: dtype of the computation; default: the kernel's (float32
+      for lower-precision kernels). float64 requires `jax_enable_x64`.
+
+  Returns:
+    A format of the kernel's dtype, `to_dense()` of shape `kernel.shape`.
+
+  Raises:
+    ValueError: non-finite kernel values (checked when the kernel is concrete;
+      under `jit` they propagate to NaN factors instead), a rank out of range
+      (the message names `max_rank`), both or neither of `rank` and `energy`,
+      `energy` outside (0, 1], `inputs` of the wrong shape, a kernel of the
+      wrong rank.
+    TypeError: non-array or non-floating arguments.
+
+  >>> import jax
+  >>> import jaxfactor
+  >>> kernel = jax.random.normal(jax.random.key(0), (3, 3, 64, 64))
+  >>> f = jaxfactor.decompose(kernel, "tucker", rank=(16, 16))
+  >>> f.core.shape
+  (3, 3, 16, 16)
+  """
+  fn = "decompose"
+  cls = ranks_lib.format_class(fn, format)
+  _validation.check_array(fn, "kernel", kernel)
+  _validation.check_floating(fn, "kernel", kernel)
+  kernel = jnp.asarray(kernel)
+  ranks_lib.check_kernel_shape(fn, kernel.shape, cls)
+  concrete = not isinstance(kernel, jax.core.Tracer)
+  if concrete and not bool(jnp.all(jnp.isfinite(kernel))):
+    raise ValueError(
+        f"{fn}: `kernel` (shape {tuple(kernel.shape)}) has non-finite values"
+        " (NaN or inf)."
+    )
+  dtype = _compute_dtype(fn, kernel.dtype, compute_dtype)
+  work = kernel.astype(dtype)
+  whitening = None
+  if inputs is not None:
+    whitening = _whitening(fn, cls, inputs, kernel.shape, damping, dtype)
+  rank = _select_rank(fn, work, cls, rank, energy, whitening, concrete)
+  if iterations is None:
+    iterations = DEFAULT_ITERATIONS.get(cls, 0)
+  if isinstance(iterations, bool) or not isinstance(iterations, int) or (
+      iterations < 0
+  ):
+    raise ValueError(
+        f"{fn}: `iterations` must be a non-negative int, got {iterations!r}."
+    )
+  if cls is formats.LowRank:
+    result = _low_rank(work, rank, whitening)
+  elif cls is formats.SpatiallySeparable:
+    result = _spatially_separable(work, rank)
+  elif cls is formats.DepthwiseSeparable:
+    result = _depthwise_separable(work, rank)
+  elif cls is formats.Tucker:
+    result = _tucker(work, rank, iterations, whitening)
+  else:
+    if isinstance(restarts, bool) or not isinstance(restarts, int) or (
+        restarts < 0
+    ):
+      raise ValueError(
+          f"{fn}: `restarts` must be a non-negative int, got {restarts!r}."
+      )
+    key = jax.random.key(0) if key is None else key
+    result = _cp(work, rank, iterations, key, restarts)
+  return jax.tree.map(lambda a: a.astype(kernel.dtype), result)
+
+
+# --- arguments ---------------------------------------------------------------
+
+
+def _compute_dtype(fn, kernel_dtype, compute_dtype):
+  if compute_dtype is None:
+    if jnp.finfo(kernel_dtype).bits < 32:
+      return jnp.dtype(jnp.float32)  # LAPACK has no 16-bit SVD
+    return jnp.dtype(kernel_dtype)
+  compute_dtype = jnp.dtype(compute_dtype)
+  if compute_dtype not in (jnp.float32, jnp.float64):
+    raise ValueError(
+        f"{fn}: `compute_dtype` must be float32 or float64, got"
+        f" {compute_dtype}."
+    )
+  if compute_dtype == jnp.float64 and not jax.config.jax_enable_x64:
+    raise ValueError(
+        f"{fn}: `compute_dtype`=float64 needs 64-bit mode: set"
+        " jax.config.update('jax_enable_x64', True) first."
+    )
+  return compute_dtype
+
+
+def _select_rank(fn, kernel, cls, rank, energy, whitening, concrete):
+  if (rank is None) == (energy is None):
+    raise ValueError(
+        f"{fn}: give exactly one of `rank` and `energy`, got rank={rank!r},"
+        f" energy={energy!r}."
+    )
+  shape = tuple(kernel.shape)
+  if energy is not None:
+    if isinstance(energy, bool) or not isinstance(
+        energy, (int, float, np.floating)
+    ) or not 0 < energy <= 1:
+      raise ValueError(
+          f"{fn}: `energy` must be a number in (0, 1], got {energy!r}."
+      )
+    mode = "energy"
+  elif isinstance(rank, str):
+    if rank != "vbmf":
+      raise ValueError(
+          f"{fn}: `rank` must be an int, a tuple of ints, a float in (0, 1]"
+          f" or 'vbmf', got {rank!r}."
+      )
+    mode = "vbmf"
+  elif isinstance(rank, (float, np.floating)):
+    if not 0 < rank <= 1:
+      raise ValueError(
+          f"{fn}: a float `rank` is a fraction of the dense kernel's"
+          f" parameters and must be in (0, 1], got {rank!r}."
+      )
+    return ranks_lib.rank_for_fraction(fn, shape, cls, float(rank))
+  else:
+    return _warn_if_larger(
+        fn, shape, cls, ranks_lib.canonicalize_rank(fn, shape, cls, rank)
+    )
+  if not concrete:
+    raise ValueError(
+        f"{fn}: {mode} rank selection reads the kernel's values to choose a"
+        " shape, which is impossible under jit/vmap; choose the rank eagerly"
+        " (or pass an int rank)."
+    )
+  spectra = _spectra(cls, np.asarray(kernel, np.float64), whitening)
+  limit = ranks_lib.max_rank(shape, cls)
+  if mode == "energy":
+    chosen = [
+        ranks_lib.rank_for_energy(ranks_lib.energy_curve(s), energy)
+        for s, _ in spectra
+    ]
+  else:
+    chosen = [rule(matrices) for _, (rule, matrices) in spectra]
+  if isinstance(limit, tuple):
+    chosen = tuple(min(r, m) for r, m in zip(chosen, limit))
+  else:
+    chosen = min(chosen[0], limit)
+  return _warn_if_larger(fn, shape, cls, chosen)
+
+
+def _warn_if_larger(fn, shape, cls, rank):
+  params = ranks_lib.num_params(shape, cls, rank)
+  if params > math.prod(shape):
+    warnings.warn(
+        f"{fn}: {cls.__name__} of rank {rank} has {params} parameters, more"
+        f" than the dense kernel's {math.prod(shape)} (shape {shape}): the"
+        " factorization is larger than what it replaces.",
+        stacklevel=4,
+    )
+  return rank
+
+
+def _spectra(cls, kernel, whitening):
+  """Per truncated matrix: its singular values and its VBMF rule."""
+  *window, c, f = kernel.shape
+  k = math.prod(window)
+
+  def single(matrix):
+    return (np.linalg.svd(matrix, compute_uv=False),
+            (ranks_lib.vbmf_rank, matrix))
+
+  if cls is formats.LowRank:
+    matrix = kernel.reshape(k * c, f)
+    if whitening is not None:
+      matrix = np.asarray(whitening, np.float64).T @ matrix
+    return [single(matrix)]
+  if cls is formats.Tucker:
+    if whitening is not None:
+      kernel = np.einsum("...cf,cd->...df", kernel,
+                         np.asarray(whitening, np.float64))
+    by_in = np.moveaxis(kernel, -2, 0).reshape(c, -1)
+    by_out = np.moveaxis(kernel, -1, 0).reshape(f, -1)
+    return [single(by_in), single(by_out)]
+  if cls is formats.SpatiallySeparable:
+    tensor = np.moveaxis(kernel, -2, 0)  # [C, *window, F]
+    return [
+        single(tensor.reshape(c * math.prod(window[: i + 1]), -1))
+        for i in range(len(window) - 1)
+    ]
+  per_tap = kernel.reshape(k, c, f)
+  if cls is formats.DepthwiseSeparable:
+    slices = np.moveaxis(kernel.reshape(k, c, f), 1, 0)  # [C, k, F]
+    values = np.linalg.svd(slices, compute_uv=False)  # [C, min(k, F)]
+    return [(values, (lambda ms: max(ranks_lib.vbmf_rank(m) for m in ms),
+                      slices))]
+  # CP: the per-tap spectra, pooled, as the SVD-based start pools them.
+  values = np.linalg.svd(per_tap, compute_uv=False).ravel()
+  return [(values, (lambda ms: sum(ranks_lib.vbmf_rank(m) for m in ms),
+                    per_tap))]
+
+
+def _whitening(fn, cls, inputs, kernel_shape, damping, dtype):
+  """Lower Cholesky factor `L` of the damped input covariance, `S = L L^T`."""
+  if cls not in (formats.LowRank, formats.Tucker):
+    raise ValueError(
+        f"{fn}: `inputs` (data-aware decomposition) is supported for LowRank"
+        f" and Tucker, not {cls.__name__}."
+    )
+  _validation.check_array(fn, "inputs", inputs)
+  _validation.check_floating(fn, "inputs", inputs)
+  *window, c, _ = kernel_shape
+  n = len(window)
+  if inputs.ndim < n + 1 or inputs.shape[-1] != c or any(
+      size < k for size, k in zip(inputs.shape[-n - 1 : -1], window)
+  ):
+    raise ValueError(
+        f"{fn}: `inputs` must have shape [*batch, *spatial, C] with C = {c},"
+        f" {n} spatial axes and each spatial size >= the window"
+        f" {tuple(window)}, got shape {tuple(inputs.shape)}."
+    )
+  if not (isinstance(damping, (int, float)) and damping >= 0):
+    raise ValueError(f"{fn}: `damping` must be >= 0, got {damping!r}.")
+  x = jnp.asarray(inputs).astype(dtype)
+  x = x.reshape((-1, *x.shape[-n - 1 :]))
+  if cls is formats.Tucker:
+    rows = x.reshape(-1, c)
+  else:
+    rows = _patches(x, tuple(window))
+  cov = jnp.matmul(rows.T, rows, precision=_HIGHEST) / rows.shape[0]
+  ridge = damping * jnp.trace(cov) / cov.shape[0]
+  ridge = jnp.maximum(ridge, jnp.finfo(dtype).tiny)
+  return jnp.linalg.cholesky(cov + ridge * jnp.eye(cov.shape[0], dtype=dtype))
+
+
+def _patches(x, window):
+  """Stride-1 "VALID" patches of `x [B, *spatial, C]`, `[P, k*C]`.
+
+  Column `w*C + c` matches row `w*C + c` of `kernel.reshape(k*C, F)`.
+  """
+  spatial = x.shape[1:-1]
+  out = [s - k + 1 for s, k in zip(spatial, window)]
+  taps = []
+  for offset in np.ndindex(*window):
+    index = tuple(slice(o, o + m) for o, m in zip(offset, out))
+    taps.append(x[(slice(None), *index, slice(None))])
+  stacked = jnp.stack(taps, axis=-2)  # [B, *out, k, C]
+  return stacked.reshape(-1, math.prod(window) * x.shape[-1])
+
+
+# --- algorithms --------------------------------------------------------------
+
+
+def _truncated_svd(matrix, rank):
+  u, s, vt = jnp.linalg.svd(matrix, full_matrices=False)
+  return u[..., :rank], s[..., :rank], vt[..., :rank, :]
+
+
+def _leading_left_vectors(matrix, rank):
+  """The `rank` leading left singular vectors, even if `rank > columns`."""
+  full = matrix.shape[-2] > matrix.shape[-1]
+  u, _, _ = jnp.linalg.svd(matrix, full_matrices=full)
+  return u[..., :rank]
+
+
+def _low_rank(kernel, rank, whitening):
+  *window, c, f = kernel.shape
+  matrix = kernel.reshape(-1, f)
+  if whitening is not None:
+    matrix = jnp.matmul(whitening.T, matrix, precision=_HIGHEST)
+  u, s, vt = _truncated_svd(matrix, rank)
+  root = jnp.sqrt(s)
+  left = u * root[None, :]
+  if whitening is not None:
+    left = solve_triangular(whitening.T, left, lower=False)
+  return formats.LowRank(
+      left.reshape(*window, c, rank), root[:, None] * vt
+  )
+
+
+def _depthwise_separable(kernel, multiplier):
+  *window, c, f = kernel.shape
+  k = math.prod(window)
+  slices = jnp.moveaxis(kernel.reshape(k, c, f), 1, 0)  # [C, k, F]
+  u, s, vt = _truncated_svd(slices, multiplier)  # [C,k,m], [C,m], [C,m,F]
+  root = jnp.sqrt(s)
+  depthwise = jnp.moveaxis(u * root[:, None, :], 0, 1)  # [k, C, m]
+  pointwise = root[..., None] * vt  # [C, m, F]
+  return formats.DepthwiseSeparable(
+      depthwise.reshape(*window, 1, c * multiplier),
+      pointwise.reshape(c * multiplier, f),
+      channel_multiplier=multiplier,
+  )
+
+
+def _spatially_separable(kernel, ranks):
+  *window, c, f = kernel.shape
+  rest = jnp.moveaxis(kernel, -2, 0)  # [C, *window, F]
+  factors, r_prev = [], c
+  for i, (k, r) in enumerate(zip(window[:-1], ranks)):
+    u, s, vt = _truncated_svd(rest.reshape(r_prev * k, -1), r)
+    if i == len(ranks) - 1:  # the last split: balance the two last factors
+      root = jnp.sqrt(s)
+      u, rest = u * root[None, :], root[:, None] * vt
+    else:
+      rest = s[:, None] * vt
+    factors.append(jnp.moveaxis(u.reshape(r_prev, k, r), 1, 0))
+    r_prev = r
+  factors.append(jnp.moveaxis(rest.reshape(r_prev, window[-1], f), 1, 0))
+  return formats.SpatiallySeparable(tuple(factors))
+
+
+def _tucker(kernel, ranks, iterations, whitening):
+  *window, c, f = kernel.shape
+  r_in, r_out = ranks
+  if whitening is not None:
+    kernel = jnp.einsum("...cf,cd->...df", kernel, whitening,
+                        precision=_HIGHEST)
+
+  def in_basis(v):  # top R_in left vectors of the C-unfolding of K x_F V^T
+    projected = jnp.einsum("...cf,fb->c...b", kernel, v, precision=_HIGHEST)
+    return _leading_left_vectors(projected.reshape(c, -1), r_in)
+
+  def out_basis(u):
+    projected = jnp.einsum("...cf,ca->f...a", kernel, u, precision=_HIGHEST)
+    return _leading_left_vectors(projected.reshape(f, -1), r_out)
+
+  # HOSVD: each basis from the unprojected unfolding.
+  u = _leading_left_vectors(jnp.moveaxis(kernel, -2, 0).reshape(c, -1), r_in)
+  v = _leading_left_vectors(jnp.moveaxis(kernel, -1, 0).reshape(f, -1), r_out)
+
+  def sweep(_, bases):
+    u, v = bases
+    u = in_basis(v)
+    return u, out_basis(u)
+
+  u, v = lax.fori_loop(0, iterations, sweep, (u, v))
+  core = jnp.einsum("ca,...cf,fb->...ab", u, kernel, v, precision=_HIGHEST)
+  if whitening is not None:
+    u = solve_triangular(whitening.T, u, lower=False)
+  return formats.Tucker(u, core, v.T)
+
+
+def _cp_reconstruct(weights, factors, letters):
+  operands = []
+  for factor, letter in zip(factors, letters):
+    operands += [factor, [letter, "z"]]
+  return jnp.einsum(weights, ["z"], *operands, letters, precision=_HIGHEST)
+
+
+def _cp_tap_svd_start(kernel, rank):
+  """Top-`rank` rank-1 terms of the per-tap SVDs: exact at `k*min(C, F)`."""
+  *window, c, f = kernel.shape
+  k = math.prod(window)
+  u, s, vt = jnp.linalg.svd(kernel.reshape(k, c, f), full_matrices=False)
+  values, chosen = lax.top_k(s.reshape(-1), rank)
+  tap, component = jnp.divmod(chosen, s.shape[1])
+  in_factor = u[tap, :, component].T  # [C, R]
+  out_factor = vt[tap, component, :].T  # [F, R]
+  taps = jnp.unravel_index(tap, tuple(window))
+  spatial = [jax.nn.one_hot(t, w, dtype=kernel.dtype).T
+             for t, w in zip(taps, window)]
+  return values, [*spatial, in_factor, out_factor]
+
+
+def _cp_hosvd_start(kernel, rank, key):
+  """Leading left singular vectors of each unfolding, random beyond them."""
+  factors = []
+  for mode, size in enumerate(kernel.shape):
+    unfolding = jnp.moveaxis(kernel, mode, 0).reshape(size, -1)
+    basis = _leading_left_vectors(unfolding, min(rank, size))
+    if rank > size:
+      # Uniform [0, 1) beyond the basis, as TensorLy's "svd" start fills.
+      key, sub = jax.random.split(key)
+      extra = jax.random.uniform(sub, (size, rank - size), kernel.dtype)
+      basis = jnp.concatenate([basis, extra], axis=1)
+    factors.append(basis)
+  return jnp.ones((rank,), kernel.dtype), factors
+
+
+def _cp_als(kernel, weights, factors, iterations):
+  """ALS sweeps with normalised columns; returns (error, weights, factors)."""
+  letters = string.ascii_lowercase[: kernel.ndim]
+
+  def update(mode, state):
+    _, factors = state
+    operands = [kernel, list(letters)]
+    gram = jnp.ones((weights.shape[0],) * 2, kernel.dtype)
+    for m, factor in enumerate(factors):
+      if m != mode:
+        operands += [factor, [letters[m], "z"]]
+        gram = gram * jnp.matmul(factor.T, factor, precision=_HIGHEST)
+    mttkrp = jnp.einsum(*operands, [letters[mode], "z"], precision=_HIGHEST)
+    # The least-squares update of this mode given the others (the weights
+    # are absorbed), then its column norms become the weights.
+    solved = jnp.matmul(mttkrp, jnp.linalg.pinv(gram, hermitian=True),
+                        precision=_HIGHEST)
+    norms = jnp.linalg.norm(solved, axis=0)
+    solved = solved / jnp.where(norms > 0, norms, 1)[None, :]
+    return norms, [*factors[:mode], solved, *factors[mode + 1 :]]
+
+  def sweep(_, state):
+    for mode in range(kernel.ndim):
+      state = update(mode, state)
+    return state
+
+  weights, factors = lax.fori_loop(0, iterations, sweep, (weights, factors))
+  error = jnp.linalg.norm(
+      (_cp_reconstruct(weights, factors, letters) - kernel).ravel()
+  )
+  return error, weights, factors
+
+
+def _cp(kernel, rank, iterations, key, restarts):
+  starts = [_cp_tap_svd_start(kernel, rank)]
+  # fold_in, not split: start i is the same whatever `restarts` is, so more
+  # restarts can only improve the fit.
+  for i in range(1 + restarts):
+    starts.append(_cp_hosvd_start(kernel, rank, jax.random.fold_in(key, i)))
+  weights = jnp.stack([w for w, _ in starts])
+  factors = [jnp.stack(fs) for fs in zip(*(f for _, f in starts))]
+  errors, weights, factors = jax.vmap(
+      lambda w, fs: _cp_als(kernel, w, fs, iterations)
+  )(weights, factors)
+  best = jnp.argmin(errors)
+  weights = weights[best]
+  factors = [f[best] for f in factors]
+  # Spread the weights evenly over the factors (balanced for fine-tuning).
+  scale = (weights ** (1 / len(factors)))[None, :]
+  factors = [f * scale for f in factors]
+  *spatial, in_factor, out_factor = factors
+  return formats.CP(in_factor, tuple(spatial), out_factor.T)

@@ -1,0 +1,302 @@
+"""Ranks: their limits, the parameters they cost, and choosing them.
+
+A format's rank fixes the shapes of its factors, so it is static under
+`jax.jit`. The selection rules that look at the kernel's *values* (`energy`,
+`"vbmf"`) run on the host, in numpy float64, on concrete kernels.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from jaxfactor import formats
+
+FORMAT_NAMES = {
+    "depthwise_separable": formats.DepthwiseSeparable,
+    "spatially_separable": formats.SpatiallySeparable,
+    "low_rank": formats.LowRank,
+    "tucker": formats.Tucker,
+    "cp": formats.CP,
+}
+
+Rank = int | tuple[int, ...]
+
+
+def format_class(fn: str, format: Any) -> type[formats.Format]:
+  """A format class from a class or its snake_case name."""
+  if isinstance(format, str) and format in FORMAT_NAMES:
+    return FORMAT_NAMES[format]
+  if isinstance(format, type) and format in FORMAT_NAMES.values():
+    return format
+  raise ValueError(
+      f"{fn}: `format` must be one of {tuple(FORMAT_NAMES)} or the matching"
+      f" class, got {format!r}."
+  )
+
+
+def check_kernel_shape(fn: str, kernel_shape: Sequence[int], cls) -> None:
+  if len(kernel_shape) < 3 or any(d < 1 for d in kernel_shape):
+    raise ValueError(
+        f"{fn}: the kernel must have shape [*window, C, F] with at least one"
+        f" spatial axis and no empty axis, got shape {tuple(kernel_shape)}."
+    )
+  if cls is formats.SpatiallySeparable and len(kernel_shape) < 4:
+    raise ValueError(
+        f"{fn}: SpatiallySeparable needs at least 2 spatial axes to separate;"
+        f" a 1-D kernel (shape {tuple(kernel_shape)}) is already one 1-D"
+        " convolution."
+    )
+
+
+def max_rank(kernel_shape: Sequence[int], format: Any) -> Rank:
+  """The largest rank of `format` for a dense kernel of `kernel_shape`.
+
+  At this rank `decompose` reconstructs the kernel exactly.
+
+  * `LowRank`: `min(k*C, F)`, the rank of the `(k*C) x F` filter matrix.
+  * `DepthwiseSeparable` (channel multiplier): `min(k, F)`.
+  * `SpatiallySeparable`: one inner rank per split, `R_i = min(C * k_1 ...
+    k_i, k_{i+1} ... k_N * F)` (the ranks of the kernel's unfoldings).
+  * `Tucker`: `(min(C, k*F), min(F, k*C))`.
+  * `CP`: `k * min(C, F)`: one rank-1 term per tap and singular value.
+
+  Args:
+    kernel_shape: `(*window, C, F)`.
+    format: a format class or its name ("low_rank", "tucker", ...).
+
+  Returns:
+    An int, or a tuple for `Tucker` and `SpatiallySeparable`.
+
+  >>> import jaxfactor
+  >>> jaxfactor.max_rank((3, 3, 64, 128), "tucker")
+  (64, 128)
+  """
+  fn = "max_rank"
+  cls = format_class(fn, format)
+  kernel_shape = tuple(int(d) for d in kernel_shape)
+  check_kernel_shape(fn, kernel_shape, cls)
+  *window, c, f = kernel_shape
+  k = math.prod(window)
+  if cls is formats.LowRank:
+    return min(k * c, f)
+  if cls is formats.DepthwiseSeparable:
+    return min(k, f)
+  if cls is formats.Tucker:
+    return (min(c, k * f), min(f, k * c))
+  if cls is formats.CP:
+    return k * min(c, f)
+  return tuple(
+      min(c * math.prod(window[: i + 1]), math.prod(window[i + 1 :]) * f)
+      for i in range(len(window) - 1)
+  )
+
+
+def num_params(kernel_shape: Sequence[int], cls, rank: Rank) -> int:
+  """Parameters of `cls` at `rank` for a kernel of `kernel_shape`."""
+  *window, c, f = kernel_shape
+  k = math.prod(window)
+  if cls is formats.LowRank:
+    return k * c * rank + rank * f
+  if cls is formats.DepthwiseSeparable:
+    return k * c * rank + c * rank * f
+  if cls is formats.Tucker:
+    a, b = rank
+    return c * a + k * a * b + b * f
+  if cls is formats.CP:
+    return (c + sum(window) + f) * rank
+  chain = (c, *rank, f)
+  return sum(w * chain[i] * chain[i + 1] for i, w in enumerate(window))
+
+
+def canonicalize_rank(fn: str, kernel_shape, cls, rank: Any) -> Rank:
+  """Checks an explicit int/tuple rank against `max_rank`; returns it."""
+  limit = max_rank(kernel_shape, cls)
+  if isinstance(limit, tuple):
+    if isinstance(rank, (int, np.integer)) and not isinstance(rank, bool):
+      rank = (int(rank),) * len(limit)
+    if not (
+        isinstance(rank, (tuple, list))
+        and len(rank) == len(limit)
+        and all(
+            isinstance(r, (int, np.integer)) and not isinstance(r, bool)
+            for r in rank
+        )
+    ):
+      raise TypeError(
+          f"{fn}: `rank` for {cls.__name__} must be an int or a tuple of"
+          f" {len(limit)} ints, got {rank!r}."
+      )
+    rank = tuple(int(r) for r in rank)
+    if any(r < 1 for r in rank) or any(r > m for r, m in zip(rank, limit)):
+      raise ValueError(
+          f"{fn}: `rank` {rank} is out of range for {cls.__name__} and kernel"
+          f" shape {tuple(kernel_shape)}: each must be >= 1 and at most"
+          f" max_rank = {limit}."
+      )
+    if cls is formats.SpatiallySeparable:
+      # Factor i maps R_{i-1} channels through k_i taps: R_i <= R_{i-1} k_i.
+      window = kernel_shape[:-2]
+      chain = (kernel_shape[-2], *rank)
+      for i in range(1, len(rank)):
+        if rank[i] > chain[i] * window[i]:
+          raise ValueError(
+              f"{fn}: `rank` {rank} does not chain for SpatiallySeparable and"
+              f" kernel shape {tuple(kernel_shape)}: rank[{i}] = {rank[i]}"
+              f" exceeds rank[{i - 1}] * window[{i}] ="
+              f" {chain[i] * window[i]}."
+          )
+    return rank
+  if isinstance(rank, bool) or not isinstance(rank, (int, np.integer)):
+    raise TypeError(
+        f"{fn}: `rank` for {cls.__name__} must be an int, got {rank!r}."
+    )
+  rank = int(rank)
+  if not 1 <= rank <= limit:
+    raise ValueError(
+        f"{fn}: `rank` {rank} is out of range for {cls.__name__} and kernel"
+        f" shape {tuple(kernel_shape)}: it must be >= 1 and at most"
+        f" max_rank = {limit}."
+    )
+  return rank
+
+
+def _candidates(kernel_shape, cls) -> list[Rank]:
+  """Ranks in increasing size, along the path a budget fraction scales.
+
+  Tucker keeps `R_in / R_out` close to `C / F`; SpatiallySeparable uses one
+  inner rank for every split (clipped to each split's maximum).
+  """
+  limit = max_rank(kernel_shape, cls)
+  if cls is formats.Tucker:
+    c, f = kernel_shape[-2:]
+    out = []
+    for a in range(1, limit[0] + 1):
+      b = min(max(1, round(a * f / c)), limit[1])
+      out.append((a, b))
+    return out
+  if isinstance(limit, tuple):
+    return [tuple(min(r, m) for m in limit) for r in range(1, max(limit) + 1)]
+  return list(range(1, limit + 1))
+
+
+def rank_for_fraction(fn: str, kernel_shape, cls, fraction: float) -> Rank:
+  """The largest rank whose parameters are at most `fraction` of dense."""
+  budget = fraction * math.prod(kernel_shape)
+  fitting = [
+      r for r in _candidates(kernel_shape, cls)
+      if num_params(kernel_shape, cls, r) <= budget
+  ]
+  if not fitting:
+    smallest = _candidates(kernel_shape, cls)[0]
+    raise ValueError(
+        f"{fn}: `rank`={fraction} leaves no rank: the smallest"
+        f" {cls.__name__} (rank {smallest}) has"
+        f" {num_params(kernel_shape, cls, smallest)} parameters, more than"
+        f" {fraction} of the dense kernel's {math.prod(kernel_shape)}."
+    )
+  return fitting[-1]
+
+
+def energy_curve(singular_values: np.ndarray) -> np.ndarray:
+  """Fraction of squared singular values kept at rank 1, 2, ... (descending).
+
+  `singular_values` is 1-D for one matrix; for a batch `[B, r]` (e.g.
+  depthwise-separable's per-channel slices, truncated to one shared rank) the
+  squares are summed over the batch at each rank.
+  """
+  squares = np.asarray(singular_values, np.float64) ** 2
+  squares = np.sort(squares, axis=-1)[..., ::-1]
+  if squares.ndim > 1:
+    squares = squares.reshape(-1, squares.shape[-1]).sum(axis=0)
+  kept = np.cumsum(squares)
+  return kept / kept[-1]
+
+
+def rank_for_energy(curve: np.ndarray, energy: float) -> int:
+  """Smallest rank whose kept fraction (see `energy_curve`) is >= `energy`."""
+  # A relative slack absorbs rounding when `energy` is exactly reachable.
+  return int(np.searchsorted(curve, energy * (1 - 1e-12)) + 1)
+
+
+# --- Empirical variational Bayesian matrix factorization ------------------------
+
+
+def _tau(x: np.ndarray, alpha: float) -> np.ndarray:
+  return 0.5 * (x - (1 + alpha) + np.sqrt((x - (1 + alpha)) ** 2 - 4 * alpha))
+
+
+def _evb_free_energy(sigma2, l, m, s, residual, x_bar):
+  h = len(s)
+  alpha = l / m
+  x = s**2 / (m * sigma2)
+  z1, z2 = x[x > x_bar], x[x <= x_bar]
+  tau_z1 = _tau(z1, alpha)
+  return (
+      np.sum(z2 - np.log(z2))
+      + np.sum(z1 - tau_z1)
+      + np.sum(np.log((tau_z1 + 1) / z1))
+      + alpha * np.sum(np.log(tau_z1 / alpha + 1))
+      + residual / (m * sigma2)
+      + (l - h) * np.log(sigma2)
+  )
+
+
+def _minimize_bounded(f, lo: float, hi: float) -> float:
+  """Global-ish 1-D minimum: a log-spaced grid, then golden-section."""
+  grid = np.geomspace(lo, hi, 400)
+  values = [f(g) for g in grid]
+  i = int(np.argmin(values))
+  a, b = grid[max(i - 1, 0)], grid[min(i + 1, len(grid) - 1)]
+  ratio = (math.sqrt(5) - 1) / 2
+  for _ in range(100):
+    c, d = b - ratio * (b - a), a + ratio * (b - a)
+    if f(c) < f(d):
+      b = d
+    else:
+      a = c
+  return (a + b) / 2
+
+
+def vbmf_rank(matrix: np.ndarray) -> int:
+  """Rank kept by analytic empirical VBMF, with the noise variance estimated.
+
+  Global analytic solution of empirical variational Bayesian matrix
+  factorization: the noise variance minimises the free energy over its
+  analytic bounds, then singular values above the resulting threshold are
+  kept. Returns at least 1.
+
+  References:
+    Nakajima, Tomioka, Sugiyama, Babacan, 2013, Global analytic solution of
+    fully-observed variational Bayesian matrix factorization, JMLR 14.
+  """
+  y = np.asarray(matrix, np.float64)
+  if y.shape[0] > y.shape[1]:
+    y = y.T
+  l, m = y.shape
+  s = np.linalg.svd(y, compute_uv=False)
+  if l == 1 or not np.any(s > 0):
+    return 1
+  alpha = l / m
+  tau_bar = 2.5129 * math.sqrt(alpha)
+  x_bar = (1 + tau_bar) * (1 + alpha / tau_bar)
+  residual = 0.0  # all L singular values are used (H = L)
+  upper = (np.sum(s**2) + residual) / (l * m)
+  bound_index = min(math.ceil(l / (1 + alpha)) - 1, l) - 1
+  tail = s[bound_index + 1 :]
+  lower = max(
+      s[bound_index + 1] ** 2 / (m * x_bar) if bound_index + 1 < l else 0.0,
+      np.mean(tail**2) / m if tail.size else 0.0,
+  )
+  lower = max(lower, upper * 1e-12)
+  if lower >= upper:
+    sigma2 = upper
+  else:
+    sigma2 = _minimize_bounded(
+        lambda v: _evb_free_energy(v, l, m, s, residual, x_bar), lower, upper
+    )
+  threshold = math.sqrt(m * sigma2 * (1 + tau_bar) * (1 + alpha / tau_bar))
+  return max(1, int(np.sum(s > threshold)))
