@@ -18,11 +18,13 @@ from jaxfactor.formats import SpatiallySeparable as SpatiallySeparable
 from jaxfactor.formats import Tucker as Tucker
 from jaxfactor.primitives import depthwise_conv as depthwise_conv
 from jaxfactor.primitives import pointwise_conv as pointwise_conv
+from jaxfactor.ranks import Budget as Budget
 from jaxfactor.ranks import max_rank as max_rank
 
 __version__ = "0.1.0"
 
 __all__ = (
+    "Budget",
     "CP",
     "Cost",
     "DepthwiseSeparable",

@@ -58,7 +58,7 @@ def resolve(
   padding = _validation.canonicalize_padding(fn, padding, n)
   dilated = tuple((k - 1) * d + 1 for k, d in zip(window, dilation))
   fill = "constant"
-  if padding in ("SAME", "VALID"):
+  if padding in ("SAME", "SAME_LOWER", "VALID"):
     pads = lax.padtype_to_pads(spatial_shape, dilated, strides, padding)
   elif padding in _FILL_MODES:
     pads = [((k - 1) // 2, k // 2) for k in dilated]

@@ -17,7 +17,9 @@ import jax.numpy as jnp
 import numpy as np
 
 IMPLEMENTATIONS = ("auto", "factorized", "reconstructed")
-PADDING_STRINGS = ("SAME", "VALID", "CIRCULAR", "REFLECT", "CAUSAL")
+PADDING_STRINGS = (
+    "SAME", "SAME_LOWER", "VALID", "CIRCULAR", "REFLECT", "CAUSAL"
+)
 
 
 def is_array(value: Any) -> bool:
@@ -56,6 +58,11 @@ def check_positive_dims(fn: str, name: str, shape: Sequence[int]) -> None:
     )
 
 
+def scope(fn: str, fmt: str) -> str:
+  """Message prefix: "conv: LowRank", or just "LowRank:" from its constructor."""
+  return f"{fn}:" if fn == fmt else f"{fn}: {fmt}"
+
+
 def check_chain(
     fn: str, fmt: str, left: str, left_shape, left_axis: int,
     right: str, right_shape, right_axis: int,
@@ -64,7 +71,7 @@ def check_chain(
   a, b = left_shape[left_axis], right_shape[right_axis]
   if a != b:
     raise ValueError(
-        f"{fn}: {fmt} factors do not chain: `{left}` has shape"
+        f"{scope(fn, fmt)} factors do not chain: `{left}` has shape"
         f" {tuple(left_shape)} and `{right}` has shape {tuple(right_shape)};"
         f" {left}.shape[{left_axis}] ({a}) must equal"
         f" {right}.shape[{right_axis}] ({b})."
@@ -72,28 +79,52 @@ def check_chain(
 
 
 def check_same_dtype(fn: str, named_arrays: Sequence[tuple[str, Any]]) -> None:
-  """Rejects mixed dtypes rather than letting XLA promote silently."""
+  """Rejects mixed dtypes rather than letting XLA promote silently.
+
+  Dtypes are compared as JAX will hold them (a numpy float64 array is float32
+  when 64-bit mode is off), as Flax's own layers see them.
+  """
+  canonical = jax.dtypes.canonicalize_dtype
   first_name, first = named_arrays[0]
   for name, value in named_arrays[1:]:
-    if value.dtype != first.dtype:
+    if canonical(value.dtype) != canonical(first.dtype):
       raise TypeError(
-          f"{fn}: `{name}` has dtype {value.dtype} but `{first_name}` has"
-          f" dtype {first.dtype}; jaxfactor does not promote dtypes"
-          " silently, cast one of them explicitly."
+          f"{fn}: `{name}` has dtype {canonical(value.dtype)} but"
+          f" `{first_name}` has dtype {canonical(first.dtype)}; jaxfactor does"
+          " not promote dtypes silently, cast one of them explicitly."
       )
 
 
 def check_preferred_element_type(fn: str, dtype: Any, preferred: Any) -> Any:
-  """Returns `preferred` as a numpy dtype, or None."""
+  """Returns `preferred` as a numpy dtype, or None.
+
+  It must be the inputs' dtype or a wider standard float (float32 or
+  float64): a swap between 16-bit types (bfloat16 <-> float16) would lose
+  range or precision silently.
+  """
   if preferred is None:
     return None
-  preferred = np.dtype(preferred)
-  if not jnp.issubdtype(preferred, jnp.floating) or (
-      jnp.finfo(preferred).bits < jnp.finfo(dtype).bits
-  ):
+  try:
+    preferred = np.dtype(preferred)
+  except TypeError:
     raise TypeError(
-        f"{fn}: `preferred_element_type` must be a floating dtype at least"
-        f" as wide as the inputs' {dtype}, got {preferred}."
+        f"{fn}: `preferred_element_type` must be a dtype, got {preferred!r}."
+    ) from None
+  dtype = jax.dtypes.canonicalize_dtype(dtype)
+  widening = preferred == dtype or (
+      preferred in (np.dtype(np.float32), np.dtype(np.float64))
+      and jnp.issubdtype(dtype, jnp.floating)
+      and jnp.finfo(preferred).bits > jnp.finfo(dtype).bits
+  )
+  if not widening:
+    raise TypeError(
+        f"{fn}: `preferred_element_type` must be the inputs' dtype {dtype}"
+        f" or a wider float32/float64, got {preferred}."
+    )
+  if jax.dtypes.canonicalize_dtype(preferred) != preferred:
+    raise ValueError(
+        f"{fn}: `preferred_element_type`={preferred} needs 64-bit mode: set"
+        " jax.config.update('jax_enable_x64', True) first."
     )
   return preferred
 
@@ -106,7 +137,12 @@ def check_implementation(fn: str, implementation: Any) -> None:
     )
 
 
-def _as_int(fn: str, name: str, value: Any) -> int:
+def as_int(fn: str, name: str, value: Any) -> int:
+  if isinstance(value, jax.core.Tracer):
+    raise TypeError(
+        f"{fn}: `{name}` must be a static Python int, got a traced value;"
+        " mark it static (e.g. `jax.jit(..., static_argnames=...)`)."
+    )
   if isinstance(value, bool):
     raise TypeError(f"{fn}: `{name}` must be an int, got bool {value!r}.")
   try:
@@ -118,19 +154,30 @@ def _as_int(fn: str, name: str, value: Any) -> int:
     ) from None
 
 
+def _is_sequence(value: Any) -> bool:
+  return (isinstance(value, Sequence) and not isinstance(value, str)) or (
+      isinstance(value, np.ndarray) and value.ndim == 1
+  )
+
+
 def canonicalize_positive_ints(
     fn: str, name: str, value: Any, ndim: int
 ) -> tuple[int, ...]:
-  """`strides` / `dilation`: an int or one positive int per spatial axis."""
-  if isinstance(value, Sequence) and not isinstance(value, str):
+  """`strides` / `dilation`: an int or one positive int per spatial axis.
+
+  None means 1, as in Flax.
+  """
+  if value is None:
+    value = 1
+  if _is_sequence(value):
     if len(value) != ndim:
       raise ValueError(
           f"{fn}: `{name}` must be an int or a sequence of {ndim} ints (one"
           f" per spatial axis), got {tuple(value)!r} of length {len(value)}."
       )
-    values = tuple(_as_int(fn, name, v) for v in value)
+    values = tuple(as_int(fn, name, v) for v in value)
   else:
-    values = (_as_int(fn, name, value),) * ndim
+    values = (as_int(fn, name, value),) * ndim
   if any(v < 1 for v in values):
     raise ValueError(
         f"{fn}: `{name}` must be positive on every axis, got {value!r}."
@@ -143,6 +190,7 @@ def canonicalize_padding(
 ) -> str | tuple[tuple[int, int], ...]:
   """Flax's padding forms, checked: a mode string or one (low, high) per axis."""
   if isinstance(padding, str):
+    padding = padding.upper()  # lax reads padding strings case-insensitively
     if padding not in PADDING_STRINGS:
       raise ValueError(
           f"{fn}: `padding` must be one of {PADDING_STRINGS}, an int, or one"
@@ -168,13 +216,13 @@ def canonicalize_padding(
               f"{fn}: each `padding` entry must be an int or a (low, high)"
               f" pair, got {p!r} in {padding!r}."
           )
-        pair = (_as_int(fn, "padding", p[0]), _as_int(fn, "padding", p[1]))
+        pair = (as_int(fn, "padding", p[0]), as_int(fn, "padding", p[1]))
       else:
-        pair = (_as_int(fn, "padding", p),) * 2
+        pair = (as_int(fn, "padding", p),) * 2
       pairs.append(pair)
     pads = tuple(pairs)
   else:
-    pads = ((_as_int(fn, "padding", padding),) * 2,) * ndim
+    pads = ((as_int(fn, "padding", padding),) * 2,) * ndim
   if any(v < 0 for pair in pads for v in pair):
     raise ValueError(
         f"{fn}: `padding` must be non-negative, got {padding!r}."

@@ -90,7 +90,15 @@ def stage_flops(
       pairs *= size
     out_spatial.append(out)
   c_per_group, f = kernel_shape[-2:]
-  return 2 * batch * pairs * c_per_group * f, (batch, *out_spatial, f)
+  out_shape = (batch, *out_spatial, f)
+  one_tap = math.prod(kernel_shape[:-2]) == 1 and all(
+      geometry.strides[a] == 1 and geometry.padding[a] == (0, 0)
+      for a in stage.axes)
+  if one_tap and c_per_group == 1 and f == stage.groups > 1:
+    # XLA simplifies a one-tap depthwise conv (multiplier 1, no stride, no
+    # padding) into an elementwise multiply: one FLOP per output element.
+    return math.prod(out_shape), out_shape
+  return 2 * batch * pairs * c_per_group * f, out_shape
 
 
 def chain_flops(
@@ -149,7 +157,9 @@ def cost(
   """Counts the parameters and FLOPs of `conv(x, kernel, ...)`, exactly.
 
   The count is of the computation `conv` runs for these arguments, stage by
-  stage, and equals XLA's own `cost_analysis()["flops"]` of the jitted call.
+  stage. For float32 it equals XLA:CPU's own `cost_analysis()["flops"]` of
+  the jitted call (tested); XLA:CPU adds conversion FLOPs for 16-bit types
+  and expands float64 grouped convolutions, which `cost` does not count.
   Leaves may be abstract (`jax.ShapeDtypeStruct`), so a format from
   `jax.eval_shape` can be costed without allocating it.
 
@@ -201,6 +211,8 @@ def cost(
   )
   flat = (math.prod(input_shape[: -n - 1]), *input_shape[-n - 1 :])
   _, flops = choose_implementation(kernel, flat, geometry, implementation)
+  if flat[0] == 0:
+    flops = 0  # an empty batch: XLA computes nothing, not even to_dense
   params = (
       kernel.num_params
       if isinstance(kernel, formats.Format)

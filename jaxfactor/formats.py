@@ -172,7 +172,7 @@ class Format(abc.ABC):
       if name in self._tuple_fields:
         if not isinstance(value, tuple):
           raise TypeError(
-              f"{fn}: {fmt}.{name} must be a tuple of arrays, got"
+              f"{fn}: `{fmt}.{name}` must be a tuple of arrays, got"
               f" {type(value).__name__}."
           )
         named += [(f"{name}[{i}]", v) for i, v in enumerate(value)]
@@ -185,6 +185,39 @@ class Format(abc.ABC):
       _validation.check_positive_dims(fn, f"{fmt}.{name}", value.shape)
     _validation.check_same_dtype(fn, named)
     self._check_shapes(fn, fmt)
+
+  def params(self) -> dict[str, jax.Array]:
+    """The factors as a flat dict: the field names, a tuple field's entries
+    as `{field}_{i}` (the parameter names of the Flax modules)."""
+    out = {}
+    for name in self._fields:
+      value = getattr(self, name)
+      if name in self._tuple_fields:
+        out.update({f"{name}_{i}": v for i, v in enumerate(value)})
+      else:
+        out[name] = value
+    return out
+
+  @classmethod
+  def from_params(cls, params: dict[str, Any], **static: Any) -> Format:
+    """Inverse of `params()`; `static` gives the static fields (if any)."""
+    values = {}
+    for name in cls._fields:
+      if name in cls._tuple_fields:
+        count = sum(1 for key in params if key.startswith(f"{name}_"))
+        values[name] = tuple(params[f"{name}_{i}"] for i in range(count))
+      else:
+        values[name] = params[name]
+    return cls(**values, **static)
+
+  @classmethod
+  @abc.abstractmethod
+  def param_shapes(
+      cls, kernel_shape: Sequence[int], rank: Any
+  ) -> dict[str, tuple[int, ...]]:
+    """Shapes of `params()` for a dense kernel shape and a rank (as in
+    `jaxfactor.max_rank`: an int, or a tuple for Tucker and
+    SpatiallySeparable; the channel multiplier for DepthwiseSeparable)."""
 
   @abc.abstractmethod
   def _check_shapes(self, fn: str, fmt: str) -> None:
@@ -232,7 +265,9 @@ def _from_state_dict(target: Format, state: dict[str, Any]) -> Format:
       serialization.from_state_dict(getattr(target, f), state[f], name=f)
       for f in target._fields
   ]
-  return type(target)._unflatten(target._static(), children)
+  restored = type(target)._unflatten(target._static(), children)
+  restored.check("from_state_dict", abstract=True)
+  return restored
 
 
 def _check_rank(fn: str, name: str, value: jax.Array, ndim: int, layout: str):
@@ -270,9 +305,9 @@ class DepthwiseSeparable(Format):
   channel_multiplier: int
 
   def __init__(self, depthwise, pointwise, *, channel_multiplier: int = 1):
-    if isinstance(channel_multiplier, bool) or not isinstance(
-        channel_multiplier, int
-    ) or channel_multiplier < 1:
+    channel_multiplier = _validation.as_int(
+        "DepthwiseSeparable", "channel_multiplier", channel_multiplier)
+    if channel_multiplier < 1:
       raise ValueError(
           "DepthwiseSeparable: `channel_multiplier` must be a positive int,"
           f" got {channel_multiplier!r}."
@@ -288,7 +323,8 @@ class DepthwiseSeparable(Format):
     dw, pw, m = self.depthwise, self.pointwise, self.channel_multiplier
     if dw.ndim < 3 or dw.shape[-2] != 1 or dw.shape[-1] % m:
       raise ValueError(
-          f"{fn}: {fmt} `depthwise` must have shape [*window, 1, C*m] with"
+          f"{_validation.scope(fn, fmt)} `depthwise` must have shape"
+          " [*window, 1, C*m] with"
           f" channel_multiplier m={m}, got shape {tuple(dw.shape)}."
       )
     _check_rank(fn, "pointwise", pw, 2, "[C*m, F]")
@@ -307,6 +343,11 @@ class DepthwiseSeparable(Format):
   @property
   def out_features(self):
     return self.pointwise.shape[-1]
+
+  @classmethod
+  def param_shapes(cls, kernel_shape, rank):
+    *window, c, f = kernel_shape
+    return {"depthwise": (*window, 1, c * rank), "pointwise": (c * rank, f)}
 
   def stages(self):
     axes = tuple(range(self.num_spatial_dims))
@@ -387,6 +428,15 @@ class SpatiallySeparable(Format):
     """The inner ranks `(R_1, ..., R_{N-1})`."""
     return tuple(f.shape[2] for f in self.factors[:-1])
 
+  @classmethod
+  def param_shapes(cls, kernel_shape, rank):
+    *window, c, f = kernel_shape
+    chain = (c, *rank, f)
+    return {
+        f"factors_{i}": (k, chain[i], chain[i + 1])
+        for i, k in enumerate(window)
+    }
+
   def stages(self):
     return [
         primitives.SpatialConv(factor, (axis,))
@@ -442,7 +492,8 @@ class LowRank(Format):
   def _check_shapes(self, fn, fmt):
     if self.spatial.ndim < 3:
       raise ValueError(
-          f"{fn}: {fmt} `spatial` must have shape [*window, C, R] (rank >=3),"
+          f"{_validation.scope(fn, fmt)} `spatial` must have shape"
+          " [*window, C, R] (rank >= 3),"
           f" got shape {tuple(self.spatial.shape)}."
       )
     _check_rank(fn, "pointwise", self.pointwise, 2, "[R, F]")
@@ -466,6 +517,11 @@ class LowRank(Format):
   @property
   def rank(self) -> int:
     return self.pointwise.shape[0]
+
+  @classmethod
+  def param_shapes(cls, kernel_shape, rank):
+    *window, c, f = kernel_shape
+    return {"spatial": (*window, c, rank), "pointwise": (rank, f)}
 
   def stages(self):
     axes = tuple(range(self.num_spatial_dims))
@@ -521,7 +577,8 @@ class Tucker(Format):
     _check_rank(fn, "in_proj", self.in_proj, 2, "[C, R_in]")
     if self.core.ndim < 3:
       raise ValueError(
-          f"{fn}: {fmt} `core` must have shape [*window, R_in, R_out] (rank"
+          f"{_validation.scope(fn, fmt)} `core` must have shape"
+          " [*window, R_in, R_out] (rank"
           f" >= 3), got shape {tuple(self.core.shape)}."
       )
     _check_rank(fn, "out_proj", self.out_proj, 2, "[R_out, F]")
@@ -556,6 +613,12 @@ class Tucker(Format):
   @property
   def ranks(self) -> tuple[int, int]:
     return (self.in_rank, self.out_rank)
+
+  @classmethod
+  def param_shapes(cls, kernel_shape, rank):
+    *window, c, f = kernel_shape
+    a, b = rank
+    return {"in_proj": (c, a), "core": (*window, a, b), "out_proj": (b, f)}
 
   def stages(self):
     axes = tuple(range(self.num_spatial_dims))
@@ -661,6 +724,15 @@ class CP(Format):
   @property
   def rank(self) -> int:
     return self.in_proj.shape[1]
+
+  @classmethod
+  def param_shapes(cls, kernel_shape, rank):
+    *window, c, f = kernel_shape
+    return {
+        "in_proj": (c, rank),
+        **{f"spatial_{i}": (k, rank) for i, k in enumerate(window)},
+        "out_proj": (rank, f),
+    }
 
   def stages(self):
     r = self.rank

@@ -125,7 +125,9 @@ def _spatial_conv(x, kernel, axes, groups, geometry, precision, preferred):
   for j, axis in enumerate(axes):
     window[axis] = kernel.shape[j]
     strides[axis] = geometry.strides[axis]
-    dilation[axis] = geometry.dilation[axis]
+    # Dilating a one-tap window changes nothing; leaving it at 1 lets XLA
+    # simplify one-tap stages.
+    dilation[axis] = geometry.dilation[axis] if kernel.shape[j] > 1 else 1
     pads[axis] = geometry.padding[axis]
   if geometry.fill != "constant":
     x = jnp.pad(x, [(0, 0), *pads, (0, 0)], mode=geometry.fill)

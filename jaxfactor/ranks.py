@@ -7,6 +7,7 @@ A format's rank fixes the shapes of its factors, so it is static under
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Sequence
 from typing import Any
@@ -24,6 +25,34 @@ FORMAT_NAMES = {
 }
 
 Rank = int | tuple[int, ...]
+
+
+@dataclasses.dataclass(frozen=True)
+class Budget:
+  """A target size for a whole model: a fraction of its dense FLOPs or params.
+
+  Attributes:
+    flops: fraction in (0, 1] of the dense layers' total FLOPs, or None.
+    params: fraction in (0, 1] of their total parameters, or None.
+
+  >>> import jaxfactor
+  >>> jaxfactor.Budget(flops=0.4)
+  Budget(flops=0.4, params=None)
+  """
+
+  flops: float | None = None
+  params: float | None = None
+
+  def __post_init__(self):
+    given = [v for v in (self.flops, self.params) if v is not None]
+    if len(given) != 1 or not all(
+        isinstance(v, (int, float)) and not isinstance(v, bool) and 0 < v <= 1
+        for v in given
+    ):
+      raise ValueError(
+          "Budget: give exactly one of `flops` and `params`, a fraction in"
+          f" (0, 1], got flops={self.flops!r}, params={self.params!r}."
+      )
 
 
 def format_class(fn: str, format: Any) -> type[formats.Format]:
@@ -110,6 +139,15 @@ def num_params(kernel_shape: Sequence[int], cls, rank: Rank) -> int:
     return (c + sum(window) + f) * rank
   chain = (c, *rank, f)
   return sum(w * chain[i] * chain[i + 1] for i, w in enumerate(window))
+
+
+def rank_of(factors: formats.Format) -> Rank:
+  """The rank of a format value, as `max_rank` and `decompose` take it."""
+  if isinstance(factors, formats.DepthwiseSeparable):
+    return factors.channel_multiplier
+  if isinstance(factors, (formats.Tucker, formats.SpatiallySeparable)):
+    return factors.ranks
+  return factors.rank
 
 
 def canonicalize_rank(fn: str, kernel_shape, cls, rank: Any) -> Rank:

@@ -5,6 +5,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import linen as nn
 from jax import lax
 
 import jaxfactor
@@ -106,9 +107,6 @@ def test_depthwise_conv_equals_flax_grouped_conv(n, multiplier, padding):
   x = random_input(spatial_input_shape(WINDOWS[n], channels=channels))
   actual = jaxfactor.depthwise_conv(x, kernel, strides=2, dilation=(2, 1, 1)[:n],
                                     padding=padding)
-  layer = jax.tree_util.Partial  # placate linters; real oracle below
-  del layer
-  from flax import linen as nn
   expected = nn.Conv(
       channels * multiplier, WINDOWS[n], strides=2, padding=padding,
       kernel_dilation=(2, 1, 1)[:n], feature_group_count=channels,
@@ -127,36 +125,52 @@ def test_pointwise_conv_equals_1x1_conv():
   assert jaxfactor.pointwise_conv(x[0, 0], kernel).shape == (4, 6)
 
 
+def _xla_flops(x, kernel, **kwargs):
+  analysis = jax.jit(lambda x, k: jaxfactor.conv(x, k, **kwargs)).lower(
+      x, kernel).compile().cost_analysis()
+  return (analysis[0] if isinstance(analysis, list) else analysis)["flops"]
+
+
+def _implementation_run_by_auto(x, fmt):
+  """Which implementation `conv(..., implementation="auto")` compiles to,
+  told apart by XLA's own FLOP count of the compiled program (float32)."""
+  counts = {impl: jaxfactor.cost(fmt, x.shape, implementation=impl).flops
+            for impl in ("factorized", "reconstructed")}
+  assert counts["factorized"] != counts["reconstructed"]
+  ran = _xla_flops(x, fmt)
+  assert ran in counts.values()
+  return min(counts, key=counts.get), next(
+      impl for impl, flops in counts.items() if flops == ran)
+
+
 @pytest.mark.parametrize("name", FORMATS)
-def test_auto_picks_the_implementation_with_fewer_flops(name):
-  fmt = random_format(name, (3, 3), 3, 5)
-  x = random_input((1, 7, 7, 3))
-  auto = jaxfactor.cost(fmt, x.shape).flops
-  factorized = jaxfactor.cost(fmt, x.shape, implementation="factorized").flops
-  reconstructed = jaxfactor.cost(fmt, x.shape,
-                                 implementation="reconstructed").flops
-  assert auto == min(factorized, reconstructed)
+def test_auto_runs_the_implementation_with_fewer_flops(name):
+  fmt = random_format(name, (3, 3), 3, 5, dtype=jnp.float32)
+  x = random_input((1, 7, 7, 3), dtype=jnp.float32)
+  cheaper, ran = _implementation_run_by_auto(x, fmt)
+  assert ran == cheaper
   expected = flax_conv(x, fmt.to_dense())
-  assert relative_error(jaxfactor.conv(x, fmt), expected) < RTOL[jnp.float64]
+  assert relative_error(jaxfactor.conv(x, fmt), expected) < RTOL[jnp.float32]
 
 
 def test_auto_switches_with_input_size():
   """Full-rank Tucker: reconstructing costs a fixed ~2*k*C*R*(R+F), then each
-  pixel is cheaper than the three-stage chain; so small inputs go factorized
-  and large inputs reconstructed."""
-  fmt = random_format("tucker", (3, 3), 64, 64, ranks=(64, 64))
-  tiny, large = (1, 3, 3, 64), (8, 32, 32, 64)
+  pixel is cheaper than the three-stage chain; so small inputs run
+  factorized and large inputs reconstructed."""
+  fmt = random_format("tucker", (3, 3), 64, 64, ranks=(64, 64),
+                      dtype=jnp.float32)
+  tiny = jnp.ones((1, 3, 3, 64), jnp.float32)
+  large = jnp.ones((8, 32, 32, 64), jnp.float32)
+  assert _implementation_run_by_auto(tiny, fmt) == ("factorized",) * 2
+  assert _implementation_run_by_auto(large, fmt) == ("reconstructed",) * 2
 
-  def chosen(shape):
-    by_flops = {
-        jaxfactor.cost(fmt, shape, implementation=impl).flops: impl
-        for impl in ("reconstructed", "factorized")
-    }
-    assert len(by_flops) == 2
-    return by_flops[jaxfactor.cost(fmt, shape).flops]
 
-  assert chosen(tiny) == "factorized"
-  assert chosen(large) == "reconstructed"
+def test_same_lower_padding_equals_flax():
+  fmt = random_format("cp", (2, 4), 3, 5)
+  x = random_input((2, 7, 8, 3))
+  actual = jaxfactor.conv(x, fmt, padding="SAME_LOWER", strides=(2, 1))
+  expected = flax_conv(x, fmt.to_dense(), padding="SAME_LOWER", strides=(2, 1))
+  assert relative_error(actual, expected) < RTOL[jnp.float64]
 
 
 @pytest.mark.parametrize("batch", [(), (3,), (2, 3), (0,)])
@@ -165,13 +179,9 @@ def test_batch_dims_are_flattened_and_restored(batch):
   x = random_input((*batch, 6, 7, 3))
   y = jaxfactor.conv(x, fmt, strides=2)
   assert y.shape == (*batch, 3, 4, 5)
-  if math_prod(batch):
+  if int(np.prod(batch)):
     flat = jaxfactor.conv(x.reshape(-1, 6, 7, 3), fmt, strides=2)
     np.testing.assert_array_equal(y.reshape(-1, 3, 4, 5), flat)
-
-
-def math_prod(shape):
-  return int(np.prod(shape, dtype=int))
 
 
 @pytest.mark.parametrize("name", FORMATS)
@@ -234,11 +244,22 @@ def test_bfloat16_forward_within_1e2_of_float32(name):
     assert relative_error(y, reference) < 1e-2
 
 
-def test_preferred_element_type_widens_every_stage():
-  fmt = random_format("tucker", (3, 3), 4, 4, dtype=jnp.float32)
-  x = random_input((1, 6, 6, 4), dtype=jnp.float32)
-  y = jaxfactor.conv(x, fmt, preferred_element_type=jnp.float64)
+@pytest.mark.parametrize("name", FORMATS)
+def test_preferred_element_type_widens_every_stage(name):
+  """float32 factors with float64 accumulation equal the float64 computation
+  to float64 precision only if *every* stage of the chain runs in float64."""
+  fmt64 = random_format(name, (3, 3), 4, 4)
+  x64 = random_input((1, 6, 6, 4))
+  fmt32 = jax.tree.map(lambda a: a.astype(jnp.float32), fmt64)
+  x32 = x64.astype(jnp.float32)
+  y = jaxfactor.conv(x32, fmt32, preferred_element_type=jnp.float64,
+                     implementation="factorized")
   assert y.dtype == jnp.float64
+  exact = jaxfactor.conv(
+      x32.astype(jnp.float64),
+      jax.tree.map(lambda a: a.astype(jnp.float64), fmt32),
+      implementation="factorized")
+  assert relative_error(y, exact) < 1e-13
 
 
 @pytest.mark.parametrize("name", FORMATS)

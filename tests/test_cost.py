@@ -12,6 +12,8 @@ from jaxfactor import cost_model
 from reference import FORMATS, WINDOWS, random_format
 
 PADDINGS = ("SAME", "VALID", "CIRCULAR", ((2, 0), (0, 1), (1, 3)))
+# Windows with a 1 (a one-tap stage, which XLA may simplify) and without.
+COST_WINDOWS = {1: [(3,), (1,)], 2: [(3, 2), (1, 3)], 3: [(2, 3, 2), (1, 1, 2)]}
 
 
 def xla_flops(kernel, input_shape, dtype, **kwargs):
@@ -31,13 +33,15 @@ def _cases():
   for name in (*FORMATS, "dense"):
     for n in (1, 2, 3):
       for padding in PADDINGS:
-        yield name, n, padding
+        for window in COST_WINDOWS[n]:
+          yield name, window, padding
 
 
 @pytest.mark.parametrize("implementation", ["factorized", "reconstructed", "auto"])
-@pytest.mark.parametrize("name,n,padding", list(_cases()))
-def test_flops_equal_xla_cost_analysis_float32(name, n, padding, implementation):
-  window = WINDOWS[n]
+@pytest.mark.parametrize("name,window,padding", list(_cases()))
+def test_flops_equal_xla_cost_analysis_float32(name, window, padding,
+                                               implementation):
+  n = len(window)
   fmt = random_format("low_rank" if name == "dense" else name, window, 3, 5,
                       dtype=jnp.float32)
   kernel = fmt.to_dense() if name == "dense" else fmt
@@ -106,6 +110,28 @@ def test_abstract_formats_from_eval_shape():
   assert isinstance(jax.tree.leaves(abstract)[0], jax.ShapeDtypeStruct)
   assert jaxfactor.cost(abstract, (2, 8, 8, 4)) == jaxfactor.cost(
       fmt, (2, 8, 8, 4))
+
+
+@pytest.mark.parametrize("padding", ["REFLECT", "SAME_LOWER", 2, "CAUSAL"])
+@pytest.mark.parametrize("strides,dilation", [(1, 1), (2, 2), (3, 1)])
+def test_more_paddings_and_geometries(padding, strides, dilation):
+  window = (3,) if padding == "CAUSAL" else (3, 1)
+  for name in FORMATS:
+    if name == "spatially_separable" and len(window) == 1:
+      continue
+    fmt = random_format(name, window, 3, 4, dtype=jnp.float32)
+    shape = (2, *(9 + i for i in range(len(window))), 3)
+    kwargs = dict(strides=strides, dilation=dilation, padding=padding)
+    for implementation in ("factorized", "reconstructed"):
+      assert jaxfactor.cost(fmt, shape, implementation=implementation,
+                            **kwargs).flops == xla_flops(
+          fmt, shape, jnp.float32, implementation=implementation, **kwargs)
+
+
+def test_empty_batch_costs_nothing():
+  fmt = random_format("tucker", (3, 3), 3, 4)
+  assert jaxfactor.cost(fmt, (0, 6, 6, 3),
+                        implementation="reconstructed").flops == 0
 
 
 def test_batch_axes_multiply_flops():

@@ -122,21 +122,6 @@ def test_numpy_factors_become_jax_arrays():
   assert all(isinstance(l, jax.Array) for l in jax.tree.leaves(fmt))
 
 
-def test_docstring_examples_hold():
-  """The `>>>` examples in the public docstrings, run as doctests."""
-  import doctest
-  import jaxfactor.convolution
-  import jaxfactor.cost_model
-  import jaxfactor.formats
-  import jaxfactor.primitives
-  with jax.numpy_dtype_promotion("standard"), jax.enable_x64(False):
-    for module in (jaxfactor.formats, jaxfactor.primitives,
-                   jaxfactor.convolution, jaxfactor.cost_model):
-      result = doctest.testmod(module, optionflags=doctest.ELLIPSIS)
-      assert result.failed == 0, module.__name__
-      assert result.attempted > 0, module.__name__
-
-
 def test_formats_compare_by_identity():
   # Elementwise array equality has no single truth value.
   fmt = random_format("low_rank", (3, 3), 2, 2)

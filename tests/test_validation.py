@@ -89,11 +89,54 @@ def test_mixed_dtypes_inside_a_format():
 
 def test_preferred_element_type_narrower_than_inputs():
   _raises(TypeError,
-          r"conv: `preferred_element_type` must be a floating dtype at least"
-          r" as wide as the inputs' float64, got float32",
+          r"conv: `preferred_element_type` must be the inputs' dtype float64"
+          r" or a wider float32/float64, got float32",
           jaxfactor.conv, X, LOW_RANK, preferred_element_type=jnp.float32)
   _raises(TypeError, r"got int32", jaxfactor.pointwise_conv, X,
           jnp.ones((4, 2)), preferred_element_type=jnp.int32)
+
+
+def test_preferred_element_type_never_swaps_16_bit_types():
+  x16 = jnp.ones((1, 5, 5, 4), jnp.bfloat16)
+  kernel = jnp.ones((3, 3, 4, 4), jnp.bfloat16)
+  _raises(TypeError, r"conv: `preferred_element_type` must be the inputs'"
+          r" dtype bfloat16 or a wider float32/float64, got float16",
+          jaxfactor.conv, x16, kernel, preferred_element_type=jnp.float16)
+  _raises(TypeError, r"conv: `preferred_element_type` must be a dtype, got"
+          r" 'foo'", jaxfactor.conv, x16, kernel, preferred_element_type="foo")
+  assert jaxfactor.conv(x16, kernel, preferred_element_type=jnp.float32
+                        ).dtype == jnp.float32
+  with jax.enable_x64(False):
+    _raises(ValueError, r"`preferred_element_type`=float64 needs 64-bit mode",
+            jaxfactor.conv, x16, kernel, preferred_element_type=jnp.float64)
+
+
+def test_numpy_float64_is_float32_without_x64():
+  """As in Flax: with 64-bit mode off, numpy float64 arrays are float32."""
+  rng = np.random.default_rng(0)
+  with jax.enable_x64(False):
+    x = jnp.ones((1, 6, 6, 4))
+    dense = rng.standard_normal((3, 3, 4, 2))
+    assert jaxfactor.conv(x, dense).dtype == jnp.float32
+    fmt = jaxfactor.LowRank(rng.standard_normal((3, 3, 4, 2)),
+                            rng.standard_normal((2, 5)))
+    y = jaxfactor.conv(rng.standard_normal((1, 6, 6, 4)), fmt)
+    assert y.dtype == jnp.float32
+
+
+def test_traced_geometry_must_be_static():
+  _raises(TypeError, r"conv: `strides` must be a static Python int, got a"
+          r" traced value", jax.jit(lambda x, s: jaxfactor.conv(
+              x, LOW_RANK, strides=s)), X, 2)
+
+
+def test_flax_geometry_spellings_are_accepted():
+  reference = jaxfactor.conv(X, LOW_RANK, strides=1, padding="SAME")
+  np.testing.assert_array_equal(
+      jaxfactor.conv(X, LOW_RANK, strides=None, padding="same"), reference)
+  np.testing.assert_array_equal(
+      jaxfactor.conv(X, LOW_RANK, strides=np.array([2, 1])),
+      jaxfactor.conv(X, LOW_RANK, strides=(2, 1)))
 
 
 def test_integer_factor():
@@ -117,7 +160,7 @@ def test_non_array_leaves():
 
 def test_low_rank_ranks_do_not_chain():
   _raises(ValueError,
-          r"LowRank: LowRank factors do not chain: `spatial` has shape"
+          r"LowRank: factors do not chain: `spatial` has shape"
           r" \(3, 3, 4, 3\) and `pointwise` has shape \(2, 6\);"
           r" spatial.shape\[-1\] \(3\) must equal pointwise.shape\[0\] \(2\)",
           jaxfactor.LowRank, jnp.ones((3, 3, 4, 3)), jnp.ones((2, 6)))
@@ -133,8 +176,8 @@ def test_factors_that_stopped_chaining_after_tree_map():
 
 
 def test_low_rank_spatial_rank():
-  _raises(ValueError, r"LowRank: LowRank `spatial` must have shape"
-          r" \[\*window, C, R\] \(rank >=3\), got shape \(4, 2\)",
+  _raises(ValueError, r"LowRank: `spatial` must have shape"
+          r" \[\*window, C, R\] \(rank >= 3\), got shape \(4, 2\)",
           jaxfactor.LowRank, jnp.ones((4, 2)), jnp.ones((2, 6)))
   _raises(ValueError, r"LowRank: `pointwise` must have shape \[R, F\] \(rank"
           r" 2\), got shape \(1, 2, 6\) \(rank 3\)", jaxfactor.LowRank,
@@ -143,7 +186,7 @@ def test_low_rank_spatial_rank():
 
 def test_depthwise_separable_shapes():
   _raises(ValueError,
-          r"DepthwiseSeparable: DepthwiseSeparable `depthwise` must have shape"
+          r"DepthwiseSeparable: `depthwise` must have shape"
           r" \[\*window, 1, C\*m\] with channel_multiplier m=1, got shape"
           r" \(3, 3, 4, 4\)", jaxfactor.DepthwiseSeparable,
           jnp.ones((3, 3, 4, 4)), jnp.ones((4, 6)))
@@ -177,7 +220,7 @@ def test_tucker_shapes():
   _raises(ValueError, r"in_proj.shape\[1\] \(2\) must equal core.shape\[-2\]"
           r" \(5\)", jaxfactor.Tucker, jnp.ones((4, 2)),
           jnp.ones((3, 3, 5, 3)), jnp.ones((3, 6)))
-  _raises(ValueError, r"Tucker `core` must have shape \[\*window, R_in,"
+  _raises(ValueError, r"Tucker: `core` must have shape \[\*window, R_in,"
           r" R_out\] \(rank >= 3\), got shape \(2, 3\)", jaxfactor.Tucker,
           jnp.ones((4, 2)), jnp.ones((2, 3)), jnp.ones((3, 6)))
 
@@ -201,7 +244,7 @@ def test_tuple_field_replaced_by_an_array():
   # A tree.map that collapses the `spatial` tuple to one array.
   broken = jax.tree.map(lambda v: v[0] if isinstance(v, tuple) else v, fmt,
                         is_leaf=lambda v: isinstance(v, tuple))
-  _raises(TypeError, r"conv: CP.spatial must be a tuple of arrays, got"
+  _raises(TypeError, r"conv: `CP.spatial` must be a tuple of arrays, got"
           r" ArrayImpl", jaxfactor.conv, X, broken)
 
 
@@ -238,10 +281,10 @@ def test_padding_of_the_wrong_length():
 
 
 def test_unknown_or_negative_padding():
-  _raises(ValueError, r"conv: `padding` must be one of \('SAME', 'VALID',"
-          r" 'CIRCULAR', 'REFLECT', 'CAUSAL'\), an int, or one int or"
-          r" \(low, high\) pair per spatial axis, got 'same'",
-          jaxfactor.conv, X, LOW_RANK, padding="same")
+  _raises(ValueError, r"conv: `padding` must be one of \('SAME', 'SAME_LOWER',"
+          r" 'VALID', 'CIRCULAR', 'REFLECT', 'CAUSAL'\), an int, or one int or"
+          r" \(low, high\) pair per spatial axis, got 'FULL'",
+          jaxfactor.conv, X, LOW_RANK, padding="full")
   _raises(ValueError, r"conv: `padding` must be non-negative, got -1",
           jaxfactor.conv, X, LOW_RANK, padding=-1)
   _raises(TypeError, r"conv: `padding` must be an int, got NoneType None",
