@@ -211,6 +211,22 @@ class Format(abc.ABC):
     return cls(**values, **static)
 
   @classmethod
+  def abstract(cls, kernel_shape: Sequence[int], rank: Any,
+               dtype: Any) -> Format:
+    """A format of `jax.ShapeDtypeStruct` leaves (for `cost`, no arrays)."""
+    structs = {name: jax.ShapeDtypeStruct(shape, dtype)
+               for name, shape in cls.param_shapes(kernel_shape, rank).items()}
+    children = []
+    for name in cls._fields:
+      if name in cls._tuple_fields:
+        count = sum(1 for key in structs if key.startswith(f"{name}_"))
+        children.append(tuple(structs[f"{name}_{i}"] for i in range(count)))
+      else:
+        children.append(structs[name])
+    static = (rank,) if cls._static_fields else ()
+    return cls._unflatten(static, children)
+
+  @classmethod
   @abc.abstractmethod
   def param_shapes(
       cls, kernel_shape: Sequence[int], rank: Any
@@ -239,6 +255,13 @@ class Format(abc.ABC):
 def _as_factor(fn: str, name: str, value: Any) -> jax.Array:
   _validation.check_array(fn, name, value)
   return jnp.asarray(value)
+
+
+def _reshape(a: Any, shape: tuple[int, ...]) -> Any:
+  """`a.reshape(shape)`, also for abstract `jax.ShapeDtypeStruct` leaves."""
+  if isinstance(a, jax.ShapeDtypeStruct):
+    return jax.ShapeDtypeStruct(shape, a.dtype)
+  return a.reshape(shape)
 
 
 def _lift(a: jax.Array, ndim: int) -> jax.Array:
@@ -739,7 +762,7 @@ class CP(Format):
     return [
         primitives.Pointwise(self.in_proj),
         *(
-            primitives.SpatialConv(a.reshape(a.shape[0], 1, r), (axis,), r)
+            primitives.SpatialConv(_reshape(a, (a.shape[0], 1, r)), (axis,), r)
             for axis, a in enumerate(self.spatial)
         ),
         primitives.Pointwise(self.out_proj),

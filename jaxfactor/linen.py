@@ -6,8 +6,8 @@ layers name them, and calls `jaxfactor.conv(x, factors) + bias`. Arguments
 mirror `flax.linen.Conv`.
 
 The linen idiom for factorizing a trained model: write the model with its
-conv class as an attribute, and convert the dense model's variables with
-`factorize_variables`:
+conv class as an attribute (and explicit layer names), and convert the dense
+model's variables with `factorize_variables`:
 
 >>> import functools
 >>> import jax, jax.numpy as jnp
@@ -17,7 +17,8 @@ conv class as an attribute, and convert the dense model's variables with
 ...   conv: type = nn.Conv
 ...   @nn.compact
 ...   def __call__(self, x):
-...     return self.conv(features=8, kernel_size=(3, 3))(x)
+...     # An explicit name: linen's automatic names follow the class.
+...     return self.conv(features=8, kernel_size=(3, 3), name="conv")(x)
 >>> x = jnp.ones((1, 8, 8, 4))
 >>> dense_vars = Net().init(jax.random.key(0), x)
 >>> tucker_vars, report = jaxfactor.linen.factorize_variables(

@@ -441,65 +441,66 @@ def _layer_cost(kernel, input_shape, conv):
       dilation=conv.kernel_dilation or 1).flops
 
 
-def _abstract(cls, kernel_shape, rank, dtype):
-  static = {"channel_multiplier": rank} if cls is formats.DepthwiseSeparable else {}
-  return cls.from_params(
-      {k: jax.ShapeDtypeStruct(s, dtype)
-       for k, s in cls.param_shapes(kernel_shape, rank).items()}, **static)
-
-
 def _error_curve(cls, kernel, candidates):
   """Estimated relative error of each candidate rank, from the spectra."""
   spectra = decomposition._spectra(cls, np.asarray(kernel, np.float64), None)
   curves = [ranks_lib.energy_curve(s) for s, _ in spectra]
 
   def tail(curve, r):
-    return max(0.0, 1.0 - curve[min(r, len(curve)) - 1])
+    return min(1.0, max(0.0, 1.0 - curve[min(r, len(curve)) - 1]))
 
   out = []
   for rank in candidates:
-    if isinstance(rank, tuple):  # Tucker / TT-SVD: sum of per-mode tails
-      squared = sum(tail(c, r) for c, r in zip(curves, rank))
-    else:
-      squared = tail(curves[0], rank)
-    out.append(math.sqrt(min(squared, 1.0)))
+    ranks = rank if isinstance(rank, tuple) else (rank,)
+    # One spectrum: its exact tail. Tucker's two modes (or a TT chain): the
+    # energy kept by projecting on every mode, estimated as the product of
+    # the kept fractions (it lies below the HOSVD bound, the sum of tails).
+    kept = math.prod(1.0 - tail(c, r) for c, r in zip(curves, ranks))
+    out.append(math.sqrt(max(0.0, 1.0 - kept)))
   return out
 
 
 def allocate_budget(layers, fraction):
   """Greedy rank allocation under a total cost budget.
 
-  `layers` is a list of (candidate ranks, their costs, their estimated
-  relative errors, dense cost). Every layer starts at its smallest rank; then
-  the step that buys the largest decrease of the summed relative error per
-  unit of cost, among those that keep the total within `fraction` of the
-  dense total, is taken until none fits (marginal analysis, as in budgeted
-  rank allocation). Returns one index into each layer's candidates.
+  `layers` is a list of `(costs, errors, dense_cost)`: for each layer the
+  cost and estimated relative error of its candidate ranks (increasing
+  cost), and its dense cost. Keeping a layer dense (error 0) is always a
+  candidate, and factorizations that cost at least as much as dense are not.
+  Every layer starts at its cheapest candidate; then the move that buys the
+  largest decrease of the summed relative error per unit of cost, among
+  those that keep the total within `fraction` of the dense total, is taken
+  until none fits (marginal analysis). Returns, per layer, an index into its
+  candidates or None for "keep dense".
   """
+  options = []
+  for costs, errors, dense in layers:
+    kept = [(c, e, i) for i, (c, e) in enumerate(zip(costs, errors))
+            if c < dense]
+    options.append(kept + [(dense, 0.0, None)])
   budget = fraction * sum(dense for *_, dense in layers)
   choice = [0] * len(layers)
-  total = sum(costs[0] for _, costs, _, _ in layers)
+  total = sum(opts[0][0] for opts in options)
   if total > budget:
     raise ValueError(
-        f"factorize: the budget ({fraction} of the dense cost, {budget:.0f})"
-        f" is below the smallest factorization's cost ({total})."
+        f"factorize: the budget ({fraction} of the dense total, {budget:.0f})"
+        f" is below the cheapest factorization's total ({total})."
     )
   while True:
     best, best_gain = None, 0.0
-    for i, (_, costs, errors, _) in enumerate(layers):
-      j = choice[i]
-      # Look ahead to the next candidate that improves the error at all.
-      for k in range(j + 1, len(costs)):
-        extra = costs[k] - costs[j]
+    for i, opts in enumerate(options):
+      cost_now, error_now, _ = opts[choice[i]]
+      for k in range(choice[i] + 1, len(opts)):
+        extra = opts[k][0] - cost_now
         if total + extra > budget:
           break
-        gain = (errors[j] - errors[k]) / max(extra, 1)
+        gain = (error_now - opts[k][1]) / max(extra, 1)
         if gain > best_gain:
           best, best_gain = (i, k), gain
     if best is None:
-      return choice
+      return [opts[c][2] for opts, c in zip(options, choice)]
     i, k = best
-    total += layers[i][1][k] - layers[i][1][choice[i]]
+    total += options[i][k][0] - options[i][choice[i]][0]
     choice[i] = k
 
 
@@ -598,23 +599,29 @@ def factorize(
   if budget is not None:
     use_flops = budget.flops is not None
     fraction = budget.flops if use_flops else budget.params
-    layers = []
+    layers, candidates = [], []
     for plan in plans.values():
-      candidates = ranks_lib._candidates(plan["shape"], cls)
+      ranks = ranks_lib._candidates(plan["shape"], cls)
       dtype = plan["kernel"].dtype
       if use_flops:
-        costs = [_layer_cost(_abstract(cls, plan["shape"], r, dtype),
-                             plan["input_shape"], plan["conv"])
-                 for r in candidates]
+        costs = [_layer_cost(cls.abstract(plan["shape"], r, dtype),
+                             plan["input_shape"], plan["conv"]) for r in ranks]
         dense = _layer_cost(plan["kernel"], plan["input_shape"], plan["conv"])
       else:
-        costs = [ranks_lib.num_params(plan["shape"], cls, r) for r in candidates]
+        costs = [ranks_lib.num_params(plan["shape"], cls, r) for r in ranks]
         dense = math.prod(plan["shape"])
-      errors = _error_curve(cls, plan["kernel"], candidates)
-      layers.append((candidates, costs, errors, dense))
-    for plan, layer, index in zip(plans.values(), layers,
-                                  allocate_budget(layers, fraction)):
-      plan["rank"] = layer[0][index]
+      layers.append((costs, _error_curve(cls, plan["kernel"], ranks), dense))
+      candidates.append(ranks)
+    for (path, plan), ranks, index in zip(
+        list(plans.items()), candidates, allocate_budget(layers, fraction)):
+      if index is None:
+        del plans[path]
+        reports.append(LayerReport(
+            path=path, kernel_shape=plan["shape"],
+            input_shape=plan["input_shape"],
+            skipped="kept dense: the budget is better spent elsewhere"))
+      else:
+        plan["rank"] = ranks[index]
   for path, plan in plans.items():
     conv, kernel = plan["conv"], plan["kernel"]
     if budget is not None:
@@ -623,8 +630,14 @@ def factorize(
       chosen = dict(energy=energy)
     else:
       chosen = dict(rank=rank)
-    factors = decomposition.decompose(
-        kernel, cls, inputs=plan["inputs"], **chosen, **decompose_kwargs)
+    try:
+      factors = decomposition.decompose(
+          kernel, cls, inputs=plan["inputs"], **chosen, **decompose_kwargs)
+    except ValueError as error:  # e.g. no rank of this size for this layer
+      reports.append(LayerReport(path=path, kernel_shape=plan["shape"],
+                                 input_shape=plan["input_shape"],
+                                 skipped=str(error)))
+      continue
     new = _replacement(cls, conv, factors, implementation)
     _set(model, path, new)
     reports.append(LayerReport(

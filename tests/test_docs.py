@@ -9,6 +9,8 @@ import jaxfactor.convolution
 import jaxfactor.cost_model
 import jaxfactor.decomposition
 import jaxfactor.formats
+import jaxfactor.linen
+import jaxfactor.nnx
 import jaxfactor.primitives
 import jaxfactor.ranks
 
@@ -16,6 +18,7 @@ import jaxfactor.ranks
 @pytest.mark.parametrize("module", [
     jaxfactor.formats, jaxfactor.primitives, jaxfactor.convolution,
     jaxfactor.cost_model, jaxfactor.decomposition, jaxfactor.ranks,
+    jaxfactor.nnx, jaxfactor.linen,
 ], ids=lambda m: m.__name__)
 def test_docstring_examples(module):
   # Users run the examples with JAX's defaults, not the suite's strict mode.

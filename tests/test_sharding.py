@@ -1,0 +1,19 @@
+"""Sharding by the factors' metadata, on 4 simulated CPU devices.
+
+Runs in a subprocess: the device count is fixed when JAX starts, and the rest
+of the suite must keep its single device.
+"""
+
+import os
+import pathlib
+import subprocess
+import sys
+
+
+def test_sharded_forward_and_grad_equal_single_device():
+  script = pathlib.Path(__file__).with_name("_sharded_run.py")
+  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+  result = subprocess.run([sys.executable, str(script)], capture_output=True,
+                          text=True, timeout=600, env=env, check=False)
+  assert result.returncode == 0, result.stdout + result.stderr
+  assert "sharded == single-device" in result.stdout
