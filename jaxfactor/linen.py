@@ -22,7 +22,7 @@ model's variables with `factorize_variables`:
 >>> x = jnp.ones((1, 8, 8, 4))
 >>> dense_vars = Net().init(jax.random.key(0), x)
 >>> tucker_vars, report = jaxfactor.linen.factorize_variables(
-...     dense_vars, "tucker", rank=(4, 8))
+...     dense_vars, "tucker", rank=(2, 4))
 >>> Net(conv=jaxfactor.linen.TuckerConv).apply(tucker_vars, x).shape
 (1, 8, 8, 8)
 """
