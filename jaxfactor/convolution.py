@@ -25,6 +25,7 @@ def conv(
     precision: lax.PrecisionLike = None,
     preferred_element_type: jax.typing.DTypeLike | None = None,
     implementation: str = "auto",
+    depthwise_lowering: str = "auto",
 ) -> jax.Array:
   """Convolves `x` with a dense kernel or a factorized format.
 
@@ -51,6 +52,9 @@ def conv(
       stages as channel contractions), "reconstructed" builds `to_dense()` and
       runs one convolution, and "auto" picks whichever needs fewer FLOPs for
       these static shapes (see `jaxfactor.cost`). Ignored for dense kernels.
+    depthwise_lowering: how depthwise stages (DepthwiseSeparable's first
+      stage, CP's per-axis stages) run, as in `depthwise_conv`: "auto"
+      (shift_add on CPU, grouped elsewhere), "shift_add" or "grouped".
 
   Returns:
     `[*batch, *out_spatial, F]`.
@@ -69,6 +73,7 @@ def conv(
   """
   fn = "conv"
   _validation.check_implementation(fn, implementation)
+  lowering = primitives.resolve_depthwise_lowering(fn, depthwise_lowering)
   window, in_features = cost_model.check_kernel(fn, kernel)
   _validation.check_input(fn, x, window, in_features)
   _validation.check_same_dtype(fn, [("x", x), ("kernel", kernel)])
@@ -79,7 +84,7 @@ def conv(
       fn, x, window, strides=strides, padding=padding, dilation=dilation
   )
   chosen, _ = cost_model.choose_implementation(
-      kernel, x.shape, geometry, implementation
+      kernel, x.shape, geometry, implementation, lowering
   )
   if chosen == "factorized":
     stages = kernel.stages()
@@ -91,6 +96,6 @@ def conv(
     stages = [primitives.SpatialConv(dense, tuple(range(len(window))))]
   y = primitives.run_stages(
       x, stages, geometry, precision=precision,
-      preferred_element_type=preferred,
+      preferred_element_type=preferred, depthwise_lowering=lowering,
   )
   return primitives.restore_batch(y, batch_shape)

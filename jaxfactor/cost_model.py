@@ -68,8 +68,13 @@ def stage_flops(
     stage: primitives.Stage,
     in_shape: Sequence[int],
     geometry: _geometry.Geometry,
+    depthwise_lowering: str = "grouped",
 ) -> tuple[int, tuple[int, ...]]:
-  """FLOPs of one stage on a `[B, *spatial, C]` input, and its output shape."""
+  """FLOPs of one stage on a `[B, *spatial, C]` input, and its output shape.
+
+  A "shift_add" depthwise stage multiplies every tap, padding included, and
+  adds k - 1 times: `(2k - 1)` FLOPs per output element.
+  """
   batch, *spatial, _ = in_shape
   kernel_shape = stage.kernel.shape
   if isinstance(stage, primitives.Pointwise):
@@ -91,6 +96,9 @@ def stage_flops(
     out_spatial.append(out)
   c_per_group, f = kernel_shape[-2:]
   out_shape = (batch, *out_spatial, f)
+  if depthwise_lowering == "shift_add" and primitives.is_depthwise(stage):
+    taps = math.prod(kernel_shape[:-2])
+    return (2 * taps - 1) * math.prod(out_shape), out_shape
   one_tap = math.prod(kernel_shape[:-2]) == 1 and all(
       geometry.strides[a] == 1 and geometry.padding[a] == (0, 0)
       for a in stage.axes)
@@ -105,10 +113,11 @@ def chain_flops(
     stages: Sequence[primitives.Stage],
     in_shape: Sequence[int],
     geometry: _geometry.Geometry,
+    depthwise_lowering: str = "grouped",
 ) -> int:
   total, shape = 0, tuple(in_shape)
   for stage in stages:
-    flops, shape = stage_flops(stage, shape, geometry)
+    flops, shape = stage_flops(stage, shape, geometry, depthwise_lowering)
     total += flops
   return total
 
@@ -125,6 +134,7 @@ def choose_implementation(
     in_shape: Sequence[int],
     geometry: _geometry.Geometry,
     implementation: str,
+    depthwise_lowering: str = "grouped",
 ) -> tuple[str, int]:
   """Resolves `implementation` for these static shapes; returns it and FLOPs.
 
@@ -136,7 +146,8 @@ def choose_implementation(
     return "reconstructed", chain_flops([_dense_stage(kernel)], in_shape, geometry)
   flops = {}
   if implementation in ("auto", "factorized"):
-    flops["factorized"] = chain_flops(kernel.stages(), in_shape, geometry)
+    flops["factorized"] = chain_flops(kernel.stages(), in_shape, geometry,
+                                      depthwise_lowering)
   if implementation in ("auto", "reconstructed"):
     flops["reconstructed"] = kernel.to_dense_flops() + chain_flops(
         [_dense_stage(kernel)], in_shape, geometry
@@ -153,6 +164,7 @@ def cost(
     padding: Any = "SAME",
     dilation: int | Sequence[int] = 1,
     implementation: str = "auto",
+    depthwise_lowering: str = "auto",
 ) -> Cost:
   """Counts the parameters and FLOPs of `conv(x, kernel, ...)`, exactly.
 
@@ -170,6 +182,8 @@ def cost(
     padding: as in `conv`.
     dilation: as in `conv`.
     implementation: as in `conv`: "auto", "factorized" or "reconstructed".
+    depthwise_lowering: as in `conv` ("auto" resolves on the default
+      backend, as `conv` does).
 
   Returns:
     `Cost(params, flops)`, Python ints.
@@ -185,6 +199,7 @@ def cost(
   """
   fn = "cost"
   _validation.check_implementation(fn, implementation)
+  lowering = primitives.resolve_depthwise_lowering(fn, depthwise_lowering)
   window, in_features = check_kernel(fn, kernel, abstract=True)
   if isinstance(input_shape, (str, bytes)) or not isinstance(
       input_shape, Sequence
@@ -210,7 +225,8 @@ def cost(
       strides=strides, padding=padding, dilation=dilation,
   )
   flat = (math.prod(input_shape[: -n - 1]), *input_shape[-n - 1 :])
-  _, flops = choose_implementation(kernel, flat, geometry, implementation)
+  _, flops = choose_implementation(kernel, flat, geometry, implementation,
+                                  lowering)
   if flat[0] == 0:
     flops = 0  # an empty batch: XLA computes nothing, not even to_dense
   params = (

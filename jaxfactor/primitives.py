@@ -21,6 +21,7 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
 from jaxfactor import _geometry
@@ -87,6 +88,33 @@ def prepare(
   return x, batch_shape, geometry
 
 
+DEPTHWISE_LOWERINGS = ("auto", "shift_add", "grouped")
+
+
+def resolve_depthwise_lowering(fn: str, lowering: str) -> str:
+  """"auto": shifted multiply-adds on CPU, XLA's grouped conv elsewhere.
+
+  XLA:CPU's grouped convolution is slow for depthwise kernels (measured in
+  `perf-baseline.md`: slower than the dense conv it replaces); k shifted
+  slices times per-channel weights fuse into one loop there. GPU and TPU have
+  fast grouped-convolution kernels.
+  """
+  if lowering not in DEPTHWISE_LOWERINGS:
+    raise ValueError(
+        f"{fn}: `depthwise_lowering` must be one of {DEPTHWISE_LOWERINGS},"
+        f" got {lowering!r}."
+    )
+  if lowering == "auto":
+    return "shift_add" if jax.default_backend() == "cpu" else "grouped"
+  return lowering
+
+
+def is_depthwise(stage: Stage) -> bool:
+  """A grouped stage with one input channel per group (any multiplier)."""
+  return (isinstance(stage, SpatialConv) and stage.groups > 1
+          and stage.kernel.shape[-2] == 1)
+
+
 def run_stages(
     x: jax.Array,
     stages: Sequence[Stage],
@@ -94,8 +122,13 @@ def run_stages(
     *,
     precision: Any = None,
     preferred_element_type: Any = None,
+    depthwise_lowering: str = "grouped",
 ) -> jax.Array:
-  """Applies `stages` in order to `x [B, *spatial, C]`."""
+  """Applies `stages` in order to `x [B, *spatial, C]`.
+
+  `depthwise_lowering` ("shift_add" or "grouped", already resolved) picks how
+  depthwise stages run.
+  """
   for stage in stages:
     kernel = stage.kernel
     if kernel.dtype != x.dtype:
@@ -110,6 +143,8 @@ def run_stages(
           precision=precision,
           preferred_element_type=preferred_element_type,
       )
+    elif is_depthwise(stage) and depthwise_lowering == "shift_add":
+      x = _shift_add(x, kernel, stage.axes, geometry, preferred_element_type)
     else:
       x = _spatial_conv(
           x, kernel, stage.axes, stage.groups, geometry, precision,
@@ -118,17 +153,56 @@ def run_stages(
   return x
 
 
-def _spatial_conv(x, kernel, axes, groups, geometry, precision, preferred):
-  n = x.ndim - 2
+def _stage_geometry(kernel_window, axes, geometry, n):
+  """Window, strides, dilation and padding over all N axes for one stage."""
   window, strides, dilation = [1] * n, [1] * n, [1] * n
   pads = [(0, 0)] * n
   for j, axis in enumerate(axes):
-    window[axis] = kernel.shape[j]
+    window[axis] = kernel_window[j]
     strides[axis] = geometry.strides[axis]
     # Dilating a one-tap window changes nothing; leaving it at 1 lets XLA
     # simplify one-tap stages.
-    dilation[axis] = geometry.dilation[axis] if kernel.shape[j] > 1 else 1
+    dilation[axis] = geometry.dilation[axis] if kernel_window[j] > 1 else 1
     pads[axis] = geometry.padding[axis]
+  return window, strides, dilation, pads
+
+
+def _shift_add(x, kernel, axes, geometry, preferred):
+  """Depthwise conv as a sum over taps of strided slices times weights.
+
+  `kernel` is `[*window over axes, 1, C*m]`; output channel `c*m + j` reads
+  input channel `c`. Exactly the grouped convolution's arithmetic (each
+  output is the same sum of products, in tap order).
+  """
+  n = x.ndim - 2
+  window, strides, dilation, pads = _stage_geometry(
+      kernel.shape[:-2], axes, geometry, n)
+  if any(p != (0, 0) for p in pads):
+    x = jnp.pad(x, [(0, 0), *pads, (0, 0)], mode=geometry.fill)
+  channels, out_channels = x.shape[-1], kernel.shape[-1]
+  if out_channels != channels:
+    x = jnp.repeat(x, out_channels // channels, axis=-1)
+  dtype = preferred or x.dtype
+  out = [(size - (k - 1) * d - 1) // s + 1
+         for size, k, d, s in zip(x.shape[1:-1], window, dilation, strides)]
+  weights = kernel.reshape(*window, out_channels).astype(dtype)
+  y = None
+  for tap in np.ndindex(*window):
+    start = [0, *(t * d for t, d in zip(tap, dilation)), 0]
+    limit = [x.shape[0],
+             *(b + (o - 1) * s + 1 for b, o, s in zip(start[1:-1], out,
+                                                      strides)),
+             x.shape[-1]]
+    piece = lax.slice(x, start, limit, [1, *strides, 1]).astype(dtype)
+    term = piece * weights[tap].reshape((1,) * (n + 1) + (out_channels,))
+    y = term if y is None else y + term
+  return y
+
+
+def _spatial_conv(x, kernel, axes, groups, geometry, precision, preferred):
+  n = x.ndim - 2
+  window, strides, dilation, pads = _stage_geometry(
+      kernel.shape[:-2], axes, geometry, n)
   if geometry.fill != "constant":
     x = jnp.pad(x, [(0, 0), *pads, (0, 0)], mode=geometry.fill)
     pads = [(0, 0)] * n
@@ -214,6 +288,7 @@ def depthwise_conv(
     dilation: int | Sequence[int] = 1,
     precision: lax.PrecisionLike = None,
     preferred_element_type: jax.typing.DTypeLike | None = None,
+    depthwise_lowering: str = "auto",
 ) -> jax.Array:
   """A depthwise convolution: one filter per input channel, times `m`.
 
@@ -231,6 +306,10 @@ def depthwise_conv(
     dilation: kernel dilation, an int or one per spatial axis.
     precision: passed to `lax.conv_general_dilated`.
     preferred_element_type: accumulation and output dtype; None keeps `x`'s.
+    depthwise_lowering: "shift_add" (a sum over taps of strided slices times
+      per-channel weights), "grouped" (`lax.conv_general_dilated` with
+      `feature_group_count=C`) or "auto": shift_add on CPU, where XLA's
+      grouped convolution is slow, grouped elsewhere. Same result either way.
 
   Returns:
     `[*batch, *out_spatial, C * m]`.
@@ -267,6 +346,7 @@ def depthwise_conv(
   preferred = _validation.check_preferred_element_type(
       fn, x.dtype, preferred_element_type
   )
+  lowering = resolve_depthwise_lowering(fn, depthwise_lowering)
   x, batch_shape, geometry = prepare(
       fn, x, window, strides=strides, padding=padding, dilation=dilation
   )
@@ -275,6 +355,6 @@ def depthwise_conv(
   )
   y = run_stages(
       x, [stage], geometry, precision=precision,
-      preferred_element_type=preferred,
+      preferred_element_type=preferred, depthwise_lowering=lowering,
   )
   return restore_batch(y, batch_shape)

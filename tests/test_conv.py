@@ -98,15 +98,18 @@ def test_dense_kernel_equals_raw_lax():
   assert relative_error(actual, expected) < RTOL[jnp.float64]
 
 
+@pytest.mark.parametrize("lowering", ["shift_add", "grouped"])
 @pytest.mark.parametrize("n", [1, 2, 3])
 @pytest.mark.parametrize("multiplier", [1, 3])
 @pytest.mark.parametrize("padding", ["SAME", "VALID", "CIRCULAR", 2])
-def test_depthwise_conv_equals_flax_grouped_conv(n, multiplier, padding):
+def test_depthwise_conv_equals_flax_grouped_conv(n, multiplier, padding,
+                                                 lowering):
   channels = 3
   kernel = random_input((*WINDOWS[n], 1, channels * multiplier), seed=4)
   x = random_input(spatial_input_shape(WINDOWS[n], channels=channels))
   actual = jaxfactor.depthwise_conv(x, kernel, strides=2, dilation=(2, 1, 1)[:n],
-                                    padding=padding)
+                                    padding=padding,
+                                    depthwise_lowering=lowering)
   expected = nn.Conv(
       channels * multiplier, WINDOWS[n], strides=2, padding=padding,
       kernel_dilation=(2, 1, 1)[:n], feature_group_count=channels,
@@ -126,7 +129,8 @@ def test_pointwise_conv_equals_1x1_conv():
 
 
 def _xla_flops(x, kernel, **kwargs):
-  analysis = jax.jit(lambda x, k: jaxfactor.conv(x, k, **kwargs)).lower(
+  analysis = jax.jit(lambda x, k: jaxfactor.conv(
+      x, k, depthwise_lowering="grouped", **kwargs)).lower(
       x, kernel).compile().cost_analysis()
   return (analysis[0] if isinstance(analysis, list) else analysis)["flops"]
 
@@ -134,7 +138,8 @@ def _xla_flops(x, kernel, **kwargs):
 def _implementation_run_by_auto(x, fmt):
   """Which implementation `conv(..., implementation="auto")` compiles to,
   told apart by XLA's own FLOP count of the compiled program (float32)."""
-  counts = {impl: jaxfactor.cost(fmt, x.shape, implementation=impl).flops
+  counts = {impl: jaxfactor.cost(fmt, x.shape, implementation=impl,
+                                 depthwise_lowering="grouped").flops
             for impl in ("factorized", "reconstructed")}
   assert counts["factorized"] != counts["reconstructed"]
   ran = _xla_flops(x, fmt)
@@ -275,3 +280,30 @@ def test_no_retracing_on_same_shapes(name):
   apply(random_input((2, 8, 8, 3), seed=1), fmt)
   apply(random_input((2, 8, 8, 3), seed=2),
         jax.tree.map(lambda a: a + 1.0, fmt))
+
+
+@pytest.mark.parametrize("name", ["depthwise_separable", "cp"])
+@pytest.mark.parametrize("n", [1, 2, 3])
+@pytest.mark.parametrize("padding", ["SAME", "VALID", "REFLECT", "pairs"])
+def test_both_depthwise_lowerings_equal_flax(name, n, padding):
+  window = WINDOWS[n]
+  fmt = random_format(name, window, 3, 5)
+  strides, dilation = GEOMETRIES["both"](n)
+  kwargs = dict(strides=strides, dilation=dilation,
+                padding=_padding(padding, n))
+  x = random_input(spatial_input_shape(window, extra=5))
+  expected = flax_conv(x, fmt.to_dense(), **kwargs)
+  for lowering in ("shift_add", "grouped"):
+    actual = jaxfactor.conv(x, fmt, implementation="factorized",
+                            depthwise_lowering=lowering, **kwargs)
+    assert relative_error(actual, expected) < RTOL[jnp.float64]
+
+
+def test_auto_depthwise_lowering_is_shift_add_on_cpu():
+  from jaxfactor import primitives
+  expected = "shift_add" if jax.default_backend() == "cpu" else "grouped"
+  assert primitives.resolve_depthwise_lowering("t", "auto") == expected
+  with pytest.raises(ValueError, match=r"conv: `depthwise_lowering` must be"
+                     r" one of \('auto', 'shift_add', 'grouped'\), got 'fast'"):
+    jaxfactor.conv(random_input((1, 5, 5, 3)),
+                   random_format("cp", (3, 3), 3, 4), depthwise_lowering="fast")

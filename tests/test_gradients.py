@@ -37,6 +37,22 @@ def test_grads_wrt_x(name, implementation):
   _check(conv, (x,))
 
 
+@pytest.mark.parametrize("name", ["depthwise_separable", "cp"])
+@pytest.mark.parametrize("lowering", ["shift_add", "grouped"])
+def test_grads_of_each_depthwise_lowering(name, lowering):
+  fmt = random_format(name, (3, 2), 2, 3)
+  x = random_input((1, 5, 4, 2))
+  leaves, treedef = jax.tree.flatten(fmt)
+
+  def conv(x, first):
+    f = treedef.unflatten([first, *leaves[1:]])
+    return jaxfactor.conv(x, f, implementation="factorized",
+                          depthwise_lowering=lowering, **GEOMETRY)
+
+  _check(jax.jit(lambda x: conv(x, leaves[0])), (x,))
+  _check(jax.jit(lambda first: conv(x, first)), (leaves[0],))
+
+
 def _grad_cases():
   for name in FORMATS:
     fmt = random_format(name, (3, 2), 2, 3)
