@@ -75,6 +75,7 @@ def decompose(
     key: jax.Array | None = None,
     restarts: int = 3,
     damping: float = 1e-3,
+    dilation: int | tuple[int, ...] = 1,
     compute_dtype: Any = None,
 ) -> formats.Format:
   """Factorizes a dense HWIO kernel into `format`, optimally where possible.
@@ -128,6 +129,7 @@ def decompose(
       (default 3; the cost grows linearly with it).
     damping: ridge added to the input covariance, relative to its mean
       eigenvalue.
+    dilation: the layer's kernel dilation, for the patches of `inputs`.
     compute_dtype: dtype of the computation; default: the kernel's (float32
       for lower-precision kernels). float64 requires `jax_enable_x64`.
 
@@ -165,7 +167,8 @@ def decompose(
   work = kernel.astype(dtype)
   whitening = None
   if inputs is not None:
-    whitening = _whitening(fn, cls, inputs, kernel.shape, damping, dtype)
+    whitening = _whitening(fn, cls, inputs, kernel.shape, damping, dtype,
+                           dilation)
   rank = _select_rank(fn, work, cls, rank, energy, whitening, concrete)
   if iterations is None:
     iterations = DEFAULT_ITERATIONS.get(cls, 0)
@@ -266,7 +269,12 @@ def _select_rank(fn, kernel, cls, rank, energy, whitening, concrete):
   else:
     chosen = [rule(matrices) for _, (rule, matrices) in spectra]
   if isinstance(limit, tuple):
-    chosen = tuple(min(r, m) for r, m in zip(chosen, limit))
+    chosen = [min(r, m) for r, m in zip(chosen, limit)]
+    if cls is formats.SpatiallySeparable:
+      # Factor i maps R_{i-1} channels through k_i taps: R_i <= R_{i-1} k_i.
+      for i in range(1, len(chosen)):
+        chosen[i] = min(chosen[i], chosen[i - 1] * shape[i])
+    chosen = tuple(chosen)
   else:
     chosen = min(chosen[0], limit)
   return _warn_if_larger(fn, shape, cls, chosen)
@@ -323,7 +331,7 @@ def _spectra(cls, kernel, whitening):
                     per_tap))]
 
 
-def _whitening(fn, cls, inputs, kernel_shape, damping, dtype):
+def _whitening(fn, cls, inputs, kernel_shape, damping, dtype, dilation):
   """Lower Cholesky factor `L` of the damped input covariance, `S = L L^T`."""
   if cls not in (formats.LowRank, formats.Tucker):
     raise ValueError(
@@ -334,13 +342,16 @@ def _whitening(fn, cls, inputs, kernel_shape, damping, dtype):
   _validation.check_floating(fn, "inputs", inputs)
   *window, c, _ = kernel_shape
   n = len(window)
+  dilation = _validation.canonicalize_positive_ints(fn, "dilation", dilation,
+                                                    n)
+  dilated = tuple((k - 1) * d + 1 for k, d in zip(window, dilation))
   if inputs.ndim < n + 1 or inputs.shape[-1] != c or any(
-      size < k for size, k in zip(inputs.shape[-n - 1 : -1], window)
+      size < k for size, k in zip(inputs.shape[-n - 1 : -1], dilated)
   ):
     raise ValueError(
         f"{fn}: `inputs` must have shape [*batch, *spatial, C] with C = {c},"
-        f" {n} spatial axes and each spatial size >= the window"
-        f" {tuple(window)}, got shape {tuple(inputs.shape)}."
+        f" {n} spatial axes and each spatial size >= the dilated window"
+        f" {dilated}, got shape {tuple(inputs.shape)}."
     )
   if not (isinstance(damping, (int, float)) and damping >= 0):
     raise ValueError(f"{fn}: `damping` must be >= 0, got {damping!r}.")
@@ -349,23 +360,24 @@ def _whitening(fn, cls, inputs, kernel_shape, damping, dtype):
   if cls is formats.Tucker:
     rows = x.reshape(-1, c)
   else:
-    rows = _patches(x, tuple(window))
+    rows = _patches(x, tuple(window), dilation)
   cov = jnp.matmul(rows.T, rows, precision=_HIGHEST) / rows.shape[0]
   ridge = damping * jnp.trace(cov) / cov.shape[0]
   ridge = jnp.maximum(ridge, jnp.finfo(dtype).tiny)
   return jnp.linalg.cholesky(cov + ridge * jnp.eye(cov.shape[0], dtype=dtype))
 
 
-def _patches(x, window):
+def _patches(x, window, dilation):
   """Stride-1 "VALID" patches of `x [B, *spatial, C]`, `[P, k*C]`.
 
   Column `w*C + c` matches row `w*C + c` of `kernel.reshape(k*C, F)`.
   """
   spatial = x.shape[1:-1]
-  out = [s - k + 1 for s, k in zip(spatial, window)]
+  out = [s - (k - 1) * d for s, k, d in zip(spatial, window, dilation)]
   taps = []
   for offset in np.ndindex(*window):
-    index = tuple(slice(o, o + m) for o, m in zip(offset, out))
+    index = tuple(slice(o * d, o * d + m)
+                  for o, d, m in zip(offset, dilation, out))
     taps.append(x[(slice(None), *index, slice(None))])
   stacked = jnp.stack(taps, axis=-2)  # [B, *out, k, C]
   return stacked.reshape(-1, math.prod(window) * x.shape[-1])

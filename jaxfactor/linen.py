@@ -354,9 +354,8 @@ def factorize_variables(
   def convert(path, tree):
     if not isinstance(tree, Mapping):
       return tree
-    kernel = tree.get("kernel")
+    kernel = meta.unbox(tree.get("kernel"))  # nn.Partitioned or an array
     if kernel is not None and hasattr(kernel, "ndim"):
-      kernel = meta.unbox(kernel)
       window = kernel.shape[:-2]
       if (kernel.ndim >= 3 and math.prod(window) > 1 and
           (filter is None or filter(path, kernel)) and not (

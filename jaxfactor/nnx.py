@@ -568,6 +568,13 @@ def factorize(
     if budget.flops is not None and inputs is None:
       raise ValueError(f"{fn}: a FLOP budget needs `inputs` to know each"
                        " layer's input shape.")
+  if rank is not None and not isinstance(rank, (str, float)) and any(
+      isinstance(r, int) and r < 1 for r in np.atleast_1d(rank).tolist()):
+    raise ValueError(f"{fn}: `rank` must be >= 1, got {rank!r}.")
+  if energy is not None and not (isinstance(energy, (int, float))
+                                 and 0 < energy <= 1):
+    raise ValueError(
+        f"{fn}: `energy` must be a number in (0, 1], got {energy!r}.")
   if data_aware and inputs is None:
     raise ValueError(f"{fn}: `data_aware=True` needs `inputs`.")
   select = filter or _default_filter
@@ -630,14 +637,17 @@ def factorize(
       chosen = dict(energy=energy)
     else:
       chosen = dict(rank=rank)
-    try:
-      factors = decomposition.decompose(
-          kernel, cls, inputs=plan["inputs"], **chosen, **decompose_kwargs)
-    except ValueError as error:  # e.g. no rank of this size for this layer
-      reports.append(LayerReport(path=path, kernel_shape=plan["shape"],
-                                 input_shape=plan["input_shape"],
-                                 skipped=str(error)))
-      continue
+    if rank is not None and not isinstance(rank, str):
+      try:  # a rank that does not exist for this layer skips it
+        _layers.resolve_rank(fn, cls, plan["shape"], rank)
+      except ValueError as error:
+        reports.append(LayerReport(path=path, kernel_shape=plan["shape"],
+                                   input_shape=plan["input_shape"],
+                                   skipped=str(error)))
+        continue
+    factors = decomposition.decompose(
+        kernel, cls, inputs=plan["inputs"],
+        dilation=conv.kernel_dilation or 1, **chosen, **decompose_kwargs)
     new = _replacement(cls, conv, factors, implementation)
     _set(model, path, new)
     reports.append(LayerReport(

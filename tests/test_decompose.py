@@ -301,6 +301,19 @@ def test_vbmf_recovers_planted_ranks():
   assert f.ranks == (4, 6)
 
 
+@pytest.mark.filterwarnings("ignore:decompose.*more than the dense kernel")
+def test_value_based_3d_ranks_always_chain():
+  """Per-split energy/VBMF ranks are clipped to R_i <= R_{i-1} k_i."""
+  rng = np.random.default_rng(0)
+  a, b = rng.standard_normal(3), rng.standard_normal((3, 3, 16))
+  kernel = np.einsum("h,wdf->hwdf", a, b)[:, :, :, None, :]
+  kernel = jnp.asarray(kernel + 1e-3 * rng.standard_normal(kernel.shape))
+  for kwargs in (dict(energy=0.99), dict(energy=1.0), dict(rank="vbmf")):
+    f = jaxfactor.decompose(kernel, "spatially_separable", **kwargs)
+    assert f.ranks[1] <= f.ranks[0] * 3
+    assert f.shape == kernel.shape
+
+
 def test_vbmf_on_pure_noise_keeps_one():
   from jaxfactor import ranks
   rng = np.random.default_rng(1)
@@ -453,7 +466,7 @@ def test_bad_inputs():
   kernel = decaying_kernel((3, 3, 4, 8))
   _raises(ValueError, r"decompose: `inputs` must have shape \[\*batch,"
           r" \*spatial, C\] with C = 4, 2 spatial axes and each spatial size"
-          r" >= the window \(3, 3\), got shape \(2, 8, 8, 3\)", kernel,
+          r" >= the dilated window \(3, 3\), got shape \(2, 8, 8, 3\)", kernel,
           "low_rank", rank=2, inputs=jnp.ones((2, 8, 8, 3)))
   _raises(ValueError, r"got shape \(2, 2, 8, 4\)", kernel, "low_rank",
           rank=2, inputs=jnp.ones((2, 2, 8, 4)))

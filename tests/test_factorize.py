@@ -254,6 +254,39 @@ def test_a_layer_without_a_fitting_rank_is_skipped_not_raised():
   report = jnnx.factorize(model, "tucker", rank=0.05)
   reasons = {l.path: l.skipped for l in report.layers}
   assert "leaves no rank" in reasons[("conv1",)]
+  report = jnnx.factorize(trained_net(), "low_rank", rank=20)
+  reasons = {l.path: l.skipped for l in report.layers}
+  assert "at most max_rank = 16" in reasons[("conv1",)]  # 3x3x3 -> 16
+  assert reasons[("conv2",)] is None
+
+
+def test_invalid_arguments_raise_rather_than_skip():
+  with pytest.raises(ValueError, match=r"factorize: `rank` must be >= 1, got"
+                     r" 0"):
+    jnnx.factorize(trained_net(), "tucker", rank=0)
+  with pytest.raises(ValueError, match=r"factorize: `energy` must be a number"
+                     r" in \(0, 1\], got 1.5"):
+    jnnx.factorize(trained_net(), "tucker", energy=1.5)
+  with pytest.raises(ValueError, match=r"decompose: `iterations` must be a"
+                     r" non-negative int"):
+    jnnx.factorize(trained_net(), "tucker", rank=2, iterations=-1)
+
+
+def test_data_aware_uses_dilated_patches():
+  """With kernel dilation 2, the whitening must see the taps 2 apart: the
+  result equals decompose() given the layer's dilation."""
+  model = trained_net()
+  conv = nnx.Conv(3, 16, (3, 3), kernel_dilation=2, rngs=nnx.Rngs(5))
+  model.conv1 = conv
+  kernel = conv.kernel[...]
+  jnnx.factorize(model, "low_rank", rank=2, inputs=X, data_aware=True,
+                 filter=lambda path, c: path == ("conv1",))
+  expected = jaxfactor.decompose(kernel, "low_rank", rank=2, inputs=X,
+                                 dilation=2)
+  np.testing.assert_allclose(model.conv1.factors.to_dense(),
+                             expected.to_dense(), rtol=1e-5, atol=1e-6)
+  undilated = jaxfactor.decompose(kernel, "low_rank", rank=2, inputs=X)
+  assert not np.allclose(undilated.to_dense(), expected.to_dense(), atol=1e-4)
 
 
 # --- linen -------------------------------------------------------------------------
@@ -291,3 +324,17 @@ def test_linen_factorize_variables(name, layer):
   assert model.apply(small, X).shape == reference.shape
   assert all(r["params_after"] < r["params_before"] for r in report)
   assert "kernel" in small["params"]["head"]  # 1x1: left dense
+
+
+def test_linen_factorize_variables_unboxes_partitioned_kernels():
+  class Boxed(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+      init = nn.with_partitioning(nn.initializers.lecun_normal(),
+                                  (None, None, None, "model"))
+      return nn.Conv(8, (3, 3), kernel_init=init, name="conv")(x)
+
+  variables = Boxed().init(jax.random.key(0), X)
+  new, report = jlinen.factorize_variables(variables, "low_rank", rank=2)
+  assert [r["path"] for r in report] == [("conv",)]
+  assert set(new["params"]["conv"]) == {"spatial", "pointwise", "bias"}
