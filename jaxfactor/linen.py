@@ -75,6 +75,9 @@ class _FactorizedConv(nn.Module):
   strides: int | Sequence[int] = 1
   padding: Any = "SAME"
   dilation: int | Sequence[int] = 1
+  # Flax's name for `dilation`, so a jaxfactor layer can stand in for
+  # `nn.Conv` in models that pass it; it wins when given.
+  kernel_dilation: int | Sequence[int] | None = None
   use_bias: bool = True
   dtype: Any = None
   param_dtype: Any = jnp.float32
@@ -121,8 +124,10 @@ class _FactorizedConv(nn.Module):
     cls = self.format
     window = _layers.kernel_size_tuple(layer, self.kernel_size)
     _layers.check_features(layer, "features", self.features)
+    dilation = (self.dilation if self.kernel_dilation is None
+                else self.kernel_dilation)
     _layers.check_geometry(layer, window, self.strides, self.padding,
-                           self.dilation)
+                           dilation)
     if not hasattr(x, "shape") or len(x.shape) < len(window) + 1:
       _layers.check_input_channels(layer, x, 0, window)
     kernel_shape = (*window, x.shape[-1], self.features)
@@ -166,7 +171,7 @@ class _FactorizedConv(nn.Module):
     return _layers.apply(
         x, cls.from_params(params, **self._static(rank)), bias,
         dtype=self.dtype, strides=self.strides, padding=self.padding,
-        dilation=self.dilation, precision=self.precision,
+        dilation=dilation, precision=self.precision,
         implementation=self.implementation,
     )
 
@@ -320,6 +325,29 @@ class PointwiseConv(nn.Module):
         kind="pointwise")
 
 
+def _dense_convs(model: nn.Module, variables, inputs) -> dict[tuple, str | None]:
+  """Param paths of the `nn.Conv` layers `model` calls, each with the reason
+  it cannot be factorized (None when it can)."""
+  found = {}
+
+  def record(next_fun, args, kwargs, context):
+    module = context.module
+    if context.method_name == "__call__" and isinstance(module, nn.Conv):
+      reason = None
+      if module.feature_group_count != 1:
+        reason = f"feature_group_count={module.feature_group_count}"
+      elif module.input_dilation not in (None, 1):
+        reason = f"input_dilation={module.input_dilation}"
+      elif module.mask is not None:
+        reason = "masked kernel"
+      found[tuple(module.scope.path)] = reason
+    return next_fun(*args, **kwargs)
+
+  with nn.intercept_methods(record):
+    model.apply(variables, inputs, mutable=True)
+  return found
+
+
 def factorize_variables(
     variables: Mapping[str, Any],
     format: Any,
@@ -327,14 +355,21 @@ def factorize_variables(
     rank: Any = None,
     energy: float | None = None,
     filter=None,
+    model: nn.Module | None = None,
+    inputs: Any = None,
     **decompose_kwargs: Any,
 ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
   """Turns a dense model's variables into the factorized model's.
 
-  Every `{"kernel": K, "bias": b}` params dict with a conv kernel (rank >= 3,
-  window larger than 1x1, and `filter(path, kernel)` true when given) becomes
-  the factor params of `decompose(K, format, ...)` plus the same bias, with
-  the names the jaxfactor linen layers use. The model applies them when its
+  Every `{"kernel": K, "bias": b}` params dict with a conv kernel (window
+  larger than 1x1, and `filter(path, kernel)` true when given) becomes the
+  factor params of `decompose(K, format, ...)` plus the same bias, with the
+  names the jaxfactor linen layers use. Which kernels are conv kernels: with
+  `model` and `inputs`, exactly those of the `nn.Conv` layers that
+  `model.apply(variables, inputs)` calls (grouped, input-dilated and masked
+  convs are left dense and reported as skipped); without them, every kernel
+  of rank >= 3 -- pass `model` and `inputs` (or a `filter`) when the model
+  has other such kernels (e.g. `DenseGeneral`, `ConvTranspose`). The model applies them when its
   conv layers are the matching jaxfactor class with the same ranks (or with
   `rank=None`, which reads each layer's rank from its params).
 
@@ -343,6 +378,7 @@ def factorize_variables(
     format: a format class or name.
     rank, energy, **decompose_kwargs: as in `jaxfactor.decompose`.
     filter: optional `filter(path, kernel) -> bool`.
+    model, inputs: the dense model and a sample input, to find its convs.
 
   Returns:
     `(new_variables, report)`; the report lists per converted layer its
@@ -350,6 +386,12 @@ def factorize_variables(
   """
   cls = ranks_lib.format_class("factorize_variables", format)
   report = []
+  convs = None
+  if (model is None) != (inputs is None):
+    raise ValueError("factorize_variables: give both `model` and `inputs`,"
+                     " or neither.")
+  if model is not None:
+    convs = _dense_convs(model, variables, inputs)
 
   def convert(path, tree):
     if not isinstance(tree, Mapping):
@@ -357,6 +399,11 @@ def factorize_variables(
     kernel = meta.unbox(tree.get("kernel"))  # nn.Partitioned or an array
     if kernel is not None and hasattr(kernel, "ndim"):
       window = kernel.shape[:-2]
+      if (convs is not None and kernel.ndim >= 3
+          and convs.get(path, "not an nn.Conv") is not None):
+        report.append(dict(path=path, kernel_shape=tuple(kernel.shape),
+                           skipped=convs.get(path, "not an nn.Conv")))
+        return dict(tree)
       if (kernel.ndim >= 3 and math.prod(window) > 1 and
           (filter is None or filter(path, kernel)) and not (
               cls is formats.SpatiallySeparable and kernel.ndim < 4)):

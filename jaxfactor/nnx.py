@@ -377,6 +377,9 @@ def _default_filter(path, conv) -> bool:
 
 
 def _unsupported(conv: nnx.Conv) -> str | None:
+  if conv.kernel.ndim != len(conv.kernel_size) + 2:
+    return (f"kernel of shape {tuple(conv.kernel.shape)} for a"
+            f" {len(conv.kernel_size)}-D window (stacked by nnx.vmap/scan?)")
   if conv.feature_group_count != 1:
     return f"feature_group_count={conv.feature_group_count} (grouped conv)"
   if conv.input_dilation not in (None, 1) and any(
@@ -577,6 +580,9 @@ def factorize(
         f"{fn}: `energy` must be a number in (0, 1], got {energy!r}.")
   if data_aware and inputs is None:
     raise ValueError(f"{fn}: `data_aware=True` needs `inputs`.")
+  if isinstance(model, nnx.Conv):
+    raise TypeError(f"{fn}: `model` is a bare nnx.Conv; factorize works in"
+                    " place on the model that holds it.")
   select = filter or _default_filter
   reports, targets = [], []
   for path, module in nnx.iter_modules(model):
@@ -592,7 +598,10 @@ def factorize(
       reports.append(LayerReport(path=path, kernel_shape=shape, skipped=reason))
     else:
       targets.append(path)
-  recorded = _record_inputs(model, targets, inputs) if inputs is not None else {}
+  # Record on a copy: the forward pass must not touch the model's state
+  # (BatchNorm statistics, RNG counters).
+  recorded = (_record_inputs(nnx.clone(model), targets, inputs)
+              if inputs is not None else {})
 
   plans = {}
   for path in targets:
@@ -680,6 +689,6 @@ def _replacement(cls, conv: nnx.Conv, factors: formats.Format, implementation):
       rngs=nnx.Rngs(0), **rank_arg))
   for name, value in factors.params().items():
     setattr(layer, name, nnx.Param(value.astype(conv.param_dtype)))
-  layer.bias = (nnx.Param(conv.bias[...]) if conv.bias is not None
-                else nnx.data(None))
+  # The bias Param itself, metadata (e.g. sharding) included.
+  layer.bias = conv.bias if conv.bias is not None else nnx.data(None)
   return layer

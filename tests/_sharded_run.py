@@ -95,4 +95,14 @@ variables = jax.device_put(nn.meta.unbox(boxed), nn.meta.unbox(shardings))
 y_sharded = jax.jit(layer.apply)(variables, sharded_x)
 np.testing.assert_allclose(y_sharded, layer.apply(nn.meta.unbox(boxed), x),
                            rtol=1e-5, atol=1e-6)
+
+
+def linen_loss(variables, x):
+  return jnp.mean(layer.apply(variables, x) ** 2)
+
+
+sharded_grads = jax.jit(jax.grad(linen_loss))(variables, sharded_x)
+single_grads = jax.grad(linen_loss)(nn.meta.unbox(boxed), x)
+for a, b in zip(jax.tree.leaves(sharded_grads), jax.tree.leaves(single_grads)):
+  np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
 print("sharded == single-device")

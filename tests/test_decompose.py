@@ -511,3 +511,12 @@ def test_max_rank_values():
   assert jaxfactor.max_rank(shape, "cp") == 144
   assert jaxfactor.max_rank((2, 3, 2, 4, 5), "spatially_separable") == (8, 10)
   assert jaxfactor.max_rank((1, 1, 64, 4), "tucker") == (4, 4)
+
+
+def test_fraction_path_does_not_starve_the_smaller_tucker_mode():
+  kernel = decaying_kernel((3, 3, 64, 8), rate=0.97)
+  f = jaxfactor.decompose(kernel, "tucker", rank=0.1)
+  assert min(f.ranks) > 1
+  stem = jaxfactor.decompose(decaying_kernel((3, 3, 3, 16)), "tucker",
+                             rank=0.5)
+  assert stem.num_params <= 0.5 * 3 * 3 * 3 * 16

@@ -338,3 +338,66 @@ def test_linen_factorize_variables_unboxes_partitioned_kernels():
   new, report = jlinen.factorize_variables(variables, "low_rank", rank=2)
   assert [r["path"] for r in report] == [("conv",)]
   assert set(new["params"]["conv"]) == {"spatial", "pointwise", "bias"}
+
+
+def test_linen_model_aware_selection_skips_non_convs():
+  class Mixed(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+      x = nn.Conv(8, (3, 3), name="conv")(x)
+      x = nn.Conv(8, (3, 3), feature_group_count=2, name="grouped")(x)
+      x = nn.DenseGeneral((2, 4), name="dense_general")(x)  # a 3-D kernel
+      return x
+
+  variables = Mixed().init(jax.random.key(0), X)
+  new, report = jlinen.factorize_variables(variables, "low_rank", rank=2,
+                                           model=Mixed(), inputs=X)
+  by_path = {r["path"]: r for r in report}
+  assert "rank" in by_path[("conv",)]
+  assert by_path[("grouped",)]["skipped"] == "feature_group_count=2"
+  assert by_path[("dense_general",)]["skipped"] == "not an nn.Conv"
+  assert "kernel" in new["params"]["dense_general"]
+  assert "kernel" in new["params"]["grouped"]
+
+
+def test_linen_layers_accept_flax_kernel_dilation():
+  layer = jlinen.LowRankConv(features=4, kernel_size=(3, 3), rank=2,
+                             kernel_dilation=2)
+  variables = layer.init(jax.random.key(0), X)
+  fmt = layer.factors(variables["params"])
+  expected = (jaxfactor.conv(X, fmt, dilation=2)
+              + variables["params"]["bias"].reshape(1, 1, 1, -1))
+  np.testing.assert_allclose(layer.apply(variables, X), expected, rtol=1e-6)
+
+
+def test_factorize_leaves_model_state_alone_and_keeps_bias_metadata():
+  class WithNorm(nnx.Module):
+    def __init__(self, rngs):
+      self.conv = nnx.Conv(3, 8, (3, 3), rngs=rngs,
+                           bias_metadata={"note": "kept"})
+      self.norm = nnx.BatchNorm(8, rngs=rngs)
+
+    def __call__(self, x):
+      return self.norm(self.conv(x))
+
+  model = WithNorm(nnx.Rngs(0))
+  mean = model.norm.mean[...]
+  jnnx.factorize(model, "low_rank", rank=2, inputs=X)
+  np.testing.assert_array_equal(model.norm.mean[...], mean)
+  assert model.conv.bias.get_metadata().get("note") == "kept"
+  with pytest.raises(TypeError, match=r"factorize: `model` is a bare"
+                     r" nnx.Conv"):
+    jnnx.factorize(nnx.Conv(3, 4, (3, 3), rngs=nnx.Rngs(0)), "cp", rank=2)
+
+
+def test_stacked_vmap_convs_are_skipped():
+  @nnx.vmap(in_axes=0, out_axes=0)
+  def make(key):
+    return nnx.Conv(8, 8, (3, 3), rngs=nnx.Rngs(key))
+
+  class Stack(nnx.Module):
+    def __init__(self):
+      self.convs = make(jax.random.split(jax.random.key(0), 4))
+
+  report = jnnx.factorize(Stack(), "tucker", rank=2)
+  assert report.layers[0].skipped.startswith("kernel of shape (4, 3, 3, 8, 8)")

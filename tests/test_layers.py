@@ -138,6 +138,33 @@ def test_primitive_layers():
   assert lv["params"]["pointwise"].shape == (6, 4)
 
 
+def test_primitive_layers_linen_nnx_parity():
+  x = _x()
+  linen_dw = jlinen.DepthwiseConv(kernel_size=(3, 3), channel_multiplier=2,
+                                  strides=2)
+  variables = linen_dw.init(jax.random.key(0), x)
+  nnx_dw = jnnx.DepthwiseConv(6, (3, 3), 2, channel_multiplier=2,
+                              rngs=nnx.Rngs(0))
+  _linen_to_nnx(variables["params"], nnx_dw)
+  np.testing.assert_array_equal(linen_dw.apply(variables, x), nnx_dw(x))
+  linen_pw = jlinen.PointwiseConv(features=4)
+  variables = linen_pw.init(jax.random.key(0), x)
+  nnx_pw = jnnx.PointwiseConv(6, 4, rngs=nnx.Rngs(0))
+  _linen_to_nnx(variables["params"], nnx_pw)
+  np.testing.assert_array_equal(linen_pw.apply(variables, x), nnx_pw(x))
+
+
+@pytest.mark.parametrize("name", LAYERS)
+def test_linen_jit_and_grad(name):
+  linen_cls, _, rank = LAYERS[name]
+  layer = linen_cls(features=10, kernel_size=(3, 3), **rank)
+  x = _x()
+  variables = layer.init(jax.random.key(0), x)
+  grads = jax.jit(jax.grad(
+      lambda v: jnp.mean(layer.apply(v, x) ** 2)))(variables)
+  assert all(bool(jnp.any(g != 0)) for g in jax.tree.leaves(grads))
+
+
 def test_bfloat16_compute_dtype_promotes_like_flax():
   layer = jnnx.TuckerConv(6, 10, (3, 3), rank=(2, 3), dtype=jnp.bfloat16,
                           rngs=nnx.Rngs(0))
