@@ -109,16 +109,23 @@ def rel_error(approx, kernel):
   return float(np.linalg.norm(approx - kernel) / np.linalg.norm(kernel))
 
 
-def bench_tucker(kernel, ranks, iterations, dtype, repeats):
-  from tensorly.decomposition import partial_tucker
+def run_ours(kernel, dtype, repeats, **decompose_kwargs):
+  """jaxfactor's jitted decompose: its error, median time, compile time."""
   k = jnp.asarray(kernel, dtype)
-  fn = jax.jit(lambda k: jaxfactor.decompose(k, "tucker", rank=ranks,
-                                             iterations=iterations))
+  fn = jax.jit(lambda k: jaxfactor.decompose(k, **decompose_kwargs))
   start = time.perf_counter()
   jax.block_until_ready(fn(k))
   compile_s = time.perf_counter() - start
   ours, ours_s = timed(lambda: fn(k), repeats)
-  ours_err = rel_error(np.asarray(ours.to_dense(), np.float64), kernel)
+  error = rel_error(np.asarray(ours.to_dense(), np.float64), kernel)
+  return error, ours_s, compile_s
+
+
+def bench_tucker(kernel, ranks, iterations, dtype, repeats):
+  from tensorly.decomposition import partial_tucker
+  ours_err, ours_s, compile_s = run_ours(
+      kernel, dtype, repeats, format="tucker", rank=ranks,
+      iterations=iterations)
 
   def theirs():
     (core, (u, v)), _ = partial_tucker(
@@ -134,14 +141,8 @@ def bench_tucker(kernel, ranks, iterations, dtype, repeats):
 def bench_cp(kernel, rank, iterations, dtype, repeats, seeds=5):
   import tensorly as tl
   from tensorly.decomposition import parafac
-  k = jnp.asarray(kernel, dtype)
-  fn = jax.jit(lambda k: jaxfactor.decompose(k, "cp", rank=rank,
-                                             iterations=iterations))
-  start = time.perf_counter()
-  jax.block_until_ready(fn(k))
-  compile_s = time.perf_counter() - start
-  ours, ours_s = timed(lambda: fn(k), repeats)
-  ours_err = rel_error(np.asarray(ours.to_dense(), np.float64), kernel)
+  ours_err, ours_s, compile_s = run_ours(
+      kernel, dtype, repeats, format="cp", rank=rank, iterations=iterations)
 
   def theirs(seed):
     cp = parafac(kernel, rank=rank, n_iter_max=iterations, init="svd", tol=0,
