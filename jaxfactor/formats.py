@@ -148,7 +148,11 @@ class Format(abc.ABC):
 
   @property
   def dtype(self) -> Any:
-    return jax.tree.leaves(self)[0].dtype
+    leaves = jax.tree.leaves(self)
+    if not leaves:
+      raise ValueError(f"{type(self).__name__}.dtype: the format has no array"
+                       " leaves (were they mapped to None?).")
+    return leaves[0].dtype
 
   @property
   def num_params(self) -> int:

@@ -356,3 +356,10 @@ def test_errors_fire_at_trace_time_under_jit():
 def test_numpy_inputs_are_accepted():
   y = jaxfactor.conv(np.asarray(X), jax.tree.map(np.asarray, LOW_RANK))
   assert y.shape == (2, 8, 8, 6)
+
+
+def test_dtype_of_a_format_without_leaves():
+  empty = jax.tree.map(lambda a: None, LOW_RANK)
+  with pytest.raises(ValueError, match=r"LowRank.dtype: the format has no"
+                     r" array leaves"):
+    empty.dtype  # noqa: B018
