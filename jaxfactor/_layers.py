@@ -7,6 +7,7 @@ convolution itself) is here, once, so the two cannot drift apart.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -116,9 +117,17 @@ def init_factors(
   keys = jax.random.split(key, len(shapes))
   out = {}
   for (name, shape), k in zip(shapes.items(), keys):
-    field = name if name in cls._fields else name.rsplit("_", 1)[0]
-    out[name] = initializers[field](k, shape, param_dtype)
+    out[name] = initializers[cls.field_of(name)](k, shape, param_dtype)
   return out
+
+
+def partition_names(partitioning: Mapping[str, Any] | None,
+                    name: str) -> tuple[Any, ...] | None:
+  """Mesh-axis names for parameter `name`, given per parameter or per field
+  (`spatial` covers `spatial_0`, `spatial_1`, ...); None when not given."""
+  partitioning = partitioning or {}
+  names = partitioning.get(name, partitioning.get(re.sub(r"_\d+$", "", name)))
+  return None if names is None else tuple(names)
 
 
 def check_input_channels(layer: str, x: Any, in_features: int, window) -> None:

@@ -203,16 +203,28 @@ class Format(abc.ABC):
     return out
 
   @classmethod
-  def from_params(cls, params: dict[str, Any], **static: Any) -> Format:
-    """Inverse of `params()`; `static` gives the static fields (if any)."""
-    values = {}
+  def field_of(cls, param_name: str) -> str:
+    """The field a `params()` name belongs to (`spatial_1` -> `spatial`)."""
+    if param_name in cls._fields:
+      return param_name
+    return param_name.rsplit("_", 1)[0]
+
+  @classmethod
+  def _children(cls, params: dict[str, Any]) -> list[Any]:
+    """`params()`-style flat dict -> field values, tuple fields regrouped."""
+    children = []
     for name in cls._fields:
       if name in cls._tuple_fields:
         count = sum(1 for key in params if key.startswith(f"{name}_"))
-        values[name] = tuple(params[f"{name}_{i}"] for i in range(count))
+        children.append(tuple(params[f"{name}_{i}"] for i in range(count)))
       else:
-        values[name] = params[name]
-    return cls(**values, **static)
+        children.append(params[name])
+    return children
+
+  @classmethod
+  def from_params(cls, params: dict[str, Any], **static: Any) -> Format:
+    """Inverse of `params()`; `static` gives the static fields (if any)."""
+    return cls(**dict(zip(cls._fields, cls._children(params))), **static)
 
   @classmethod
   def abstract(cls, kernel_shape: Sequence[int], rank: Any,
@@ -220,15 +232,8 @@ class Format(abc.ABC):
     """A format of `jax.ShapeDtypeStruct` leaves (for `cost`, no arrays)."""
     structs = {name: jax.ShapeDtypeStruct(shape, dtype)
                for name, shape in cls.param_shapes(kernel_shape, rank).items()}
-    children = []
-    for name in cls._fields:
-      if name in cls._tuple_fields:
-        count = sum(1 for key in structs if key.startswith(f"{name}_"))
-        children.append(tuple(structs[f"{name}_{i}"] for i in range(count)))
-      else:
-        children.append(structs[name])
     static = (rank,) if cls._static_fields else ()
-    return cls._unflatten(static, children)
+    return cls._unflatten(static, cls._children(structs))
 
   @classmethod
   @abc.abstractmethod

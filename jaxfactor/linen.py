@@ -55,9 +55,9 @@ __all__ = (
 )
 
 
-def _with_partitioning(init, partitioning, name, field):
-  names = (partitioning or {}).get(name, (partitioning or {}).get(field))
-  return init if names is None else nn.with_partitioning(init, tuple(names))
+def _with_partitioning(init, partitioning, name):
+  names = _layers.partition_names(partitioning, name)
+  return init if names is None else nn.with_partitioning(init, names)
 
 
 class _FactorizedConv(nn.Module):
@@ -156,17 +156,15 @@ class _FactorizedConv(nn.Module):
           f" {self.initialization!r}.")
     params = {}
     for name, shape in shapes.items():
-      field = name if name in cls._fields else name.rsplit("_", 1)[0]
-      init = initializers[field]
+      init = initializers[cls.field_of(name)]
       if spectral is not None:
         init = lambda key, shape, dtype, value=spectral[name]: value
-      init = _with_partitioning(init, self.partitioning, name, field)
+      init = _with_partitioning(init, self.partitioning, name)
       params[name] = self.param(name, init, shape, self.param_dtype)
     bias = None
     if self.use_bias:
       bias = self.param(
-          "bias", _with_partitioning(self.bias_init, self.partitioning,
-                                     "bias", "bias"),
+          "bias", _with_partitioning(self.bias_init, self.partitioning, "bias"),
           (self.features,), self.param_dtype)
     return _layers.apply(
         x, cls.from_params(params, **self._static(rank)), bias,
@@ -279,13 +277,13 @@ class DepthwiseConv(nn.Module):
                                  window)
     out = x.shape[-1] * self.channel_multiplier
     kernel = self.param("depthwise", _with_partitioning(
-        self.depthwise_init, self.partitioning, "depthwise", "depthwise"),
+        self.depthwise_init, self.partitioning, "depthwise"),
         (*window, 1, out), self.param_dtype)
     if kernel.shape[-1] != out:
       _layers.check_input_channels(
           layer, x, kernel.shape[-1] // self.channel_multiplier, window)
     bias = self.param("bias", _with_partitioning(
-        self.bias_init, self.partitioning, "bias", "bias"), (out,),
+        self.bias_init, self.partitioning, "bias"), (out,),
         self.param_dtype) if self.use_bias else None
     return _layers.apply(
         x, kernel, bias, dtype=self.dtype, strides=self.strides,
@@ -314,10 +312,10 @@ class PointwiseConv(nn.Module):
       stored = self.variables["params"]["pointwise"]
       _layers.check_input_channels(layer, x, meta.unbox(stored).shape[0], ())
     kernel = self.param("pointwise", _with_partitioning(
-        self.pointwise_init, self.partitioning, "pointwise", "pointwise"),
+        self.pointwise_init, self.partitioning, "pointwise"),
         (x.shape[-1], self.features), self.param_dtype)
     bias = self.param("bias", _with_partitioning(
-        self.bias_init, self.partitioning, "bias", "bias"), (self.features,),
+        self.bias_init, self.partitioning, "bias"), (self.features,),
         self.param_dtype) if self.use_bias else None
     return _layers.apply(
         x, kernel, bias, dtype=self.dtype, strides=1, padding="SAME",

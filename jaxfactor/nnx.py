@@ -47,10 +47,10 @@ __all__ = (
 )
 
 
-def _param(value, partitioning, name, field):
-  names = (partitioning or {}).get(name, (partitioning or {}).get(field))
+def _param(value, partitioning, name):
+  names = _layers.partition_names(partitioning, name)
   return nnx.Param(value) if names is None else nnx.Param(
-      value, out_sharding=tuple(names))
+      value, out_sharding=names)
 
 
 class _FactorizedConv(nnx.Module):
@@ -105,12 +105,11 @@ class _FactorizedConv(nnx.Module):
     )
     self.param_names = tuple(values)
     for name, value in values.items():
-      field = name if name in cls._fields else name.rsplit("_", 1)[0]
-      setattr(self, name, _param(value, partitioning, name, field))
+      setattr(self, name, _param(value, partitioning, name))
     if use_bias:
       self.bias = _param(
           bias_init(rngs.params(), (out_features,), param_dtype),
-          partitioning, "bias", "bias",
+          partitioning, "bias",
       )
     else:
       self.bias = nnx.data(None)
@@ -240,9 +239,9 @@ class DepthwiseConv(nnx.Module):
     out = in_features * channel_multiplier
     self.depthwise = _param(
         depthwise_init(rngs.params(), (*window, 1, out), param_dtype),
-        partitioning, "depthwise", "depthwise")
+        partitioning, "depthwise")
     self.bias = _param(bias_init(rngs.params(), (out,), param_dtype),
-                       partitioning, "bias", "bias") if use_bias else nnx.data(None)
+                       partitioning, "bias") if use_bias else nnx.data(None)
     self.in_features, self.kernel_size = in_features, window
     self.channel_multiplier = channel_multiplier
     self.strides, self.padding, self.dilation = strides, padding, dilation
@@ -271,9 +270,9 @@ class PointwiseConv(nnx.Module):
     _layers.check_features(layer, "out_features", out_features)
     self.pointwise = _param(
         pointwise_init(rngs.params(), (in_features, out_features), param_dtype),
-        partitioning, "pointwise", "pointwise")
+        partitioning, "pointwise")
     self.bias = _param(bias_init(rngs.params(), (out_features,), param_dtype),
-                       partitioning, "bias", "bias") if use_bias else nnx.data(None)
+                       partitioning, "bias") if use_bias else nnx.data(None)
     self.in_features, self.out_features = in_features, out_features
     self.dtype, self.precision = dtype, precision
 
