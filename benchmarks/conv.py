@@ -40,6 +40,9 @@ SHAPES = {  # name: (H=W, C, F, stride)
     "mb14": (14, 512, 512, 1),
     "mb7": (7, 1024, 1024, 1),
     "s2_56": (56, 128, 256, 2),
+    # Few channels: memory- and narrow-GEMM-bound, where "auto" should
+    # reconstruct the low-rank formats (their rank-4 stages run slowly).
+    "c16_56": (56, 16, 16, 1),
 }
 QUICK = {"tiny16": (16, 32, 32, 1), "tiny_s2": (16, 32, 64, 2)}
 DN = ("NHWC", "HWIO", "NHWC")
@@ -107,15 +110,21 @@ def ops(c, f, stride, key):
   return out
 
 
-def _timed(fn, args, repeats):
-  out = fn(*args)
-  jax.block_until_ready(out)
-  jax.block_until_ready(fn(*args))
-  times = []
+def _interleaved(calls, repeats):
+  """`{name: call}` -> `{name: [seconds] * repeats}`, one round at a time.
+
+  Two warm-up calls each, then `repeats` rounds over all calls in turn, so
+  slow drifts of a shared machine hit every op alike.
+  """
+  for call in calls.values():
+    call()
+    call()
+  times = {name: [] for name in calls}
   for _ in range(repeats):
-    start = time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    times.append(time.perf_counter() - start)
+    for name, call in calls.items():
+      start = time.perf_counter()
+      call()
+      times[name].append(time.perf_counter() - start)
   return times
 
 
@@ -133,12 +142,16 @@ def torch_ops(batch, size, c, f, stride):
   pw = torch.nn.Conv2d(c, f, 1, bias=False).to(
       memory_format=torch.channels_last)
 
+  out = -(-size // stride)
+  cot = {f: torch.randn(batch, f, out, out).to(
+      memory_format=torch.channels_last) for f in {c, f}}
+
   def run(module_fn, backward):
     def call():
       xx = x.detach().requires_grad_(backward)
       y = module_fn(xx)
       if backward:
-        y.sum().backward()
+        y.backward(cot[y.shape[1]])
       return y
     return call
 
@@ -150,6 +163,213 @@ def torch_ops(batch, size, c, f, stride):
   }
 
 
+def _auto_choice(kernel, shape, stride):
+  """What `implementation="auto"` runs for this format and input."""
+  counts = {impl: jaxfactor.cost(kernel, shape, strides=stride,
+                                 implementation=impl).flops
+            for impl in ("auto", "factorized", "reconstructed")}
+  return "factorized" if counts["auto"] == counts["factorized"] else (
+      "reconstructed")
+
+
+def run_shape(shape_name, size, c, f, stride, batch, repeats, args):
+  x = jax.random.normal(jax.random.key(0), (batch, size, size, c))
+  table = ops(c, f, stride, jax.random.key(1))
+  dense_flops = jaxfactor.cost(table["dense | lax conv"][1], x.shape,
+                               strides=stride).flops
+  out = -(-size // stride)
+  calls, meta = {}, {}
+  for name, (fn, params, kernel, impl) in table.items():
+    features = c if name.startswith("depthwise |") else f
+    # A random cotangent: with `sum(y)` the cotangent is a broadcast 1 that
+    # XLA folds into the backward pass, which flatters it.
+    cot = jax.random.normal(jax.random.key(2), (batch, out, out, features))
+    fwd = jax.jit(fn)
+    grad = jax.jit(jax.grad(
+        lambda x, p, t, fn=fn: jnp.vdot(fn(x, p), t), argnums=(0, 1)))
+    calls[name, "fwd"] = (lambda fwd=fwd, p=params:
+                          jax.block_until_ready(fwd(x, p)))
+    calls[name, "fwdbwd"] = (lambda grad=grad, p=params, t=cot:
+                             jax.block_until_ready(grad(x, p, t)))
+    if kernel is None:  # a depthwise kernel alone
+      flops = jaxfactor.cost(
+          jaxfactor.DepthwiseSeparable(params, jnp.eye(c)), x.shape,
+          strides=stride, implementation="factorized").flops - (
+              2 * batch * out ** 2 * c * c)
+    else:
+      flops = jaxfactor.cost(kernel, x.shape, strides=stride,
+                             implementation=impl).flops
+    nbytes = 4 * (x.size + batch * out * out * features + sum(
+        l.size for l in jax.tree.leaves(params)))
+    choice = (_auto_choice(kernel, x.shape, stride)
+              if impl == "auto" and isinstance(kernel, jaxfactor.Format)
+              else None)
+    meta[name] = dict(flops=flops, bytes=nbytes, auto=choice)
+  for name, make in torch_ops(batch, size, c, f, stride).items():
+    calls[name, "fwd"] = make(False)
+    calls[name, "fwdbwd"] = make(True)
+    op = name.split(" | ")[0]
+    meta[name] = dict(flops={"dense": dense_flops}.get(op), bytes=None,
+                      auto=None)
+  times = _interleaved(calls, repeats)
+  med = {key: statistics.median(t) for key, t in times.items()}
+  rows = []
+  for name, m in meta.items():
+    op, impl = name.split(" | ")
+    base = "dense | torch channels-last" if "torch" in impl else (
+        "dense | lax conv")
+    fwd, fwdbwd = med[name, "fwd"], med[name, "fwdbwd"]
+    roofline = None if m["flops"] is None or m["bytes"] is None else max(
+        m["flops"] / (args.peak_gflops * 1e9),
+        m["bytes"] / (args.bandwidth_gbs * 1e9))
+    rows.append(dict(
+        shape=shape_name, op=op, impl=impl, auto_runs=m["auto"],
+        fwd_median_ms=1e3 * fwd, fwd_min_ms=1e3 * min(times[name, "fwd"]),
+        fwdbwd_median_ms=1e3 * fwdbwd,
+        fwdbwd_min_ms=1e3 * min(times[name, "fwdbwd"]),
+        flops=m["flops"],
+        theoretical=None if not m["flops"] else dense_flops / m["flops"],
+        fwd_speedup=med[base, "fwd"] / fwd,
+        fwdbwd_speedup=med[base, "fwdbwd"] / fwdbwd,
+        over_roofline=None if roofline is None else fwd / roofline,
+    ))
+    r = rows[-1]
+    print(f"{shape_name:7} {op:20} {impl:36} fwd {r['fwd_median_ms']:8.2f} ms"
+          f"  fwd+bwd {r['fwdbwd_median_ms']:8.2f} ms  speedup"
+          f" {r['fwd_speedup']:6.2f}/{r['fwdbwd_speedup']:6.2f}", flush=True)
+  return rows
+
+
+def targets(rows):
+  """The issue's targets, checked on this run's medians."""
+  get = {(r["shape"], r["op"], r["impl"]): r for r in rows}
+  shapes = list(dict.fromkeys(r["shape"] for r in rows))
+  lines = []
+
+  def check(ok, text):
+    lines.append(f"| {'yes' if ok else '**no**'} | {text} |")
+
+  for s in shapes:
+    if (s, "depthwise", "jaxfactor.depthwise_conv") not in get:
+      continue
+    ours = get[s, "depthwise", "jaxfactor.depthwise_conv"]
+    grouped = get[s, "depthwise", "lax grouped (=Flax/Keras/Haiku)"]
+    for key, label in (("fwd", "fwd"), ("fwdbwd", "fwd+bwd")):
+      ratio = grouped[f"{key}_median_ms"] / ours[f"{key}_median_ms"]
+      check(ratio >= 5, f"{s}: depthwise {label} {ratio:.1f}x faster than"
+                        " the grouped conv (>= 5x)")
+    sep = get[s, "depthwise_separable", "auto"]
+    for key, label in (("fwd", "fwd"), ("fwdbwd", "fwd+bwd")):
+      check(sep[f"{key}_speedup"] >= 2.5,
+            f"{s}: depthwise-separable {label} {sep[f'{key}_speedup']:.2f}x"
+            " faster than dense (>= 2.5x)")
+    need = {"mb56": 0.45, "mb14": 0.9, "mb7": 0.9}.get(s)
+    if need:
+      for fmt in ("low_rank", "tucker"):
+        r = get[s, fmt, "auto"]
+        for key, label in (("fwd", "fwd"), ("fwdbwd", "fwd+bwd")):
+          share = r[f"{key}_speedup"] / r["theoretical"]
+          check(share >= need, f"{s}: {fmt} {label} reaches {share:.0%} of"
+                               f" its {r['theoretical']:.1f}x FLOP speedup"
+                               f" (>= {need:.0%})")
+  for s in shapes:
+    for fmt in ("depthwise_separable", "low_rank", "tucker",
+                "spatially_separable", "cp"):
+      if (s, fmt, "auto") not in get:
+        continue
+      for key, label in (("fwd", "fwd"), ("fwdbwd", "fwd+bwd")):
+        best = min(get[s, fmt, i][f"{key}_median_ms"]
+                   for i in ("factorized", "reconstructed"))
+        ratio = get[s, fmt, "auto"][f"{key}_median_ms"] / best
+        check(ratio <= 1.1,
+              f"{s}: {fmt} auto ({get[s, fmt, 'auto']['auto_runs']})"
+              f" {label} {ratio:.2f}x the better of factorized and"
+              " reconstructed (<= 1.1x)")
+  torch_lines = []
+  for s in shapes:
+    for op, ours_impl in (("depthwise", "jaxfactor.depthwise_conv"),
+                          ("separable", None)):
+      t = get.get((s, op, "torch channels-last"))
+      if t is None:
+        continue
+      ours = (get[s, op, ours_impl] if ours_impl
+              else get[s, "depthwise_separable", "auto"])
+      torch_lines.append(
+          f"| {s} | {op} | {ours['fwd_median_ms']:.1f} /"
+          f" {t['fwd_median_ms']:.1f} = {ours['fwd_median_ms'] / t['fwd_median_ms']:.2f}x |"
+          f" {ours['fwdbwd_median_ms']:.1f} / {t['fwdbwd_median_ms']:.1f} ="
+          f" {ours['fwdbwd_median_ms'] / t['fwdbwd_median_ms']:.2f}x |")
+  return lines, torch_lines
+
+
+def compile_times(repeats=3):
+  """Compile time of a small MobileNet-style train step: dense vs separable.
+
+  Four blocks of 3x3 convs (dense `nnx.Conv`, or `jaxfactor.nnx`
+  depthwise + pointwise layers), batch norm and ReLU, a linear head, SGD via
+  optax; the persistent compilation cache is off. Median of `repeats`
+  compilations of fresh models.
+  """
+  from flax import nnx
+  import optax
+  import jaxfactor.nnx as jnnx
+
+  class Net(nnx.Module):
+    def __init__(self, separable, rngs):
+      widths = (16, 32, 64, 128)
+      self.blocks = nnx.List()
+      c = 3
+      for w in widths:
+        if separable:
+          self.blocks.append(nnx.List([
+              jnnx.DepthwiseConv(c, 3, rngs=rngs),
+              nnx.BatchNorm(c, rngs=rngs),
+              jnnx.PointwiseConv(c, w, rngs=rngs),
+              nnx.BatchNorm(w, rngs=rngs)]))
+        else:
+          self.blocks.append(nnx.List([
+              nnx.Conv(c, w, (3, 3), rngs=rngs),
+              nnx.BatchNorm(w, rngs=rngs)]))
+        c = w
+      self.head = nnx.Linear(c, 10, rngs=rngs)
+
+    def __call__(self, x):
+      for block in self.blocks:
+        for layer in block:
+          x = layer(x)
+          if isinstance(layer, nnx.BatchNorm):
+            x = jax.nn.relu(x)
+      return self.head(x.mean(axis=(1, 2)))
+
+  def compile_once(separable, seed):
+    model = Net(separable, nnx.Rngs(seed))
+    optimizer = nnx.Optimizer(model, optax.sgd(0.1), wrt=nnx.Param)
+
+    @nnx.jit
+    def step(model, optimizer, x, y):
+      def loss(model):
+        return optax.softmax_cross_entropy_with_integer_labels(
+            model(x), y).mean()
+      value, grads = nnx.value_and_grad(loss)(model)
+      optimizer.update(model, grads)
+      return value
+
+    x = jnp.ones((8, 32, 32, 3))
+    y = jnp.zeros((8,), jnp.int32)
+    start = time.perf_counter()
+    step(model, optimizer, x, y)  # trace + compile + one run
+    first = time.perf_counter() - start
+    start = time.perf_counter()
+    jax.block_until_ready(step(model, optimizer, x, y))
+    return first - (time.perf_counter() - start)
+
+  results = {}
+  for separable in (False, True):
+    results["separable" if separable else "dense"] = statistics.median(
+        compile_once(separable, seed) for seed in range(repeats))
+  return results
+
+
 def main():
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--quick", action="store_true")
@@ -158,99 +378,70 @@ def main():
   parser.add_argument("--shapes", nargs="*", default=None)
   parser.add_argument("--peak-gflops", type=float, default=190.0)
   parser.add_argument("--bandwidth-gbs", type=float, default=36.0)
+  parser.add_argument("--tag", default="",
+                      help="suffix for the output files, e.g. for a run"
+                           " under other XLA_FLAGS")
   parser.add_argument("--out", type=pathlib.Path,
                       default=pathlib.Path(__file__).parent / "results")
   args = parser.parse_args()
+  jax.config.update("jax_compilation_cache_dir", None)
   shapes = QUICK if args.quick else SHAPES
   if args.shapes:
     shapes = {k: v for k, v in shapes.items() if k in args.shapes}
   batch = 2 if args.quick else args.batch
   repeats = 3 if args.quick else args.repeats
+  started = time.time()
   rows = []
   for shape_name, (size, c, f, stride) in shapes.items():
-    x = jax.random.normal(jax.random.key(0), (batch, size, size, c))
-    table = ops(c, f, stride, jax.random.key(1))
-    dense_flops = jaxfactor.cost(table["dense | lax conv"][1], x.shape,
-                                 strides=stride).flops
-    timings = {}
-    for name, (fn, params, kernel, impl) in table.items():
-      fwd = jax.jit(fn)
-      grad = jax.jit(jax.grad(lambda x, p, fn=fn: jnp.sum(fn(x, p)),
-                              argnums=(0, 1)))
-      if kernel is None:  # a depthwise kernel alone
-        flops = jaxfactor.cost(
-            jaxfactor.DepthwiseSeparable(params, jnp.eye(c)), x.shape,
-            strides=stride, implementation="factorized").flops - (
-                2 * batch * (-(-size // stride)) ** 2 * c * c)
-      else:
-        flops = jaxfactor.cost(kernel, x.shape, strides=stride,
-                               implementation=impl).flops
-      timings[name] = dict(fwd=_timed(fwd, (x, params), repeats),
-                           fwdbwd=_timed(grad, (x, params), repeats),
-                           flops=flops, params=params)
-    for name, make in torch_ops(batch, size, c, f, stride).items():
-      timings[name] = dict(
-          fwd=_timed(make(False), (), repeats),
-          fwdbwd=_timed(make(True), (), repeats),
-          flops=None, params=None)
-    dense_fwd = statistics.median(timings["dense | lax conv"]["fwd"])
-    dense_bwd = statistics.median(timings["dense | lax conv"]["fwdbwd"])
-    torch_dense = timings.get("dense | torch channels-last")
-    for name, t in timings.items():
-      op, impl = name.split(" | ")
-      base_f, base_b = (dense_fwd, dense_bwd)
-      if "torch" in impl and torch_dense:
-        base_f = statistics.median(torch_dense["fwd"])
-        base_b = statistics.median(torch_dense["fwdbwd"])
-      fwd_ms = 1e3 * statistics.median(t["fwd"])
-      flops = t["flops"]
-      if flops is None:
-        flops = {"dense": dense_flops}.get(op)
-      out_pixels = batch * (-(-size // stride)) ** 2
-      features = c if op == "depthwise" else f
-      nbytes = 4 * (batch * size * size * c + out_pixels * features) + (
-          4 * sum(int(np.prod(l.shape)) for l in jax.tree.leaves(t["params"]))
-          if t["params"] is not None else 0)
-      roofline_ms = None if flops is None else 1e3 * max(
-          flops / (args.peak_gflops * 1e9), nbytes / (args.bandwidth_gbs * 1e9))
-      rows.append(dict(
-          shape=shape_name, op=op, impl=impl,
-          fwd_median_ms=fwd_ms, fwd_min_ms=1e3 * min(t["fwd"]),
-          fwdbwd_median_ms=1e3 * statistics.median(t["fwdbwd"]),
-          theoretical=None if flops is None else dense_flops / flops,
-          fwd_speedup=base_f / statistics.median(t["fwd"]),
-          fwdbwd_speedup=base_b / statistics.median(t["fwdbwd"]),
-          roofline_ms=roofline_ms,
-          over_roofline=None if roofline_ms is None else fwd_ms / roofline_ms,
-      ))
-      print(f"{shape_name:8} {op:20} {impl:36} fwd {fwd_ms:8.2f} ms"
-            f"  fwd+bwd {rows[-1]['fwdbwd_median_ms']:8.2f} ms"
-            f"  speedup {rows[-1]['fwd_speedup']:6.2f}/"
-            f"{rows[-1]['fwdbwd_speedup']:6.2f}", flush=True)
+    rows += run_shape(shape_name, size, c, f, stride, batch, repeats, args)
+  compiled = compile_times(1 if args.quick else 3)
 
   def fmt(v, spec):
     return "-" if v is None else format(v, spec)
 
+  try:
+    import torch
+    torch_version = f", torch {torch.__version__} ({torch.get_num_threads()}"
+    torch_version += " threads)"
+  except ImportError:
+    torch_version = ", torch not installed"
   machine = (f"{platform.machine()}, {os.cpu_count()} cores,"
-             f" {jax.default_backend()}, jax {jax.__version__}, batch {batch},"
-             f" float32, {repeats} runs, XLA_FLAGS="
-             f"{os.environ.get('XLA_FLAGS', '')!r}")
+             f" {jax.default_backend()} ({jax.devices()[0].device_kind}),"
+             f" jax {jax.__version__}{torch_version}, batch {batch}, float32,"
+             f" {repeats} interleaved runs, medians, XLA_FLAGS="
+             f"{os.environ.get('XLA_FLAGS', '')!r},"
+             f" {time.time() - started:.0f} s")
+  target_lines, torch_lines = targets(rows)
   lines = [machine, "",
-           "| shape | op | impl | fwd med (min) ms | theo. | fwd speedup |"
-           " fwd+bwd med ms | fwd+bwd speedup | fwd / roofline |",
+           "| shape | op | impl | fwd ms med (min) | theo. | fwd speedup |"
+           " fwd+bwd ms med (min) | fwd+bwd speedup | fwd / roofline |",
            "|---|---|---|---|---|---|---|---|---|"]
   for r in rows:
+    impl = r["impl"] + (f" ({r['auto_runs']})" if r["auto_runs"] else "")
     lines.append(
-        f"| {r['shape']} | {r['op']} | {r['impl']} |"
+        f"| {r['shape']} | {r['op']} | {impl} |"
         f" {r['fwd_median_ms']:.1f} ({r['fwd_min_ms']:.1f}) |"
         f" {fmt(r['theoretical'], '.1f')} | {r['fwd_speedup']:.2f} |"
-        f" {r['fwdbwd_median_ms']:.1f} | {r['fwdbwd_speedup']:.2f} |"
-        f" {fmt(r['over_roofline'], '.1f')} |")
+        f" {r['fwdbwd_median_ms']:.1f} ({r['fwdbwd_min_ms']:.1f}) |"
+        f" {r['fwdbwd_speedup']:.2f} | {fmt(r['over_roofline'], '.1f')} |")
+  lines += ["", "**Targets** (issue #5; same run, medians)", "",
+            "| met | measured |", "|---|---|", *target_lines]
+  ratio = compiled["separable"] / compiled["dense"]
+  lines += ["", f"| {'yes' if ratio <= 1.5 else '**no**'} | compile time of a"
+            f" 4-block MobileNet-style train step: separable"
+            f" {compiled['separable']:.2f} s vs dense"
+            f" {compiled['dense']:.2f} s = {ratio:.2f}x (<= 1.5x) |"]
+  if torch_lines:
+    lines += ["", "**Against PyTorch CPU channels-last** (jaxfactor / torch,"
+              " ms; below 1 = jaxfactor faster)", "",
+              "| shape | op | fwd | fwd+bwd |", "|---|---|---|---|",
+              *torch_lines]
   args.out.mkdir(parents=True, exist_ok=True)
-  suffix = "_quick" if args.quick else ""
+  suffix = ("_quick" if args.quick else "") + (
+      f"_{args.tag}" if args.tag else "")
   (args.out / f"conv{suffix}.md").write_text("\n".join(lines) + "\n")
-  (args.out / f"conv{suffix}.json").write_text(
-      json.dumps(dict(machine=machine, rows=rows), indent=1))
+  (args.out / f"conv{suffix}.json").write_text(json.dumps(
+      dict(machine=machine, rows=rows, compile_seconds=compiled), indent=1))
   print("\n".join(lines))
 
 

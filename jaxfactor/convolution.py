@@ -54,7 +54,8 @@ def conv(
       these static shapes (see `jaxfactor.cost`). Ignored for dense kernels.
     depthwise_lowering: how depthwise stages (DepthwiseSeparable's first
       stage, CP's per-axis stages) run, as in `depthwise_conv`: "auto"
-      (shift_add on CPU, grouped elsewhere), "shift_add" or "grouped".
+      (shift_add on CPU, grouped elsewhere), "shift_add" (reverse-mode
+      differentiation only), "shift_add_autodiff" or "grouped".
 
   Returns:
     `[*batch, *out_spatial, F]`.

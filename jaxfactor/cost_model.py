@@ -72,8 +72,9 @@ def stage_flops(
 ) -> tuple[int, tuple[int, ...]]:
   """FLOPs of one stage on a `[B, *spatial, C]` input, and its output shape.
 
-  A "shift_add" depthwise stage multiplies every tap, padding included, and
-  adds k - 1 times: `(2k - 1)` FLOPs per output element.
+  A shift-add depthwise stage multiplies each tap's in-range positions only
+  (a zero-padded tap costs nothing) and adds the k' taps that reach any
+  output: `k' - 1` adds per output element; the rest as `lax`'s convolutions.
   """
   batch, *spatial, _ = in_shape
   kernel_shape = stage.kernel.shape
@@ -96,9 +97,14 @@ def stage_flops(
     out_spatial.append(out)
   c_per_group, f = kernel_shape[-2:]
   out_shape = (batch, *out_spatial, f)
-  if depthwise_lowering == "shift_add" and primitives.is_depthwise(stage):
-    taps = math.prod(kernel_shape[:-2])
-    return (2 * taps - 1) * math.prod(out_shape), out_shape
+  if (depthwise_lowering.startswith("shift_add")
+      and primitives.is_depthwise(stage)):
+    plan = primitives.shift_add_plan(kernel_shape[:-2], stage.axes, geometry,
+                                     spatial)
+    products = sum(math.prod(hi - lo for lo, hi, _ in ranges)
+                   for _, ranges in plan.taps)
+    adds = max(len(plan.taps) - 1, 0) * math.prod(out_shape[1:-1])
+    return batch * f * (products + adds), out_shape
   one_tap = math.prod(kernel_shape[:-2]) == 1 and all(
       geometry.strides[a] == 1 and geometry.padding[a] == (0, 0)
       for a in stage.axes)
@@ -129,31 +135,118 @@ def _dense_stage(kernel: Any) -> primitives.SpatialConv:
   )
 
 
+class Machine(NamedTuple):
+  """A roofline model of one backend, for `implementation="auto"`.
+
+  A stage takes `max(FLOPs / rate, bytes / bandwidth) + overhead` seconds.
+  The rate of a convolution or contraction is
+  `matmul_flops * min(1, (F / 16)**2)` for `F` output features per group:
+  GEMMs with few output columns use a fraction of the vector units (measured
+  on the CPU below: a 3x3 conv to 4 features runs at ~10 GFLOP/s, to 8 at
+  ~40, to 16 or more at ~100-190). Depthwise stages run at
+  `depthwise_flops` (shift-add) or `grouped_flops` (`feature_group_count`).
+  Bytes are the stage's input, output and kernel, each read or written once.
+  """
+
+  matmul_flops: float
+  depthwise_flops: float
+  grouped_flops: float
+  bandwidth: float
+  overhead: float
+
+
+# CPU: calibrated on this project's 2-core x86-64 benchmark machine
+# (`benchmarks/conv.py`, `perf-baseline.md`, and small-channel layers measured
+# for this model): float32 convs ~100-190 GFLOP/s, shift-add depthwise
+# ~20-36, XLA's grouped depthwise conv ~0.6, and ~20 GB/s effective (4-7 GB/s
+# for fresh 256 MiB buffers, 36+ in cache). GPU and TPU: nominal
+# datasheet-order figures (H100 / TPU v4 class), not measured here.
+MACHINES = {
+    "cpu": Machine(matmul_flops=120e9, depthwise_flops=20e9,
+                   grouped_flops=0.6e9, bandwidth=20e9, overhead=5e-6),
+    "gpu": Machine(matmul_flops=50e12, depthwise_flops=2e12,
+                   grouped_flops=2e12, bandwidth=2e12, overhead=5e-6),
+    "tpu": Machine(matmul_flops=100e12, depthwise_flops=1e12,
+                   grouped_flops=1e12, bandwidth=1e12, overhead=5e-6),
+}
+
+
+def machine(backend: str | None = None) -> Machine:
+  """The model for `backend` (default: JAX's default backend)."""
+  backend = backend or jax.default_backend()
+  return MACHINES.get(backend, MACHINES["gpu"])
+
+
+def stage_seconds(
+    stage: primitives.Stage,
+    in_shape: Sequence[int],
+    geometry: _geometry.Geometry,
+    depthwise_lowering: str,
+    model: Machine,
+    itemsize: int = 4,
+) -> tuple[float, tuple[int, ...]]:
+  """The roofline time of one stage (see `Machine`), and its output shape."""
+  flops, out_shape = stage_flops(stage, in_shape, geometry, depthwise_lowering)
+  kernel = stage.kernel.shape
+  nbytes = itemsize * (math.prod(in_shape) + math.prod(out_shape)
+                       + math.prod(kernel))
+  if primitives.is_depthwise(stage):
+    rate = (model.depthwise_flops if depthwise_lowering.startswith("shift_add")
+            else model.grouped_flops)
+  else:
+    rate = model.matmul_flops * min(1.0, (kernel[-1] / 16) ** 2)
+  seconds = max(flops / rate, nbytes / model.bandwidth) + model.overhead
+  return seconds, out_shape
+
+
+def chain_seconds(stages, in_shape, geometry, depthwise_lowering, model,
+                  itemsize=4) -> float:
+  total, shape = 0.0, tuple(in_shape)
+  for stage in stages:
+    seconds, shape = stage_seconds(stage, shape, geometry, depthwise_lowering,
+                                   model, itemsize)
+    total += seconds
+  return total
+
+
 def choose_implementation(
     kernel: Any,
     in_shape: Sequence[int],
     geometry: _geometry.Geometry,
     implementation: str,
     depthwise_lowering: str = "grouped",
+    model: Machine | None = None,
 ) -> tuple[str, int]:
   """Resolves `implementation` for these static shapes; returns it and FLOPs.
 
-  "auto" picks whichever of "factorized" and "reconstructed" needs fewer FLOPs
-  (ties go to "factorized"). A dense kernel is always "reconstructed": it is
-  its own dense kernel.
+  "auto" picks whichever of "factorized" and "reconstructed" the roofline
+  model of the default backend (`Machine`) expects to run faster, FLOPs and
+  bytes moved both counted (ties go to "factorized"); reconstruction pays
+  `to_dense()` at the matmul rate. A dense kernel is always "reconstructed":
+  it is its own dense kernel.
   """
   if not isinstance(kernel, formats.Format):
     return "reconstructed", chain_flops([_dense_stage(kernel)], in_shape, geometry)
-  flops = {}
-  if implementation in ("auto", "factorized"):
-    flops["factorized"] = chain_flops(kernel.stages(), in_shape, geometry,
-                                      depthwise_lowering)
-  if implementation in ("auto", "reconstructed"):
-    flops["reconstructed"] = kernel.to_dense_flops() + chain_flops(
-        [_dense_stage(kernel)], in_shape, geometry
-    )
-  best = min(flops, key=flops.get)  # dicts keep order: ties -> factorized
-  return best, flops[best]
+  factorized = chain_flops(kernel.stages(), in_shape, geometry,
+                           depthwise_lowering)
+  dense_stage = _dense_stage(kernel)
+  reconstructed = kernel.to_dense_flops() + chain_flops(
+      [dense_stage], in_shape, geometry)
+  if implementation == "factorized":
+    return "factorized", factorized
+  if implementation == "reconstructed":
+    return "reconstructed", reconstructed
+  model = model or machine()
+  itemsize = jax.numpy.dtype(kernel.dtype).itemsize
+  t_factorized = chain_seconds(kernel.stages(), in_shape, geometry,
+                               depthwise_lowering, model, itemsize)
+  t_reconstructed = (
+      kernel.to_dense_flops() / model.matmul_flops + model.overhead
+      + chain_seconds([dense_stage], in_shape, geometry, depthwise_lowering,
+                      model, itemsize))
+  if t_factorized <= t_reconstructed:
+    return "factorized", factorized
+  return "reconstructed", reconstructed
 
 
 def cost(

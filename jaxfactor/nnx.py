@@ -435,12 +435,14 @@ def _record_inputs(model, paths, inputs):
   return store
 
 
-def _layer_cost(kernel, input_shape, conv):
+def _layer_cost(kernel, input_shape, conv, implementation="auto"):
+  """FLOPs of `conv`'s geometry with `kernel`, run by `implementation`."""
   if input_shape is None:
     return None
   return cost_model.cost(
       kernel, input_shape, strides=conv.strides or 1, padding=conv.padding,
-      dilation=conv.kernel_dilation or 1).flops
+      dilation=conv.kernel_dilation or 1,
+      implementation=implementation).flops
 
 
 def _error_curve(cls, kernel, candidates):
@@ -516,7 +518,7 @@ def factorize(
     inputs: jax.Array | None = None,
     filter: Callable[[tuple, nnx.Conv], bool] | None = None,
     data_aware: bool = False,
-    implementation: str = "auto",
+    implementation: str = "factorized",
     **decompose_kwargs: Any,
 ) -> FactorizationReport:
   """Replaces, in place, a trained model's convs by factorized layers.
@@ -545,7 +547,11 @@ def factorize(
       conv whose window is larger than 1x1.
     data_aware: decompose against each layer's recorded inputs (`LowRank`,
       `Tucker`; see `decompose(inputs=...)`).
-    implementation: the new layers' `implementation`.
+    implementation: the new layers' `implementation`. The default,
+      "factorized", runs the factors, so the FLOPs a budget buys are the
+      FLOPs that run; "auto" lets each layer pick the faster of factorized
+      and reconstructed on the current backend (see `jaxfactor.conv`), and
+      FLOPs are then counted for what it picks.
     **decompose_kwargs: passed to `decompose` (e.g. `iterations`, `key`).
 
   Returns:
@@ -619,8 +625,10 @@ def factorize(
       ranks = ranks_lib._candidates(plan["shape"], cls)
       dtype = plan["kernel"].dtype
       if use_flops:
+        # Each candidate as the new layer will run it.
         costs = [_layer_cost(cls.abstract(plan["shape"], r, dtype),
-                             plan["input_shape"], plan["conv"]) for r in ranks]
+                             plan["input_shape"], plan["conv"],
+                             implementation) for r in ranks]
         dense = _layer_cost(plan["kernel"], plan["input_shape"], plan["conv"])
       else:
         costs = [ranks_lib.num_params(plan["shape"], cls, r) for r in ranks]
@@ -663,10 +671,8 @@ def factorize(
         rank=new.rank, params_before=math.prod(plan["shape"]),
         params_after=factors.num_params,
         flops_before=_layer_cost(kernel, plan["input_shape"], conv),
-        flops_after=None if plan["input_shape"] is None else cost_model.cost(
-            factors, plan["input_shape"], strides=conv.strides or 1,
-            padding=conv.padding, dilation=conv.kernel_dilation or 1,
-            implementation=implementation).flops,
+        flops_after=_layer_cost(factors, plan["input_shape"], conv,
+                                implementation),
         relative_error=float(decomposition.relative_error(factors, kernel)),
     ))
   order = {path: i for i, (path, _) in enumerate(nnx.iter_modules(model))}

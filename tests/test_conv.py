@@ -9,6 +9,8 @@ from flax import linen as nn
 from jax import lax
 
 import jaxfactor
+from jaxfactor import _geometry
+from jaxfactor import cost_model
 from reference import (FORMATS, RTOL, WINDOWS, flax_conv, random_format,
                        random_input, relative_error, spatial_input_shape)
 
@@ -98,7 +100,8 @@ def test_dense_kernel_equals_raw_lax():
   assert relative_error(actual, expected) < RTOL[jnp.float64]
 
 
-@pytest.mark.parametrize("lowering", ["shift_add", "grouped"])
+@pytest.mark.parametrize("lowering",
+                         ["shift_add", "shift_add_autodiff", "grouped"])
 @pytest.mark.parametrize("n", [1, 2, 3])
 @pytest.mark.parametrize("multiplier", [1, 3])
 @pytest.mark.parametrize("padding", ["SAME", "VALID", "CIRCULAR", 2])
@@ -137,25 +140,55 @@ def _xla_flops(x, kernel, **kwargs):
 
 def _implementation_run_by_auto(x, fmt):
   """Which implementation `conv(..., implementation="auto")` compiles to,
-  told apart by XLA's own FLOP count of the compiled program (float32)."""
+  told apart by XLA's own FLOP count of the compiled program (float32), and
+  which one the roofline model expects to be faster."""
   counts = {impl: jaxfactor.cost(fmt, x.shape, implementation=impl,
                                  depthwise_lowering="grouped").flops
             for impl in ("factorized", "reconstructed")}
   assert counts["factorized"] != counts["reconstructed"]
   ran = _xla_flops(x, fmt)
   assert ran in counts.values()
-  return min(counts, key=counts.get), next(
+  geometry = _geometry.resolve("test", x.shape[1:-1], fmt.window,
+                               strides=1, padding="SAME", dilation=1)
+  preferred, _ = cost_model.choose_implementation(
+      fmt, x.shape, geometry, "auto", "grouped")
+  return preferred, next(
       impl for impl, flops in counts.items() if flops == ran)
 
 
 @pytest.mark.parametrize("name", FORMATS)
-def test_auto_runs_the_implementation_with_fewer_flops(name):
+@pytest.mark.parametrize("shape", [(1, 7, 7, 3), (8, 16, 16, 3)])
+def test_auto_runs_the_implementation_the_model_prefers(name, shape):
   fmt = random_format(name, (3, 3), 3, 5, dtype=jnp.float32)
-  x = random_input((1, 7, 7, 3), dtype=jnp.float32)
-  cheaper, ran = _implementation_run_by_auto(x, fmt)
-  assert ran == cheaper
+  x = random_input(shape, dtype=jnp.float32)
+  preferred, ran = _implementation_run_by_auto(x, fmt)
+  assert ran == preferred
   expected = flax_conv(x, fmt.to_dense())
   assert relative_error(jaxfactor.conv(x, fmt), expected) < RTOL[jnp.float32]
+
+
+def test_auto_counts_bytes_and_narrow_gemms_not_just_flops():
+  """Measured on the CPU (`cost_model.MACHINES`): rank-4 LowRank on a
+  56x56x8 batch has 0.56x the dense FLOPs, but its first stage is a GEMM with
+  4 output columns and runs ~2x slower than the dense conv; a
+  depthwise-separable layer there is memory-bound yet still faster."""
+  cpu = cost_model.MACHINES["cpu"]
+  shape = (32, 56, 56, 8)
+  geometry = _geometry.resolve("test", shape[1:-1], (3, 3), strides=1,
+                               padding="SAME", dilation=1)
+  low_rank = jaxfactor.LowRank(jnp.ones((3, 3, 8, 4)), jnp.ones((4, 8)))
+  separable = jaxfactor.DepthwiseSeparable(jnp.ones((3, 3, 1, 8)),
+                                           jnp.ones((8, 8)))
+  flops = {impl: cost_model.choose_implementation(
+      low_rank, shape, geometry, impl, "shift_add")[1]
+           for impl in ("factorized", "reconstructed")}
+  assert flops["factorized"] < 0.6 * flops["reconstructed"]
+  choose = lambda fmt, lowering: cost_model.choose_implementation(
+      fmt, shape, geometry, "auto", lowering, model=cpu)[0]
+  assert choose(low_rank, "shift_add") == "reconstructed"
+  assert choose(separable, "shift_add") == "factorized"
+  # XLA:CPU's grouped depthwise conv runs at ~0.6 GFLOP/s: slower than dense.
+  assert choose(separable, "grouped") == "reconstructed"
 
 
 def test_auto_switches_with_input_size():
@@ -293,7 +326,7 @@ def test_both_depthwise_lowerings_equal_flax(name, n, padding):
                 padding=_padding(padding, n))
   x = random_input(spatial_input_shape(window, extra=5))
   expected = flax_conv(x, fmt.to_dense(), **kwargs)
-  for lowering in ("shift_add", "grouped"):
+  for lowering in ("shift_add", "shift_add_autodiff", "grouped"):
     actual = jaxfactor.conv(x, fmt, implementation="factorized",
                             depthwise_lowering=lowering, **kwargs)
     assert relative_error(actual, expected) < RTOL[jnp.float64]
@@ -304,6 +337,7 @@ def test_auto_depthwise_lowering_is_shift_add_on_cpu():
   expected = "shift_add" if jax.default_backend() == "cpu" else "grouped"
   assert primitives.resolve_depthwise_lowering("t", "auto") == expected
   with pytest.raises(ValueError, match=r"conv: `depthwise_lowering` must be"
-                     r" one of \('auto', 'shift_add', 'grouped'\), got 'fast'"):
+                     r" one of \('auto', 'shift_add', 'shift_add_autodiff', 'grouped'\),"
+                     r" got 'fast'"):
     jaxfactor.conv(random_input((1, 5, 5, 3)),
                    random_format("cp", (3, 3), 3, 4), depthwise_lowering="fast")

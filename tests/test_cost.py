@@ -127,13 +127,16 @@ def test_closed_form_counts_for_a_realistic_layer():
   separable = jaxfactor.DepthwiseSeparable(
       jnp.zeros((3, 3, 1, c), jnp.float32), jnp.zeros((c, f), jnp.float32))
   assert jaxfactor.cost(separable, (1, 28, 28, c), padding="VALID",
+                        implementation="factorized",
                         depthwise_lowering="grouped") == (
       jaxfactor.Cost(params=9 * c + c * f,
                      flops=2 * pixels * 9 * c + 2 * pixels * c * f))
-  # Shift-add: 9 multiplies and 8 adds per output, padding taps included.
+  # Shift-add: a multiply per in-range tap (per axis, the edge taps reach 27
+  # of the 28 outputs, the centre tap all 28) and 8 adds per output.
   same = jaxfactor.cost(separable, (1, 28, 28, c), padding="SAME",
+                        implementation="factorized",
                         depthwise_lowering="shift_add")
-  assert same.flops == 17 * 28 * 28 * c + 2 * 28 * 28 * c * f
+  assert same.flops == (82 * 82 + 8 * 28 * 28) * c + 2 * 28 * 28 * c * f
 
 
 def test_abstract_formats_from_eval_shape():

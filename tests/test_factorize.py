@@ -232,6 +232,34 @@ def test_flop_budget_totals():
   assert report.flops_after + kept <= 0.4 * dense_flops
 
 
+def test_flop_budget_costs_what_the_new_layers_run():
+  # Candidate ranks are costed with the new layers' `implementation`.
+  # Reconstructed, every factorization costs more than dense: no budget
+  # below 1 can be met.
+  with pytest.raises(ValueError, match=r"below the cheapest factorization"):
+    jnnx.factorize(_decaying_model(), "low_rank",
+                   budget=jaxfactor.Budget(flops=0.9), inputs=X,
+                   implementation="reconstructed")
+  model = _decaying_model()
+  report = jnnx.factorize(model, "low_rank",
+                          budget=jaxfactor.Budget(flops=0.3), inputs=X,
+                          implementation="factorized")
+  assert report.factorized
+  for l in report.factorized:
+    layer = jnnx._get(model, l.path)
+    assert layer.implementation == "factorized"
+    assert l.flops_after == jaxfactor.cost(
+        layer.factors, l.input_shape, strides=layer.strides,
+        padding=layer.padding, implementation="factorized").flops
+  kept_flops = sum(
+      jaxfactor.cost(jnnx._get(model, l.path).kernel[...], l.input_shape,
+                     strides=jnnx._get(model, l.path).strides,
+                     padding=jnnx._get(model, l.path).padding).flops
+      for l in report.layers if l.skipped and l.skipped.startswith("kept"))
+  assert report.flops_after + kept_flops <= 0.3 * (report.flops_before
+                                                   + kept_flops)
+
+
 def test_budget_arguments():
   model = trained_net()
   with pytest.raises(ValueError, match=r"factorize: a FLOP budget needs"

@@ -3,6 +3,12 @@
 A factorized convolution is linear in `x` and in each factor separately, so
 central differences with `eps=1.0` are exact up to rounding (as in JAX's own
 convolution tests), and one factor is checked at a time.
+
+The "shift_add" depthwise lowering (the default on CPU) has a hand-written VJP
+and so, like every `jax.custom_vjp` function, supports reverse mode only: its
+checks run in "rev" mode (order 2: grad of grad), and forward mode is checked
+through "shift_add_autodiff" and "grouped", which share its forward pass or
+its results.
 """
 
 import jax
@@ -11,6 +17,7 @@ import pytest
 from jax.test_util import check_grads
 
 import jaxfactor
+from jaxfactor import primitives
 from reference import FORMATS, random_format, random_input
 
 # Float64 gradient tolerance from JAX's own tables (f64 ~1e-5).
@@ -18,8 +25,24 @@ GRAD_TOL = 1e-5
 GEOMETRY = dict(strides=(2, 1), padding="SAME", dilation=(1, 2))
 
 
-def _check(f, args):
-  check_grads(f, args, order=2, modes=("fwd", "rev"), eps=1.0,
+# What `depthwise_lowering="auto"` runs here.
+AUTO_LOWERING = primitives.resolve_depthwise_lowering("test", "auto")
+
+
+def _modes(has_depthwise=True, lowering="auto"):
+  if lowering == "auto":
+    lowering = AUTO_LOWERING
+  if has_depthwise and lowering == "shift_add":
+    return ("rev",)
+  return ("fwd", "rev")
+
+
+def _has_depthwise(fmt):
+  return any(primitives.is_depthwise(s) for s in fmt.stages())
+
+
+def _check(f, args, modes=("fwd", "rev")):
+  check_grads(f, args, order=2, modes=modes, eps=1.0,
               atol=GRAD_TOL, rtol=GRAD_TOL)
 
 
@@ -34,11 +57,13 @@ def test_grads_wrt_x(name, implementation):
   x = random_input((1, 5, 4, 2))
   conv = jax.jit(lambda x: jaxfactor.conv(
       x, fmt, implementation=implementation, **GEOMETRY))
-  _check(conv, (x,))
+  _check(conv, (x,), _modes(_has_depthwise(fmt)
+                            and implementation == "factorized"))
 
 
 @pytest.mark.parametrize("name", ["depthwise_separable", "cp"])
-@pytest.mark.parametrize("lowering", ["shift_add", "grouped"])
+@pytest.mark.parametrize("lowering",
+                         ["shift_add", "shift_add_autodiff", "grouped"])
 def test_grads_of_each_depthwise_lowering(name, lowering):
   fmt = random_format(name, (3, 2), 2, 3)
   x = random_input((1, 5, 4, 2))
@@ -49,8 +74,50 @@ def test_grads_of_each_depthwise_lowering(name, lowering):
     return jaxfactor.conv(x, f, implementation="factorized",
                           depthwise_lowering=lowering, **GEOMETRY)
 
-  _check(jax.jit(lambda x: conv(x, leaves[0])), (x,))
-  _check(jax.jit(lambda first: conv(x, first)), (leaves[0],))
+  modes = _modes(lowering=lowering)
+  _check(jax.jit(lambda x: conv(x, leaves[0])), (x,), modes)
+  _check(jax.jit(lambda first: conv(x, first)), (leaves[0],), modes)
+
+
+@pytest.mark.parametrize("n", [1, 2, 3])
+@pytest.mark.parametrize("padding",
+                         ["SAME", "VALID", "CIRCULAR", "REFLECT", 2, "pairs"])
+@pytest.mark.parametrize("geometry", ["unit", "strided_dilated"])
+def test_shift_add_vjp_equals_grouped_conv_vjp(n, padding, geometry):
+  """The hand-written VJP against autodiff of `lax`'s grouped convolution
+  (and of the same shift-add forward pass), on every padding mode, N = 1-3,
+  with a channel multiplier."""
+  window = (3, 2, 2)[:n]
+  x = random_input((2, *(7, 6, 5)[:n], 3))
+  kernel = random_input((*window, 1, 6), seed=2)  # channel multiplier 2
+  if padding == "pairs":
+    padding = ((2, 0), (0, 1), (1, 1))[:n]
+  kwargs = dict(padding=padding)
+  if geometry == "strided_dilated":
+    kwargs.update(strides=(2, 3, 1)[:n], dilation=(2, 1, 2)[:n])
+  cotangent = random_input(jaxfactor.depthwise_conv(x, kernel,
+                                                    **kwargs).shape, seed=3)
+
+  def vjp(lowering):
+    _, pullback = jax.vjp(lambda x, k: jaxfactor.depthwise_conv(
+        x, k, depthwise_lowering=lowering, **kwargs), x, kernel)
+    return pullback(cotangent)
+
+  ours = vjp("shift_add")
+  for reference in ("grouped", "shift_add_autodiff"):
+    for a, b in zip(ours, vjp(reference)):
+      assert jnp.allclose(a, b, rtol=1e-12, atol=1e-12), reference
+
+
+def test_shift_add_is_reverse_mode_only():
+  """Documented: forward mode needs "shift_add_autodiff" or "grouped"."""
+  x = random_input((1, 5, 4, 2))
+  kernel = random_input((3, 3, 1, 2), seed=2)
+  f = lambda x, lowering: jaxfactor.depthwise_conv(
+      x, kernel, depthwise_lowering=lowering)
+  with pytest.raises(TypeError, match="forward-mode"):
+    jax.jvp(lambda x: f(x, "shift_add"), (x,), (x,))
+  jax.jvp(lambda x: f(x, "shift_add_autodiff"), (x,), (x,))
 
 
 def _grad_cases():
@@ -74,14 +141,16 @@ def test_grads_wrt_each_factor(name, index, path, implementation):
     return jaxfactor.conv(x, replaced, implementation=implementation,
                           **GEOMETRY)
 
-  _check(conv, (leaves[index],))
+  _check(conv, (leaves[index],),
+         _modes(_has_depthwise(fmt) and implementation == "factorized"))
 
 
 @pytest.mark.parametrize("padding", ["CIRCULAR", "REFLECT"])
 def test_grads_through_materialized_padding(padding):
   fmt = random_format("cp", (3, 3), 2, 3)
   x = random_input((1, 4, 5, 2))
-  _check(jax.jit(lambda x: jaxfactor.conv(x, fmt, padding=padding)), (x,))
+  _check(jax.jit(lambda x: jaxfactor.conv(x, fmt, padding=padding)), (x,),
+         _modes())
 
 
 def test_grads_of_primitives():
@@ -89,9 +158,9 @@ def test_grads_of_primitives():
   depthwise = random_input((3, 2, 1, 4), seed=2)
   pointwise = random_input((2, 3), seed=3)
   _check(jax.jit(lambda x: jaxfactor.depthwise_conv(x, depthwise, **GEOMETRY)),
-         (x,))
+         (x,), _modes())
   _check(jax.jit(lambda k: jaxfactor.depthwise_conv(x, k, **GEOMETRY)),
-         (depthwise,))
+         (depthwise,), _modes())
   _check(jax.jit(lambda x: jaxfactor.pointwise_conv(x, pointwise)), (x,))
   _check(jax.jit(lambda k: jaxfactor.pointwise_conv(x, k)), (pointwise,))
 
