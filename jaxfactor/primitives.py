@@ -3,7 +3,8 @@
 Every convolution jaxfactor runs is a chain of *stages*, each one `lax` call:
 
 * `Pointwise(kernel [C, F])`: a contraction over the channel axis
-  (`lax.dot_general`), the cheapest lowering of a 1x1 convolution.
+  (`lax.dot_general`), the cheapest lowering of a 1x1 convolution; a dense
+  1x1 `SpatialConv` without padding runs the same way, after a strided slice.
 * `SpatialConv(kernel, axes, groups)`: a convolution over the spatial `axes`
   only (window 1 elsewhere), with `groups` channel groups
   (`feature_group_count`), e.g. a dense conv, a depthwise conv or a 1-D conv
@@ -149,6 +150,9 @@ def run_stages(
           precision=precision,
           preferred_element_type=preferred_element_type,
       )
+    elif _is_strided_pointwise(stage, geometry):
+      x = _strided_pointwise(x, kernel, stage.axes, geometry, precision,
+                             preferred_element_type)
     elif is_depthwise(stage) and depthwise_lowering.startswith("shift_add"):
       x = _shift_add(x, kernel, stage.axes, geometry, preferred_element_type,
                      custom_vjp=depthwise_lowering == "shift_add")
@@ -158,6 +162,25 @@ def run_stages(
           preferred_element_type,
       )
   return x
+
+
+def _is_strided_pointwise(stage: Stage, geometry: _geometry.Geometry) -> bool:
+  """A dense 1x1 conv without padding: a strided slice and a contraction."""
+  return (isinstance(stage, SpatialConv) and stage.groups == 1
+          and all(k == 1 for k in stage.kernel.shape[:-2])
+          and all(geometry.padding[a] == (0, 0) for a in stage.axes))
+
+
+def _strided_pointwise(x, kernel, axes, geometry, precision, preferred):
+  """A 1x1 conv as `lax.dot_general` (~3x faster than a 1x1 conv on CPU)."""
+  strides = [1] * x.ndim
+  for axis in axes:
+    strides[axis + 1] = geometry.strides[axis]
+  if any(s > 1 for s in strides):
+    x = lax.slice(x, [0] * x.ndim, x.shape, strides)
+  return lax.dot_general(
+      x, kernel.reshape(kernel.shape[-2:]), (((x.ndim - 1,), (0,)), ((), ())),
+      precision=precision, preferred_element_type=preferred)
 
 
 def _stage_geometry(kernel_window, axes, geometry, n):

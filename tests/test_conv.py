@@ -341,3 +341,18 @@ def test_auto_depthwise_lowering_is_shift_add_on_cpu():
                      r" got 'fast'"):
     jaxfactor.conv(random_input((1, 5, 5, 3)),
                    random_format("cp", (3, 3), 3, 4), depthwise_lowering="fast")
+
+
+@pytest.mark.parametrize("strides", [1, 2, (3, 1)])
+@pytest.mark.parametrize("padding", ["SAME", "VALID", 1, "CIRCULAR"])
+def test_dense_1x1_kernel_equals_flax(strides, padding):
+  """Unpadded 1x1 kernels run as a strided slice and `dot_general`."""
+  x = random_input((2, 9, 8, 5))
+  kernel = random_input((1, 1, 5, 7), seed=2)
+  actual = jaxfactor.conv(x, kernel, strides=strides, padding=padding)
+  expected = flax_conv(x, kernel, strides=strides, padding=padding)
+  assert relative_error(actual, expected) < RTOL[jnp.float64]
+  assert jaxfactor.cost(kernel.astype(jnp.float32), x.shape, strides=strides,
+                        padding=padding).flops == _xla_flops(
+      x.astype(jnp.float32), kernel.astype(jnp.float32), strides=strides,
+      padding=padding)
