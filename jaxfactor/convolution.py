@@ -50,8 +50,9 @@ def conv(
     implementation: for a format, "factorized" runs the chain of factor
       stages (strides, padding and dilation on the spatial stages only, 1x1
       stages as channel contractions), "reconstructed" builds `to_dense()` and
-      runs one convolution, and "auto" picks whichever needs fewer FLOPs for
-      these static shapes (see `jaxfactor.cost`). Ignored for dense kernels.
+      runs one convolution, and "auto" picks whichever a roofline model of the
+      default backend (FLOPs and bytes, `cost_model.Machine`) expects to be
+      faster for these static shapes. Ignored for dense kernels.
     depthwise_lowering: how depthwise stages (DepthwiseSeparable's first
       stage, CP's per-axis stages) run, as in `depthwise_conv`: "auto"
       (shift_add on CPU, grouped elsewhere), "shift_add" (reverse-mode

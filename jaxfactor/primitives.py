@@ -104,7 +104,8 @@ def resolve_depthwise_lowering(fn: str, lowering: str) -> str:
   "shift_add" has a hand-written VJP (`jax.custom_vjp`), several times faster
   than autodiff's on CPU, and so supports reverse mode only (`grad`, `vjp`,
   grad of grad); "shift_add_autodiff" is the same forward pass under plain
-  autodiff, for forward mode (`jvp`, `jacfwd`, `hessian`).
+  autodiff, for forward mode over it (`jvp`, `jacfwd`; forward-over-reverse,
+  e.g. `hessian` or `jvp` of `grad`, works with both).
   """
   if lowering not in DEPTHWISE_LOWERINGS:
     raise ValueError(
@@ -290,14 +291,17 @@ _CHUNK_BYTES = 1 << 20
 def _weight_grad(plan: _Taps, x, g):
   """`d weights`: per tap, `sum(input slice * output-gradient slice)`.
 
-  A loop over batch chunks, so each chunk's k products are reduced while it
-  is in cache; one pass over the whole batch per tap (what autodiff gives) is
-  memory-bound and several times slower on CPU.
+  A loop over batch chunks of ~`_CHUNK_BYTES` per device, so each chunk's k
+  products are reduced while it is in cache; one pass over the whole batch
+  per tap (what autodiff gives) is memory-bound and several times slower on
+  CPU. Step `j` takes images `j, j + steps, ...`: the loop runs over the
+  second axis of `[chunk, steps, ...]`, so a batch sharded over the devices
+  along its first axis stays where it is (the chunk is a multiple of the
+  device count). Sums are accumulated in at least float32.
   """
   batch, channels = x.shape[0], x.shape[-1]
+  acc = jnp.float32 if x.dtype.itemsize < 4 else x.dtype
   per_item = max(1, math.prod(x.shape[1:]) * x.dtype.itemsize)
-  chunk = max([d for d in range(1, batch + 1)
-               if batch % d == 0 and d * per_item <= _CHUNK_BYTES] or [1])
 
   def partial_sums(xc, gc):
     # Padded, every tap's slice has the output's shape, so XLA reduces all k
@@ -314,20 +318,32 @@ def _weight_grad(plan: _Taps, x, g):
                  for b, o, s in zip(start[1:-1], plan.out, plan.strides)),
                channels]
       piece = lax.slice(xc, start, limit, [1, *plan.strides, 1])
-      sums.append(jnp.sum(piece * gc, axis=tuple(range(xc.ndim - 1))))
+      sums.append(jnp.sum(piece * gc, axis=tuple(range(xc.ndim - 1)),
+                          dtype=acc))
     return jnp.stack(sums)
 
-  if batch == 0 or not plan.taps:
-    sums = jnp.zeros((len(plan.taps), channels), x.dtype)
-  elif chunk == batch:
+  chunk = jax.device_count() * max(1, _CHUNK_BYTES // per_item)
+  if not plan.taps or (isinstance(batch, int) and batch == 0):
+    sums = jnp.zeros((len(plan.taps), channels), acc)
+  elif not isinstance(batch, int) or batch < 2 * chunk:
+    # A symbolic (exported) batch, or too small to need the loop.
     sums = partial_sums(x, g)
   else:
-    def step(total, xs):
-      return total + partial_sums(*xs), None
-    xs = (x.reshape(batch // chunk, chunk, *x.shape[1:]),
-          g.reshape(batch // chunk, chunk, *g.shape[1:]))
-    sums, _ = lax.scan(step, jnp.zeros((len(plan.taps), channels), x.dtype),
-                       xs)
+    steps = batch // chunk
+    main = steps * chunk
+    xs = x[:main].reshape(chunk, steps, *x.shape[1:])
+    gs = g[:main].reshape(chunk, steps, *g.shape[1:])
+
+    def step(j, total):
+      return total + partial_sums(
+          lax.dynamic_index_in_dim(xs, j, axis=1, keepdims=False),
+          lax.dynamic_index_in_dim(gs, j, axis=1, keepdims=False))
+
+    sums = lax.fori_loop(0, steps, step,
+                         jnp.zeros((len(plan.taps), channels), acc))
+    if main < batch:
+      sums = sums + partial_sums(x[main:], g[main:])
+  sums = sums.astype(x.dtype)
   if len(plan.taps) == math.prod(plan.window):  # every tap reads input
     return sums.reshape(*plan.window, channels)
   index = tuple(np.array([tap[i] for tap, _ in plan.taps], np.int32)
@@ -495,7 +511,8 @@ def depthwise_conv(
   Output channel `c * m + j` is input channel `c` convolved with filter
   `kernel[..., 0, c * m + j]` (lax's and Flax's layout, so a Flax
   `nn.Conv(feature_group_count=C)` kernel works unchanged). Costs
-  `2 * k * C * m` FLOPs per output pixel, for `k = prod(window)`.
+  `2 * k * C * m` FLOPs per output pixel, for `k = prod(window)` (fewer
+  with "shift_add", which skips products with zero padding).
 
   Args:
     x: `[*batch, *spatial, C]`; any number of batch axes, or none.
