@@ -135,12 +135,12 @@ def train_step(model, optimizer, x, y):
 
 
 @nnx.jit
-def _predict(model, x):
+def predict(model, x):
   return model(x).argmax(-1)
 
 
 def accuracy(model, images, labels) -> float:
-  return float(np.mean(np.asarray(_predict(model, images)) == labels))
+  return float(np.mean(np.asarray(predict(model, images)) == labels))
 
 
 def train(model, data, *, epochs, learning_rate, batch_size, seed, desc,

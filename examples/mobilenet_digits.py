@@ -28,7 +28,7 @@ from tqdm import tqdm
 
 import jaxfactor
 import jaxfactor.nnx
-from compress_digits import load_data
+from compress_digits import predict, load_data, train_step
 
 # (in, out, stride) of each block after the 1 -> 32 stem: 8x8 -> 4x4 -> 2x2.
 BLOCKS = ((32, 64, 1), (64, 128, 2), (128, 128, 1), (128, 256, 2))
@@ -107,26 +107,10 @@ class Net(nnx.Module):
     return total
 
 
-def loss_fn(model, x, y):
-  return optax.softmax_cross_entropy_with_integer_labels(model(x), y).mean()
-
-
-@nnx.jit
-def train_step(model, optimizer, x, y):
-  loss, grads = nnx.value_and_grad(loss_fn)(model, x, y)
-  optimizer.update(model, grads)
-  return loss
-
-
-@nnx.jit
-def _predict(model, x):
-  return model(x).argmax(-1)
-
-
 def accuracy(model, images, labels):
   """Test accuracy with BatchNorm's running statistics."""
   model = nnx.view(model, use_running_average=True)
-  return float(np.mean(np.asarray(_predict(model, images)) == labels))
+  return float(np.mean(np.asarray(predict(model, images)) == labels))
 
 
 def train(model, data, *, epochs, learning_rate, batch_size, seed, desc,

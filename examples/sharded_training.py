@@ -38,7 +38,7 @@ from jax.sharding import NamedSharding  # noqa: E402
 from jax.sharding import PartitionSpec as P  # noqa: E402
 
 import jaxfactor.nnx  # noqa: E402
-from compress_digits import load_data  # noqa: E402
+from compress_digits import load_data, train_step  # noqa: E402
 
 # Mesh-axis names per factor: the inner rank axes over "model".
 TUCKER_PARTITIONING = {"in_proj": (None, "model"),
@@ -67,17 +67,6 @@ class Net(nnx.Module):
     x = nnx.relu(self.conv3(x))
     x = nnx.avg_pool(x, (2, 2), (2, 2))
     return self.head(x.reshape(x.shape[0], -1))
-
-
-def loss_fn(model, x, y):
-  return optax.softmax_cross_entropy_with_integer_labels(model(x), y).mean()
-
-
-@nnx.jit
-def train_step(model, optimizer, x, y):
-  loss, grads = nnx.value_and_grad(loss_fn)(model, x, y)
-  optimizer.update(model, grads)
-  return loss
 
 
 def run(model, batches, learning_rate, put):
