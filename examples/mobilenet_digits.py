@@ -28,7 +28,7 @@ from tqdm import tqdm
 
 import jaxfactor
 import jaxfactor.nnx
-from compress_digits import predict, load_data, train_step
+from compress_digits import load_data, predict, train_step
 
 # (in, out, stride) of each block after the 1 -> 32 stem: 8x8 -> 4x4 -> 2x2.
 BLOCKS = ((32, 64, 1), (64, 128, 2), (128, 128, 1), (128, 256, 2))
