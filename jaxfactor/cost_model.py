@@ -139,11 +139,14 @@ class Machine(NamedTuple):
   """A roofline model of one backend, for `implementation="auto"`.
 
   A stage takes `max(FLOPs / rate, bytes / bandwidth) + overhead` seconds.
-  The rate of a convolution or contraction is
+  The rate of a contraction (a 1x1 stage) is
   `matmul_flops * min(1, (F / 16)**2)` for `F` output features per group:
   GEMMs with few output columns use a fraction of the vector units (measured
   on the CPU below: a 3x3 conv to 4 features runs at ~10 GFLOP/s, to 8 at
-  ~40, to 16 or more at ~100-190). Depthwise stages run at
+  ~40, to 16 or more at ~100-190). A convolution with `t` taps runs at
+  `matmul_flops * min(1, (F / 16)**2, sqrt(t / 9))`: on the CPU below, 3x1
+  and 1x3 convs run at ~85-95 GFLOP/s where 3x3 convs of the same sizes
+  reach ~150-190 (`sqrt(3 / 9) = 0.58`). Depthwise stages run at
   `depthwise_flops` (shift-add) or `grouped_flops` (`feature_group_count`).
   Bytes are the stage's input, output and kernel, each read or written once.
   """
@@ -194,7 +197,13 @@ def stage_seconds(
     rate = (model.depthwise_flops if depthwise_lowering.startswith("shift_add")
             else model.grouped_flops)
   else:
-    rate = model.matmul_flops * min(1.0, (kernel[-1] / 16) ** 2)
+    efficiency = min(1.0, (kernel[-1] / 16) ** 2)
+    if (isinstance(stage, primitives.SpatialConv)
+        and not primitives.is_strided_pointwise(stage, geometry)):
+      # A convolution with fewer than 9 taps (a k x 1 stage) runs slower.
+      efficiency = min(efficiency,
+                       math.sqrt(min(1.0, math.prod(kernel[:-2]) / 9)))
+    rate = model.matmul_flops * efficiency
   seconds = max(flops / rate, nbytes / model.bandwidth) + model.overhead
   return seconds, out_shape
 

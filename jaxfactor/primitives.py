@@ -151,7 +151,7 @@ def run_stages(
           precision=precision,
           preferred_element_type=preferred_element_type,
       )
-    elif _is_strided_pointwise(stage, geometry):
+    elif is_strided_pointwise(stage, geometry):
       x = _strided_pointwise(x, kernel, stage.axes, geometry, precision,
                              preferred_element_type)
     elif is_depthwise(stage) and depthwise_lowering.startswith("shift_add"):
@@ -165,7 +165,7 @@ def run_stages(
   return x
 
 
-def _is_strided_pointwise(stage: Stage, geometry: _geometry.Geometry) -> bool:
+def is_strided_pointwise(stage: Stage, geometry: _geometry.Geometry) -> bool:
   """A dense 1x1 conv without padding: a strided slice and a contraction."""
   return (isinstance(stage, SpatialConv) and stage.groups == 1
           and all(k == 1 for k in stage.kernel.shape[:-2])

@@ -11,6 +11,7 @@ from jax import lax
 import jaxfactor
 from jaxfactor import _geometry
 from jaxfactor import cost_model
+from jaxfactor import primitives
 from reference import (FORMATS, RTOL, WINDOWS, flax_conv, random_format,
                        random_input, relative_error, spatial_input_shape)
 
@@ -190,6 +191,33 @@ def test_auto_counts_bytes_and_narrow_gemms_not_just_flops():
   # XLA:CPU's grouped depthwise conv runs at ~0.6 GFLOP/s: slower than dense.
   assert choose(separable, "grouped") == "reconstructed"
 
+
+def test_auto_prices_one_dimensional_convs_below_square_ones():
+  """Measured on the CPU: 3x1 and 1x3 convs run at ~0.6x the rate of 3x3
+  convs, so a stride-2 SpatiallySeparable layer with 2/3 of the dense FLOPs
+  is slower factorized (benchmark shape s2_56, 1.5x), while at stride 1 with
+  1/3 of the FLOPs it is faster (mb56, 1.4x)."""
+  cpu = cost_model.MACHINES["cpu"]
+  shape = (32, 56, 56, 128)
+
+  def choose(features, rank, stride):
+    fmt = jaxfactor.SpatiallySeparable((jnp.ones((3, 128, rank)),
+                                        jnp.ones((3, rank, features))))
+    geometry = _geometry.resolve("test", shape[1:-1], (3, 3), strides=stride,
+                                 padding="SAME", dilation=1)
+    return cost_model.choose_implementation(fmt, shape, geometry, "auto",
+                                            "shift_add", model=cpu)[0]
+
+  assert choose(256, 128, 2) == "reconstructed"
+  assert choose(128, 64, 1) == "factorized"
+  # Per FLOP, a 3-tap stage is priced sqrt(3) times a 9-tap one.
+  geometry = _geometry.resolve("test", shape[1:-1], (3, 3), strides=1,
+                               padding="SAME", dilation=1)
+  seconds = lambda window, axes: cost_model.stage_seconds(
+      primitives.SpatialConv(jnp.ones((*window, 128, 128)), axes), shape,
+      geometry, "shift_add", cpu)[0] - cpu.overhead
+  assert seconds((3,), (0,)) * 3 == pytest.approx(
+      seconds((3, 3), (0, 1)) * 3 ** 0.5, rel=0.02)  # edge taps: 166 vs 168
 
 def test_auto_switches_with_input_size():
   """Full-rank Tucker: reconstructing costs a fixed ~2*k*C*R*(R+F), then each
