@@ -144,9 +144,10 @@ class Machine(NamedTuple):
   GEMMs with few output columns use a fraction of the vector units (measured
   on the CPU below: a 3x3 conv to 4 features runs at ~10 GFLOP/s, to 8 at
   ~40, to 16 or more at ~100-190). A convolution with `t` taps runs at
-  `matmul_flops * min(1, (F / 16)**2, sqrt(t / 9))`: on the CPU below, 3x1
-  and 1x3 convs run at ~85-95 GFLOP/s where 3x3 convs of the same sizes
-  reach ~150-190 (`sqrt(3 / 9) = 0.58`). Depthwise stages run at
+  `matmul_flops * min(1, (F / 16)**2, sqrt(t / 9))`: on the CPU below, at
+  56x56, 3x1 and 1x3 convs with 64-256 features ran at ~85-95 GFLOP/s and
+  the stride-2 3x3 conv at ~150 (`sqrt(3 / 9) = 0.58`). Only the forward
+  pass is priced. Depthwise stages run at
   `depthwise_flops` (shift-add) or `grouped_flops` (`feature_group_count`).
   Bytes are the stage's input, output and kernel, each read or written once.
   """
