@@ -143,13 +143,16 @@ class Machine(NamedTuple):
   `matmul_flops * min(1, (F / 16)**2)` for `F` output features per group:
   GEMMs with few output columns use a fraction of the vector units (measured
   on the CPU below: a 3x3 conv to 4 features runs at ~10 GFLOP/s, to 8 at
-  ~40, to 16 or more at ~100-190). A convolution with `t` taps runs at
-  `matmul_flops * min(1, (F / 16)**2, sqrt(t / 9))`: on the CPU below, at
-  56x56, 3x1 and 1x3 convs with 64-256 features ran at ~85-95 GFLOP/s and
-  the stride-2 3x3 conv at ~150 (`sqrt(3 / 9) = 0.58`). Only the forward
-  pass is priced. Depthwise stages run at
-  `depthwise_flops` (shift-add) or `grouped_flops` (`feature_group_count`).
-  Bytes are the stage's input, output and kernel, each read or written once.
+  ~40, to 16 or more at ~100-190). A convolution with `t` taps (any stage
+  not run as a contraction) runs at
+  `matmul_flops * min(1, (F / 16)**2, (t / 9)**taps_exponent)`: on the CPU
+  below, at 56x56, 3x1 and 1x3 convs with 64-256 features ran at
+  ~85-95 GFLOP/s and the stride-2 3x3 conv at ~150, hence exponent 0.5
+  (`sqrt(3 / 9) = 0.58`); 0 (no penalty) on the unmeasured GPU and TPU
+  models. Depthwise stages run at `depthwise_flops` (shift-add) or
+  `grouped_flops` (`feature_group_count`). Bytes are the stage's input,
+  output and kernel, each read or written once. Only the forward pass is
+  priced.
   """
 
   matmul_flops: float
@@ -157,6 +160,7 @@ class Machine(NamedTuple):
   grouped_flops: float
   bandwidth: float
   overhead: float
+  taps_exponent: float = 0.0
 
 
 # CPU: calibrated on this project's 2-core x86-64 benchmark machine
@@ -167,7 +171,8 @@ class Machine(NamedTuple):
 # datasheet-order figures (H100 / TPU v4 class), not measured here.
 MACHINES = {
     "cpu": Machine(matmul_flops=120e9, depthwise_flops=20e9,
-                   grouped_flops=0.6e9, bandwidth=20e9, overhead=5e-6),
+                   grouped_flops=0.6e9, bandwidth=20e9, overhead=5e-6,
+                   taps_exponent=0.5),
     "gpu": Machine(matmul_flops=50e12, depthwise_flops=2e12,
                    grouped_flops=2e12, bandwidth=2e12, overhead=5e-6),
     "tpu": Machine(matmul_flops=100e12, depthwise_flops=1e12,
@@ -202,8 +207,9 @@ def stage_seconds(
     if (isinstance(stage, primitives.SpatialConv)
         and not primitives.is_strided_pointwise(stage, geometry)):
       # A convolution with fewer than 9 taps (a k x 1 stage) runs slower.
+      taps = math.prod(kernel[:-2])
       efficiency = min(efficiency,
-                       math.sqrt(min(1.0, math.prod(kernel[:-2]) / 9)))
+                       min(1.0, taps / 9) ** model.taps_exponent)
     rate = model.matmul_flops * efficiency
   seconds = max(flops / rate, nbytes / model.bandwidth) + model.overhead
   return seconds, out_shape

@@ -195,8 +195,8 @@ def test_auto_counts_bytes_and_narrow_gemms_not_just_flops():
 def test_auto_prices_one_dimensional_convs_below_square_ones():
   """Measured on the CPU: 3x1 and 1x3 convs run at ~0.6x the rate of 3x3
   convs, so a stride-2 SpatiallySeparable layer with 2/3 of the dense FLOPs
-  is slower factorized (benchmark shape s2_56, 1.5x), while at stride 1 with
-  1/3 of the FLOPs it is faster (mb56, 1.4x)."""
+  is slower factorized (benchmark shape s2_56: 1.6x forward), while at
+  stride 1 with 1/3 of the FLOPs it is faster (mb56: ~1.25x)."""
   cpu = cost_model.MACHINES["cpu"]
   shape = (32, 56, 56, 128)
 
@@ -210,14 +210,45 @@ def test_auto_prices_one_dimensional_convs_below_square_ones():
 
   assert choose(256, 128, 2) == "reconstructed"
   assert choose(128, 64, 1) == "factorized"
-  # Per FLOP, a 3-tap stage is priced sqrt(3) times a 9-tap one.
+  # The GPU and TPU models (not measured) have no taps term.
+  assert cost_model.MACHINES["gpu"].taps_exponent == 0
+
+
+def _compute_seconds(stage, padding, model):
+  """A stage's roofline seconds on a 32x56x56x128 batch, less the overhead."""
+  shape = (32, 56, 56, 128)
   geometry = _geometry.resolve("test", shape[1:-1], (3, 3), strides=1,
-                               padding="SAME", dilation=1)
-  seconds = lambda window, axes: cost_model.stage_seconds(
-      primitives.SpatialConv(jnp.ones((*window, 128, 128)), axes), shape,
-      geometry, "shift_add", cpu)[0] - cpu.overhead
-  assert seconds((3,), (0,)) * 3 == pytest.approx(
-      seconds((3, 3), (0, 1)) * 3 ** 0.5, rel=0.02)  # edge taps: 166 vs 168
+                               padding=padding, dilation=1)
+  return cost_model.stage_seconds(stage, shape, geometry, "shift_add",
+                                  model)[0] - model.overhead
+
+
+def test_roofline_taps_term():
+  """Per FLOP, a t-tap convolution costs (9 / t)**0.5 times a 3x3 one on the
+  CPU model; a stage that runs as a contraction (a 1x1 kernel without
+  padding) pays no taps term, a padded 1x1 conv (a real convolution) does."""
+  cpu = cost_model.MACHINES["cpu"]
+
+  def ones(*shape):
+    return jnp.ones(shape, jnp.float32)
+
+  # CIRCULAR padding: every tap reads data, so FLOPs are exactly 3x apart.
+  square = _compute_seconds(primitives.SpatialConv(ones(3, 3, 128, 128),
+                                                   (0, 1)), "CIRCULAR", cpu)
+  column = _compute_seconds(primitives.SpatialConv(ones(3, 128, 128), (0,)),
+                            "CIRCULAR", cpu)
+  assert column * 3 == pytest.approx(square * 3 ** 0.5, rel=1e-9)
+  contraction = _compute_seconds(primitives.Pointwise(ones(128, 128)),
+                                 "VALID", cpu)
+  unpadded = _compute_seconds(
+      primitives.SpatialConv(ones(1, 1, 128, 128), (0, 1)), "VALID", cpu)
+  padded = _compute_seconds(
+      primitives.SpatialConv(ones(1, 1, 128, 128), (0, 1)), 1, cpu)
+  assert unpadded == pytest.approx(contraction, rel=1e-12)
+  # A padded 1x1 conv does the same FLOPs (padding taps are skipped) at a
+  # third of the rate.
+  assert padded == pytest.approx(3 * contraction, rel=1e-12)
+
 
 def test_auto_switches_with_input_size():
   """Full-rank Tucker: reconstructing costs a fixed ~2*k*C*R*(R+F), then each
