@@ -144,11 +144,13 @@ def accuracy(model, images, labels) -> float:
 
 
 def train(model, data, *, epochs, learning_rate, batch_size, seed, desc,
-          progress):
-  """Adam with a cosine-decayed learning rate; returns per-epoch test accuracy.
+          progress, evaluate=accuracy):
+  """Adam with a cosine-decayed learning rate.
 
   Every epoch visits the training set in a new order (from `seed`), in full
-  batches only so the step compiles once.
+  batches only so the step compiles once, then scores the test set with
+  `evaluate(model, images, labels)`. Returns the per-epoch test accuracies and
+  the optimizer.
   """
   x_train, y_train, x_test, y_test = data
   steps = len(x_train) // batch_size
@@ -166,9 +168,9 @@ def train(model, data, *, epochs, learning_rate, batch_size, seed, desc,
     for i in range(steps):
       batch = order[i * batch_size:(i + 1) * batch_size]
       loss = train_step(model, optimizer, x_train[batch], y_train[batch])
-    history.append(accuracy(model, x_test, y_test))
+    history.append(evaluate(model, x_test, y_test))
     bar.set_postfix(loss=f"{float(loss):.4f}", test_acc=f"{history[-1]:.4f}")
-  return history
+  return history, optimizer
 
 
 def compiled_forward(model, batch):
@@ -329,9 +331,9 @@ def main():
                     progress=args.progress)
 
   dense = Net(nnx.Rngs(args.seed))
-  history = train(dense, data, epochs=args.epochs,
-                  learning_rate=args.learning_rate, desc="dense",
-                  **train_args)
+  history, _ = train(dense, data, epochs=args.epochs,
+                     learning_rate=args.learning_rate, desc="dense",
+                     **train_args)
   dense_cost = conv_cost(dense)
   print(f"dense CNN after {args.epochs} epochs: test accuracy"
         f" {history[-1]:.4f} (best epoch {max(history):.4f}),"
@@ -357,7 +359,7 @@ def main():
     tuned = train(model, data, epochs=args.finetune_epochs,
                   learning_rate=args.finetune_learning_rate,
                   desc=f"{name} {budget}",
-                  **train_args) if args.finetune_epochs else []
+                  **train_args)[0] if args.finetune_epochs else []
     cost = conv_cost(model)
     rows.append(dict(
         format=name, budget=budget, params=num_params(model),

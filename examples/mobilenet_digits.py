@@ -22,13 +22,11 @@ import time
 
 import jax
 import numpy as np
-import optax
 from flax import nnx
-from tqdm import tqdm
 
 import jaxfactor
 import jaxfactor.nnx
-from compress_digits import load_data, predict, train_step
+from compress_digits import load_data, predict, train, train_step
 
 # (in, out, stride) of each block after the 1 -> 32 stem: 8x8 -> 4x4 -> 2x2.
 BLOCKS = ((32, 64, 1), (64, 128, 2), (128, 128, 1), (128, 256, 2))
@@ -113,30 +111,6 @@ def accuracy(model, images, labels):
   return float(np.mean(np.asarray(predict(model, images)) == labels))
 
 
-def train(model, data, *, epochs, learning_rate, batch_size, seed, desc,
-          progress):
-  """Adam with a cosine-decayed learning rate; returns the optimizer."""
-  x_train, y_train, x_test, y_test = data
-  steps = len(x_train) // batch_size
-  if steps == 0:
-    raise SystemExit(f"--batch-size {batch_size} exceeds the"
-                     f" {len(x_train)} training images.")
-  schedule = optax.cosine_decay_schedule(learning_rate, epochs * steps)
-  optimizer = nnx.Optimizer(model, optax.adam(schedule), wrt=nnx.Param)
-  rng = np.random.default_rng(seed)
-  bar = tqdm(range(epochs), desc=desc, disable=not progress, leave=False,
-             unit="epoch")
-  for _ in bar:
-    order = rng.permutation(len(x_train))
-    for i in range(steps):
-      batch = order[i * batch_size:(i + 1) * batch_size]
-      loss = train_step(model, optimizer, x_train[batch], y_train[batch])
-    if progress:
-      bar.set_postfix(loss=f"{float(loss):.4f}",
-                      test_acc=f"{accuracy(model, x_test, y_test):.4f}")
-  return optimizer
-
-
 def step_ms(trained, x, y, runs):
   """Median time of one training step of each model, in ms.
 
@@ -193,10 +167,11 @@ def main():
   trained = []
   for name, block in zip(names, (DenseBlock, SeparableBlock)):
     model = Net(block, rngs=nnx.Rngs(args.seed))
-    trained.append((model, train(
+    _, optimizer = train(
         model, data, epochs=args.epochs, learning_rate=args.learning_rate,
         batch_size=args.batch_size, seed=args.seed, desc=name,
-        progress=args.progress)))
+        progress=args.progress, evaluate=accuracy)
+    trained.append((model, optimizer))
   batch = slice(0, args.batch_size)
   times = step_ms(trained, x_train[batch], y_train[batch], args.timing_runs)
   for name, (model, _), ms in zip(names, trained, times):
