@@ -17,8 +17,6 @@ Run: `python examples/mobilenet_digits.py` (`--help` for the flags).
 """
 
 import argparse
-import statistics
-import time
 
 import jax
 import numpy as np
@@ -26,7 +24,7 @@ from flax import nnx
 
 import jaxfactor
 import jaxfactor.nnx
-from compress_digits import load_data, predict, train, train_step
+from compress_digits import load_data, median_ms, predict, train, train_step
 
 # (in, out, stride) of each block after the 1 -> 32 stem: 8x8 -> 4x4 -> 2x2.
 BLOCKS = ((32, 64, 1), (64, 128, 2), (128, 128, 1), (128, 256, 2))
@@ -126,13 +124,7 @@ def step_ms(trained, x, y, runs):
       jax.block_until_ready(train_step(model, optimizer, x, y))
     steps.append(lambda model=model, optimizer=optimizer: (
         jax.block_until_ready(train_step(model, optimizer, x, y))))
-  times = [[] for _ in trained]
-  for _ in range(runs):
-    for step, t in zip(steps, times):
-      start = time.perf_counter()
-      step()
-      t.append(time.perf_counter() - start)
-  return [1e3 * statistics.median(t) for t in times]
+  return median_ms(steps, runs)
 
 
 def main():
