@@ -5,7 +5,8 @@ For MobileNet-style layer shapes (and the low-rank formats at the ranks of
 F/2), times the lax dense conv, every format with each `implementation`, the
 naive depthwise lowering Flax/Keras/Haiku build (grouped conv + 1x1 conv), and
 PyTorch CPU channels-last when torch is installed; forward and forward+backward
-(gradients w.r.t. the input and every factor). jit, 2 warm-ups,
+(the forward pass, its output kept, plus the gradients w.r.t. the input and
+every factor, as torch's `y = f(x); y.backward(t)`). jit, 2 warm-ups,
 `block_until_ready`, `--repeats` interleaved runs, median and min.
 
 Columns: theoretical FLOP ratio (dense FLOPs / the op's FLOPs, from
@@ -23,6 +24,7 @@ Writes `benchmarks/results/conv[_quick].md` and `.json`.
 """
 
 import argparse
+import functools
 import json
 import os
 import pathlib
@@ -182,6 +184,20 @@ def _auto_choice(kernel, shape, stride):
       "reconstructed")
 
 
+def _forward_backward(fn, x, params, cotangent):
+  """`(y, (dx, dparams))`: the forward pass and the VJP of a random cotangent.
+
+  Returning `y` keeps the forward pass in the program, as in torch's
+  `y = f(x); y.backward(cotangent)` (the gradient of `vdot(f(x), t)` alone
+  lets XLA drop the last stage's forward pass), and stops XLA from fusing
+  the output into a loss it would never meet in a model. A random cotangent:
+  with `sum(y)` it is a broadcast 1 that XLA folds into the backward pass,
+  which flatters it.
+  """
+  y, vjp = jax.vjp(fn, x, params)
+  return y, vjp(cotangent)
+
+
 def run_shape(shape_name, size, c, f, stride, batch, repeats, args):
   x = jax.random.normal(jax.random.key(0), (batch, size, size, c))
   table = ops(c, f, stride, jax.random.key(1))
@@ -191,12 +207,9 @@ def run_shape(shape_name, size, c, f, stride, batch, repeats, args):
   calls, meta, programs = {}, {}, {}
   for name, (fn, params, kernel, impl) in table.items():
     features = c if name.startswith("depthwise |") else f
-    # A random cotangent: with `sum(y)` the cotangent is a broadcast 1 that
-    # XLA folds into the backward pass, which flatters it.
     cot = jax.random.normal(jax.random.key(2), (batch, out, out, features))
     fwd = jax.jit(fn)
-    grad = jax.jit(jax.grad(
-        lambda x, p, t, fn=fn: jnp.vdot(fn(x, p), t), argnums=(0, 1)))
+    grad = jax.jit(functools.partial(_forward_backward, fn))
     # StableHLO text without debug info (no source locations); the module
     # name (`jit_<function name>`) is dropped, so programs compare by content.
     programs[name] = tuple(
