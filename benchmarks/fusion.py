@@ -3,9 +3,9 @@
 `conv.py` times each op with its output returned, so nothing can fuse into
 it. In a model the output feeds other ops, and XLA:CPU's fusion passes decide
 how the shift-add depthwise conv (k strided slices times weights, summed)
-runs with them. This script times, for one layer shape, `jaxfactor`'s
-depthwise conv ("shift_add") and the grouped conv Flax builds ("grouped")
-under three consumers:
+runs with them. This script times `jaxfactor`'s depthwise conv
+("shift_add") and the grouped conv Flax builds ("grouped") under three
+consumers:
 
 * `out`: the output returned (as in `conv.py`);
 * `mean`: followed by a mean over batch and space (a batch norm's statistics);
@@ -13,13 +13,18 @@ under three consumers:
   loss over `depthwise(bn_relu(x))`, the shape of a MobileNet block's
   training step.
 
-jit, 2 warm-ups, `--rounds` interleaved rounds, medians (and minima), ms.
+jit, 2 warm-ups, `--rounds` rounds, each running every program once in a
+random order; medians (and minima), ms.
 
-Run: `python benchmarks/fusion.py --shape 32 56 56 128` (batch, H, W, C).
+Run: `python benchmarks/fusion.py` (the two default shapes, batch H W C:
+32 56 56 128 and 32 14 14 512; `--shapes B H W C ...` for others). Writes
+`benchmarks/results/fusion.md` (`--out` for another folder).
 """
 
 import argparse
+import pathlib
 import platform
+import random
 import statistics
 import time
 
@@ -30,6 +35,9 @@ from jax import lax
 
 import jaxfactor
 
+CONSUMERS = ("out", "mean", "bn_block")
+LOWERINGS = ("shift_add", "grouped")
+
 
 def _bn_relu(y):
   mean = y.mean(axis=(0, 1, 2), keepdims=True)
@@ -38,51 +46,74 @@ def _bn_relu(y):
 
 
 def programs(x, kernel, cotangent):
+  """`{(lowering, consumer): compiled}`, each called as `f(x, kernel, t)`."""
   out = {}
-  for lowering in ("shift_add", "grouped"):
+  for lowering in LOWERINGS:
     def conv(x, kernel, lowering=lowering):
       return jaxfactor.depthwise_conv(x, kernel, depthwise_lowering=lowering)
 
-    def block_loss(x, kernel, conv=conv):
-      return jnp.vdot(_bn_relu(conv(_bn_relu(x), kernel)), cotangent)
+    def block_loss(x, kernel, t, conv=conv):
+      return jnp.vdot(_bn_relu(conv(_bn_relu(x), kernel)), t)
 
-    out[lowering, "out"] = conv
-    out[lowering, "mean"] = lambda x, k, conv=conv: conv(x, k).mean((0, 1, 2))
+    out[lowering, "out"] = lambda x, k, t, conv=conv: conv(x, k)
+    out[lowering, "mean"] = (
+        lambda x, k, t, conv=conv: conv(x, k).mean(axis=(0, 1, 2)))
     out[lowering, "bn_block"] = jax.value_and_grad(block_loss, (0, 1))
-  return {key: jax.jit(fn).lower(x, kernel).compile()
+  return {key: jax.jit(fn).lower(x, kernel, cotangent).compile()
           for key, fn in out.items()}
+
+
+def time_shape(shape, rounds, seed=0):
+  """`{(lowering, consumer): [ms per call]}` for one input shape."""
+  rng = np.random.default_rng(seed)
+  x = jnp.asarray(rng.standard_normal(shape), jnp.float32)
+  kernel = jnp.asarray(rng.standard_normal((3, 3, 1, shape[-1])),
+                       jnp.float32) / 3
+  cotangent = jnp.asarray(rng.standard_normal(shape), jnp.float32)
+  compiled = programs(x, kernel, cotangent)
+  for fn in compiled.values():
+    for _ in range(2):
+      jax.block_until_ready(fn(x, kernel, cotangent))
+  times = {key: [] for key in compiled}
+  order = list(compiled)
+  shuffle = random.Random(seed).shuffle
+  for _ in range(rounds):
+    shuffle(order)
+    for key in order:
+      start = time.perf_counter()
+      jax.block_until_ready(compiled[key](x, kernel, cotangent))
+      times[key].append(1e3 * (time.perf_counter() - start))
+  return times
 
 
 def main():
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--shape", type=int, nargs=4, default=(32, 56, 56, 128))
+  parser.add_argument("--shapes", type=int, nargs="+",
+                      default=[32, 56, 56, 128, 32, 14, 14, 512],
+                      help="B H W C, repeated for several shapes")
   parser.add_argument("--rounds", type=int, default=9)
+  parser.add_argument("--out", type=pathlib.Path,
+                      default=pathlib.Path(__file__).parent / "results")
   args = parser.parse_args()
-  rng = np.random.default_rng(0)
-  x = jnp.asarray(rng.standard_normal(args.shape), jnp.float32)
-  kernel = jnp.asarray(rng.standard_normal((3, 3, 1, args.shape[-1])),
-                       jnp.float32) / 3
-  cotangent = jnp.asarray(rng.standard_normal(args.shape), jnp.float32)
-  compiled = programs(x, kernel, cotangent)
-  for fn in compiled.values():
-    for _ in range(2):
-      jax.block_until_ready(fn(x, kernel))
-  times = {key: [] for key in compiled}
-  for _ in range(args.rounds):
-    for key, fn in compiled.items():
-      start = time.perf_counter()
-      jax.block_until_ready(fn(x, kernel))
-      times[key].append(1e3 * (time.perf_counter() - start))
-  print(f"{platform.machine()}, jax {jax.__version__},"
-        f" {jax.default_backend()}, input {tuple(args.shape)}, 3x3 depthwise,"
-        f" float32, {args.rounds} interleaved rounds, ms median (min)\n")
-  print("| consumer | shift_add (jaxfactor) | grouped (Flax) |")
-  print("|---|---|---|")
-  for consumer in ("out", "mean", "bn_block"):
-    cells = [f"{statistics.median(times[low, consumer]):.1f}"
-             f" ({min(times[low, consumer]):.1f})"
-             for low in ("shift_add", "grouped")]
-    print(f"| {consumer} | {' | '.join(cells)} |")
+  if len(args.shapes) % 4:
+    parser.error(f"--shapes takes B H W C per shape, got {args.shapes}")
+  shapes = [tuple(args.shapes[i:i + 4]) for i in range(0, len(args.shapes), 4)]
+  lines = [f"{platform.machine()}, jax {jax.__version__},"
+           f" {jax.default_backend()}, 3x3 depthwise, float32, {args.rounds}"
+           " rounds in random order, ms median (min)", ""]
+  for shape in shapes:
+    times = time_shape(shape, args.rounds)
+    lines += [f"input {shape}:", "",
+              "| consumer | shift_add (jaxfactor) | grouped (Flax) |",
+              "|---|---|---|"]
+    for consumer in CONSUMERS:
+      cells = [f"{statistics.median(times[low, consumer]):.1f}"
+               f" ({min(times[low, consumer]):.1f})" for low in LOWERINGS]
+      lines.append(f"| {consumer} | {' | '.join(cells)} |")
+    lines.append("")
+    print("\n".join(lines[-8:]), flush=True)
+  args.out.mkdir(parents=True, exist_ok=True)
+  (args.out / "fusion.md").write_text("\n".join(lines))
 
 
 if __name__ == "__main__":

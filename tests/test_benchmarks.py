@@ -1,5 +1,6 @@
 """Smoke tests for the benchmark scripts' own logic, at tiny shapes."""
 
+import functools
 import importlib.util
 import pathlib
 import subprocess
@@ -21,7 +22,8 @@ def _load(name):
   return module
 
 
-def test_conv_forward_backward_returns_output_and_vjp():
+def test_conv_forward_backward_times_forward_and_gradients():
+  """What conv.py times: the output and the gradients of `vdot(f(x), t)`."""
   conv = _load("conv")
   rng = np.random.default_rng(0)
   x = jnp.asarray(rng.standard_normal((2, 5, 5, 3)))
@@ -30,14 +32,15 @@ def test_conv_forward_backward_returns_output_and_vjp():
       jnp.asarray(rng.standard_normal((3, 4))))
   t = jnp.asarray(rng.standard_normal((2, 5, 5, 4)))
   fn = jaxfactor.conv
-  y, (dx, dk) = jax.jit(lambda x, k, t: conv._forward_backward(fn, x, k, t))(
+  y, (dx, dk) = jax.jit(functools.partial(conv._forward_backward, fn))(
       x, kernel, t)
-  want_y, vjp = jax.vjp(fn, x, kernel)
-  want_dx, want_dk = vjp(t)
-  np.testing.assert_allclose(y, want_y, rtol=1e-5, atol=1e-5)
-  np.testing.assert_allclose(dx, want_dx, rtol=1e-5, atol=1e-5)
+  want_dx, want_dk = jax.grad(lambda x, k: jnp.vdot(fn(x, k), t),
+                              argnums=(0, 1))(x, kernel)
+  # float64 throughout (conftest): only summation order differs.
+  np.testing.assert_allclose(y, fn(x, kernel), rtol=1e-12, atol=1e-12)
+  np.testing.assert_allclose(dx, want_dx, rtol=1e-12, atol=1e-12)
   for got, want in zip(jax.tree.leaves(dk), jax.tree.leaves(want_dk)):
-    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-12)
 
 
 def test_fusion_programs_agree_across_lowerings():
@@ -47,20 +50,20 @@ def test_fusion_programs_agree_across_lowerings():
   kernel = jnp.asarray(rng.standard_normal((3, 3, 1, 4)), jnp.float32)
   t = jnp.asarray(rng.standard_normal((2, 6, 6, 4)), jnp.float32)
   compiled = fusion.programs(x, kernel, t)
-  for consumer in ("out", "mean", "bn_block"):
-    got = compiled["shift_add", consumer](x, kernel)
-    want = compiled["grouped", consumer](x, kernel)
+  for consumer in fusion.CONSUMERS:
+    got = compiled["shift_add", consumer](x, kernel, t)
+    want = compiled["grouped", consumer](x, kernel, t)
     for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
       # float32, a few hundred terms: summation order differs.
       np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
 
 
-def test_fusion_script_prints_its_table():
+def test_fusion_script_writes_its_tables(tmp_path):
   result = subprocess.run(
-      [sys.executable, str(BENCHMARKS / "fusion.py"), "--shape", "2", "6", "6",
-       "4", "--rounds", "1"],
+      [sys.executable, str(BENCHMARKS / "fusion.py"), "--shapes", "2", "6",
+       "6", "4", "1", "5", "5", "2", "--rounds", "1", "--out", str(tmp_path)],
       capture_output=True, text=True, timeout=300, check=False)
   assert result.returncode == 0, result.stderr
-  rows = [line for line in result.stdout.splitlines()
+  rows = [line for line in (tmp_path / "fusion.md").read_text().splitlines()
           if line.startswith(("| out", "| mean", "| bn_block"))]
-  assert len(rows) == 3
+  assert len(rows) == 6
