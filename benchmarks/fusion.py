@@ -14,7 +14,7 @@ consumers:
   training step.
 
 jit, 2 warm-ups, `--rounds` rounds, each running every program once in a
-random order; medians (and minima), ms.
+random order (`conv._interleaved`); medians (and minima), ms.
 
 Run: `python benchmarks/fusion.py` (the two default shapes, batch H W C:
 32 56 56 128 and 32 14 14 512; `--shapes B H W C ...` for others). Writes
@@ -22,17 +22,17 @@ Run: `python benchmarks/fusion.py` (the two default shapes, batch H W C:
 """
 
 import argparse
+import functools
 import pathlib
 import platform
-import random
 import statistics
-import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+import conv  # this folder's benchmark: its interleaved timing loop
 import jaxfactor
 
 CONSUMERS = ("out", "mean", "bn_block")
@@ -49,15 +49,15 @@ def programs(x, kernel, cotangent):
   """`{(lowering, consumer): compiled}`, each called as `f(x, kernel, t)`."""
   out = {}
   for lowering in LOWERINGS:
-    def conv(x, kernel, lowering=lowering):
+    def depthwise(x, kernel, lowering=lowering):
       return jaxfactor.depthwise_conv(x, kernel, depthwise_lowering=lowering)
 
-    def block_loss(x, kernel, t, conv=conv):
-      return jnp.vdot(_bn_relu(conv(_bn_relu(x), kernel)), t)
+    def block_loss(x, kernel, t, depthwise=depthwise):
+      return jnp.vdot(_bn_relu(depthwise(_bn_relu(x), kernel)), t)
 
-    out[lowering, "out"] = lambda x, k, t, conv=conv: conv(x, k)
+    out[lowering, "out"] = lambda x, k, t, dw=depthwise: dw(x, k)
     out[lowering, "mean"] = (
-        lambda x, k, t, conv=conv: conv(x, k).mean(axis=(0, 1, 2)))
+        lambda x, k, t, dw=depthwise: dw(x, k).mean(axis=(0, 1, 2)))
     out[lowering, "bn_block"] = jax.value_and_grad(block_loss, (0, 1))
   return {key: jax.jit(fn).lower(x, kernel, cotangent).compile()
           for key, fn in out.items()}
@@ -70,20 +70,11 @@ def time_shape(shape, rounds, seed=0):
   kernel = jnp.asarray(rng.standard_normal((3, 3, 1, shape[-1])),
                        jnp.float32) / 3
   cotangent = jnp.asarray(rng.standard_normal(shape), jnp.float32)
-  compiled = programs(x, kernel, cotangent)
-  for fn in compiled.values():
-    for _ in range(2):
-      jax.block_until_ready(fn(x, kernel, cotangent))
-  times = {key: [] for key in compiled}
-  order = list(compiled)
-  shuffle = random.Random(seed).shuffle
-  for _ in range(rounds):
-    shuffle(order)
-    for key in order:
-      start = time.perf_counter()
-      jax.block_until_ready(compiled[key](x, kernel, cotangent))
-      times[key].append(1e3 * (time.perf_counter() - start))
-  return times
+  calls = {key: functools.partial(
+      lambda fn: jax.block_until_ready(fn(x, kernel, cotangent)), fn)
+           for key, fn in programs(x, kernel, cotangent).items()}
+  return {key: [1e3 * t for t in times]
+          for key, times in conv._interleaved(calls, rounds).items()}
 
 
 def main():
