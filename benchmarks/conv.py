@@ -318,7 +318,7 @@ def targets(rows):
       # A check of the choice: judged on the chosen implementation's own row
       # when "auto" compiled to the very same programs (checked above), so a
       # right choice scores exactly 1.00; timing one program twice only adds
-      # noise (identical programs differed by up to 23% in medians). The
+      # noise (identical programs differed by up to 27% in medians). The
       # other targets use auto's own rows, what users of the default get.
       timed = (get[s, fmt, auto["auto_runs"]] if auto["auto_same_program"]
                else auto)
