@@ -22,7 +22,6 @@ Run: `python benchmarks/fusion.py` (the two default shapes, batch H W C:
 """
 
 import argparse
-import functools
 import pathlib
 import platform
 import statistics
@@ -70,8 +69,7 @@ def time_shape(shape, rounds, seed=0):
   kernel = jnp.asarray(rng.standard_normal((3, 3, 1, shape[-1])),
                        jnp.float32) / 3
   cotangent = jnp.asarray(rng.standard_normal(shape), jnp.float32)
-  calls = {key: functools.partial(
-      lambda fn: jax.block_until_ready(fn(x, kernel, cotangent)), fn)
+  calls = {key: lambda fn=fn: jax.block_until_ready(fn(x, kernel, cotangent))
            for key, fn in programs(x, kernel, cotangent).items()}
   return {key: [1e3 * t for t in times]
           for key, times in conv._interleaved(calls, rounds).items()}
@@ -94,6 +92,7 @@ def main():
            " rounds in random order, ms median (min)", ""]
   for shape in shapes:
     times = time_shape(shape, args.rounds)
+    first = len(lines)
     lines += [f"input {shape}:", "",
               "| consumer | shift_add (jaxfactor) | grouped (Flax) |",
               "|---|---|---|"]
@@ -102,7 +101,7 @@ def main():
                f" ({min(times[low, consumer]):.1f})" for low in LOWERINGS]
       lines.append(f"| {consumer} | {' | '.join(cells)} |")
     lines.append("")
-    print("\n".join(lines[-8:]), flush=True)
+    print("\n".join(lines[first:]), flush=True)
   args.out.mkdir(parents=True, exist_ok=True)
   (args.out / "fusion.md").write_text("\n".join(lines))
 
