@@ -172,12 +172,24 @@ def test_grads_of_dense_kernel():
   _check(jax.jit(lambda k: jaxfactor.conv(x, k, **GEOMETRY)), (kernel,))
 
 
-@pytest.mark.parametrize("batch", [7, 12])
+@pytest.mark.parametrize(
+    ("batch", "devices", "chunk"),
+    [(32, 1, 4), (32, 2, 8), (30, 1, 5), (31, 1, 5), (14, 1, 5), (12, 4, 12),
+     (13, 2, 10)])
+def test_shift_add_weight_grad_chunk_divides_the_batch(batch, devices, chunk):
+  """Loop chunks: a multiple of the devices, near `_CHUNK_BYTES` per device
+  (here 5 images), dividing the batch where one of >= half that size does."""
+  per_item = primitives._CHUNK_BYTES // 5
+  assert primitives._chunk_size(batch, per_item, devices) == chunk
+
+
+@pytest.mark.parametrize("batch", [7, 11, 12, 14])
 def test_shift_add_weight_grad_loop(monkeypatch, batch):
   """The chunked weight-gradient loop (real activations are > 1 MiB; these
-  are shrunk to reach it), a remainder chunk included, equals the grouped
+  are shrunk to reach it: 4 images per step, 2 for a batch of 14, and one
+  pass for 7), a remainder chunk included (batch 11), equals the grouped
   conv's gradient; in bfloat16 it accumulates in float32."""
-  monkeypatch.setattr(primitives, "_CHUNK_BYTES", 2 * 5 * 4 * 3 * 8)
+  monkeypatch.setattr(primitives, "_CHUNK_BYTES", 4 * 5 * 4 * 3 * 8)
   x = random_input((batch, 5, 4, 3))
   kernel = random_input((3, 3, 1, 3), seed=2)
   cot = random_input((batch, 5, 4, 3), seed=3)
