@@ -355,10 +355,10 @@ def compile_times(repeats=5):
   Four blocks of 3x3 convs (dense `nnx.Conv`, or `jaxfactor.nnx`
   depthwise + pointwise layers, or, for reference, the same separable network
   built from Flax's own layers: `nnx.Conv` with `feature_group_count` and a
-  1x1 `nnx.Conv`, and the separable network without its depthwise convs: the
-  floor any depthwise lowering adds to), batch norm and ReLU, a linear head,
-  SGD via optax; the persistent compilation cache is off. Median of
-  `repeats` compilations of fresh models.
+  1x1 `nnx.Conv`, and jaxfactor's separable network without its depthwise
+  convs: the floor its depthwise layers add to), batch norm and ReLU, a
+  linear head, SGD via optax; the persistent compilation cache is off.
+  Median of `repeats` compilations of fresh models.
   """
   from flax import nnx
   import optax
@@ -495,8 +495,9 @@ def main():
             f" {compiled['dense']:.2f} s = {ratio:.2f}x (<= 1.5x); the same"
             f" network from Flax's own layers (grouped conv + 1x1 conv):"
             f" {compiled['flax_separable']:.2f} s ="
-            f" {compiled['flax_separable'] / compiled['dense']:.2f}x; without"
-            f" its depthwise convs: {compiled['without_depthwise']:.2f} s ="
+            f" {compiled['flax_separable'] / compiled['dense']:.2f}x;"
+            f" jaxfactor's without its depthwise convs:"
+            f" {compiled['without_depthwise']:.2f} s ="
             f" {compiled['without_depthwise'] / compiled['dense']:.2f}x |"]
   if torch_lines:
     lines += ["", "**Against PyTorch CPU channels-last** (jaxfactor / torch,"

@@ -298,7 +298,8 @@ def _chunk_size(batch, per_item: int, devices: int) -> int:
   """
   target = max(1, _CHUNK_BYTES // per_item)
   if isinstance(batch, int):
-    for per_device in range(target, (target + 1) // 2 - 1, -1):
+    largest = min(target, max(1, batch // devices))
+    for per_device in range(largest, (target + 1) // 2 - 1, -1):
       if batch % (devices * per_device) == 0:
         return devices * per_device
   return devices * target
@@ -351,7 +352,8 @@ def _weight_grad(plan: _Taps, x, g):
     # free. Taken outside, it is one more consumer of `x` and `g`, and XLA
     # then recomputes a fused producer (e.g. a shift-add's sum of taps) once
     # per consumer, its taps materialized (measured: CP forward+backward
-    # 1.2-1.5x slower).
+    # 1.2-1.5x slower). A remainder (`main < batch`, where no chunk size
+    # near the target divides the batch) still makes two consumers.
     xs, gs = (x, g) if main == batch else (x[:main], g[:main])
 
     def step(j, total):

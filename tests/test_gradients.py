@@ -189,16 +189,23 @@ def test_shift_add_weight_grad_loop(monkeypatch, batch):
   are shrunk to reach it: 4 images per step, 2 for a batch of 14, and one
   pass for 7), a remainder chunk included (batch 11), equals the grouped
   conv's gradient; in bfloat16 it accumulates in float32."""
-  monkeypatch.setattr(primitives, "_CHUNK_BYTES", 4 * 5 * 4 * 3 * 8)
+  assert jax.device_count() == 1  # the chunk is a multiple of the devices
   x = random_input((batch, 5, 4, 3))
   kernel = random_input((3, 3, 1, 3), seed=2)
   cot = random_input((batch, 5, 4, 3), seed=3)
 
   def kernel_grad(lowering, dtype):
-    return jax.grad(lambda k: jnp.vdot(jaxfactor.depthwise_conv(
+    # 4 images' bytes in this dtype per loop step.
+    monkeypatch.setattr(primitives, "_CHUNK_BYTES",
+                        4 * 5 * 4 * 3 * jnp.dtype(dtype).itemsize)
+    fn = jax.grad(lambda k: jnp.vdot(jaxfactor.depthwise_conv(
         x.astype(dtype), k, depthwise_lowering=lowering),
-                                       cot.astype(dtype)).astype(jnp.float32))(
-        kernel.astype(dtype))
+                                     cot.astype(dtype)).astype(jnp.float32))
+    if lowering == "shift_add":
+      jaxpr = str(jax.make_jaxpr(fn)(kernel.astype(dtype)))
+      loops = "scan" in jaxpr or "while" in jaxpr  # fori_loop lowers to scan
+      assert loops == (batch != 7)
+    return fn(kernel.astype(dtype))
 
   expected = kernel_grad("grouped", jnp.float64)
   assert jnp.allclose(kernel_grad("shift_add", jnp.float64), expected,
