@@ -370,14 +370,11 @@ def compile_times(repeats=5):
       self.blocks = nnx.List()
       c = 3
       for w in widths:
-        if kind == "separable":
+        if kind in ("separable", "without_depthwise"):
+          depthwise = ([jnnx.DepthwiseConv(c, 3, rngs=rngs)]
+                       if kind == "separable" else [])
           self.blocks.append(nnx.List([
-              jnnx.DepthwiseConv(c, 3, rngs=rngs),
-              nnx.BatchNorm(c, rngs=rngs),
-              jnnx.PointwiseConv(c, w, rngs=rngs),
-              nnx.BatchNorm(w, rngs=rngs)]))
-        elif kind == "without_depthwise":
-          self.blocks.append(nnx.List([
+              *depthwise,
               nnx.BatchNorm(c, rngs=rngs),
               jnnx.PointwiseConv(c, w, rngs=rngs),
               nnx.BatchNorm(w, rngs=rngs)]))
