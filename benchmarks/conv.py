@@ -201,8 +201,10 @@ def _forward_backward(fn, x, params, cotangent):
 def run_shape(shape_name, size, c, f, stride, batch, repeats, args):
   x = jax.random.normal(jax.random.key(0), (batch, size, size, c))
   table = ops(c, f, stride, jax.random.key(1))
+  # FLOPs as convolutions (`spatial_lowering="conv"`): the theoretical
+  # ratios do not depend on how a stage is lowered.
   dense_flops = jaxfactor.cost(table["dense | lax conv"][1], x.shape,
-                               strides=stride).flops
+                               strides=stride, spatial_lowering="conv").flops
   out = -(-size // stride)
   calls, meta, programs = {}, {}, {}
   for name, (fn, params, kernel, impl) in table.items():
@@ -227,7 +229,8 @@ def run_shape(shape_name, size, c, f, stride, batch, repeats, args):
               2 * batch * out ** 2 * c * c)
     else:
       flops = jaxfactor.cost(kernel, x.shape, strides=stride,
-                             implementation=impl).flops
+                             implementation=impl,
+                             spatial_lowering="conv").flops
     nbytes = 4 * (x.size + batch * out * out * features + sum(
         l.size for l in jax.tree.leaves(params)))
     choice = (_auto_choice(kernel, x.shape, stride)

@@ -26,6 +26,7 @@ def conv(
     preferred_element_type: jax.typing.DTypeLike | None = None,
     implementation: str = "auto",
     depthwise_lowering: str = "auto",
+    spatial_lowering: str = "auto",
 ) -> jax.Array:
   """Convolves `x` with a dense kernel or a factorized format.
 
@@ -57,6 +58,16 @@ def conv(
       stage, CP's per-axis stages) run, as in `depthwise_conv`: "auto"
       (shift_add on CPU, grouped elsewhere), "shift_add" (reverse-mode
       differentiation only), "shift_add_autodiff" or "grouped".
+    spatial_lowering: how dense spatial stages (a dense kernel, LowRank's
+      and Tucker's k x k stage, SpatiallySeparable's two stages) run: "conv"
+      (`lax.conv_general_dilated`), "tap_matmul" (one matmul from the input
+      to every tap's output, then a shift-add of those outputs, in a loop
+      over batch chunks; its derivatives are the convolution's) or "auto":
+      on CPU, "tap_matmul" where XLA's convolution was measured slow (stride
+      1, >= 64 input channels, >= 784 positions per image, <= 64 output
+      features or <= 3 taps, one image's tap outputs within 8 MiB: e.g. a
+      3x3 conv from 128 to 32 features at 56x56 runs 2.3x faster), "conv"
+      elsewhere and on GPU/TPU. Same result up to summation order.
 
   Returns:
     `[*batch, *out_spatial, F]`.
@@ -76,6 +87,7 @@ def conv(
   fn = "conv"
   _validation.check_implementation(fn, implementation)
   lowering = primitives.resolve_depthwise_lowering(fn, depthwise_lowering)
+  spatial = primitives.resolve_spatial_lowering(fn, spatial_lowering)
   window, in_features = cost_model.check_kernel(fn, kernel)
   _validation.check_input(fn, x, window, in_features)
   _validation.check_same_dtype(fn, [("x", x), ("kernel", kernel)])
@@ -86,7 +98,8 @@ def conv(
       fn, x, window, strides=strides, padding=padding, dilation=dilation
   )
   chosen, _ = cost_model.choose_implementation(
-      kernel, x.shape, geometry, implementation, lowering
+      kernel, x.shape, geometry, implementation, lowering,
+      spatial_lowering=spatial,
   )
   if chosen == "factorized":
     stages = kernel.stages()
@@ -99,5 +112,6 @@ def conv(
   y = primitives.run_stages(
       x, stages, geometry, precision=precision,
       preferred_element_type=preferred, depthwise_lowering=lowering,
+      spatial_lowering=spatial,
   )
   return primitives.restore_batch(y, batch_shape)

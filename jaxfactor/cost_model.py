@@ -69,18 +69,33 @@ def stage_flops(
     in_shape: Sequence[int],
     geometry: _geometry.Geometry,
     depthwise_lowering: str = "grouped",
+    spatial_lowering: str = "conv",
 ) -> tuple[int, tuple[int, ...]]:
   """FLOPs of one stage on a `[B, *spatial, C]` input, and its output shape.
 
   A shift-add depthwise stage multiplies each tap's in-range positions only
   (a zero-padded tap costs nothing) and adds the k' taps that reach any
-  output: `k' - 1` adds per output element; the rest as `lax`'s convolutions.
+  output: `k' - 1` adds per output element. A tap-matmul stage
+  (`primitives.uses_tap_matmul`) multiplies every (padded) input position by
+  the k' taps' weights and adds `k' - 1` terms per output element. The rest
+  as `lax`'s convolutions.
   """
   batch, *spatial, _ = in_shape
   kernel_shape = stage.kernel.shape
   if isinstance(stage, primitives.Pointwise):
     c, f = kernel_shape
     return 2 * batch * math.prod(spatial) * c * f, (batch, *spatial, f)
+  if primitives.uses_tap_matmul(stage, in_shape, geometry, spatial_lowering):
+    plan = primitives.shift_add_plan(kernel_shape[:-2], stage.axes, geometry,
+                                     spatial)
+    if geometry.fill != "constant":  # padded with data first
+      spatial = [size + lo + hi
+                 for size, (lo, hi) in zip(spatial, geometry.padding)]
+    c, f = kernel_shape[-2:]
+    taps = len(plan.taps)
+    flops = (2 * batch * math.prod(spatial) * c * taps * f
+             + max(taps - 1, 0) * batch * math.prod(plan.out) * f)
+    return flops, (batch, *plan.out, f)
   out_spatial, pairs = [], 1
   for axis, size in enumerate(spatial):
     if axis in stage.axes:
@@ -120,10 +135,12 @@ def chain_flops(
     in_shape: Sequence[int],
     geometry: _geometry.Geometry,
     depthwise_lowering: str = "grouped",
+    spatial_lowering: str = "conv",
 ) -> int:
   total, shape = 0, tuple(in_shape)
   for stage in stages:
-    flops, shape = stage_flops(stage, shape, geometry, depthwise_lowering)
+    flops, shape = stage_flops(stage, shape, geometry, depthwise_lowering,
+                               spatial_lowering)
     total += flops
   return total
 
@@ -193,13 +210,19 @@ def stage_seconds(
     depthwise_lowering: str,
     model: Machine,
     itemsize: int = 4,
+    spatial_lowering: str = "conv",
 ) -> tuple[float, tuple[int, ...]]:
   """The roofline time of one stage (see `Machine`), and its output shape."""
-  flops, out_shape = stage_flops(stage, in_shape, geometry, depthwise_lowering)
+  flops, out_shape = stage_flops(stage, in_shape, geometry, depthwise_lowering,
+                                 spatial_lowering)
   kernel = stage.kernel.shape
   nbytes = itemsize * (math.prod(in_shape) + math.prod(out_shape)
                        + math.prod(kernel))
-  if primitives.is_depthwise(stage):
+  if primitives.uses_tap_matmul(stage, in_shape, geometry, spatial_lowering):
+    # One matmul to the taps' k' * F columns (the shift-add is in cache).
+    columns = math.prod(kernel[:-2]) * kernel[-1]
+    rate = model.matmul_flops * min(1.0, (columns / 16) ** 2)
+  elif primitives.is_depthwise(stage):
     rate = (model.depthwise_flops if depthwise_lowering.startswith("shift_add")
             else model.grouped_flops)
   else:
@@ -216,11 +239,11 @@ def stage_seconds(
 
 
 def chain_seconds(stages, in_shape, geometry, depthwise_lowering, model,
-                  itemsize=4) -> float:
+                  itemsize=4, spatial_lowering="conv") -> float:
   total, shape = 0.0, tuple(in_shape)
   for stage in stages:
     seconds, shape = stage_seconds(stage, shape, geometry, depthwise_lowering,
-                                   model, itemsize)
+                                   model, itemsize, spatial_lowering)
     total += seconds
   return total
 
@@ -232,6 +255,7 @@ def choose_implementation(
     implementation: str,
     depthwise_lowering: str = "grouped",
     model: Machine | None = None,
+    spatial_lowering: str = "conv",
 ) -> tuple[str, int]:
   """Resolves `implementation` for these static shapes; returns it and FLOPs.
 
@@ -242,12 +266,14 @@ def choose_implementation(
   it is its own dense kernel.
   """
   if not isinstance(kernel, formats.Format):
-    return "reconstructed", chain_flops([_dense_stage(kernel)], in_shape, geometry)
+    return "reconstructed", chain_flops([_dense_stage(kernel)], in_shape,
+                                        geometry,
+                                        spatial_lowering=spatial_lowering)
   factorized = chain_flops(kernel.stages(), in_shape, geometry,
-                           depthwise_lowering)
+                           depthwise_lowering, spatial_lowering)
   dense_stage = _dense_stage(kernel)
   reconstructed = kernel.to_dense_flops() + chain_flops(
-      [dense_stage], in_shape, geometry)
+      [dense_stage], in_shape, geometry, spatial_lowering=spatial_lowering)
   if implementation == "factorized":
     return "factorized", factorized
   if implementation == "reconstructed":
@@ -255,11 +281,12 @@ def choose_implementation(
   model = model or machine()
   itemsize = jax.numpy.dtype(kernel.dtype).itemsize
   t_factorized = chain_seconds(kernel.stages(), in_shape, geometry,
-                               depthwise_lowering, model, itemsize)
+                               depthwise_lowering, model, itemsize,
+                               spatial_lowering)
   t_reconstructed = (
       kernel.to_dense_flops() / model.matmul_flops + model.overhead
       + chain_seconds([dense_stage], in_shape, geometry, depthwise_lowering,
-                      model, itemsize))
+                      model, itemsize, spatial_lowering))
   if t_factorized <= t_reconstructed:
     return "factorized", factorized
   return "reconstructed", reconstructed
@@ -274,13 +301,16 @@ def cost(
     dilation: int | Sequence[int] = 1,
     implementation: str = "auto",
     depthwise_lowering: str = "auto",
+    spatial_lowering: str = "auto",
 ) -> Cost:
   """Counts the parameters and FLOPs of `conv(x, kernel, ...)`, exactly.
 
   The count is of the computation `conv` runs for these arguments, stage by
   stage. For float32 it equals XLA:CPU's own `cost_analysis()["flops"]` of
   the jitted call (tested); XLA:CPU adds conversion FLOPs for 16-bit types
-  and expands float64 grouped convolutions, which `cost` does not count.
+  and expands float64 grouped convolutions, which `cost` does not count, and
+  counts a loop's body once: where a tap-matmul stage loops over batch
+  chunks, `cost` counts every chunk.
   Leaves may be abstract (`jax.ShapeDtypeStruct`), so a format from
   `jax.eval_shape` can be costed without allocating it.
 
@@ -293,6 +323,7 @@ def cost(
     implementation: as in `conv`: "auto", "factorized" or "reconstructed".
     depthwise_lowering: as in `conv` ("auto" resolves on the default
       backend, as `conv` does).
+    spatial_lowering: as in `conv`.
 
   Returns:
     `Cost(params, flops)`, Python ints.
@@ -309,6 +340,7 @@ def cost(
   fn = "cost"
   _validation.check_implementation(fn, implementation)
   lowering = primitives.resolve_depthwise_lowering(fn, depthwise_lowering)
+  spatial = primitives.resolve_spatial_lowering(fn, spatial_lowering)
   window, in_features = check_kernel(fn, kernel, abstract=True)
   if isinstance(input_shape, (str, bytes)) or not isinstance(
       input_shape, Sequence
@@ -335,7 +367,7 @@ def cost(
   )
   flat = (math.prod(input_shape[: -n - 1]), *input_shape[-n - 1 :])
   _, flops = choose_implementation(kernel, flat, geometry, implementation,
-                                  lowering)
+                                  lowering, spatial_lowering=spatial)
   if flat[0] == 0:
     flops = 0  # an empty batch: XLA computes nothing, not even to_dense
   params = (

@@ -117,6 +117,56 @@ def resolve_depthwise_lowering(fn: str, lowering: str) -> str:
   return lowering
 
 
+SPATIAL_LOWERINGS = ("auto", "conv", "tap_matmul")
+
+
+def resolve_spatial_lowering(fn: str, lowering: str) -> str:
+  """"auto": `uses_tap_matmul`'s rule on CPU, XLA's convolution elsewhere."""
+  if lowering not in SPATIAL_LOWERINGS:
+    raise ValueError(
+        f"{fn}: `spatial_lowering` must be one of {SPATIAL_LOWERINGS},"
+        f" got {lowering!r}."
+    )
+  if lowering == "auto" and jax.default_backend() != "cpu":
+    return "conv"
+  return lowering
+
+
+# Bytes of one step's tap outputs in `_tap_matmul`'s loop over the batch,
+# and the most one image's may take under "auto" (see `uses_tap_matmul`).
+_TAP_CHUNK_BYTES = 4 << 20
+_TAP_MAX_BYTES = 8 << 20
+
+
+def uses_tap_matmul(stage: Stage, in_shape: Sequence[int],
+                    geometry: _geometry.Geometry,
+                    spatial_lowering: str) -> bool:
+  """Whether a stage on a `[B, *spatial, C]` input runs as `_tap_matmul`.
+
+  Only dense (`groups == 1`) stages with more than one tap that are not run
+  as contractions. "tap_matmul" forces it for those; "auto" (CPU only, see
+  `resolve_spatial_lowering`) takes it where XLA:CPU's convolution was
+  measured slow and the tap matmul faster (`benchmarks/spatial.py`): stride
+  1, at least 64 input channels, at least 28x28 = 784 positions per image,
+  at most 64 output features or at most 3 taps (XLA:CPU runs wider 3x3
+  convs near the matmul rate: 128 -> 128 at 28x28 ran 1.25x slower as a tap
+  matmul), and one image's tap outputs within 8 MiB (a cache-sized step).
+  """
+  if (spatial_lowering == "conv" or not isinstance(stage, SpatialConv)
+      or stage.groups != 1 or math.prod(stage.kernel.shape[:-2]) == 1):
+    return False
+  if spatial_lowering == "tap_matmul":
+    return True
+  _, *spatial, channels = in_shape
+  taps, features = math.prod(stage.kernel.shape[:-2]), stage.kernel.shape[-1]
+  itemsize = max(jnp.dtype(stage.kernel.dtype).itemsize, 4)  # see `acc`
+  return (all(geometry.strides[a] == 1 for a in stage.axes)
+          and channels >= 64 and math.prod(spatial) >= 784
+          and (features <= 64 or taps <= 3)
+          and math.prod(spatial) * taps * features * itemsize
+          <= _TAP_MAX_BYTES)
+
+
 def is_depthwise(stage: Stage) -> bool:
   """A grouped stage with one input channel per group (any multiplier)."""
   return (isinstance(stage, SpatialConv) and stage.groups > 1
@@ -131,11 +181,14 @@ def run_stages(
     precision: Any = None,
     preferred_element_type: Any = None,
     depthwise_lowering: str = "grouped",
+    spatial_lowering: str = "conv",
 ) -> jax.Array:
   """Applies `stages` in order to `x [B, *spatial, C]`.
 
   `depthwise_lowering` ("shift_add", "shift_add_autodiff" or "grouped",
-  already resolved) picks how depthwise stages run.
+  already resolved) picks how depthwise stages run, `spatial_lowering`
+  ("conv", "tap_matmul" or, on CPU, "auto"; see `uses_tap_matmul`) how
+  dense spatial stages run.
   """
   for stage in stages:
     kernel = stage.kernel
@@ -157,6 +210,9 @@ def run_stages(
     elif is_depthwise(stage) and depthwise_lowering.startswith("shift_add"):
       x = _shift_add(x, kernel, stage.axes, geometry, preferred_element_type,
                      custom_vjp=depthwise_lowering == "shift_add")
+    elif uses_tap_matmul(stage, x.shape, geometry, spatial_lowering):
+      x = _tap_matmul(x, kernel, stage.axes, geometry, precision,
+                      preferred_element_type)
     else:
       x = _spatial_conv(
           x, kernel, stage.axes, stage.groups, geometry, precision,
@@ -288,15 +344,18 @@ def _taps_forward(plan: _Taps, x, weights):
 _CHUNK_BYTES = 1 << 20
 
 
-def _chunk_size(batch, per_item: int, devices: int) -> int:
-  """Images per step of `_weight_grad`'s loop: ~`_CHUNK_BYTES` per device.
+def _chunk_size(batch, per_item: int, devices: int,
+                target_bytes: int | None = None) -> int:
+  """Images per step of a batch loop: ~`target_bytes` per device.
+
+  `target_bytes` defaults to `_CHUNK_BYTES`, `_weight_grad`'s.
 
   A multiple of `devices` that divides `batch` where one of at least half
   the target size does: then `[chunk, steps, ...]` is a free reshape of the
   batch, while a remainder costs a copy of the input and of the gradient
   (XLA copies the `x[:steps * chunk]` slice) and one more pass.
   """
-  target = max(1, _CHUNK_BYTES // per_item)
+  target = max(1, (target_bytes or _CHUNK_BYTES) // per_item)
   if isinstance(batch, int):
     largest = min(target, max(1, batch // devices))
     for per_device in range(largest, (target + 1) // 2 - 1, -1):
@@ -321,12 +380,12 @@ def _weight_grad(plan: _Taps, x, g):
   per_item = max(1, math.prod(x.shape[1:]) * x.dtype.itemsize)
 
   def partial_sums(xc, gc):
-    # Padded, every tap's slice has the output's shape, so XLA reduces all k
-    # taps in one loop over the chunk. The barrier materializes the padded
-    # chunk (in cache) instead of recomputing the pad inside every tap.
-    xc = lax.optimization_barrier(lax.pad(
+    # Padded, every tap's slice has the output's shape. (XLA:CPU hands each
+    # tap's reduction to YNNPACK, which reads a materialized slice per tap:
+    # in cache, for a chunk.)
+    xc = lax.pad(
         xc, jnp.zeros((), xc.dtype),
-        [(0, 0, 0), *((lo, hi, 0) for lo, hi in plan.pads), (0, 0, 0)]))
+        [(0, 0, 0), *((lo, hi, 0) for lo, hi in plan.pads), (0, 0, 0)])
     sums = []
     for tap, _ in plan.taps:
       start = [0, *(t * d for t, d in zip(tap, plan.dilation)), 0]
@@ -457,6 +516,92 @@ def _spatial_conv(x, kernel, axes, groups, geometry, precision, preferred):
       precision=precision,
       preferred_element_type=preferred,
   )
+
+
+def _tap_matmul(x, kernel, axes, geometry, precision, preferred):
+  """A dense spatial conv as one matmul to every tap's output, then a shift-add.
+
+  `z = x @ W`, `W [C, k' * F]` for the k' taps that reach an output, gives at
+  every input position each tap's contribution; output `o` adds up, per tap,
+  the contribution at the input position that tap reads (the `_Taps` plan of
+  `_shift_add`, applied to `z`). Equal to the convolution up to summation
+  order, at `2 * B * prod(spatial) * C * k' * F` FLOPs for the matmul (a
+  stride computes positions it skips) plus `(k' - 1) * F` adds per output.
+
+  A loop over batch chunks keeps each chunk's `z` (~`_TAP_CHUNK_BYTES`) in
+  cache. The JVP (`jax.custom_jvp`) is XLA's convolution of the tangents, so
+  forward and reverse mode, and every gradient, are the convolution's.
+  """
+  return _tap_matmul_jvp(x, kernel, axes, geometry, precision, preferred)
+
+
+def _tap_matmul_forward(x, kernel, axes, geometry, precision, preferred):
+  plan = shift_add_plan(kernel.shape[:-2], axes, geometry, x.shape[1:-1])
+  if geometry.fill != "constant":
+    _, _, _, pads = _stage_geometry(kernel.shape[:-2], axes, geometry,
+                                    x.ndim - 2)
+    x = jnp.pad(x, [(0, 0), *pads, (0, 0)], mode=geometry.fill)
+  out_dtype = jnp.dtype(preferred or x.dtype)
+  # Tap outputs are summed in at least float32, as a convolution accumulates.
+  acc = jnp.float32 if out_dtype.itemsize < 4 else out_dtype
+  channels, features = kernel.shape[-2:]
+  batch, out_spatial = x.shape[0], plan.out
+  if not plan.taps:  # every tap reads only padding
+    return jnp.zeros((batch, *out_spatial, features), out_dtype)
+  index = np.array([np.ravel_multi_index(tap, plan.window)
+                    for tap, _ in plan.taps])
+  w = kernel.reshape(-1, channels, features)[index]  # [k', C, F]
+  w = jnp.moveaxis(w, 0, 1).reshape(channels, len(index) * features)
+
+  def chunk_out(xc):
+    z = lax.dot_general(xc, w, (((xc.ndim - 1,), (0,)), ((), ())),
+                        precision=precision, preferred_element_type=acc)
+    z = z.reshape(*z.shape[:-1], len(index), features)
+    y = None
+    for t, (_, ranges) in enumerate(plan.taps):
+      term = plan.pad_to_output(plan.input_slice(z[..., t, :], ranges), ranges)
+      y = term if y is None else y + term
+    return y.astype(out_dtype)
+
+  per_item = max(1, math.prod(x.shape[1:-1]) * len(index) * features
+                 * jnp.dtype(acc).itemsize)
+  chunk = _chunk_size(batch, per_item, jax.device_count(), _TAP_CHUNK_BYTES)
+  if not isinstance(batch, int) or batch < 2 * chunk:
+    return chunk_out(x)  # a symbolic (exported) batch, or one chunk
+  # Step `j` takes images `j, j + steps, ...`, as in `_weight_grad`.
+  steps = batch // chunk
+  main = steps * chunk
+  xs = x if main == batch else x[:main]
+
+  def step(j, y):
+    xc = xs.reshape(chunk, steps, *x.shape[1:])
+    return lax.dynamic_update_index_in_dim(
+        y, chunk_out(lax.dynamic_index_in_dim(xc, j, axis=1, keepdims=False)),
+        j, axis=1)
+
+  y = lax.fori_loop(
+      0, steps, step,
+      jnp.zeros((chunk, steps, *out_spatial, features), out_dtype))
+  y = y.reshape(main, *out_spatial, features)
+  if main < batch:
+    y = jnp.concatenate([y, chunk_out(x[main:])])
+  return y
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(2, 3, 4, 5))
+def _tap_matmul_jvp(x, kernel, axes, geometry, precision, preferred):
+  return _tap_matmul_forward(x, kernel, axes, geometry, precision, preferred)
+
+
+@_tap_matmul_jvp.defjvp
+def _tap_matmul_tangent(axes, geometry, precision, preferred, primals,
+                        tangents):
+  x, kernel = primals
+  dx, dkernel = tangents
+  y = _tap_matmul_jvp(x, kernel, axes, geometry, precision, preferred)
+  dy = (_spatial_conv(dx, kernel, axes, 1, geometry, precision, preferred)
+        + _spatial_conv(x, dkernel, axes, 1, geometry, precision, preferred))
+  return y, dy
 
 
 def restore_batch(y: jax.Array, batch_shape: tuple[int, ...]) -> jax.Array:

@@ -70,3 +70,14 @@ def test_fusion_script_writes_its_tables(tmp_path):
   rows = [line for line in (tmp_path / "fusion.md").read_text().splitlines()
           if line.startswith(("| out", "| mean", "| bn_block"))]
   assert len(rows) == 6
+
+
+def test_spatial_script_writes_its_table(tmp_path):
+  result = subprocess.run(
+      [sys.executable, str(BENCHMARKS / "spatial.py"), "--quick", "--out",
+       str(tmp_path)],
+      capture_output=True, text=True, timeout=300, check=False)
+  assert result.returncode == 0, result.stderr
+  rows = [line for line in (tmp_path / "spatial.md").read_text().splitlines()
+          if line.startswith("| LowRank")]
+  assert len(rows) == 2

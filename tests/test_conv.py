@@ -133,6 +133,9 @@ def test_pointwise_conv_equals_1x1_conv():
 
 
 def _xla_flops(x, kernel, **kwargs):
+  # XLA's count of the convolution run as one `lax` call per stage (a tap
+  # matmul's batch loop would be counted once: see `test_tap_matmul_flops`).
+  kwargs = {"spatial_lowering": "conv", **kwargs}
   analysis = jax.jit(lambda x, k: jaxfactor.conv(
       x, k, depthwise_lowering="grouped", **kwargs)).lower(
       x, kernel).compile().cost_analysis()
@@ -144,7 +147,8 @@ def _implementation_run_by_auto(x, fmt):
   told apart by XLA's own FLOP count of the compiled program (float32), and
   which one the roofline model expects to be faster."""
   counts = {impl: jaxfactor.cost(fmt, x.shape, implementation=impl,
-                                 depthwise_lowering="grouped").flops
+                                 depthwise_lowering="grouped",
+                                 spatial_lowering="conv").flops
             for impl in ("factorized", "reconstructed")}
   assert counts["factorized"] != counts["reconstructed"]
   ran = _xla_flops(x, fmt)
