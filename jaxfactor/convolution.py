@@ -64,8 +64,9 @@ def conv(
       to every tap's output, then a shift-add of those outputs, in a loop
       over batch chunks; its derivatives are the convolution's) or "auto":
       on CPU, "tap_matmul" where XLA's convolution was measured slow (stride
-      1, >= 64 input channels, >= 784 positions per image, <= 64 output
-      features or <= 3 taps, one image's tap outputs within 8 MiB: e.g. a
+      1, >= 784 positions per image, >= 128 input channels (64 for <= 3
+      taps), <= 64 output features or <= 3 taps, one image's tap outputs
+      within 8 MiB: e.g. a
       3x3 conv from 128 to 32 features at 56x56 runs 2.3x faster), "conv"
       elsewhere and on GPU/TPU. Same result up to summation order.
 

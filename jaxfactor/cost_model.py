@@ -166,7 +166,8 @@ class Machine(NamedTuple):
   below, at 56x56, 3x1 and 1x3 convs with 64-256 features ran at
   ~85-95 GFLOP/s and the stride-2 3x3 conv at ~150, hence exponent 0.5
   (`sqrt(3 / 9) = 0.58`); 0 (no penalty) on the unmeasured GPU and TPU
-  models. Depthwise stages run at `depthwise_flops` (shift-add) or
+  models. A tap-matmul stage (`primitives.uses_tap_matmul`) runs at the
+  contraction rate for its `k' * F` columns. Depthwise stages run at `depthwise_flops` (shift-add) or
   `grouped_flops` (`feature_group_count`). Bytes are the stage's input,
   output and kernel, each read or written once. Only the forward pass is
   priced.

@@ -147,10 +147,13 @@ def uses_tap_matmul(stage: Stage, in_shape: Sequence[int],
   as contractions. "tap_matmul" forces it for those; "auto" (CPU only, see
   `resolve_spatial_lowering`) takes it where XLA:CPU's convolution was
   measured slow and the tap matmul faster (`benchmarks/spatial.py`): stride
-  1, at least 64 input channels, at least 28x28 = 784 positions per image,
-  at most 64 output features or at most 3 taps (XLA:CPU runs wider 3x3
-  convs near the matmul rate: 128 -> 128 at 28x28 ran 1.25x slower as a tap
-  matmul), and one image's tap outputs within 8 MiB (a cache-sized step).
+  1, at least 28x28 = 784 positions per image, at least 128 input channels
+  (64 for a stage of at most 3 taps), at most 64 output features or at most
+  3 taps (XLA:CPU runs wider 3x3 convs near the matmul rate: 128 -> 128 at
+  28x28 ran 1.8x slower as a tap matmul), and one image's tap outputs
+  within 8 MiB (a cache-sized step). With 64 inputs and 9 taps a stage
+  alone ran 1.0-2.4x faster, but Tucker's 64 -> 64 core at 28x28 gained
+  nothing forward inside its chain and lost 17-35% forward+backward.
   """
   if (spatial_lowering == "conv" or not isinstance(stage, SpatialConv)
       or stage.groups != 1 or math.prod(stage.kernel.shape[:-2]) == 1):
@@ -161,7 +164,8 @@ def uses_tap_matmul(stage: Stage, in_shape: Sequence[int],
   taps, features = math.prod(stage.kernel.shape[:-2]), stage.kernel.shape[-1]
   itemsize = max(jnp.dtype(stage.kernel.dtype).itemsize, 4)  # see `acc`
   return (all(geometry.strides[a] == 1 for a in stage.axes)
-          and channels >= 64 and math.prod(spatial) >= 784
+          and channels >= (64 if taps <= 3 else 128)
+          and math.prod(spatial) >= 784
           and (features <= 64 or taps <= 3)
           and math.prod(spatial) * taps * features * itemsize
           <= _TAP_MAX_BYTES)

@@ -31,8 +31,8 @@ def _padding(padding, n):
   return padding
 
 
-def _cases():
-  for name in FORMATS:
+def _cases(names=FORMATS):
+  for name in names:
     for n in (1, 2, 3):
       for padding in PADDINGS:
         if padding == "CAUSAL" and n != 1:
