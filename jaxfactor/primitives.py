@@ -150,7 +150,7 @@ def uses_tap_matmul(stage: Stage, in_shape: Sequence[int],
   1, at least 28x28 = 784 positions per image, at least 128 input channels
   (64 for a stage of at most 3 taps), at most 64 output features or at most
   3 taps (XLA:CPU runs wider 3x3 convs near the matmul rate: 128 -> 128 at
-  28x28 ran 1.8x slower as a tap matmul), and one image's tap outputs
+  28x28 ran 1.25-1.8x slower as a tap matmul), and one image's tap outputs
   within 8 MiB (a cache-sized step). With 64 inputs and 9 taps a stage
   alone ran 1.0-2.4x faster, but Tucker's 64 -> 64 core at 28x28 gained
   nothing forward inside its chain and lost 17-35% forward+backward.
