@@ -1,6 +1,6 @@
 """The lax calls: pointwise (1x1) and depthwise convolutions, and stage chains.
 
-Every convolution jaxfactor runs is a chain of *stages*, each one `lax` call:
+Every convolution jaxfactor runs is a chain of *stages*:
 
 * `Pointwise(kernel [C, F])`: a contraction over the channel axis
   (`lax.dot_general`), the cheapest lowering of a 1x1 convolution; a dense
@@ -8,7 +8,9 @@ Every convolution jaxfactor runs is a chain of *stages*, each one `lax` call:
 * `SpatialConv(kernel, axes, groups)`: a convolution over the spatial `axes`
   only (window 1 elsewhere), with `groups` channel groups
   (`feature_group_count`), e.g. a dense conv, a depthwise conv or a 1-D conv
-  along one axis.
+  along one axis. On CPU a depthwise stage runs as a shift-add of its taps
+  (`_shift_add`) and a dense one, where that is faster, as one matmul to
+  every tap's output and a shift-add of those (`_tap_matmul`).
 
 Strides, padding and dilation act on a stage's own axes; 1x1 stages and the
 other axes see none of them. `cost_model.py` counts the FLOPs of the same stages.
@@ -152,7 +154,7 @@ def uses_tap_matmul(stage: Stage, in_shape: Sequence[int],
   3 taps (XLA:CPU runs wider 3x3 convs near the matmul rate: 128 -> 128 at
   28x28 ran 1.25-1.8x slower as a tap matmul), and one image's tap outputs
   within 8 MiB (a cache-sized step). With 64 inputs and 9 taps a stage
-  alone ran 1.0-2.4x faster, but Tucker's 64 -> 64 core at 28x28 gained
+  alone ran 1.0-2.5x faster, but Tucker's 64 -> 64 core at 28x28 gained
   nothing forward inside its chain and lost 17-35% forward+backward.
   """
   if (spatial_lowering == "conv" or not isinstance(stage, SpatialConv)
