@@ -77,7 +77,8 @@ def stage_flops(
   (a zero-padded tap costs nothing) and adds the k' taps that reach any
   output: `k' - 1` adds per output element. A tap-matmul stage
   (`primitives.uses_tap_matmul`) multiplies every (padded) input position by
-  the k' taps' weights and adds `k' - 1` terms per output element. The rest
+  the k' taps' weights and adds `k' - 1` terms per output position and
+  feature. The rest
   as `lax`'s convolutions.
   """
   batch, *spatial, _ = in_shape
@@ -88,9 +89,9 @@ def stage_flops(
   if primitives.uses_tap_matmul(stage, in_shape, geometry, spatial_lowering):
     plan = primitives.shift_add_plan(kernel_shape[:-2], stage.axes, geometry,
                                      spatial)
-    if geometry.fill != "constant":  # padded with data first
-      spatial = [size + lo + hi
-                 for size, (lo, hi) in zip(spatial, geometry.padding)]
+    if geometry.fill != "constant":  # the stage's axes padded with data
+      spatial = [size + sum(geometry.padding[axis]) if axis in stage.axes
+                 else size for axis, size in enumerate(spatial)]
     c, f = kernel_shape[-2:]
     taps = len(plan.taps)
     flops = (2 * batch * math.prod(spatial) * c * taps * f
@@ -167,7 +168,7 @@ class Machine(NamedTuple):
   ~85-95 GFLOP/s and the stride-2 3x3 conv at ~150, hence exponent 0.5
   (`sqrt(3 / 9) = 0.58`); 0 (no penalty) on the unmeasured GPU and TPU
   models. A tap-matmul stage (`primitives.uses_tap_matmul`) runs at the
-  contraction rate for its `k' * F` columns. Depthwise stages run at `depthwise_flops` (shift-add) or
+  contraction rate for its `k * F` columns (k taps, F features). Depthwise stages run at `depthwise_flops` (shift-add) or
   `grouped_flops` (`feature_group_count`). Bytes are the stage's input,
   output and kernel, each read or written once. Only the forward pass is
   priced.
@@ -220,7 +221,7 @@ def stage_seconds(
   nbytes = itemsize * (math.prod(in_shape) + math.prod(out_shape)
                        + math.prod(kernel))
   if primitives.uses_tap_matmul(stage, in_shape, geometry, spatial_lowering):
-    # One matmul to the taps' k' * F columns (the shift-add is in cache).
+    # One matmul to ~k * F columns (the shift-add is in cache).
     columns = math.prod(kernel[:-2]) * kernel[-1]
     rate = model.matmul_flops * min(1.0, (columns / 16) ** 2)
   elif primitives.is_depthwise(stage):

@@ -134,7 +134,8 @@ def test_pointwise_conv_equals_1x1_conv():
 
 def _xla_flops(x, kernel, **kwargs):
   # XLA's count of the convolution run as one `lax` call per stage (a tap
-  # matmul's batch loop would be counted once: see `test_tap_matmul_flops`).
+  # matmul's batch loop would be counted once: see
+  # `test_tap_matmul.test_flops_match_xla_and_scale_with_the_batch`).
   kwargs = {"spatial_lowering": "conv", **kwargs}
   analysis = jax.jit(lambda x, k: jaxfactor.conv(
       x, k, depthwise_lowering="grouped", **kwargs)).lower(
