@@ -599,15 +599,24 @@ def _tap_matmul_jvp(x, kernel, axes, geometry, precision, preferred):
   return _tap_matmul_forward(x, kernel, axes, geometry, precision, preferred)
 
 
-@_tap_matmul_jvp.defjvp
 def _tap_matmul_tangent(axes, geometry, precision, preferred, primals,
                         tangents):
   x, kernel = primals
   dx, dkernel = tangents
   y = _tap_matmul_jvp(x, kernel, axes, geometry, precision, preferred)
-  dy = (_spatial_conv(dx, kernel, axes, 1, geometry, precision, preferred)
-        + _spatial_conv(x, dkernel, axes, 1, geometry, precision, preferred))
-  return y, dy
+  # Symbolic zeros: a tangent w.r.t. one argument only runs one conv.
+  zero = jax.custom_derivatives.SymbolicZero
+  terms = []
+  if not isinstance(dx, zero):
+    terms.append(_spatial_conv(dx, kernel, axes, 1, geometry, precision,
+                               preferred))
+  if not isinstance(dkernel, zero):
+    terms.append(_spatial_conv(x, dkernel, axes, 1, geometry, precision,
+                               preferred))
+  return y, functools.reduce(lax.add, terms) if terms else jnp.zeros_like(y)
+
+
+_tap_matmul_jvp.defjvp(_tap_matmul_tangent, symbolic_zeros=True)
 
 
 def restore_batch(y: jax.Array, batch_shape: tuple[int, ...]) -> jax.Array:

@@ -86,6 +86,21 @@ def test_grads(one_image_per_step, n):
   check_grads(fn, (x, kernel), order=2, modes=("fwd", "rev"))
 
 
+def test_jvp_wrt_one_argument_runs_one_convolution():
+  """Zero tangents stay symbolic: no convolution of zeros."""
+  x = random_input((2, 6, 5, 4))
+  kernel = random_input((3, 3, 4, 2), seed=2)
+  fn = lambda x, k: jaxfactor.conv(x, k, spatial_lowering="tap_matmul")
+  for partial, primal in ((lambda x: fn(x, kernel), x),
+                          (lambda k: fn(x, k), kernel)):
+    jaxpr = str(jax.make_jaxpr(
+        lambda p, partial=partial: jax.jvp(partial, (p,), (p,)))(primal))
+    assert jaxpr.count("conv_general_dilated") == 1
+  _, dy = jax.jvp(fn, (x, kernel), (x, kernel))
+  # Linear in each argument: d(x * k) in direction (x, k) is 2 * (x * k).
+  assert relative_error(dy, 2 * flax_conv(x, kernel)) < RTOL[jnp.float64]
+
+
 def test_grads_equal_the_convolutions(one_image_per_step):
   x = random_input((3, 6, 5, 4))
   fmt = random_format("low_rank", (3, 3), 4, 6)
