@@ -66,9 +66,9 @@ def conv(
       on CPU, "tap_matmul" where XLA's convolution was measured slow (stride
       1, >= 784 positions per image, >= 128 input channels (64 for <= 3
       taps), <= 64 output features or <= 3 taps, one image's tap outputs
-      within 8 MiB: e.g. a
-      3x3 conv from 128 to 32 features at 56x56 runs ~2.1-2.2x faster), "conv"
-      elsewhere and on GPU/TPU. Same result up to summation order.
+      within 8 MiB: e.g. a 3x3 conv from 128 to 32 features at 56x56 runs
+      ~2.1-2.2x faster), "conv" elsewhere and on GPU/TPU. Same result up to
+      summation order.
 
   Returns:
     `[*batch, *out_spatial, F]`.

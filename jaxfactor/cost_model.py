@@ -78,8 +78,7 @@ def stage_flops(
   output: `k' - 1` adds per output element. A tap-matmul stage
   (`primitives.uses_tap_matmul`) multiplies every (padded) input position by
   the k' taps' weights and adds `k' - 1` terms per output position and
-  feature. The rest
-  as `lax`'s convolutions.
+  feature. The rest as `lax`'s convolutions.
   """
   batch, *spatial, _ = in_shape
   kernel_shape = stage.kernel.shape
@@ -168,8 +167,9 @@ class Machine(NamedTuple):
   ~85-95 GFLOP/s and the stride-2 3x3 conv at ~150, hence exponent 0.5
   (`sqrt(3 / 9) = 0.58`); 0 (no penalty) on the unmeasured GPU and TPU
   models. A tap-matmul stage (`primitives.uses_tap_matmul`) runs at the
-  contraction rate for its `k * F` columns (k taps, F features). Depthwise stages run at `depthwise_flops` (shift-add) or
-  `grouped_flops` (`feature_group_count`). Bytes are the stage's input,
+  contraction rate for its `k * F` columns (k taps, F features). Depthwise
+  stages run at `depthwise_flops` (shift-add) or `grouped_flops`
+  (`feature_group_count`). Bytes are the stage's input,
   output and kernel, each read or written once. Only the forward pass is
   priced.
   """

@@ -155,7 +155,7 @@ def uses_tap_matmul(stage: Stage, in_shape: Sequence[int],
   28x28 ran 1.25-1.8x slower as a tap matmul), and one image's tap outputs
   within 8 MiB (a cache-sized step). With 64 inputs and 9 taps a stage
   alone ran 1.0-2.5x faster, but Tucker's 64 -> 64 core at 28x28 gained
-  nothing forward inside its chain and lost 17-35% forward+backward.
+  nothing forward inside its chain and lost 17-36% forward+backward.
   """
   if (spatial_lowering == "conv" or not isinstance(stage, SpatialConv)
       or stage.groups != 1 or math.prod(stage.kernel.shape[:-2]) == 1):
@@ -317,6 +317,19 @@ class _Taps(NamedTuple):
                                   in zip(ranges, self.out)),
                                 (0, 0, 0)])
 
+  def sum_to_output(self, term):
+    """`sum over taps t of term(t, ranges)`, each padded to the output.
+
+    `term(t, ranges)` is tap `t`'s contribution to the outputs `ranges` it
+    reaches (e.g. from `input_slice(..., ranges)`); None when no tap reads
+    input.
+    """
+    y = None
+    for t, (_, ranges) in enumerate(self.taps):
+      padded = self.pad_to_output(term(t, ranges), ranges)
+      y = padded if y is None else y + padded
+    return y
+
   def pad_to_input(self, term, ranges, sizes):
     zero = jnp.zeros((), term.dtype)
     config = [(0, 0, 0)]
@@ -333,12 +346,8 @@ def _per_channel(weight, ndim):
 
 def _taps_forward(plan: _Taps, x, weights):
   """`sum over taps of (input slice * weight)`, each padded to the output."""
-  y = None
-  for tap, ranges in plan.taps:
-    term = plan.pad_to_output(
-        plan.input_slice(x, ranges) * _per_channel(weights[tap], x.ndim),
-        ranges)
-    y = term if y is None else y + term
+  y = plan.sum_to_output(lambda t, ranges: plan.input_slice(x, ranges)
+                         * _per_channel(weights[plan.taps[t][0]], x.ndim))
   if y is None:  # every tap reads only padding
     y = jnp.zeros((x.shape[0], *plan.out, x.shape[-1]), x.dtype)
   return y
@@ -524,6 +533,7 @@ def _spatial_conv(x, kernel, axes, groups, geometry, precision, preferred):
   )
 
 
+@functools.partial(jax.custom_jvp, nondiff_argnums=(2, 3, 4, 5))
 def _tap_matmul(x, kernel, axes, geometry, precision, preferred):
   """A dense spatial conv as one matmul to every tap's output, then a shift-add.
 
@@ -538,7 +548,7 @@ def _tap_matmul(x, kernel, axes, geometry, precision, preferred):
   cache. The JVP (`jax.custom_jvp`) is XLA's convolution of the tangents, so
   forward and reverse mode, and every gradient, are the convolution's.
   """
-  return _tap_matmul_jvp(x, kernel, axes, geometry, precision, preferred)
+  return _tap_matmul_forward(x, kernel, axes, geometry, precision, preferred)
 
 
 def _tap_matmul_forward(x, kernel, axes, geometry, precision, preferred):
@@ -563,11 +573,9 @@ def _tap_matmul_forward(x, kernel, axes, geometry, precision, preferred):
     z = lax.dot_general(xc, w, (((xc.ndim - 1,), (0,)), ((), ())),
                         precision=precision, preferred_element_type=acc)
     z = z.reshape(*z.shape[:-1], len(index), features)
-    y = None
-    for t, (_, ranges) in enumerate(plan.taps):
-      term = plan.pad_to_output(plan.input_slice(z[..., t, :], ranges), ranges)
-      y = term if y is None else y + term
-    return y.astype(out_dtype)
+    return plan.sum_to_output(
+        lambda t, ranges: plan.input_slice(z[..., t, :], ranges)
+    ).astype(out_dtype)
 
   per_item = max(1, math.prod(x.shape[1:-1]) * len(index) * features
                  * jnp.dtype(acc).itemsize)
@@ -594,16 +602,11 @@ def _tap_matmul_forward(x, kernel, axes, geometry, precision, preferred):
   return y
 
 
-@functools.partial(jax.custom_jvp, nondiff_argnums=(2, 3, 4, 5))
-def _tap_matmul_jvp(x, kernel, axes, geometry, precision, preferred):
-  return _tap_matmul_forward(x, kernel, axes, geometry, precision, preferred)
-
-
 def _tap_matmul_tangent(axes, geometry, precision, preferred, primals,
                         tangents):
   x, kernel = primals
   dx, dkernel = tangents
-  y = _tap_matmul_jvp(x, kernel, axes, geometry, precision, preferred)
+  y = _tap_matmul(x, kernel, axes, geometry, precision, preferred)
   # Symbolic zeros: a tangent w.r.t. one argument only runs one conv.
   zero = jax.custom_derivatives.SymbolicZero
   terms = []
@@ -616,7 +619,7 @@ def _tap_matmul_tangent(axes, geometry, precision, preferred, primals,
   return y, functools.reduce(lax.add, terms) if terms else jnp.zeros_like(y)
 
 
-_tap_matmul_jvp.defjvp(_tap_matmul_tangent, symbolic_zeros=True)
+_tap_matmul.defjvp(_tap_matmul_tangent, symbolic_zeros=True)
 
 
 def restore_batch(y: jax.Array, batch_shape: tuple[int, ...]) -> jax.Array:
