@@ -4,22 +4,25 @@ For MobileNet-style layer shapes (and the low-rank formats at the ranks of
 `perf-baseline.md`: LowRank and Tucker at F/4, SpatiallySeparable at F/2, CP at
 F/2), times the lax dense conv, every format with each `implementation`, the
 naive depthwise lowering Flax/Keras/Haiku build (grouped conv + 1x1 conv), and
-PyTorch CPU channels-last when torch is installed; forward and forward+backward
-(the forward pass, its output kept, plus the gradients w.r.t. the input and
-every factor, as torch's `y = f(x); y.backward(t)`). jit, 2 warm-ups,
-`block_until_ready`, `--repeats` interleaved runs, median and min.
+PyTorch channels-last when torch is installed (on the CPU, or with CUDA when
+JAX runs on a GPU); forward and forward+backward (the forward pass, its output
+kept, plus the gradients w.r.t. the input and every factor, as torch's
+`y = f(x); y.backward(t)`). jit, 2 warm-ups, `block_until_ready`, `--repeats`
+interleaved runs, median and min.
 
 Columns: theoretical FLOP ratio (dense FLOPs / the op's FLOPs, from
 `jaxfactor.cost`), achieved speedup (dense time / op time, same run), and the
 time over a roofline bound max(FLOPs / peak, bytes / bandwidth) with the
-machine's measured peaks (`--peak-gflops`, `--bandwidth-gbs`).
+machine's peaks (`--peak-gflops`, `--bandwidth-gbs`; on a GPU or TPU measured
+at the start of the run by `measure_peaks`).
 
 Run: `python benchmarks/conv.py` (add `--quick` for a smoke run). XLA flags are
 read from the environment, e.g.
 `XLA_FLAGS=--xla_cpu_experimental_ynn_fusion_type= python benchmarks/conv.py`,
 and so are glibc's allocator settings, e.g. `GLIBC_TUNABLES=glibc.malloc.hugetlb=1`
 (huge pages for large buffers; see the README); pass `--tag` to keep such runs
-apart.
+apart. On a GPU the README's table ran as
+`python benchmarks/conv.py --batch 256 --tag gpu`.
 Writes `benchmarks/results/conv[_quick].md` and `.json`.
 """
 
@@ -94,6 +97,11 @@ def ops(c, f, stride, key):
   dw = ks["depthwise_separable"].depthwise
   add("depthwise | jaxfactor.depthwise_conv",
       lambda x, k: jaxfactor.depthwise_conv(x, k, strides=stride), dw, None)
+  if jax.default_backend() != "cpu":
+    # "auto" is the grouped conv here; time the CPU default beside it.
+    add("depthwise | jaxfactor shift_add",
+        lambda x, k: jaxfactor.depthwise_conv(
+            x, k, strides=stride, depthwise_lowering="shift_add"), dw, None)
   add("depthwise | lax grouped (=Flax/Keras/Haiku)",
       lambda x, k: lax.conv_general_dilated(
           x, k, (stride, stride), "SAME", dimension_numbers=DN,
@@ -140,23 +148,45 @@ def _interleaved(calls, repeats):
   return times
 
 
-def torch_ops(batch, size, c, f, stride):
+def torch_device():
+  """Where torch runs beside JAX: CUDA when JAX runs on a GPU, else the CPU."""
   try:
     import torch
   except ImportError:
+    return None
+  if jax.default_backend() == "gpu" and torch.cuda.is_available():
+    return "cuda"
+  return "cpu"
+
+
+def torch_ops(batch, size, c, f, stride):
+  device = torch_device()
+  if device is None:
     return {}
-  torch.set_num_threads(os.cpu_count() or 1)
-  x = torch.randn(batch, c, size, size).to(memory_format=torch.channels_last)
-  dense = torch.nn.Conv2d(c, f, 3, stride, 1, bias=False).to(
-      memory_format=torch.channels_last)
-  dw = torch.nn.Conv2d(c, c, 3, stride, 1, groups=c, bias=False).to(
-      memory_format=torch.channels_last)
-  pw = torch.nn.Conv2d(c, f, 1, bias=False).to(
-      memory_format=torch.channels_last)
+  import torch
+  if device == "cpu":
+    torch.set_num_threads(os.cpu_count() or 1)
+    sync = lambda: None
+  else:
+    # cuDNN picks its fastest algorithm per shape, as XLA autotunes its own.
+    torch.backends.cudnn.benchmark = True
+    sync = torch.cuda.synchronize
+
+  def tensor(*shape):
+    return torch.randn(*shape, device=device).to(
+        memory_format=torch.channels_last)
+
+  def layer(*args, **kwargs):
+    return torch.nn.Conv2d(*args, bias=False, **kwargs).to(
+        device=device, memory_format=torch.channels_last)
+
+  x = tensor(batch, c, size, size)
+  dense = layer(c, f, 3, stride, 1)
+  dw = layer(c, c, 3, stride, 1, groups=c)
+  pw = layer(c, f, 1)
 
   out = -(-size // stride)
-  cot = {f: torch.randn(batch, f, out, out).to(
-      memory_format=torch.channels_last) for f in {c, f}}
+  cot = {f: tensor(batch, f, out, out) for f in {c, f}}
 
   def run(module_fn, backward):
     def call():
@@ -164,6 +194,7 @@ def torch_ops(batch, size, c, f, stride):
       y = module_fn(xx)
       if backward:
         y.backward(cot[y.shape[1]])
+      sync()
       return y
     return call
 
@@ -173,6 +204,33 @@ def torch_ops(batch, size, c, f, stride):
       "separable | torch channels-last": lambda b: run(
           lambda t: pw(dw(t)), b),
   }
+
+
+def measure_peaks(n=8192, copy_size=1 << 28, repeats=10):
+  """(GFLOP/s, GB/s): a float32 matmul at JAX's default precision, and a copy.
+
+  The roofline's two ceilings on an accelerator, measured in this run: an
+  `n`^3 matmul (2 n^3 FLOPs) and an elementwise pass over `copy_size` floats
+  (1 GiB; its bytes read plus written), medians of `repeats`.
+  """
+  a = jax.random.normal(jax.random.key(0), (n, n))
+  b = jax.random.normal(jax.random.key(1), (n, n))
+  v = jax.random.normal(jax.random.key(2), (copy_size,))
+  matmul = jax.jit(jnp.matmul)
+  copy = jax.jit(lambda v: v + 1)
+
+  def median_seconds(fn, *args):
+    jax.block_until_ready(fn(*args))
+    times = []
+    for _ in range(repeats):
+      start = time.perf_counter()
+      jax.block_until_ready(fn(*args))
+      times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+  gflops = 2 * n ** 3 / median_seconds(matmul, a, b) / 1e9
+  gbs = 2 * v.nbytes / median_seconds(copy, v) / 1e9
+  return gflops, gbs
 
 
 def _auto_choice(kernel, shape, stride):
@@ -280,6 +338,11 @@ def run_shape(shape_name, size, c, f, stride, batch, repeats, args):
   return rows
 
 
+def _ms(v):
+  """Milliseconds to one decimal, or 3 significant digits under 10 (GPU)."""
+  return f"{v:.1f}" if v >= 10 else f"{v:.3g}"
+
+
 def targets(rows):
   """The issue's targets, checked on this run's medians."""
   get = {(r["shape"], r["op"], r["impl"]): r for r in rows}
@@ -345,9 +408,10 @@ def targets(rows):
       ours = (get[s, op, ours_impl] if ours_impl
               else get[s, "depthwise_separable", "auto"])
       torch_lines.append(
-          f"| {s} | {op} | {ours['fwd_median_ms']:.1f} /"
-          f" {t['fwd_median_ms']:.1f} = {ours['fwd_median_ms'] / t['fwd_median_ms']:.2f}x |"
-          f" {ours['fwdbwd_median_ms']:.1f} / {t['fwdbwd_median_ms']:.1f} ="
+          f"| {s} | {op} | {_ms(ours['fwd_median_ms'])} /"
+          f" {_ms(t['fwd_median_ms'])} ="
+          f" {ours['fwd_median_ms'] / t['fwd_median_ms']:.2f}x |"
+          f" {_ms(ours['fwdbwd_median_ms'])} / {_ms(t['fwdbwd_median_ms'])} ="
           f" {ours['fwdbwd_median_ms'] / t['fwdbwd_median_ms']:.2f}x |")
   return lines, torch_lines
 
@@ -431,14 +495,63 @@ def compile_times(repeats=5):
   return results
 
 
+def report(rows, compiled, machine):
+  """The markdown table, the targets and the comparison with torch."""
+
+  def fmt(v, spec):
+    return "-" if v is None else format(v, spec)
+
+  target_lines, torch_lines = targets(rows)
+  lines = [machine, "",
+           "| shape | op | impl | fwd ms med (min) | theo. | fwd speedup |"
+           " fwd+bwd ms med (min) | fwd+bwd speedup | fwd / roofline |",
+           "|---|---|---|---|---|---|---|---|---|"]
+  for r in rows:
+    impl = r["impl"] + (f" ({r['auto_runs']})" if r["auto_runs"] else "")
+    lines.append(
+        f"| {r['shape']} | {r['op']} | {impl} |"
+        f" {_ms(r['fwd_median_ms'])} ({_ms(r['fwd_min_ms'])}) |"
+        f" {fmt(r['theoretical'], '.1f')} | {r['fwd_speedup']:.2f} |"
+        f" {_ms(r['fwdbwd_median_ms'])} ({_ms(r['fwdbwd_min_ms'])}) |"
+        f" {r['fwdbwd_speedup']:.2f} | {fmt(r['over_roofline'], '.1f')} |")
+  lines += ["", "**Targets** (issue #5; same run, medians)", "",
+            "| met | measured |", "|---|---|", *target_lines]
+  if compiled is None:
+    lines += ["", "| - | compile time: not measured (yet) |"]
+  else:
+    ratio = compiled["separable"] / compiled["dense"]
+    lines += ["", f"| {'yes' if ratio <= 1.5 else '**no**'} | compile time"
+              f" of a 4-block MobileNet-style train step: separable"
+              f" {compiled['separable']:.2f} s vs dense"
+              f" {compiled['dense']:.2f} s = {ratio:.2f}x (<= 1.5x); the same"
+              f" network from Flax's own layers (grouped conv + 1x1 conv):"
+              f" {compiled['flax_separable']:.2f} s ="
+              f" {compiled['flax_separable'] / compiled['dense']:.2f}x;"
+              f" jaxfactor's without its depthwise convs:"
+              f" {compiled['without_depthwise']:.2f} s ="
+              f" {compiled['without_depthwise'] / compiled['dense']:.2f}x |"]
+  if torch_lines:
+    lines += ["", f"**Against PyTorch {torch_device().upper()} channels-last**"
+              " (jaxfactor / torch, ms; below 1 = jaxfactor faster)", "",
+              "| shape | op | fwd | fwd+bwd |", "|---|---|---|---|",
+              *torch_lines]
+  return lines
+
+
 def main():
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--quick", action="store_true")
   parser.add_argument("--batch", type=int, default=32)
   parser.add_argument("--repeats", type=int, default=20)
   parser.add_argument("--shapes", nargs="*", default=None)
-  parser.add_argument("--peak-gflops", type=float, default=190.0)
-  parser.add_argument("--bandwidth-gbs", type=float, default=36.0)
+  parser.add_argument("--compile-repeats", type=int, default=5,
+                      help="compilations per network for the compile time")
+  parser.add_argument("--peak-gflops", type=float, default=None,
+                      help="the roofline's FLOP rate (default: 190, this"
+                           " project's CPU, on the CPU; measured in this run"
+                           " on other backends)")
+  parser.add_argument("--bandwidth-gbs", type=float, default=None,
+                      help="the roofline's bandwidth (default: 36, likewise)")
   parser.add_argument("--tag", default="",
                       help="suffix for the output files, e.g. for a run"
                            " under other XLA_FLAGS")
@@ -452,65 +565,56 @@ def main():
   batch = 2 if args.quick else args.batch
   repeats = 3 if args.quick else args.repeats
   started = time.time()
-  rows = []
-  for shape_name, (size, c, f, stride) in shapes.items():
-    rows += run_shape(shape_name, size, c, f, stride, batch, repeats, args)
-  compiled = compile_times(1) if args.quick else compile_times()
+  peaks = "this project's CPU"
+  if args.peak_gflops is None or args.bandwidth_gbs is None:
+    if jax.default_backend() == "cpu":
+      measured = (190.0, 36.0)
+    else:
+      measured = measure_peaks()
+      peaks = "measured in this run"
+    args.peak_gflops = args.peak_gflops or measured[0]
+    args.bandwidth_gbs = args.bandwidth_gbs or measured[1]
+  else:
+    peaks = "given"
 
-  def fmt(v, spec):
-    return "-" if v is None else format(v, spec)
-
-  try:
-    import torch
-    torch_version = f", torch {torch.__version__} ({torch.get_num_threads()}"
-    torch_version += " threads)"
-  except ImportError:
+  device = torch_device()
+  if device is None:
     torch_version = ", torch not installed"
-  machine = (f"{platform.machine()}, {os.cpu_count()} cores,"
-             f" {jax.default_backend()} ({jax.devices()[0].device_kind}),"
-             f" jax {jax.__version__}{torch_version}, batch {batch}, float32,"
-             f" {repeats} interleaved runs, medians, XLA_FLAGS="
-             f"{os.environ.get('XLA_FLAGS', '')!r}, GLIBC_TUNABLES="
-             f"{os.environ.get('GLIBC_TUNABLES', '')!r},"
-             f" {time.time() - started:.0f} s")
-  target_lines, torch_lines = targets(rows)
-  lines = [machine, "",
-           "| shape | op | impl | fwd ms med (min) | theo. | fwd speedup |"
-           " fwd+bwd ms med (min) | fwd+bwd speedup | fwd / roofline |",
-           "|---|---|---|---|---|---|---|---|---|"]
-  for r in rows:
-    impl = r["impl"] + (f" ({r['auto_runs']})" if r["auto_runs"] else "")
-    lines.append(
-        f"| {r['shape']} | {r['op']} | {impl} |"
-        f" {r['fwd_median_ms']:.1f} ({r['fwd_min_ms']:.1f}) |"
-        f" {fmt(r['theoretical'], '.1f')} | {r['fwd_speedup']:.2f} |"
-        f" {r['fwdbwd_median_ms']:.1f} ({r['fwdbwd_min_ms']:.1f}) |"
-        f" {r['fwdbwd_speedup']:.2f} | {fmt(r['over_roofline'], '.1f')} |")
-  lines += ["", "**Targets** (issue #5; same run, medians)", "",
-            "| met | measured |", "|---|---|", *target_lines]
-  ratio = compiled["separable"] / compiled["dense"]
-  lines += ["", f"| {'yes' if ratio <= 1.5 else '**no**'} | compile time of a"
-            f" 4-block MobileNet-style train step: separable"
-            f" {compiled['separable']:.2f} s vs dense"
-            f" {compiled['dense']:.2f} s = {ratio:.2f}x (<= 1.5x); the same"
-            f" network from Flax's own layers (grouped conv + 1x1 conv):"
-            f" {compiled['flax_separable']:.2f} s ="
-            f" {compiled['flax_separable'] / compiled['dense']:.2f}x;"
-            f" jaxfactor's without its depthwise convs:"
-            f" {compiled['without_depthwise']:.2f} s ="
-            f" {compiled['without_depthwise'] / compiled['dense']:.2f}x |"]
-  if torch_lines:
-    lines += ["", "**Against PyTorch CPU channels-last** (jaxfactor / torch,"
-              " ms; below 1 = jaxfactor faster)", "",
-              "| shape | op | fwd | fwd+bwd |", "|---|---|---|---|",
-              *torch_lines]
+  else:
+    import torch
+    torch_version = f", torch {torch.__version__} " + (
+        f"({torch.get_num_threads()} threads)" if device == "cpu" else
+        "(CUDA, cuDNN benchmark mode)")
+
+  def machine():
+    return (f"{platform.machine()}, {os.cpu_count()} cores,"
+            f" {jax.default_backend()} ({jax.devices()[0].device_kind}),"
+            f" jax {jax.__version__}{torch_version}, batch {batch}, float32"
+            f" (default precision), {repeats} interleaved runs, medians,"
+            f" roofline {args.peak_gflops:.0f} GFLOP/s and"
+            f" {args.bandwidth_gbs:.0f} GB/s ({peaks}), XLA_FLAGS="
+            f"{os.environ.get('XLA_FLAGS', '')!r}, GLIBC_TUNABLES="
+            f"{os.environ.get('GLIBC_TUNABLES', '')!r},"
+            f" {time.time() - started:.0f} s")
+
   args.out.mkdir(parents=True, exist_ok=True)
   suffix = ("_quick" if args.quick else "") + (
       f"_{args.tag}" if args.tag else "")
-  (args.out / f"conv{suffix}.md").write_text("\n".join(lines) + "\n")
-  (args.out / f"conv{suffix}.json").write_text(json.dumps(
-      dict(machine=machine, rows=rows, compile_seconds=compiled), indent=1))
-  print("\n".join(lines))
+
+  def write(rows, compiled):
+    lines = report(rows, compiled, machine())
+    (args.out / f"conv{suffix}.md").write_text("\n".join(lines) + "\n")
+    (args.out / f"conv{suffix}.json").write_text(json.dumps(
+        dict(machine=machine(), rows=rows, compile_seconds=compiled),
+        indent=1))
+    return lines
+
+  rows = []
+  for shape_name, (size, c, f, stride) in shapes.items():
+    rows += run_shape(shape_name, size, c, f, stride, batch, repeats, args)
+    write(rows, None)  # What was timed is kept if a later step fails.
+  compiled = compile_times(1 if args.quick else args.compile_repeats)
+  print("\n".join(write(rows, compiled)))
 
 
 if __name__ == "__main__":
