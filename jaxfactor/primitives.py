@@ -196,6 +196,16 @@ def run_stages(
   ("conv", "tap_matmul" or, on CPU, "auto"; see `uses_tap_matmul`) how
   dense spatial stages run.
   """
+  if preferred_element_type is not None:
+    wide = jnp.dtype(preferred_element_type)
+    if wide.itemsize > max(4, x.dtype.itemsize):
+      # A float64 result from float32 operands: computed in float64 from the
+      # start. XLA:GPU runs a float32 `dot_general` in float32 (TF32 at the
+      # default precision) even when asked for a float64 result; with
+      # float64 operands every backend computes in float64. Narrower cases
+      # (bfloat16 -> float32) keep their mixed-precision path, exact in
+      # float32 on every backend.
+      x = x.astype(wide)
   for stage in stages:
     kernel = stage.kernel
     if kernel.dtype != x.dtype:

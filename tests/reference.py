@@ -21,6 +21,29 @@ WINDOWS = {1: (3,), 2: (3, 2), 3: (2, 3, 2)}
 RTOL = {jnp.float64: 1e-12, jnp.float32: 1e-5}
 
 
+def xla_flops(fn, *args):
+  """XLA:CPU's FLOP count of `jax.jit(fn)(*args)`, on any default backend.
+
+  The oracle for `jaxfactor.cost` is XLA:CPU's `cost_analysis()`: XLA:GPU
+  hands convolutions to cuDNN custom calls, which it does not count (it
+  reports -1). So `args` (arrays or `jax.ShapeDtypeStruct`s) are placed on
+  the CPU and the program is compiled there. The library's trace-time
+  choices still follow the default backend, as `cost`'s do.
+  """
+  cpu = jax.sharding.SingleDeviceSharding(jax.devices("cpu")[0])
+
+  def place(a):
+    if isinstance(a, jax.ShapeDtypeStruct):
+      return jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=cpu)
+    return jax.device_put(a, cpu)
+
+  analysis = jax.jit(fn).lower(*jax.tree.map(place, args)).compile(
+      ).cost_analysis()
+  if isinstance(analysis, list):  # older JAX returned one dict per device
+    analysis = analysis[0]
+  return analysis.get("flops", 0.0)
+
+
 def random_format(name, window, in_features, out_features, *, seed=0,
                   dtype=jnp.float64, ranks=None):
   """A format with standard-normal factors, given window and channels."""

@@ -13,7 +13,8 @@ from jaxfactor import _geometry
 from jaxfactor import cost_model
 from jaxfactor import primitives
 from reference import (FORMATS, RTOL, WINDOWS, flax_conv, random_format,
-                       random_input, relative_error, spatial_input_shape)
+                       random_input, relative_error, spatial_input_shape,
+                       xla_flops)
 
 PADDINGS = ("SAME", "VALID", "CIRCULAR", "REFLECT", "CAUSAL", 1, "pairs")
 # (strides, dilation) per case; per-axis values differ to catch axis mix-ups.
@@ -137,10 +138,8 @@ def _xla_flops(x, kernel, **kwargs):
   # matmul's batch loop would be counted once: see
   # `test_tap_matmul.test_flops_match_xla_and_scale_with_the_batch`).
   kwargs = {"spatial_lowering": "conv", **kwargs}
-  analysis = jax.jit(lambda x, k: jaxfactor.conv(
-      x, k, depthwise_lowering="grouped", **kwargs)).lower(
-      x, kernel).compile().cost_analysis()
-  return (analysis[0] if isinstance(analysis, list) else analysis)["flops"]
+  return xla_flops(lambda x, k: jaxfactor.conv(
+      x, k, depthwise_lowering="grouped", **kwargs), x, kernel)
 
 
 def _implementation_run_by_auto(x, fmt):

@@ -13,6 +13,7 @@ import sys
 def test_sharded_forward_and_grad_equal_single_device():
   script = pathlib.Path(__file__).with_name("_sharded_run.py")
   env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+  env["JAX_PLATFORMS"] = "cpu"  # simulated CPU devices, also beside a GPU
   result = subprocess.run([sys.executable, str(script)], capture_output=True,
                           text=True, timeout=600, env=env, check=False)
   assert result.returncode == 0, result.stdout + result.stderr
