@@ -137,7 +137,8 @@ def chain_flops(
     depthwise_lowering: str = "grouped",
     spatial_lowering: str = "conv",
 ) -> int:
-  total, shape = 0, tuple(in_shape)
+  stages, total = primitives.merge_depthwise_stages(stages, depthwise_lowering)
+  shape = tuple(in_shape)
   for stage in stages:
     flops, shape = stage_flops(stage, shape, geometry, depthwise_lowering,
                                spatial_lowering)
@@ -242,7 +243,9 @@ def stage_seconds(
 
 def chain_seconds(stages, in_shape, geometry, depthwise_lowering, model,
                   itemsize=4, spatial_lowering="conv") -> float:
-  total, shape = 0.0, tuple(in_shape)
+  stages, flops = primitives.merge_depthwise_stages(stages,
+                                                   depthwise_lowering)
+  total, shape = flops / model.matmul_flops, tuple(in_shape)
   for stage in stages:
     seconds, shape = stage_seconds(stage, shape, geometry, depthwise_lowering,
                                    model, itemsize, spatial_lowering)

@@ -254,7 +254,7 @@ def test_roofline_taps_term():
   assert padded == pytest.approx(3 * contraction, rel=1e-12)
 
 
-def test_auto_switches_with_input_size():
+def test_auto_switches_with_input_size(monkeypatch):
   """Full-rank Tucker: reconstructing costs a fixed ~2*k*C*R*(R+F), then each
   pixel is cheaper than the three-stage chain; so small inputs run
   factorized and large inputs reconstructed."""
@@ -262,6 +262,8 @@ def test_auto_switches_with_input_size():
                       dtype=jnp.float32)
   tiny = jnp.ones((1, 3, 3, 64), jnp.float32)
   large = jnp.ones((8, 32, 32, 64), jnp.float32)
+  # On the CPU's model ("auto" reads the default backend at trace time).
+  monkeypatch.setattr(jax, "default_backend", lambda: "cpu")
   assert _implementation_run_by_auto(tiny, fmt) == ("factorized",) * 2
   assert _implementation_run_by_auto(large, fmt) == ("reconstructed",) * 2
 
@@ -393,6 +395,49 @@ def test_both_depthwise_lowerings_equal_flax(name, n, padding):
     actual = jaxfactor.conv(x, fmt, implementation="factorized",
                             depthwise_lowering=lowering, **kwargs)
     assert relative_error(actual, expected) < RTOL[jnp.float64]
+
+
+@pytest.mark.parametrize("name,n,padding,geometry",
+                         [c for c in _cases(["cp"]) if c[1] > 1])
+def test_cp_grouped_runs_one_depthwise_conv(name, n, padding, geometry):
+  """Under "grouped", CP's per-axis depthwise filters run as one k x k
+  filter (their outer product per channel), on every geometry."""
+  window = WINDOWS[n]
+  fmt = random_format(name, window, 3, 5)
+  strides, dilation = GEOMETRIES[geometry](n)
+  kwargs = dict(strides=strides, dilation=dilation,
+                padding=_padding(padding, n))
+  x = random_input(spatial_input_shape(window, extra=5))
+  fn = lambda x, f: jaxfactor.conv(x, f, implementation="factorized",
+                                   depthwise_lowering="grouped", **kwargs)
+  convs = [e for e in jax.make_jaxpr(fn)(x, fmt).eqns
+           if e.primitive.name == "conv_general_dilated"]
+  assert len(convs) == 1
+  assert convs[0].params["feature_group_count"] == fmt.rank
+  assert convs[0].invars[1].aval.shape == (*window, 1, fmt.rank)
+  expected = flax_conv(x, fmt.to_dense(), **kwargs)
+  assert relative_error(fn(x, fmt), expected) < RTOL[jnp.float64]
+
+
+def test_only_depthwise_stages_over_disjoint_axes_merge():
+  from jaxfactor import primitives
+  a = primitives.SpatialConv(jnp.ones((3, 1, 4)), (0,), 4)
+  b = primitives.SpatialConv(jnp.full((2, 1, 4), 2.0), (1,), 4)
+  merged, flops = primitives.merge_depthwise_stages([a, b], "grouped")
+  assert len(merged) == 1 and merged[0].axes == (0, 1)
+  assert flops == 3 * 2 * 4
+  chex.assert_trees_all_equal(merged[0].kernel, jnp.full((3, 2, 1, 4), 2.0))
+  # The axes come out in order, whichever stage runs first.
+  (ba,), _ = primitives.merge_depthwise_stages([b, a], "grouped")
+  chex.assert_trees_all_equal(ba.kernel, merged[0].kernel)
+  for stages in ([a, a],  # the same axis twice
+                 [a, primitives.SpatialConv(jnp.ones((2, 1, 8)), (1,), 4)],
+                 [a, primitives.Pointwise(jnp.ones((4, 4))), b],
+                 [a, primitives.SpatialConv(jnp.ones((2, 4, 4)), (1,))]):
+    assert primitives.merge_depthwise_stages(stages, "grouped") == (
+        list(stages), 0)
+  for lowering in ("shift_add", "shift_add_autodiff"):
+    assert primitives.merge_depthwise_stages([a, b], lowering) == ([a, b], 0)
 
 
 def test_auto_depthwise_lowering_is_shift_add_on_cpu():
