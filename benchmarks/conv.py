@@ -438,7 +438,7 @@ def compile_times(repeats=5):
       c = 3
       for w in widths:
         if kind in ("separable", "without_depthwise"):
-          depthwise = ([jnnx.DepthwiseConv(c, 3, rngs=rngs)]
+          depthwise = ([jnnx.DepthwiseConv(c, (3, 3), rngs=rngs)]
                        if kind == "separable" else [])
           self.blocks.append(nnx.List([
               *depthwise,

@@ -75,7 +75,9 @@ def stage_flops(
 
   A shift-add depthwise stage multiplies each tap's in-range positions only
   (a zero-padded tap costs nothing) and adds the k' taps that reach any
-  output: `k' - 1` adds per output element. A tap-matmul stage
+  output: `k' - 1` adds per output element, plus the scalar predicate of the
+  conditional that computes it once (`primitives.FENCE_FLOPS`). A tap-matmul
+  stage
   (`primitives.uses_tap_matmul`) multiplies every (padded) input position by
   the k' taps' weights and adds `k' - 1` terms per output position and
   feature. The rest as `lax`'s convolutions.
@@ -119,7 +121,8 @@ def stage_flops(
     products = sum(math.prod(hi - lo for lo, hi, _ in ranges)
                    for _, ranges in plan.taps)
     adds = max(len(plan.taps) - 1, 0) * math.prod(out_shape[1:-1])
-    return batch * f * (products + adds), out_shape
+    fence = primitives.FENCE_FLOPS if plan.taps else 0
+    return batch * f * (products + adds) + fence, out_shape
   one_tap = math.prod(kernel_shape[:-2]) == 1 and all(
       geometry.strides[a] == 1 and geometry.padding[a] == (0, 0)
       for a in stage.axes)

@@ -440,6 +440,38 @@ def test_only_depthwise_stages_over_disjoint_axes_merge():
     assert primitives.merge_depthwise_stages([a, b], lowering) == ([a, b], 0)
 
 
+@pytest.mark.parametrize("bad", [np.nan, np.inf])
+def test_shift_add_fence_keeps_every_channel(bad):
+  """The fence's predicate reads one weight: a NaN or inf there changes
+  only the channels that weight reaches, as in the grouped conv."""
+  kernel = random_input((3, 3, 1, 3), seed=1).at[0, 0, 0, 0].set(bad)
+  x = random_input((2, 5, 6, 3))
+  expected = jaxfactor.depthwise_conv(x, kernel, depthwise_lowering="grouped")
+  for lowering in ("shift_add", "shift_add_autodiff"):
+    actual = jaxfactor.depthwise_conv(x, kernel, depthwise_lowering=lowering)
+    assert not np.isfinite(actual[..., 0]).all()
+    assert relative_error(actual[..., 1:], expected[..., 1:]) < RTOL[
+        jnp.float64]
+    dx = jax.grad(lambda x: jaxfactor.depthwise_conv(
+        x, kernel, depthwise_lowering=lowering)[..., 1:].sum())(x)
+    assert np.isfinite(dx[..., 1:]).all()
+
+
+def test_shift_add_output_is_computed_once():
+  """The k-tap sums (forward and input gradient) run inside a conditional,
+  which XLA keeps (it does not fold the predicate): their consumers read
+  one buffer instead of each recomputing the sum (`_materialized`)."""
+  x = jnp.ones((2, 8, 8, 4), jnp.float32)
+  kernel = jnp.ones((3, 3, 1, 4), jnp.float32)
+  fn = lambda x, k: jaxfactor.depthwise_conv(
+      x, k, depthwise_lowering="shift_add").mean(axis=(0, 1, 2)).sum()
+  for compiled in (jax.jit(fn).lower(x, kernel).compile(),
+                   jax.jit(jax.grad(fn)).lower(x, kernel).compile()):
+    assert " conditional(" in compiled.as_text()
+  jaxpr = str(jax.make_jaxpr(jax.grad(fn))(x, kernel))
+  assert jaxpr.count("cond[") == 2  # forward and input gradient
+
+
 def test_auto_depthwise_lowering_is_shift_add_on_cpu():
   from jaxfactor import primitives
   expected = "shift_add" if jax.default_backend() == "cpu" else "grouped"

@@ -129,11 +129,13 @@ def test_closed_form_counts_for_a_realistic_layer():
       jaxfactor.Cost(params=9 * c + c * f,
                      flops=2 * pixels * 9 * c + 2 * pixels * c * f))
   # Shift-add: a multiply per in-range tap (per axis, the edge taps reach 27
-  # of the 28 outputs, the centre tap all 28) and 8 adds per output.
+  # of the 28 outputs, the centre tap all 28), 8 adds per output, and the
+  # fusion fence's scalar predicate.
   same = jaxfactor.cost(separable, (1, 28, 28, c), padding="SAME",
                         implementation="factorized",
                         depthwise_lowering="shift_add")
-  assert same.flops == (82 * 82 + 8 * 28 * 28) * c + 2 * 28 * 28 * c * f
+  assert same.flops == ((82 * 82 + 8 * 28 * 28) * c + 2 * 28 * 28 * c * f
+                        + primitives.FENCE_FLOPS)
 
 
 def test_abstract_formats_from_eval_shape():
@@ -168,6 +170,9 @@ def test_empty_batch_costs_nothing():
 
 def test_batch_axes_multiply_flops():
   fmt = random_format("cp", (3, 3), 4, 6)
-  one = jaxfactor.cost(fmt, (8, 8, 4), implementation="factorized").flops
-  assert jaxfactor.cost(fmt, (2, 3, 8, 8, 4),
-                        implementation="factorized").flops == 6 * one
+  count = lambda shape: jaxfactor.cost(fmt, shape,
+                                       implementation="factorized").flops
+  # Affine in the batch: a shift-add stage's fence is one per call.
+  one, two = count((8, 8, 4)), count((2, 8, 8, 4))
+  assert two > one
+  assert count((2, 3, 8, 8, 4)) - one == 5 * (two - one)
