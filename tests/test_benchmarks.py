@@ -81,3 +81,20 @@ def test_spatial_script_writes_its_table(tmp_path):
   rows = [line for line in (tmp_path / "spatial.md").read_text().splitlines()
           if line.startswith("| LowRank")]
   assert len(rows) == 2
+
+
+def test_cp_lowering_merged_variant_computes_cp():
+  """`cp_lowering.py`'s merged variant (one k x k depthwise filter, the
+  per-axis filters' outer product) is CP's convolution, at stride 1 and 2."""
+  bench = _load("cp_lowering")
+  rng = np.random.default_rng(0)
+  r = lambda *shape: jnp.asarray(rng.standard_normal(shape))
+  cp = jaxfactor.CP(r(3, 4), (r(3, 4), r(3, 4)), r(4, 5))
+  x = r(2, 7, 6, 3)
+  for stride in (1, 2):
+    expected = jaxfactor.conv(x, cp, strides=stride,
+                              implementation="reconstructed")
+    for fn in bench.variants(stride).values():
+      np.testing.assert_allclose(fn(x, cp), expected, rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(bench.merged(x, cp, stride), expected,
+                               rtol=1e-12, atol=1e-12)
