@@ -192,9 +192,9 @@ class Machine(NamedTuple):
 # ~20-36, XLA's grouped depthwise conv ~0.6, and ~20 GB/s effective (4-7 GB/s
 # for fresh 256 MiB buffers, 36+ in cache). GPU and TPU: nominal
 # datasheet-order figures (H100 / TPU v4 class), not fitted: on an H200
-# (README, "Results on a GPU") they chose within 10% in 44 of 48 cells, and
-# that run's measured rates (352 TFLOP/s, 2.7 TB/s) chose worse, the
-# factors winning there by their backward pass, which is not priced.
+# (README, "Results on a GPU") they chose within 10% in 44 of the 48 non-CP
+# cells, and that run's measured rates (352 TFLOP/s, 2.7 TB/s) chose worse,
+# the factors winning there by their backward pass, which is not priced.
 MACHINES = {
     "cpu": Machine(matmul_flops=120e9, depthwise_flops=20e9,
                    grouped_flops=0.6e9, bandwidth=20e9, overhead=5e-6,

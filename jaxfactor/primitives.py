@@ -199,7 +199,7 @@ def merge_depthwise_stages(
   with its own padding, stride and dilation), at `prod(k_i)` instead of
   `sum(k_i)` multiply-adds per position, in one pass over the activations
   instead of N. Measured on an H200 (`benchmarks/cp_lowering.py`, batch 256,
-  MobileNet shapes at R = F/2): CP's forward 3.2-4.3x faster at stride 1,
+  MobileNet shapes at R = F/2): CP's forward 3.3-4.3x faster at stride 1,
   forward+backward 3.1-5.5x; XLA:GPU's grouped 1-D convs ran at ~10x their
   memory-bound time. Shift-add stages ("shift_add", "shift_add_autodiff")
   are left per axis: there each is one fused loop of `k_i` taps.
