@@ -22,7 +22,7 @@ read from the environment, e.g.
 and so are glibc's allocator settings, e.g. `GLIBC_TUNABLES=glibc.malloc.hugetlb=1`
 (huge pages for large buffers; see the README); pass `--tag` to keep such runs
 apart. On a GPU the README's table ran as
-`python benchmarks/conv.py --batch 256 --tag gpu`.
+`python benchmarks/conv.py --batch 256 --tag gpu --compile-repeats 3`.
 Writes `benchmarks/results/conv[_quick].md` and `.json`.
 """
 
