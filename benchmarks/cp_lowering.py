@@ -3,19 +3,22 @@
 CP is `1x1 (C -> R)`, a depthwise `k_i`-tap conv along each axis, `1x1
 (R -> F)`. This times, at the MobileNet shapes of `conv.py` (CP at R = F/2):
 
-* `per_axis`: `jaxfactor.conv(..., implementation="factorized")` as it is:
-  one grouped 1-D conv per axis (on the CPU, shift-add);
-* `merged`: the per-axis filters multiplied into one k x k depthwise filter
-  per channel (`A_0[i, r] * A_1[j, r]`), one grouped conv instead of two:
-  3 more multiply-adds per position and channel, one pass over the R-channel
-  activations fewer;
+* `per_axis_grouped`: one grouped 1-D conv per axis, written out with `lax`
+  here (what `jaxfactor.conv` ran under "grouped" before it merged them);
+* `merged_grouped`: `jaxfactor.conv(..., depthwise_lowering="grouped")`, the
+  per-axis filters multiplied into one k x k depthwise filter per channel
+  (`A_0[i, r] * A_1[j, r]`), one grouped conv instead of two: 3 more
+  multiply-adds per position and channel, one pass over the R-channel
+  activations fewer (`primitives.merge_depthwise_stages`);
 * `per_axis_shift_add_autodiff` and `per_axis_shift_add`: the per-axis
   stages as shifted multiply-adds, under autodiff or the hand-written VJP;
 * `reconstructed`: the dense conv of `to_dense()`.
 
 Forward and forward+backward (as `conv.py`), medians of `--repeats`
 interleaved runs. Run: `python benchmarks/cp_lowering.py [--batch N]`;
-prints a markdown table.
+prints a markdown table. (`results/cp_lowering_gpu.md` ran before the
+merge was the library's: its `per_axis` row is `per_axis_grouped`, its
+`merged` row `merged_grouped`.)
 """
 
 import argparse
@@ -33,28 +36,30 @@ from conv import SHAPES, _forward_backward, _interleaved
 DN = ("NHWC", "HWIO", "NHWC")
 
 
-def merged(x, cp, stride):
-  """CP with its per-axis filters multiplied into one k x k filter."""
+def per_axis_grouped(x, cp, stride):
+  """CP with one grouped 1-D conv per axis (2-D input, SAME padding)."""
   r = cp.rank
-  window = jnp.einsum("ir,jr->ijr", *cp.spatial)[:, :, None, :]
   y = x @ cp.in_proj
-  y = lax.conv_general_dilated(y, window, (stride, stride), "SAME",
-                               dimension_numbers=DN, feature_group_count=r)
+  for axis, a in enumerate(cp.spatial):
+    k = a.shape[0]
+    window = a.reshape((k, 1, 1, r) if axis == 0 else (1, k, 1, r))
+    strides = (stride, 1) if axis == 0 else (1, stride)
+    y = lax.conv_general_dilated(y, window, strides, "SAME",
+                                 dimension_numbers=DN, feature_group_count=r)
   return y @ cp.out_proj
 
 
 def variants(stride):
-  conv = lambda **kw: (lambda x, cp: jaxfactor.conv(x, cp, strides=stride,
-                                                     **kw))
+  conv = lambda **kw: (lambda x, cp: jaxfactor.conv(
+      x, cp, strides=stride, implementation="factorized", **kw))
   return {
-      "per_axis": conv(implementation="factorized"),
-      "merged": lambda x, cp: merged(x, cp, stride),
+      "per_axis_grouped": lambda x, cp: per_axis_grouped(x, cp, stride),
+      "merged_grouped": conv(depthwise_lowering="grouped"),
       "per_axis_shift_add_autodiff": conv(
-          implementation="factorized",
           depthwise_lowering="shift_add_autodiff"),
-      "per_axis_shift_add": conv(implementation="factorized",
-                                 depthwise_lowering="shift_add"),
-      "reconstructed": conv(implementation="reconstructed"),
+      "per_axis_shift_add": conv(depthwise_lowering="shift_add"),
+      "reconstructed": lambda x, cp: jaxfactor.conv(
+          x, cp, strides=stride, implementation="reconstructed"),
   }
 
 

@@ -420,7 +420,6 @@ def test_cp_grouped_runs_one_depthwise_conv(name, n, padding, geometry):
 
 
 def test_only_depthwise_stages_over_disjoint_axes_merge():
-  from jaxfactor import primitives
   a = primitives.SpatialConv(jnp.ones((3, 1, 4)), (0,), 4)
   b = primitives.SpatialConv(jnp.full((2, 1, 4), 2.0), (1,), 4)
   merged, flops = primitives.merge_depthwise_stages([a, b], "grouped")
