@@ -42,6 +42,8 @@ import numpy as np
 from jax import lax
 
 import jaxfactor
+from jaxfactor import _native
+from jaxfactor import primitives
 
 SHAPES = {  # name: (H=W, C, F, stride)
     "mb56": (56, 128, 128, 1),
@@ -97,8 +99,9 @@ def ops(c, f, stride, key):
   dw = ks["depthwise_separable"].depthwise
   add("depthwise | jaxfactor.depthwise_conv",
       lambda x, k: jaxfactor.depthwise_conv(x, k, strides=stride), dw, None)
-  if jax.default_backend() != "cpu":
-    # "auto" is the grouped conv here; time the CPU default beside it.
+  if primitives.resolve_depthwise_lowering("conv.py", "auto") != "shift_add":
+    # "auto" is the native kernel (CPU) or the grouped conv (GPU) here; time
+    # the shift-add beside it.
     add("depthwise | jaxfactor shift_add",
         lambda x, k: jaxfactor.depthwise_conv(
             x, k, strides=stride, depthwise_lowering="shift_add"), dw, None)
@@ -488,11 +491,12 @@ def compile_times(repeats=5):
     jax.block_until_ready(step(model, optimizer, x, y))
     return first - (time.perf_counter() - start)
 
-  results = {}
-  for kind in ("dense", "separable", "flax_separable", "without_depthwise"):
-    results[kind] = statistics.median(
-        compile_once(kind, seed) for seed in range(repeats))
-  return results
+  kinds = ("dense", "separable", "flax_separable", "without_depthwise")
+  times = {kind: [] for kind in kinds}
+  for seed in range(repeats):  # interleaved: drifts hit every network alike
+    for kind in kinds:
+      times[kind].append(compile_once(kind, seed))
+  return {kind: statistics.median(t) for kind, t in times.items()}
 
 
 def report(rows, compiled, machine):
@@ -565,6 +569,13 @@ def main():
   batch = 2 if args.quick else args.batch
   repeats = 3 if args.quick else args.repeats
   started = time.time()
+  # Build (or load) the native depthwise kernel before anything is timed.
+  build_start = time.perf_counter()
+  if _native.available():
+    native = (f"native depthwise kernel built or loaded in"
+              f" {time.perf_counter() - build_start:.1f} s")
+  else:
+    native = f"native depthwise kernel unavailable ({_native.error()})"
   peaks = "this project's CPU"
   if args.peak_gflops is None or args.bandwidth_gbs is None:
     if jax.default_backend() == "cpu":
@@ -594,8 +605,9 @@ def main():
             f" roofline {args.peak_gflops:.0f} GFLOP/s and"
             f" {args.bandwidth_gbs:.0f} GB/s ({peaks}), XLA_FLAGS="
             f"{os.environ.get('XLA_FLAGS', '')!r}, GLIBC_TUNABLES="
-            f"{os.environ.get('GLIBC_TUNABLES', '')!r},"
-            f" {time.time() - started:.0f} s")
+            f"{os.environ.get('GLIBC_TUNABLES', '')!r}, depthwise \"auto\" ="
+            f" {primitives.resolve_depthwise_lowering('conv.py', 'auto')!r}"
+            f" ({native}), {time.time() - started:.0f} s")
 
   args.out.mkdir(parents=True, exist_ok=True)
   suffix = ("_quick" if args.quick else "") + (

@@ -76,7 +76,9 @@ def stage_flops(
   A shift-add depthwise stage multiplies each tap's in-range positions only
   (a zero-padded tap costs nothing) and adds the k' taps that reach any
   output: `k' - 1` adds per output element, plus the scalar predicate of the
-  conditional that computes it once (`primitives.FENCE_FLOPS`). A tap-matmul
+  conditional that computes it once (`primitives.FENCE_FLOPS`). A native one
+  (`primitives._native_depthwise`) does a multiply-add per in-range product
+  (XLA's `cost_analysis()` does not see into its custom call). A tap-matmul
   stage
   (`primitives.uses_tap_matmul`) multiplies every (padded) input position by
   the k' taps' weights and adds `k' - 1` terms per output position and
@@ -98,6 +100,9 @@ def stage_flops(
     flops = (2 * batch * math.prod(spatial) * c * taps * f
              + max(taps - 1, 0) * batch * math.prod(plan.out) * f)
     return flops, (batch, *plan.out, f)
+  if (depthwise_lowering == "native"
+      and not primitives.native_applies(in_shape, stage.kernel.dtype)):
+    depthwise_lowering = "shift_add"  # what `_native_depthwise` runs then
   out_spatial, pairs = [], 1
   for axis, size in enumerate(spatial):
     if axis in stage.axes:
@@ -114,12 +119,15 @@ def stage_flops(
     out_spatial.append(out)
   c_per_group, f = kernel_shape[-2:]
   out_shape = (batch, *out_spatial, f)
-  if (depthwise_lowering.startswith("shift_add")
+  if (depthwise_lowering in ("native", "shift_add", "shift_add_autodiff")
       and primitives.is_depthwise(stage)):
     plan = primitives.shift_add_plan(kernel_shape[:-2], stage.axes, geometry,
                                      spatial)
     products = sum(math.prod(hi - lo for lo, hi, _ in ranges)
                    for _, ranges in plan.taps)
+    if depthwise_lowering == "native":
+      # A multiply-add per in-range product, into a zeroed accumulator.
+      return 2 * batch * f * products, out_shape
     adds = max(len(plan.taps) - 1, 0) * math.prod(out_shape[1:-1])
     fence = primitives.FENCE_FLOPS if plan.taps else 0
     return batch * f * (products + adds) + fence, out_shape
@@ -232,8 +240,8 @@ def stage_seconds(
     columns = math.prod(kernel[:-2]) * kernel[-1]
     rate = model.matmul_flops * min(1.0, (columns / 16) ** 2)
   elif primitives.is_depthwise(stage):
-    rate = (model.depthwise_flops if depthwise_lowering.startswith("shift_add")
-            else model.grouped_flops)
+    rate = (model.grouped_flops if depthwise_lowering == "grouped"
+            else model.depthwise_flops)
   else:
     efficiency = min(1.0, (kernel[-1] / 16) ** 2)
     if (isinstance(stage, primitives.SpatialConv)

@@ -1,5 +1,7 @@
 """`conv` equals Flax's dense `nn.Conv` with `to_dense()`, for every geometry."""
 
+import os
+
 import chex
 import jax
 import jax.numpy as jnp
@@ -10,6 +12,7 @@ from jax import lax
 
 import jaxfactor
 from jaxfactor import _geometry
+from jaxfactor import _native
 from jaxfactor import cost_model
 from jaxfactor import primitives
 from reference import (FORMATS, RTOL, WINDOWS, flax_conv, random_format,
@@ -24,6 +27,14 @@ GEOMETRIES = {
     "both": lambda n: (2, (2, 2, 3)[:n]),
 }
 BATCHES = ((), (2,), (2, 1))
+needs_native = pytest.mark.skipif(
+    not _native.available(),
+    reason=f"native kernel unavailable: {_native.error()}")
+# Every depthwise lowering that can run here.
+HERE = ("shift_add", "shift_add_autodiff", "grouped",
+        *(("native",) if _native.available() else ()))
+LOWERINGS = ["shift_add", "shift_add_autodiff", "grouped",
+             pytest.param("native", marks=needs_native)]
 
 
 def _padding(padding, n):
@@ -102,8 +113,7 @@ def test_dense_kernel_equals_raw_lax():
   assert relative_error(actual, expected) < RTOL[jnp.float64]
 
 
-@pytest.mark.parametrize("lowering",
-                         ["shift_add", "shift_add_autodiff", "grouped"])
+@pytest.mark.parametrize("lowering", LOWERINGS)
 @pytest.mark.parametrize("n", [1, 2, 3])
 @pytest.mark.parametrize("multiplier", [1, 3])
 @pytest.mark.parametrize("padding", ["SAME", "VALID", "CIRCULAR", 2])
@@ -391,7 +401,7 @@ def test_both_depthwise_lowerings_equal_flax(name, n, padding):
                 padding=_padding(padding, n))
   x = random_input(spatial_input_shape(window, extra=5))
   expected = flax_conv(x, fmt.to_dense(), **kwargs)
-  for lowering in ("shift_add", "shift_add_autodiff", "grouped"):
+  for lowering in HERE:
     actual = jaxfactor.conv(x, fmt, implementation="factorized",
                             depthwise_lowering=lowering, **kwargs)
     assert relative_error(actual, expected) < RTOL[jnp.float64]
@@ -471,15 +481,105 @@ def test_shift_add_output_is_computed_once():
   assert jaxpr.count("cond[") == 2  # forward and input gradient
 
 
-def test_auto_depthwise_lowering_is_shift_add_on_cpu():
-  from jaxfactor import primitives
-  expected = "shift_add" if jax.default_backend() == "cpu" else "grouped"
+def test_auto_depthwise_lowering_on_each_backend():
+  expected = "grouped"
+  if jax.default_backend() == "cpu":
+    expected = "native" if _native.available() else "shift_add"
   assert primitives.resolve_depthwise_lowering("t", "auto") == expected
   with pytest.raises(ValueError, match=r"conv: `depthwise_lowering` must be"
-                     r" one of \('auto', 'shift_add', 'shift_add_autodiff', 'grouped'\),"
-                     r" got 'fast'"):
+                     r" one of \('auto', 'native', 'shift_add',"
+                     r" 'shift_add_autodiff', 'grouped'\), got 'fast'"):
     jaxfactor.conv(random_input((1, 5, 5, 3)),
                    random_format("cp", (3, 3), 3, 4), depthwise_lowering="fast")
+
+
+def test_native_kernel_builds_here():
+  """CI has a C++ compiler: the kernel must build there, or every "native"
+  test below would silently skip. `JAXFACTOR_NATIVE=0` opts out."""
+  if os.environ.get("JAXFACTOR_NATIVE", "1") == "0":
+    assert not _native.available()
+    assert "JAXFACTOR_NATIVE=0" in _native.error()
+  else:
+    assert _native.available(), _native.error()
+    assert os.path.exists(_native.library_path())
+
+
+@needs_native
+def test_native_runs_one_custom_call_per_pass():
+  """XLA compiles no kernel for the native conv: forward, input gradient
+  and weight gradient are one custom call each, and no loop or
+  conditional."""
+  x = jnp.ones((2, 8, 8, 4), jnp.float32)
+  kernel = jnp.ones((3, 3, 1, 4), jnp.float32)
+  fn = lambda x, k: jnp.sum(jaxfactor.depthwise_conv(
+      x, k, depthwise_lowering="native") ** 2)
+  text = jax.jit(jax.grad(fn, (0, 1))).lower(x, kernel).compile().as_text()
+  assert text.count("custom-call(") == 3
+  assert " while(" not in text and " conditional(" not in text
+
+
+@needs_native
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.float64])
+def test_native_is_deterministic_and_matches_shift_add(dtype):
+  """Each output is summed by one thread in a fixed order, the weight
+  gradient's partial sums in a fixed order: bitwise repeatable. Per dtype,
+  within the shift-add's result by RTOL (same products, another order)."""
+  x = random_input((4, 9, 7, 5)).astype(dtype)
+  kernel = random_input((3, 3, 1, 5), seed=2).astype(dtype)
+  fn = jax.jit(jax.value_and_grad(
+      lambda x, k, lowering: jnp.sum(jnp.sin(jaxfactor.depthwise_conv(
+          x, k, strides=(2, 1), dilation=(1, 2),
+          depthwise_lowering=lowering))), (0, 1)), static_argnums=2)
+  first, second = fn(x, kernel, "native"), fn(x, kernel, "native")
+  chex.assert_trees_all_equal(first, second)
+  for a, b in zip(jax.tree.leaves(first),
+                  jax.tree.leaves(fn(x, kernel, "shift_add"))):
+    assert relative_error(a, b) < RTOL[dtype]
+
+
+@needs_native
+def test_native_falls_back_where_it_does_not_apply():
+  """bfloat16 (the kernel takes float32 and float64) and more than 3
+  spatial axes run as "shift_add", with the same result."""
+  x = random_input((2, 6, 5, 4)).astype(jnp.bfloat16)
+  kernel = random_input((3, 3, 1, 4), seed=2).astype(jnp.bfloat16)
+  native = jax.jit(lambda x, k: jaxfactor.depthwise_conv(
+      x, k, depthwise_lowering="native"))
+  assert "ffi" not in str(jax.make_jaxpr(native)(x, kernel))
+  chex.assert_trees_all_equal(native(x, kernel), jaxfactor.depthwise_conv(
+      x, kernel, depthwise_lowering="shift_add"))
+  x4 = random_input((1, 4, 3, 3, 3, 2))
+  k4 = random_input((2, 2, 1, 2, 1, 2), seed=3)
+  assert relative_error(
+      jaxfactor.depthwise_conv(x4, k4, depthwise_lowering="native"),
+      jaxfactor.depthwise_conv(x4, k4, depthwise_lowering="grouped")
+  ) < RTOL[jnp.float64]
+
+
+@needs_native
+def test_native_under_vmap():
+  """A mapped activation joins the batch axis; mapped weights run one call
+  per element. Both equal the loop."""
+  xs = random_input((3, 2, 6, 5, 4))
+  ks = random_input((3, 3, 3, 1, 4), seed=2)
+  f = lambda x, k: jaxfactor.depthwise_conv(x, k, depthwise_lowering="native")
+  for in_axes in ((0, None), (0, 0), (None, 0)):
+    got = jax.vmap(f, in_axes)(xs if in_axes[0] == 0 else xs[0],
+                               ks if in_axes[1] == 0 else ks[0])
+    want = jnp.stack([f(xs[i] if in_axes[0] == 0 else xs[0],
+                        ks[i] if in_axes[1] == 0 else ks[0])
+                      for i in range(3)])
+    assert relative_error(got, want) < RTOL[jnp.float64]
+
+
+def test_native_errors():
+  x, kernel = random_input((1, 5, 5, 2)), random_input((3, 3, 1, 2), seed=2)
+  if jax.default_backend() != "cpu":
+    with pytest.raises(ValueError, match="CPU only"):
+      jaxfactor.depthwise_conv(x, kernel, depthwise_lowering="native")
+  elif not _native.available():
+    with pytest.raises(RuntimeError, match="not available here"):
+      jaxfactor.depthwise_conv(x, kernel, depthwise_lowering="native")
 
 
 @pytest.mark.parametrize("strides", [1, 2, (3, 1)])

@@ -9,6 +9,7 @@ import pytest
 import jaxfactor
 from jaxfactor import _geometry
 from jaxfactor import cost_model
+from jaxfactor import _native
 from jaxfactor import primitives
 import reference
 from reference import FORMATS, WINDOWS, random_format
@@ -136,6 +137,13 @@ def test_closed_form_counts_for_a_realistic_layer():
                         depthwise_lowering="shift_add")
   assert same.flops == ((82 * 82 + 8 * 28 * 28) * c + 2 * 28 * 28 * c * f
                         + primitives.FENCE_FLOPS)
+  # Native (a custom call XLA's `cost_analysis()` does not see into): a
+  # multiply-add per in-range tap, no fence.
+  if _native.available():
+    native = jaxfactor.cost(separable, (1, 28, 28, c), padding="SAME",
+                            implementation="factorized",
+                            depthwise_lowering="native")
+    assert native.flops == 2 * 82 * 82 * c + 2 * 28 * 28 * c * f
 
 
 def test_abstract_formats_from_eval_shape():
@@ -146,16 +154,18 @@ def test_abstract_formats_from_eval_shape():
       fmt, (2, 8, 8, 4))
 
 
+@pytest.mark.parametrize("lowering", ["grouped", "shift_add"])
 @pytest.mark.parametrize("padding", ["REFLECT", "SAME_LOWER", 2, "CAUSAL"])
 @pytest.mark.parametrize("strides,dilation", [(1, 1), (2, 2), (3, 1)])
-def test_more_paddings_and_geometries(padding, strides, dilation):
+def test_more_paddings_and_geometries(padding, strides, dilation, lowering):
   window = (3,) if padding == "CAUSAL" else (3, 1)
   for name in FORMATS:
     if name == "spatially_separable" and len(window) == 1:
       continue
     fmt = random_format(name, window, 3, 4, dtype=jnp.float32)
     shape = (2, *(9 + i for i in range(len(window))), 3)
-    kwargs = dict(strides=strides, dilation=dilation, padding=padding)
+    kwargs = dict(strides=strides, dilation=dilation, padding=padding,
+                  depthwise_lowering=lowering)
     for implementation in ("factorized", "reconstructed"):
       assert jaxfactor.cost(fmt, shape, implementation=implementation,
                             **kwargs).flops == xla_flops(

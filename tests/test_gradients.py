@@ -4,11 +4,12 @@ A factorized convolution is linear in `x` and in each factor separately, so
 central differences with `eps=1.0` are exact up to rounding (as in JAX's own
 convolution tests), and one factor is checked at a time.
 
-The "shift_add" depthwise lowering (the default on CPU) has a hand-written VJP
-and so, like every `jax.custom_vjp` function, supports reverse mode only: its
-checks run in "rev" mode (order 2: grad of grad), and forward mode is checked
-through "shift_add_autodiff" and "grouped", which share its forward pass or
-its results.
+The "shift_add" depthwise lowering has a hand-written VJP and so, like every
+`jax.custom_vjp` function, supports reverse mode only: its checks run in "rev"
+mode (order 2: grad of grad), and forward mode is checked through
+"shift_add_autodiff" and "grouped", which share its forward pass or its
+results. "native" (the default on CPU where it builds) is three bilinear
+primitives, each the others' transpose: both modes, any order.
 """
 
 import jax
@@ -17,6 +18,7 @@ import pytest
 from jax.test_util import check_grads
 
 import jaxfactor
+from jaxfactor import _native
 from jaxfactor import primitives
 from reference import FORMATS, random_format, random_input
 
@@ -61,9 +63,15 @@ def test_grads_wrt_x(name, implementation):
                             and implementation != "reconstructed"))
 
 
+# The depthwise lowerings that run here ("native" needs its compiled kernel).
+LOWERINGS = ["shift_add", "shift_add_autodiff", "grouped",
+             pytest.param("native", marks=pytest.mark.skipif(
+                 not _native.available(),
+                 reason=f"native kernel unavailable: {_native.error()}"))]
+
+
 @pytest.mark.parametrize("name", ["depthwise_separable", "cp"])
-@pytest.mark.parametrize("lowering",
-                         ["shift_add", "shift_add_autodiff", "grouped"])
+@pytest.mark.parametrize("lowering", LOWERINGS)
 def test_grads_of_each_depthwise_lowering(name, lowering):
   fmt = random_format(name, (3, 2), 2, 3)
   x = random_input((1, 5, 4, 2))
@@ -83,10 +91,14 @@ def test_grads_of_each_depthwise_lowering(name, lowering):
 @pytest.mark.parametrize("padding",
                          ["SAME", "VALID", "CIRCULAR", "REFLECT", 2, "pairs"])
 @pytest.mark.parametrize("geometry", ["unit", "strided_dilated"])
-def test_shift_add_vjp_equals_grouped_conv_vjp(n, padding, geometry):
-  """The hand-written VJP against autodiff of `lax`'s grouped convolution
-  (and of the same shift-add forward pass), on every padding mode, N = 1-3,
-  with a channel multiplier."""
+@pytest.mark.parametrize("lowering", ["shift_add", "native"])
+def test_hand_written_vjp_equals_grouped_conv_vjp(n, padding, geometry,
+                                                  lowering):
+  """The hand-written VJPs ("shift_add"'s, "native"'s transposes) against
+  autodiff of `lax`'s grouped convolution (and of the shift-add forward
+  pass), on every padding mode, N = 1-3, with a channel multiplier."""
+  if lowering == "native" and not _native.available():
+    pytest.skip(f"native kernel unavailable: {_native.error()}")
   window = (3, 2, 2)[:n]
   x = random_input((2, *(7, 6, 5)[:n], 3))
   kernel = random_input((*window, 1, 6), seed=2)  # channel multiplier 2
@@ -103,7 +115,7 @@ def test_shift_add_vjp_equals_grouped_conv_vjp(n, padding, geometry):
         x, k, depthwise_lowering=lowering, **kwargs), x, kernel)
     return pullback(cotangent)
 
-  ours = vjp("shift_add")
+  ours = vjp(lowering)
   for reference in ("grouped", "shift_add_autodiff"):
     for a, b in zip(ours, vjp(reference)):
       assert jnp.allclose(a, b, rtol=1e-12, atol=1e-12), reference
@@ -203,8 +215,11 @@ def test_shift_add_weight_grad_loop(monkeypatch, batch):
                                      cot.astype(dtype)).astype(jnp.float32))
     if lowering == "shift_add":
       jaxpr = str(jax.make_jaxpr(fn)(kernel.astype(dtype)))
-      loops = "scan" in jaxpr or "while" in jaxpr  # fori_loop lowers to scan
-      assert loops == (batch != 7)
+      # The taps are a loop (`lax.map`, a scan) in each pass over a chunk,
+      # and the chunks another (`fori_loop` lowers to a scan), with one more
+      # pass for a remainder.
+      loops = jaxpr.count("scan[") + jaxpr.count("while[")
+      assert loops == {7: 1, 11: 3}.get(batch, 2)
     return fn(kernel.astype(dtype))
 
   expected = kernel_grad("grouped", jnp.float64)

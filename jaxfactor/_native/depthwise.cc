@@ -1,0 +1,328 @@
+// Depthwise convolution on CPU, channels last: XLA FFI handlers.
+//
+// jaxfactor's "native" depthwise lowering (see `jaxfactor/_native/__init__.py`,
+// which compiles this file with the machine's C++ compiler the first time it
+// is used). Three bilinear maps close under differentiation:
+//
+//   forward      y[b, o, c]  = sum_k x[b, o*s + k*d - p, c] * w[k, c]
+//   input grad   dx[b, i, c] = sum_{k, o: o*s + k*d - p = i} g[b, o, c] * w[k, c]
+//   weight grad  dw[k, c]    = sum_{b, o} x[b, o*s + k*d - p, c] * g[b, o, c]
+//
+// Positions outside the input are zeros (other padding modes are padded into
+// the input by the caller). Arrays are rank 5: [batch, 3 spatial axes,
+// channels] for x, y, g and dx, [3 spatial axes, channels] for w and dw
+// (fewer spatial axes come as size-1 axes). The channel loop is innermost
+// and contiguous, so the compiler vectorizes it. Every output element is
+// computed by one thread in a fixed order, and the weight gradient's partial
+// sums over fixed slices of the batch are added in a fixed order, so results
+// do not depend on scheduling.
+
+#include <algorithm>
+#include <array>
+#include <atomic>
+#include <condition_variable>
+#include <cstdint>
+#include <memory>
+#include <mutex>
+#include <vector>
+
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+
+namespace {
+
+struct Geometry {
+  int64_t batch, channels;
+  int64_t in[3], out[3], window[3];
+  int64_t stride[3], dilation[3], pad[3];
+};
+
+// Runs `body(item)` for item in [0, items) on the caller and up to
+// `threads - 1` pool threads, and returns when every item is done. Items are
+// claimed from a shared counter; a pool task that starts late finds none
+// left and returns (the shared state outlives this call), so the caller
+// never waits on a task that has not started.
+template <typename Body>
+void ParallelFor(ffi::ThreadPool& pool, int64_t items, Body body) {
+  struct State {
+    std::atomic<int64_t> next{0};
+    std::atomic<int64_t> done{0};
+    std::mutex mutex;
+    std::condition_variable finished;
+  };
+  auto state = std::make_shared<State>();
+  const int64_t total = items;
+  // `body` is only used by a task that claims an item, which happens before
+  // `done` reaches `total`, that is before this function returns.
+  auto work = [state, total, body_ptr = &body] {
+    int64_t finished = 0;
+    for (int64_t item; (item = state->next.fetch_add(1)) < total;) {
+      (*body_ptr)(item);
+      ++finished;
+    }
+    if (finished && state->done.fetch_add(finished) + finished == total) {
+      std::lock_guard<std::mutex> lock(state->mutex);
+      state->finished.notify_all();
+    }
+  };
+  const int64_t threads = std::max<int64_t>(1, pool.num_threads());
+  for (int64_t t = 1; t < std::min(threads, items); ++t) {
+    pool.Schedule(decltype(work)(work));
+  }
+  work();
+  std::unique_lock<std::mutex> lock(state->mutex);
+  state->finished.wait(lock, [&] { return state->done.load() == total; });
+}
+
+// The input index that output `o` reads through tap `k` on axis `a`, or -1
+// outside the input.
+inline int64_t InputIndex(const Geometry& g, int a, int64_t o, int64_t k) {
+  const int64_t i = o * g.stride[a] + k * g.dilation[a] - g.pad[a];
+  return (i >= 0 && i < g.in[a]) ? i : -1;
+}
+
+// The output index that input `i` reaches through tap `k`, or -1.
+inline int64_t OutputIndex(const Geometry& g, int a, int64_t i, int64_t k) {
+  const int64_t t = i + g.pad[a] - k * g.dilation[a];
+  if (t < 0 || t % g.stride[a] != 0) return -1;
+  const int64_t o = t / g.stride[a];
+  return o < g.out[a] ? o : -1;
+}
+
+template <typename T>
+void Forward(ffi::ThreadPool& pool, const Geometry& g, const T* x, const T* w,
+             T* y) {
+  const int64_t C = g.channels;
+  ParallelFor(pool, g.batch * g.out[0], [&](int64_t item) {
+    const int64_t b = item / g.out[0], o0 = item % g.out[0];
+    for (int64_t o1 = 0; o1 < g.out[1]; ++o1) {
+      for (int64_t o2 = 0; o2 < g.out[2]; ++o2) {
+        T* __restrict acc =
+            y + (((b * g.out[0] + o0) * g.out[1] + o1) * g.out[2] + o2) * C;
+        std::fill(acc, acc + C, T(0));
+        for (int64_t k0 = 0; k0 < g.window[0]; ++k0) {
+          const int64_t i0 = InputIndex(g, 0, o0, k0);
+          if (i0 < 0) continue;
+          for (int64_t k1 = 0; k1 < g.window[1]; ++k1) {
+            const int64_t i1 = InputIndex(g, 1, o1, k1);
+            if (i1 < 0) continue;
+            for (int64_t k2 = 0; k2 < g.window[2]; ++k2) {
+              const int64_t i2 = InputIndex(g, 2, o2, k2);
+              if (i2 < 0) continue;
+              const T* __restrict xp =
+                  x + (((b * g.in[0] + i0) * g.in[1] + i1) * g.in[2] + i2) * C;
+              const T* __restrict wp =
+                  w + ((k0 * g.window[1] + k1) * g.window[2] + k2) * C;
+              for (int64_t c = 0; c < C; ++c) acc[c] += xp[c] * wp[c];
+            }
+          }
+        }
+      }
+    }
+  });
+}
+
+template <typename T>
+void InputGrad(ffi::ThreadPool& pool, const Geometry& g, const T* dy,
+               const T* w, T* dx) {
+  const int64_t C = g.channels;
+  ParallelFor(pool, g.batch * g.in[0], [&](int64_t item) {
+    const int64_t b = item / g.in[0], i0 = item % g.in[0];
+    for (int64_t i1 = 0; i1 < g.in[1]; ++i1) {
+      for (int64_t i2 = 0; i2 < g.in[2]; ++i2) {
+        T* __restrict acc =
+            dx + (((b * g.in[0] + i0) * g.in[1] + i1) * g.in[2] + i2) * C;
+        std::fill(acc, acc + C, T(0));
+        for (int64_t k0 = 0; k0 < g.window[0]; ++k0) {
+          const int64_t o0 = OutputIndex(g, 0, i0, k0);
+          if (o0 < 0) continue;
+          for (int64_t k1 = 0; k1 < g.window[1]; ++k1) {
+            const int64_t o1 = OutputIndex(g, 1, i1, k1);
+            if (o1 < 0) continue;
+            for (int64_t k2 = 0; k2 < g.window[2]; ++k2) {
+              const int64_t o2 = OutputIndex(g, 2, i2, k2);
+              if (o2 < 0) continue;
+              const T* __restrict gp =
+                  dy +
+                  (((b * g.out[0] + o0) * g.out[1] + o1) * g.out[2] + o2) * C;
+              const T* __restrict wp =
+                  w + ((k0 * g.window[1] + k1) * g.window[2] + k2) * C;
+              for (int64_t c = 0; c < C; ++c) acc[c] += gp[c] * wp[c];
+            }
+          }
+        }
+      }
+    }
+  });
+}
+
+template <typename T>
+void WeightGrad(ffi::ThreadPool& pool, const Geometry& g, const T* x,
+                const T* dy, T* dw) {
+  const int64_t C = g.channels;
+  const int64_t taps = g.window[0] * g.window[1] * g.window[2];
+  const int64_t rows = g.batch * g.out[0];
+  // Fixed slices of the (batch, first output axis) rows, each summed into
+  // its own partial sums, then added in order: deterministic for a given
+  // thread count.
+  const int64_t threads = std::max<int64_t>(1, pool.num_threads());
+  const int64_t slices = std::max<int64_t>(1, std::min(rows, 4 * threads));
+  std::vector<T> partial(slices * taps * C, T(0));
+  ParallelFor(pool, slices, [&](int64_t slice) {
+    T* __restrict sums = partial.data() + slice * taps * C;
+    for (int64_t row = slice * rows / slices;
+         row < (slice + 1) * rows / slices; ++row) {
+      const int64_t b = row / g.out[0], o0 = row % g.out[0];
+      for (int64_t o1 = 0; o1 < g.out[1]; ++o1) {
+        for (int64_t o2 = 0; o2 < g.out[2]; ++o2) {
+          const T* __restrict gp =
+              dy + (((b * g.out[0] + o0) * g.out[1] + o1) * g.out[2] + o2) * C;
+          for (int64_t k0 = 0; k0 < g.window[0]; ++k0) {
+            const int64_t i0 = InputIndex(g, 0, o0, k0);
+            if (i0 < 0) continue;
+            for (int64_t k1 = 0; k1 < g.window[1]; ++k1) {
+              const int64_t i1 = InputIndex(g, 1, o1, k1);
+              if (i1 < 0) continue;
+              for (int64_t k2 = 0; k2 < g.window[2]; ++k2) {
+                const int64_t i2 = InputIndex(g, 2, o2, k2);
+                if (i2 < 0) continue;
+                const T* __restrict xp =
+                    x +
+                    (((b * g.in[0] + i0) * g.in[1] + i1) * g.in[2] + i2) * C;
+                T* __restrict s =
+                    sums + ((k0 * g.window[1] + k1) * g.window[2] + k2) * C;
+                for (int64_t c = 0; c < C; ++c) s[c] += xp[c] * gp[c];
+              }
+            }
+          }
+        }
+      }
+    }
+  });
+  std::fill(dw, dw + taps * C, T(0));
+  for (int64_t slice = 0; slice < slices; ++slice) {
+    const T* __restrict sums = partial.data() + slice * taps * C;
+    for (int64_t j = 0; j < taps * C; ++j) dw[j] += sums[j];
+  }
+}
+
+// Checks the rank-5 activations and the rank-4 weights, and fills `g`.
+ffi::Error MakeGeometry(ffi::AnyBuffer::Dimensions in,
+                        ffi::AnyBuffer::Dimensions out,
+                        ffi::AnyBuffer::Dimensions window,
+                        ffi::Span<const int64_t> stride,
+                        ffi::Span<const int64_t> dilation,
+                        ffi::Span<const int64_t> pad, Geometry* g) {
+  if (in.size() != 5 || out.size() != 5 || window.size() != 4 ||
+      stride.size() != 3 || dilation.size() != 3 || pad.size() != 3) {
+    return ffi::Error::InvalidArgument(
+        "jaxfactor depthwise: expected rank-5 activations, rank-4 weights and "
+        "3 strides, dilations and paddings");
+  }
+  g->batch = in[0];
+  g->channels = in[4];
+  if (out[0] != in[0] || out[4] != in[4] || window[3] != in[4]) {
+    return ffi::Error::InvalidArgument(
+        "jaxfactor depthwise: batch or channel sizes differ");
+  }
+  for (int a = 0; a < 3; ++a) {
+    g->in[a] = in[a + 1];
+    g->out[a] = out[a + 1];
+    g->window[a] = window[a];
+    g->stride[a] = stride[a];
+    g->dilation[a] = dilation[a];
+    g->pad[a] = pad[a];
+    if (stride[a] < 1 || dilation[a] < 1) {
+      return ffi::Error::InvalidArgument(
+          "jaxfactor depthwise: strides and dilations must be positive");
+    }
+  }
+  return ffi::Error::Success();
+}
+
+template <typename F>
+ffi::Error Dispatch(ffi::DataType dtype, F f) {
+  switch (dtype) {
+    case ffi::DataType::F32:
+      f(float{});
+      return ffi::Error::Success();
+    case ffi::DataType::F64:
+      f(double{});
+      return ffi::Error::Success();
+    default:
+      return ffi::Error::InvalidArgument(
+          "jaxfactor depthwise: only float32 and float64 are supported");
+  }
+}
+
+ffi::Error ForwardImpl(ffi::ThreadPool pool, ffi::AnyBuffer x,
+                       ffi::AnyBuffer w, ffi::Result<ffi::AnyBuffer> y,
+                       ffi::Span<const int64_t> stride,
+                       ffi::Span<const int64_t> dilation,
+                       ffi::Span<const int64_t> pad) {
+  Geometry g;
+  if (auto e = MakeGeometry(x.dimensions(), y->dimensions(), w.dimensions(),
+                            stride, dilation, pad, &g);
+      e.failure()) {
+    return e;
+  }
+  return Dispatch(x.element_type(), [&](auto t) {
+    using T = decltype(t);
+    Forward<T>(pool, g, x.typed_data<T>(), w.typed_data<T>(),
+               y->typed_data<T>());
+  });
+}
+
+ffi::Error InputGradImpl(ffi::ThreadPool pool, ffi::AnyBuffer dy,
+                         ffi::AnyBuffer w, ffi::Result<ffi::AnyBuffer> dx,
+                         ffi::Span<const int64_t> stride,
+                         ffi::Span<const int64_t> dilation,
+                         ffi::Span<const int64_t> pad) {
+  Geometry g;
+  if (auto e = MakeGeometry(dx->dimensions(), dy.dimensions(), w.dimensions(),
+                            stride, dilation, pad, &g);
+      e.failure()) {
+    return e;
+  }
+  return Dispatch(dy.element_type(), [&](auto t) {
+    using T = decltype(t);
+    InputGrad<T>(pool, g, dy.typed_data<T>(), w.typed_data<T>(),
+                 dx->typed_data<T>());
+  });
+}
+
+ffi::Error WeightGradImpl(ffi::ThreadPool pool, ffi::AnyBuffer x,
+                          ffi::AnyBuffer dy, ffi::Result<ffi::AnyBuffer> dw,
+                          ffi::Span<const int64_t> stride,
+                          ffi::Span<const int64_t> dilation,
+                          ffi::Span<const int64_t> pad) {
+  Geometry g;
+  if (auto e = MakeGeometry(x.dimensions(), dy.dimensions(), dw->dimensions(),
+                            stride, dilation, pad, &g);
+      e.failure()) {
+    return e;
+  }
+  return Dispatch(x.element_type(), [&](auto t) {
+    using T = decltype(t);
+    WeightGrad<T>(pool, g, x.typed_data<T>(), dy.typed_data<T>(),
+                  dw->typed_data<T>());
+  });
+}
+
+}  // namespace
+
+#define JAXFACTOR_BIND(NAME, IMPL)                     \
+  XLA_FFI_DEFINE_HANDLER_SYMBOL(NAME, IMPL,            \
+                                ffi::Ffi::Bind()       \
+                                    .Ctx<ffi::ThreadPool>() \
+                                    .Arg<ffi::AnyBuffer>() \
+                                    .Arg<ffi::AnyBuffer>() \
+                                    .Ret<ffi::AnyBuffer>() \
+                                    .Attr<ffi::Span<const int64_t>>("stride") \
+                                    .Attr<ffi::Span<const int64_t>>("dilation") \
+                                    .Attr<ffi::Span<const int64_t>>("pad"))
+
+JAXFACTOR_BIND(JaxfactorDepthwiseForward, ForwardImpl);
+JAXFACTOR_BIND(JaxfactorDepthwiseInputGrad, InputGradImpl);
+JAXFACTOR_BIND(JaxfactorDepthwiseWeightGrad, WeightGradImpl);
