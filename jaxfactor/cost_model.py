@@ -100,9 +100,11 @@ def stage_flops(
     flops = (2 * batch * math.prod(spatial) * c * taps * f
              + max(taps - 1, 0) * batch * math.prod(plan.out) * f)
     return flops, (batch, *plan.out, f)
-  if (depthwise_lowering == "native"
-      and not primitives.native_applies(in_shape, stage.kernel.dtype)):
-    depthwise_lowering = "shift_add"  # what `_native_depthwise` runs then
+  if depthwise_lowering in ("native", "auto_native"):
+    # What `_native_depthwise` runs for this stage.
+    depthwise_lowering = ("native" if primitives.native_applies(
+        in_shape, stage.kernel.dtype, depthwise_lowering,
+        stage.kernel.shape[-1]) else "shift_add")
   out_spatial, pairs = [], 1
   for axis, size in enumerate(spatial):
     if axis in stage.axes:
@@ -180,7 +182,7 @@ class Machine(NamedTuple):
   (`sqrt(3 / 9) = 0.58`); 0 (no penalty) on the unmeasured GPU and TPU
   models. A tap-matmul stage (`primitives.uses_tap_matmul`) runs at the
   contraction rate for its `k * F` columns (k taps, F features). Depthwise
-  stages run at `depthwise_flops` (shift-add) or `grouped_flops`
+  stages run at `depthwise_flops` (shift-add or native) or `grouped_flops`
   (`feature_group_count`). Bytes are the stage's input,
   output and kernel, each read or written once. Only the forward pass is
   priced.
@@ -326,7 +328,9 @@ def cost(
 
   The count is of the computation `conv` runs for these arguments, stage by
   stage. For float32 it equals XLA:CPU's own `cost_analysis()["flops"]` of
-  the jitted call (tested); XLA:CPU adds conversion FLOPs for 16-bit types
+  the jitted call (tested), but for the "native" depthwise lowering (the
+  CPU default where it builds), a custom call XLA does not count into: its
+  count is a multiply-add per in-range product. XLA:CPU adds conversion FLOPs for 16-bit types
   and expands float64 grouped convolutions, which `cost` does not count, and
   counts a loop's body once: where a tap-matmul stage loops over batch
   chunks, `cost` counts every chunk.

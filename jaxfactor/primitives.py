@@ -98,8 +98,10 @@ DEPTHWISE_LOWERINGS = ("auto", "native", "shift_add", "shift_add_autodiff",
 
 
 def resolve_depthwise_lowering(fn: str, lowering: str) -> str:
-  """"auto": the compiled kernel on CPU where it builds, else shift-adds;
-  XLA's grouped conv elsewhere.
+  """"auto": on a one-device CPU where the compiled kernel builds, the kernel
+  for stages of at least `NATIVE_MIN_CHANNELS` channels and shift-adds for
+  the rest ("auto_native"); shift-adds on other CPUs; XLA's grouped conv
+  elsewhere.
 
   XLA:CPU's grouped convolution is slow for depthwise kernels (measured in
   `perf-baseline.md`: slower than the dense conv it replaces). "native"
@@ -110,11 +112,13 @@ def resolve_depthwise_lowering(fn: str, lowering: str) -> str:
   "shift_add": k shifted slices times per-channel weights, fused into one
   loop by XLA. GPU and TPU have fast grouped-convolution kernels.
 
-  "native" and "shift_add" have hand-written VJPs (`jax.custom_vjp`), and so
-  support reverse mode only (`grad`, `vjp`, grad of grad);
-  "shift_add_autodiff" is the shift-add forward pass under plain autodiff,
-  for forward mode over it (`jvp`, `jacfwd`; forward-over-reverse, e.g.
-  `hessian` or `jvp` of `grad`, works with all three).
+  "native" is three bilinear primitives, each the others' transpose: both
+  modes of differentiation, any order (inputs it does not take run as
+  "shift_add", see `native_applies`). "shift_add" has a hand-written VJP
+  (`jax.custom_vjp`) and so supports reverse mode only (`grad`, `vjp`, grad
+  of grad, forward-over-reverse such as `hessian`); "shift_add_autodiff" is
+  its forward pass under plain autodiff, for forward mode over it (`jvp`,
+  `jacfwd`).
   """
   if lowering not in DEPTHWISE_LOWERINGS:
     raise ValueError(
@@ -125,7 +129,13 @@ def resolve_depthwise_lowering(fn: str, lowering: str) -> str:
   if lowering == "auto":
     if not cpu:
       return "grouped"
-    return "native" if _native.available() else "shift_add"
+    # With several CPU devices (which exist only when asked for: a simulated
+    # mesh, several processes) the batch is likely sharded, and XLA's
+    # partitioner cannot split a custom call: it would gather the operands.
+    # The shift-add stays sharded.
+    if jax.device_count() == 1 and _native.available():
+      return "auto_native"  # per stage: see `native_applies`
+    return "shift_add"
   if lowering == "native":
     if not cpu:
       raise ValueError(
@@ -262,8 +272,9 @@ def run_stages(
 ) -> jax.Array:
   """Applies `stages` in order to `x [B, *spatial, C]`.
 
-  `depthwise_lowering` ("shift_add", "shift_add_autodiff" or "grouped",
-  already resolved) picks how depthwise stages run, `spatial_lowering`
+  `depthwise_lowering` ("native", "auto_native" (the CPU's "auto": native
+  for wide stages, see `native_applies`), "shift_add", "shift_add_autodiff"
+  or "grouped", already resolved) picks how depthwise stages run, `spatial_lowering`
   ("conv", "tap_matmul" or, on CPU, "auto"; see `uses_tap_matmul`) how
   dense spatial stages run.
   """
@@ -295,9 +306,10 @@ def run_stages(
     elif is_strided_pointwise(stage, geometry):
       x = _strided_pointwise(x, kernel, stage.axes, geometry, precision,
                              preferred_element_type)
-    elif is_depthwise(stage) and depthwise_lowering == "native":
+    elif is_depthwise(stage) and depthwise_lowering in ("native",
+                                                         "auto_native"):
       x = _native_depthwise(x, kernel, stage.axes, geometry,
-                            preferred_element_type)
+                            preferred_element_type, depthwise_lowering)
     elif is_depthwise(stage) and depthwise_lowering.startswith("shift_add"):
       x = _shift_add(x, kernel, stage.axes, geometry, preferred_element_type,
                      custom_vjp=depthwise_lowering == "shift_add")
@@ -645,27 +657,40 @@ def _shift_add(x, kernel, axes, geometry, preferred, custom_vjp):
   return taps(plan, x.astype(dtype), weights)
 
 
-def native_applies(x_shape, dtype) -> bool:
+# "auto" runs the native kernel on stages with at least this many output
+# channels. Measured on the 2-core CPU (batch 32, 56x56, 3x3, forward and
+# forward+backward against the shift-add): 16 channels 4.8x / 2.2x slower,
+# 32 4.1x / 1.3x, 64 1.9x / 1.5x, 128 a tie (1.2x / 1.0x); at 128 channels
+# and smaller maps, and at 256-1024 channels, the native kernel is faster
+# forward+backward (28x28x256: 20 against 36 ms).
+NATIVE_MIN_CHANNELS = 128
+
+
+def native_applies(x_shape, dtype, lowering: str = "native",
+                   channels: int | None = None) -> bool:
   """Whether `_native_depthwise` runs the compiled kernel for this input.
 
   Up to 3 spatial axes, float32 or float64 (after `preferred_element_type`),
-  static shapes; other inputs run as "shift_add".
+  static shapes; under "auto" ("auto_native"), also at least
+  `NATIVE_MIN_CHANNELS` output `channels`. Other stages run as "shift_add".
   """
   return (len(x_shape) - 2 <= 3
           and jnp.dtype(dtype) in (jnp.dtype(jnp.float32),
                                    jnp.dtype(jnp.float64))
-          and all(isinstance(d, int) for d in x_shape))
+          and all(isinstance(d, int) for d in x_shape)
+          and (lowering == "native" or channels is None
+               or channels >= NATIVE_MIN_CHANNELS))
 
 
-def _native_depthwise(x, kernel, axes, geometry, preferred):
+def _native_depthwise(x, kernel, axes, geometry, preferred, lowering):
   """Depthwise conv as the compiled kernel (`jaxfactor._native`).
 
   Same arithmetic as `_shift_add` (products with padding zeros skipped),
-  summed per output in tap order. Inputs it does not take
+  summed per output in tap order. Stages it does not take
   (`native_applies`) run as "shift_add".
   """
   dtype = preferred or x.dtype
-  if not native_applies(x.shape, dtype):
+  if not native_applies(x.shape, dtype, lowering, kernel.shape[-1]):
     return _shift_add(x, kernel, axes, geometry, preferred, custom_vjp=True)
   n = x.ndim - 2
   window, strides, dilation, pads = _stage_geometry(kernel.shape[:-2], axes,
@@ -873,7 +898,7 @@ def depthwise_conv(
   `kernel[..., 0, c * m + j]` (lax's and Flax's layout, so a Flax
   `nn.Conv(feature_group_count=C)` kernel works unchanged). Costs
   `2 * k * C * m` FLOPs per output pixel, for `k = prod(window)` (fewer
-  with "shift_add", which skips products with zero padding).
+  with "native" and "shift_add", which skip products with zero padding).
 
   Args:
     x: `[*batch, *spatial, C]`; any number of batch axes, or none.
@@ -884,13 +909,16 @@ def depthwise_conv(
     dilation: kernel dilation, an int or one per spatial axis.
     precision: passed to `lax.conv_general_dilated`.
     preferred_element_type: accumulation and output dtype; None keeps `x`'s.
-    depthwise_lowering: "shift_add" (a sum over taps of strided slices times
-      per-channel weights, with a hand-written VJP: reverse-mode
-      differentiation only), "shift_add_autodiff" (the same under autodiff:
-      forward mode too, slower gradients), "grouped"
-      (`lax.conv_general_dilated` with `feature_group_count=C`) or "auto":
-      shift_add on CPU, where XLA's grouped convolution is slow, grouped
-      elsewhere. Same result either way.
+    depthwise_lowering: "native" (CPU only: a compiled kernel XLA calls
+      as a custom call, built on first use; see `jaxfactor._native`),
+      "shift_add" (a sum over taps of strided slices times per-channel
+      weights, with a hand-written VJP: reverse-mode differentiation only),
+      "shift_add_autodiff" (the same under autodiff: forward mode too,
+      slower gradients), "grouped" (`lax.conv_general_dilated` with
+      `feature_group_count=C`) or "auto": on CPU, where XLA's grouped
+      convolution is slow, native for at least 128 output channels (on one
+      device, where it builds) and shift_add otherwise; grouped elsewhere.
+      Same result either way.
 
   Returns:
     `[*batch, *out_spatial, C * m]`.

@@ -20,6 +20,11 @@ import jaxfactor.linen  # noqa: E402
 import jaxfactor.nnx  # noqa: E402
 
 assert jax.device_count() == 4, jax.devices()
+# Several CPU devices: "auto" keeps the depthwise convs as shift-adds, which
+# XLA partitions, rather than the native kernel's custom call, which it
+# would gather.
+from jaxfactor import primitives  # noqa: E402
+assert primitives.resolve_depthwise_lowering("t", "auto") == "shift_add"
 # Auto axes: XLA propagates shardings (GSPMD), as for Flax's own layers.
 mesh = jax.make_mesh((2, 2), ("data", "model"),
                      axis_types=(jax.sharding.AxisType.Auto,) * 2)

@@ -484,7 +484,9 @@ def test_shift_add_output_is_computed_once():
 def test_auto_depthwise_lowering_on_each_backend():
   expected = "grouped"
   if jax.default_backend() == "cpu":
-    expected = "native" if _native.available() else "shift_add"
+    expected = ("auto_native"
+                if _native.available() and jax.device_count() == 1
+                else "shift_add")
   assert primitives.resolve_depthwise_lowering("t", "auto") == expected
   with pytest.raises(ValueError, match=r"conv: `depthwise_lowering` must be"
                      r" one of \('auto', 'native', 'shift_add',"
@@ -570,6 +572,44 @@ def test_native_under_vmap():
                         ks[i] if in_axes[1] == 0 else ks[0])
                       for i in range(3)])
     assert relative_error(got, want) < RTOL[jnp.float64]
+
+
+@needs_native
+@pytest.mark.parametrize("channels", [4, primitives.NATIVE_MIN_CHANNELS])
+def test_auto_runs_native_on_wide_stages(channels):
+  """"auto" on CPU: the native kernel from `NATIVE_MIN_CHANNELS` output
+  channels (where it was measured at least as fast), the shift-add below;
+  `cost` counts what runs."""
+  x = jnp.ones((1, 6, 6, channels), jnp.float32)
+  kernel = jnp.ones((3, 3, 1, channels), jnp.float32)
+  fn = lambda x, k: jaxfactor.depthwise_conv(x, k)
+  wide = channels >= primitives.NATIVE_MIN_CHANNELS
+  assert ("custom-call(" in jax.jit(fn).lower(x, kernel).compile().as_text()
+          ) == wide
+  separable = jaxfactor.DepthwiseSeparable(kernel,
+                                           jnp.ones((channels, 4), jnp.float32))
+  count = lambda lowering: jaxfactor.cost(
+      separable, x.shape, implementation="factorized",
+      depthwise_lowering=lowering).flops
+  assert count("auto") == count("native" if wide else "shift_add")
+  assert count("native") != count("shift_add")
+
+
+@needs_native
+def test_native_exports_as_the_grouped_conv():
+  """`jax.export` serializes no custom call without compatibility
+  guarantees: exported, the native primitives lower to `lax`'s grouped
+  convolution (and its transposes), with the same result and gradients."""
+  x = random_input((2, 7, 6, 3))
+  kernel = random_input((3, 2, 1, 6), seed=2)
+  fn = jax.jit(jax.value_and_grad(lambda x, k: jnp.sum(jnp.sin(
+      jaxfactor.depthwise_conv(x, k, strides=(2, 1), dilation=(1, 2),
+                               depthwise_lowering="native"))), (0, 1)))
+  exported = jax.export.export(fn)(x, kernel)
+  assert "jaxfactor_depthwise" not in exported.mlir_module()
+  for a, b in zip(jax.tree.leaves(exported.call(x, kernel)),
+                  jax.tree.leaves(fn(x, kernel))):
+    assert relative_error(a, b) < RTOL[jnp.float64]
 
 
 def test_native_errors():

@@ -114,9 +114,12 @@ def _build(compiler: str, path: str) -> None:
   try:
     result = subprocess.run(
         [compiler, *_FLAGS, f"-I{jax.ffi.include_dir()}", _SOURCE, "-o", tmp],
-        capture_output=True, text=True, check=False)
+        capture_output=True, text=True, check=False, timeout=600)
     if result.returncode != 0:
       raise RuntimeError(f"{compiler} failed:\n{result.stderr[-4000:]}")
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o755 & ~umask)  # mkstemp makes it private
     os.replace(tmp, path)
   finally:
     if os.path.exists(tmp):
@@ -141,7 +144,11 @@ def _load() -> None:
       path = _library_path(compiler)
       if not os.path.exists(path):
         _build(compiler, path)
-      library = ctypes.cdll.LoadLibrary(path)
+      try:
+        library = ctypes.cdll.LoadLibrary(path)
+      except OSError:  # a damaged cached build: build it again, once
+        _build(compiler, path)
+        library = ctypes.cdll.LoadLibrary(path)
       for target, symbol in _TARGETS.items():
         jax.ffi.register_ffi_target(
             target, jax.ffi.pycapsule(getattr(library, symbol)),
@@ -213,7 +220,14 @@ def _make_primitive(name):
                       f" {a.dtype} and {b.dtype}")
     return ShapedArray(_out_shape(name, a, b, params), a.dtype)
 
-  def lowering(ctx, a, b, *, geometry, **_):
+  portable = mlir.lower_fun(_PORTABLE[name], multiple_results=False)
+
+  def lowering(ctx, a, b, *, geometry, **params):
+    parameters = getattr(ctx.module_context, "lowering_parameters", None)
+    if getattr(parameters, "for_export", False):
+      # `jax.export` serializes only custom calls with compatibility
+      # guarantees: exported programs get the grouped convolution.
+      return portable(ctx, a, b, geometry=geometry, **params)
     return jax.ffi.ffi_lowering(f"jaxfactor_depthwise_{name}")(
         ctx, a, b, stride=np.array(geometry.stride, np.int64),
         dilation=np.array(geometry.dilation, np.int64),
@@ -222,7 +236,36 @@ def _make_primitive(name):
   primitive.def_impl(impl)
   primitive.def_abstract_eval(abstract_eval)
   mlir.register_lowering(primitive, lowering, platform="cpu")
+  # Any other platform (e.g. `jax.export` for a GPU from a CPU host).
+  mlir.register_lowering(primitive, portable)
   return primitive
+
+
+def _grouped_forward(x, w, *, geometry):
+  """`forward` as `lax`'s grouped convolution: the portable lowering."""
+  return lax.conv_general_dilated(
+      x, w[..., None, :], geometry.stride, geometry.pads,
+      rhs_dilation=geometry.dilation,
+      dimension_numbers=("NDHWC", "DHWIO", "NDHWC"),
+      feature_group_count=x.shape[-1], precision=lax.Precision.HIGHEST)
+
+
+def _grouped_input_grad(dy, w, *, geometry, in_shape):
+  _, pullback = jax.vjp(
+      lambda x: _grouped_forward(x, w, geometry=geometry),
+      jnp.zeros(in_shape, dy.dtype))
+  return pullback(dy)[0]
+
+
+def _grouped_weight_grad(x, dy, *, geometry, window):
+  _, pullback = jax.vjp(
+      lambda w: _grouped_forward(x, w, geometry=geometry),
+      jnp.zeros((*window, x.shape[-1]), x.dtype))
+  return pullback(dy)[0]
+
+
+_PORTABLE = {"forward": _grouped_forward, "input_grad": _grouped_input_grad,
+             "weight_grad": _grouped_weight_grad}
 
 
 def forward(geometry: Geometry, x, w):
@@ -307,8 +350,6 @@ def _batch_rule(prims, name):
     a, b = (jnp.moveaxis(t, d, 0) if d is not None
             else jnp.broadcast_to(t, (size, *t.shape))
             for t, d in ((a, da), (b, db)))
-    if name == "input_grad":
-      params = dict(params)
     return lax.map(lambda ab: primitive.bind(*ab, **params), (a, b)), 0
   return rule
 
