@@ -57,8 +57,9 @@ def conv(
     depthwise_lowering: how depthwise stages (DepthwiseSeparable's first
       stage, CP's per-axis stages) run, as in `depthwise_conv`: "auto"
       (on CPU native for >= 128 channels where it builds, shift_add
-      otherwise; grouped elsewhere), "native" (CPU only), "shift_add" (reverse-mode
-      differentiation only), "shift_add_autodiff" or "grouped".
+      otherwise; grouped elsewhere), "native" (CPU only), "shift_add"
+      (reverse-mode differentiation only), "shift_add_autodiff" or
+      "grouped".
     spatial_lowering: how dense spatial stages (a dense kernel, LowRank's
       and Tucker's k x k stage, SpatiallySeparable's two stages) run: "conv"
       (`lax.conv_general_dilated`), "tap_matmul" (one matmul from the input

@@ -274,9 +274,9 @@ def run_stages(
 
   `depthwise_lowering` ("native", "auto_native" (the CPU's "auto": native
   for wide stages, see `native_applies`), "shift_add", "shift_add_autodiff"
-  or "grouped", already resolved) picks how depthwise stages run, `spatial_lowering`
-  ("conv", "tap_matmul" or, on CPU, "auto"; see `uses_tap_matmul`) how
-  dense spatial stages run.
+  or "grouped", already resolved) picks how depthwise stages run,
+  `spatial_lowering` ("conv", "tap_matmul" or, on CPU, "auto"; see
+  `uses_tap_matmul`) how dense spatial stages run.
   """
   if preferred_element_type is not None:
     wide = jnp.dtype(preferred_element_type)

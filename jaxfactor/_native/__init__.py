@@ -274,7 +274,7 @@ def forward(geometry: Geometry, x, w):
 
 
 def input_grad(geometry: Geometry, in_shape, dy, w):
-  """The transpose of `forward` in `x` (of shape `in_shape`), applied to `dy`."""
+  """The transpose of `forward` in `x` (shape `in_shape`), applied to `dy`."""
   return _primitives()["input_grad"].bind(dy, w, geometry=geometry,
                                           in_shape=tuple(in_shape))
 

@@ -5,7 +5,8 @@
 // is used). Three bilinear maps close under differentiation:
 //
 //   forward      y[b, o, c]  = sum_k x[b, o*s + k*d - p, c] * w[k, c]
-//   input grad   dx[b, i, c] = sum_{k, o: o*s + k*d - p = i} g[b, o, c] * w[k, c]
+//   input grad   dx[b, i, c] = sum_{k, o: o*s + k*d - p = i} g[b, o, c]
+//                                                               * w[k, c]
 //   weight grad  dw[k, c]    = sum_{b, o} x[b, o*s + k*d - p, c] * g[b, o, c]
 //
 // Positions outside the input are zeros (other padding modes are padded into
@@ -104,25 +105,37 @@ struct Vec {
   static V Load(const T* p) { return *reinterpret_cast<const U*>(p); }
   static void Store(T* p, V v) { *reinterpret_cast<U*>(p) = v; }
 };
-// Sums over the taps of in[t][c] * w[t][c] for one position, `n` taps whose
-// row pointers are in `ins` / `ws`; channels in blocks of up to 4 vectors
-// held in registers across the taps.
+
+// out[c] = sum over the n taps of ins[t][c] * ws[t][c], for c < C: channels
+// in blocks of 4 vectors (then 1, then scalars) whose sums stay in
+// registers across the taps.
 template <typename T>
-inline void TapSum(int64_t n, const T* const* ins, const T* const* ws, int64_t C, T* out) {
-  using Vt = Vec<T>; using V = typename Vt::V; constexpr int64_t L = Vt::kLanes;
+inline void TapSum(int64_t n, const T* const* ins, const T* const* ws,
+                   int64_t C, T* out) {
+  using Vt = Vec<T>;
+  using V = typename Vt::V;
+  constexpr int64_t L = Vt::kLanes;
   int64_t c = 0;
   for (; c + 4 * L <= C; c += 4 * L) {
     V a0{}, a1{}, a2{}, a3{};
     for (int64_t t = 0; t < n; ++t) {
-      const T* x = ins[t] + c; const T* w = ws[t] + c;
-      a0 += Vt::Load(x) * Vt::Load(w); a1 += Vt::Load(x + L) * Vt::Load(w + L);
-      a2 += Vt::Load(x + 2 * L) * Vt::Load(w + 2 * L); a3 += Vt::Load(x + 3 * L) * Vt::Load(w + 3 * L);
+      const T* x = ins[t] + c;
+      const T* w = ws[t] + c;
+      a0 += Vt::Load(x) * Vt::Load(w);
+      a1 += Vt::Load(x + L) * Vt::Load(w + L);
+      a2 += Vt::Load(x + 2 * L) * Vt::Load(w + 2 * L);
+      a3 += Vt::Load(x + 3 * L) * Vt::Load(w + 3 * L);
     }
-    Vt::Store(out + c, a0); Vt::Store(out + c + L, a1); Vt::Store(out + c + 2 * L, a2); Vt::Store(out + c + 3 * L, a3);
+    Vt::Store(out + c, a0);
+    Vt::Store(out + c + L, a1);
+    Vt::Store(out + c + 2 * L, a2);
+    Vt::Store(out + c + 3 * L, a3);
   }
   for (; c + L <= C; c += L) {
     V a{};
-    for (int64_t t = 0; t < n; ++t) a += Vt::Load(ins[t] + c) * Vt::Load(ws[t] + c);
+    for (int64_t t = 0; t < n; ++t) {
+      a += Vt::Load(ins[t] + c) * Vt::Load(ws[t] + c);
+    }
     Vt::Store(out + c, a);
   }
   for (; c < C; ++c) {
@@ -131,68 +144,62 @@ inline void TapSum(int64_t n, const T* const* ins, const T* const* ws, int64_t C
     out[c] = a;
   }
 }
-template <typename T>
-void Forward(ffi::ThreadPool& pool, const Geometry& g, const T* x, const T* w,
-             T* y) {
+
+// Per destination position, the sum over taps of source * weight. The
+// forward pass (kInputGrad false) sums over the output positions the input
+// positions each tap reads (`InputIndex`); the input gradient (true) sums
+// over the input positions the output positions each tap reaches
+// (`OutputIndex`): the transposed conv, in gather form, so each thread
+// writes only its own rows.
+template <typename T, bool kInputGrad>
+void SumTaps(ffi::ThreadPool& pool, const Geometry& g, const T* src,
+             const T* w, T* dst) {
   const int64_t C = g.channels;
   const int64_t taps = g.window[0] * g.window[1] * g.window[2];
-  ParallelFor(pool, g.batch * g.out[0], [&](int64_t item) {
-    const int64_t b = item / g.out[0], o0 = item % g.out[0];
-    std::vector<const T*> ins(taps), ws(taps);
-    for (int64_t o1 = 0; o1 < g.out[1]; ++o1) {
-      for (int64_t o2 = 0; o2 < g.out[2]; ++o2) {
+  const int64_t* dst_dims = kInputGrad ? g.in : g.out;
+  const int64_t* src_dims = kInputGrad ? g.out : g.in;
+  auto index = [&g](int axis, int64_t p, int64_t k) {
+    return kInputGrad ? OutputIndex(g, axis, p, k) : InputIndex(g, axis, p, k);
+  };
+  ParallelFor(pool, g.batch * dst_dims[0], [&](int64_t item) {
+    const int64_t b = item / dst_dims[0], p0 = item % dst_dims[0];
+    std::vector<const T*> srcs(taps), ws(taps);
+    for (int64_t p1 = 0; p1 < dst_dims[1]; ++p1) {
+      for (int64_t p2 = 0; p2 < dst_dims[2]; ++p2) {
         int64_t n = 0;
         for (int64_t k0 = 0; k0 < g.window[0]; ++k0) {
-          const int64_t i0 = InputIndex(g, 0, o0, k0);
-          if (i0 < 0) continue;
+          const int64_t q0 = index(0, p0, k0);
+          if (q0 < 0) continue;
           for (int64_t k1 = 0; k1 < g.window[1]; ++k1) {
-            const int64_t i1 = InputIndex(g, 1, o1, k1);
-            if (i1 < 0) continue;
+            const int64_t q1 = index(1, p1, k1);
+            if (q1 < 0) continue;
             for (int64_t k2 = 0; k2 < g.window[2]; ++k2) {
-              const int64_t i2 = InputIndex(g, 2, o2, k2);
-              if (i2 < 0) continue;
-              ins[n] = x + (((b * g.in[0] + i0) * g.in[1] + i1) * g.in[2] + i2) * C;
+              const int64_t q2 = index(2, p2, k2);
+              if (q2 < 0) continue;
+              srcs[n] = src + (((b * src_dims[0] + q0) * src_dims[1] + q1) *
+                                   src_dims[2] + q2) * C;
               ws[n++] = w + ((k0 * g.window[1] + k1) * g.window[2] + k2) * C;
             }
           }
         }
-        TapSum(n, ins.data(), ws.data(), C,
-               y + (((b * g.out[0] + o0) * g.out[1] + o1) * g.out[2] + o2) * C);
+        TapSum(n, srcs.data(), ws.data(), C,
+               dst + (((b * dst_dims[0] + p0) * dst_dims[1] + p1) *
+                          dst_dims[2] + p2) * C);
       }
     }
   });
 }
 
 template <typename T>
+void Forward(ffi::ThreadPool& pool, const Geometry& g, const T* x, const T* w,
+             T* y) {
+  SumTaps<T, /*kInputGrad=*/false>(pool, g, x, w, y);
+}
+
+template <typename T>
 void InputGrad(ffi::ThreadPool& pool, const Geometry& g, const T* dy,
                const T* w, T* dx) {
-  const int64_t C = g.channels;
-  const int64_t taps = g.window[0] * g.window[1] * g.window[2];
-  ParallelFor(pool, g.batch * g.in[0], [&](int64_t item) {
-    const int64_t b = item / g.in[0], i0 = item % g.in[0];
-    std::vector<const T*> gs(taps), ws(taps);
-    for (int64_t i1 = 0; i1 < g.in[1]; ++i1) {
-      for (int64_t i2 = 0; i2 < g.in[2]; ++i2) {
-        int64_t n = 0;
-        for (int64_t k0 = 0; k0 < g.window[0]; ++k0) {
-          const int64_t o0 = OutputIndex(g, 0, i0, k0);
-          if (o0 < 0) continue;
-          for (int64_t k1 = 0; k1 < g.window[1]; ++k1) {
-            const int64_t o1 = OutputIndex(g, 1, i1, k1);
-            if (o1 < 0) continue;
-            for (int64_t k2 = 0; k2 < g.window[2]; ++k2) {
-              const int64_t o2 = OutputIndex(g, 2, i2, k2);
-              if (o2 < 0) continue;
-              gs[n] = dy + (((b * g.out[0] + o0) * g.out[1] + o1) * g.out[2] + o2) * C;
-              ws[n++] = w + ((k0 * g.window[1] + k1) * g.window[2] + k2) * C;
-            }
-          }
-        }
-        TapSum(n, gs.data(), ws.data(), C,
-               dx + (((b * g.in[0] + i0) * g.in[1] + i1) * g.in[2] + i2) * C);
-      }
-    }
-  });
+  SumTaps<T, /*kInputGrad=*/true>(pool, g, dy, w, dx);
 }
 
 template <typename T>
@@ -361,16 +368,17 @@ ffi::Error WeightGradImpl(ffi::ThreadPool pool, ffi::AnyBuffer x,
 
 }  // namespace
 
-#define JAXFACTOR_BIND(NAME, IMPL)                     \
-  XLA_FFI_DEFINE_HANDLER_SYMBOL(NAME, IMPL,            \
-                                ffi::Ffi::Bind()       \
-                                    .Ctx<ffi::ThreadPool>() \
-                                    .Arg<ffi::AnyBuffer>() \
-                                    .Arg<ffi::AnyBuffer>() \
-                                    .Ret<ffi::AnyBuffer>() \
-                                    .Attr<ffi::Span<const int64_t>>("stride") \
-                                    .Attr<ffi::Span<const int64_t>>("dilation") \
-                                    .Attr<ffi::Span<const int64_t>>("pad"))
+#define JAXFACTOR_BIND(NAME, IMPL)                        \
+  XLA_FFI_DEFINE_HANDLER_SYMBOL(                          \
+      NAME, IMPL,                                         \
+      ffi::Ffi::Bind()                                    \
+          .Ctx<ffi::ThreadPool>()                         \
+          .Arg<ffi::AnyBuffer>()                          \
+          .Arg<ffi::AnyBuffer>()                          \
+          .Ret<ffi::AnyBuffer>()                          \
+          .Attr<ffi::Span<const int64_t>>("stride")       \
+          .Attr<ffi::Span<const int64_t>>("dilation")     \
+          .Attr<ffi::Span<const int64_t>>("pad"))
 
 JAXFACTOR_BIND(JaxfactorDepthwiseForward, ForwardImpl);
 JAXFACTOR_BIND(JaxfactorDepthwiseInputGrad, InputGradImpl);
