@@ -4,8 +4,9 @@
 it. In a model the output feeds other ops, and XLA:CPU's fusion passes decide
 how the shift-add depthwise conv (k strided slices times weights, summed)
 runs with them. This script times `jaxfactor`'s depthwise conv
-("shift_add") and the grouped conv Flax builds ("grouped") under three
-consumers:
+("shift_add"; and "native", the compiled kernel, where it builds: a custom
+call, into which XLA fuses nothing) and the grouped conv Flax builds
+("grouped") under three consumers:
 
 * `out`: the output returned (as in `conv.py`);
 * `mean`: followed by a mean over batch and space (a batch norm's statistics);
@@ -33,9 +34,13 @@ from jax import lax
 
 import conv  # this folder's benchmark: its interleaved timing loop
 import jaxfactor
+from jaxfactor import _native
 
 CONSUMERS = ("out", "mean", "bn_block")
-LOWERINGS = ("shift_add", "grouped")
+# The native kernel (the CPU default from 128 channels) where it builds.
+LOWERINGS = ("shift_add", "grouped",
+             *(("native",) if jax.default_backend() == "cpu"
+               and _native.available() else ()))
 
 
 def _bn_relu(y):
@@ -94,8 +99,9 @@ def main():
     times = time_shape(shape, args.rounds)
     first = len(lines)
     lines += [f"input {shape}:", "",
-              "| consumer | shift_add (jaxfactor) | grouped (Flax) |",
-              "|---|---|---|"]
+              "| consumer | shift_add (jaxfactor) | grouped (Flax) |"
+              + (" native (jaxfactor) |" if "native" in LOWERINGS else ""),
+              "|---|---|---|" + ("---|" if "native" in LOWERINGS else "")]
     for consumer in CONSUMERS:
       cells = [f"{statistics.median(times[low, consumer]):.1f}"
                f" ({min(times[low, consumer]):.1f})" for low in LOWERINGS]

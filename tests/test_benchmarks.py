@@ -54,11 +54,12 @@ def test_fusion_programs_agree_across_lowerings():
   t = jnp.asarray(rng.standard_normal((2, 6, 6, 4)), jnp.float32)
   compiled = fusion.programs(x, kernel, t)
   for consumer in fusion.CONSUMERS:
-    got = compiled["shift_add", consumer](x, kernel, t)
     want = compiled["grouped", consumer](x, kernel, t)
-    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
-      # float32, a few hundred terms: summation order differs.
-      np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
+    for lowering in fusion.LOWERINGS:  # "native" too where it builds
+      got = compiled[lowering, consumer](x, kernel, t)
+      for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+        # float32, a few hundred terms: summation order differs.
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
 
 
 def test_fusion_script_writes_its_tables(tmp_path):
