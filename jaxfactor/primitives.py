@@ -643,18 +643,33 @@ def _shift_add(x, kernel, axes, geometry, preferred, custom_vjp):
   the products with padding zeros, which are skipped. `custom_vjp` picks the
   hand-written backward pass (`_taps_bwd`) over autodiff's.
   """
+  x, weights, strides, dilation, pads = _depthwise_operands(
+      x, kernel, axes, geometry, preferred or x.dtype)
+  plan = _Taps.make(x.shape[1:-1], weights.shape[:-1], strides, dilation,
+                    pads)
+  taps = _taps_custom_vjp if custom_vjp else _taps_forward
+  return taps(plan, x, weights)
+
+
+def _depthwise_operands(x, kernel, axes, geometry, dtype):
+  """A depthwise stage's input and `[*window, C*m]` weights, in `dtype`.
+
+  Other fills than zeros are padded into the input (the returned padding is
+  then zero), and each input channel is repeated `m` times (the channel
+  multiplier), so output channel `c*m + j` reads input channel `c` in place.
+  Also returns the stage's strides, dilation and padding over all N axes.
+  """
   n = x.ndim - 2
-  plan = shift_add_plan(kernel.shape[:-2], axes, geometry, x.shape[1:-1])
+  window, strides, dilation, pads = _stage_geometry(kernel.shape[:-2], axes,
+                                                    geometry, n)
   if geometry.fill != "constant":
-    _, _, _, pads = _stage_geometry(kernel.shape[:-2], axes, geometry, n)
     x = jnp.pad(x, [(0, 0), *pads, (0, 0)], mode=geometry.fill)
+    pads = [(0, 0)] * n
   channels, out_channels = x.shape[-1], kernel.shape[-1]
   if out_channels != channels:
     x = jnp.repeat(x, out_channels // channels, axis=-1)
-  dtype = preferred or x.dtype
-  weights = kernel.reshape(*plan.window, out_channels).astype(dtype)
-  taps = _taps_custom_vjp if custom_vjp else _taps_forward
-  return taps(plan, x.astype(dtype), weights)
+  weights = kernel.reshape(*window, out_channels).astype(dtype)
+  return x.astype(dtype), weights, strides, dilation, pads
 
 
 # "auto" runs the native kernel on stages with at least this many output
@@ -693,21 +708,15 @@ def _native_depthwise(x, kernel, axes, geometry, preferred, lowering):
   if not native_applies(x.shape, dtype, lowering, kernel.shape[-1]):
     return _shift_add(x, kernel, axes, geometry, preferred, custom_vjp=True)
   n = x.ndim - 2
-  window, strides, dilation, pads = _stage_geometry(kernel.shape[:-2], axes,
-                                                    geometry, n)
-  if geometry.fill != "constant":
-    x = jnp.pad(x, [(0, 0), *pads, (0, 0)], mode=geometry.fill)
-    pads = [(0, 0)] * n
-  channels, out_channels = x.shape[-1], kernel.shape[-1]
-  if out_channels != channels:
-    x = jnp.repeat(x, out_channels // channels, axis=-1)
+  x, weights, strides, dilation, pads = _depthwise_operands(
+      x, kernel, axes, geometry, dtype)
   extra = 3 - n
   native_geometry = _native.Geometry(
       tuple(strides) + (1,) * extra, tuple(dilation) + (1,) * extra,
       tuple(tuple(p) for p in pads) + ((0, 0),) * extra)
-  batch, *spatial = x.shape[:-1]
-  x5 = x.astype(dtype).reshape(batch, *spatial, *(1,) * extra, out_channels)
-  w4 = kernel.astype(dtype).reshape(*window, *(1,) * extra, out_channels)
+  batch, *spatial, out_channels = x.shape
+  x5 = x.reshape(batch, *spatial, *(1,) * extra, out_channels)
+  w4 = weights.reshape(*weights.shape[:-1], *(1,) * extra, out_channels)
   y = _native.forward(native_geometry, x5, w4)
   return y.reshape(batch, *y.shape[1:1 + n], out_channels)
 

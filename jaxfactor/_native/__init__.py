@@ -46,6 +46,8 @@ from jax.interpreters import ad
 from jax.interpreters import batching
 from jax.interpreters import mlir
 
+from jaxfactor import _geometry
+
 _SOURCE = os.path.join(os.path.dirname(__file__), "depthwise.cc")
 _TARGETS = {
     "jaxfactor_depthwise_forward": "JaxfactorDepthwiseForward",
@@ -189,9 +191,9 @@ class Geometry(NamedTuple):
   def output_shape(self, in_shape, window):
     """`[B, *out, C]` for input `[B, *in, C]` and a `window` over 3 axes."""
     batch, *spatial, channels = in_shape
-    out = [(n + lo + hi - (k - 1) * d - 1) // s + 1
-           for n, k, d, s, (lo, hi)
-           in zip(spatial, window, self.dilation, self.stride, self.pads)]
+    out = [_geometry.output_size(n, k, s, d, pad)
+           for n, k, s, d, pad
+           in zip(spatial, window, self.stride, self.dilation, self.pads)]
     return (batch, *out, channels)
 
 
