@@ -100,11 +100,10 @@ def stage_flops(
     flops = (2 * batch * math.prod(spatial) * c * taps * f
              + max(taps - 1, 0) * batch * math.prod(plan.out) * f)
     return flops, (batch, *plan.out, f)
-  if depthwise_lowering in ("native", "auto_native"):
+  if depthwise_lowering == "native":
     # What `_native_depthwise` runs for this stage.
     depthwise_lowering = ("native" if primitives.native_applies(
-        in_shape, stage.kernel.dtype, depthwise_lowering,
-        stage.kernel.shape[-1]) else "shift_add")
+        in_shape, stage.kernel.dtype) else "shift_add")
   out_spatial, pairs = [], 1
   for axis, size in enumerate(spatial):
     if axis in stage.axes:

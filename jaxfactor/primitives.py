@@ -98,10 +98,8 @@ DEPTHWISE_LOWERINGS = ("auto", "native", "shift_add", "shift_add_autodiff",
 
 
 def resolve_depthwise_lowering(fn: str, lowering: str) -> str:
-  """"auto": on a one-device CPU where the compiled kernel builds, the kernel
-  for stages of at least `NATIVE_MIN_CHANNELS` channels and shift-adds for
-  the rest ("auto_native"); shift-adds on other CPUs; XLA's grouped conv
-  elsewhere.
+  """"auto": "native" on a one-device CPU where the compiled kernel builds,
+  "shift_add" on other CPUs, XLA's grouped conv ("grouped") elsewhere.
 
   XLA:CPU's grouped convolution is slow for depthwise kernels (measured in
   `perf-baseline.md`: slower than the dense conv it replaces). "native"
@@ -134,7 +132,7 @@ def resolve_depthwise_lowering(fn: str, lowering: str) -> str:
     # partitioner cannot split a custom call: it would gather the operands.
     # The shift-add stays sharded.
     if jax.device_count() == 1 and _native.available():
-      return "auto_native"  # per stage: see `native_applies`
+      return "native"
     return "shift_add"
   if lowering == "native":
     if not cpu:
@@ -272,9 +270,8 @@ def run_stages(
 ) -> jax.Array:
   """Applies `stages` in order to `x [B, *spatial, C]`.
 
-  `depthwise_lowering` ("native", "auto_native" (the CPU's "auto": native
-  for wide stages, see `native_applies`), "shift_add", "shift_add_autodiff"
-  or "grouped", already resolved) picks how depthwise stages run,
+  `depthwise_lowering` ("native", "shift_add", "shift_add_autodiff" or
+  "grouped", already resolved) picks how depthwise stages run,
   `spatial_lowering` ("conv", "tap_matmul" or, on CPU, "auto"; see
   `uses_tap_matmul`) how dense spatial stages run.
   """
@@ -306,10 +303,9 @@ def run_stages(
     elif is_strided_pointwise(stage, geometry):
       x = _strided_pointwise(x, kernel, stage.axes, geometry, precision,
                              preferred_element_type)
-    elif is_depthwise(stage) and depthwise_lowering in ("native",
-                                                         "auto_native"):
+    elif is_depthwise(stage) and depthwise_lowering == "native":
       x = _native_depthwise(x, kernel, stage.axes, geometry,
-                            preferred_element_type, depthwise_lowering)
+                            preferred_element_type)
     elif is_depthwise(stage) and depthwise_lowering.startswith("shift_add"):
       x = _shift_add(x, kernel, stage.axes, geometry, preferred_element_type,
                      custom_vjp=depthwise_lowering == "shift_add")
@@ -672,32 +668,19 @@ def _depthwise_operands(x, kernel, axes, geometry, dtype):
   return x.astype(dtype), weights, strides, dilation, pads
 
 
-# "auto" runs the native kernel on stages with at least this many output
-# channels. Measured on the 2-core CPU (batch 32, 56x56, 3x3, forward and
-# forward+backward against the shift-add): 16 channels 4.8x / 2.2x slower,
-# 32 4.1x / 1.3x, 64 1.9x / 1.5x, 128 a tie (1.2x / 1.0x); at 128 channels
-# and smaller maps, and at 256-1024 channels, the native kernel is faster
-# forward+backward (28x28x256: 20 against 36 ms).
-NATIVE_MIN_CHANNELS = 128
-
-
-def native_applies(x_shape, dtype, lowering: str = "native",
-                   channels: int | None = None) -> bool:
+def native_applies(x_shape, dtype) -> bool:
   """Whether `_native_depthwise` runs the compiled kernel for this input.
 
   Up to 3 spatial axes, float32 or float64 (after `preferred_element_type`),
-  static shapes; under "auto" ("auto_native"), also at least
-  `NATIVE_MIN_CHANNELS` output `channels`. Other stages run as "shift_add".
+  static shapes. Other stages run as "shift_add".
   """
   return (len(x_shape) - 2 <= 3
           and jnp.dtype(dtype) in (jnp.dtype(jnp.float32),
                                    jnp.dtype(jnp.float64))
-          and all(isinstance(d, int) for d in x_shape)
-          and (lowering == "native" or channels is None
-               or channels >= NATIVE_MIN_CHANNELS))
+          and all(isinstance(d, int) for d in x_shape))
 
 
-def _native_depthwise(x, kernel, axes, geometry, preferred, lowering):
+def _native_depthwise(x, kernel, axes, geometry, preferred):
   """Depthwise conv as the compiled kernel (`jaxfactor._native`).
 
   Same arithmetic as `_shift_add` (products with padding zeros skipped),
@@ -705,20 +688,22 @@ def _native_depthwise(x, kernel, axes, geometry, preferred, lowering):
   (`native_applies`) run as "shift_add".
   """
   dtype = preferred or x.dtype
-  if not native_applies(x.shape, dtype, lowering, kernel.shape[-1]):
+  if not native_applies(x.shape, dtype):
     return _shift_add(x, kernel, axes, geometry, preferred, custom_vjp=True)
   n = x.ndim - 2
   x, weights, strides, dilation, pads = _depthwise_operands(
       x, kernel, axes, geometry, dtype)
+  # The kernel's 3 spatial axes, missing ones as size-1 axes in front: it
+  # walks rows of the last axis, which must be a real one to be long.
   extra = 3 - n
   native_geometry = _native.Geometry(
-      tuple(strides) + (1,) * extra, tuple(dilation) + (1,) * extra,
-      tuple(tuple(p) for p in pads) + ((0, 0),) * extra)
+      (1,) * extra + tuple(strides), (1,) * extra + tuple(dilation),
+      ((0, 0),) * extra + tuple(tuple(p) for p in pads))
   batch, *spatial, out_channels = x.shape
-  x5 = x.reshape(batch, *spatial, *(1,) * extra, out_channels)
-  w4 = weights.reshape(*weights.shape[:-1], *(1,) * extra, out_channels)
+  x5 = x.reshape(batch, *(1,) * extra, *spatial, out_channels)
+  w4 = weights.reshape(*(1,) * extra, *weights.shape[:-1], out_channels)
   y = _native.forward(native_geometry, x5, w4)
-  return y.reshape(batch, *y.shape[1:1 + n], out_channels)
+  return y.reshape(batch, *y.shape[1 + extra:-1], out_channels)
 
 
 def _spatial_conv(x, kernel, axes, groups, geometry, precision, preferred):

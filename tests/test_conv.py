@@ -484,7 +484,7 @@ def test_shift_add_output_is_computed_once():
 def test_auto_depthwise_lowering_on_each_backend():
   expected = "grouped"
   if jax.default_backend() == "cpu":
-    expected = ("auto_native"
+    expected = ("native"
                 if _native.available() and jax.device_count() == 1
                 else "shift_add")
   assert primitives.resolve_depthwise_lowering("t", "auto") == expected
@@ -539,6 +539,48 @@ def test_native_is_deterministic_and_matches_shift_add(dtype):
     assert relative_error(a, b) < RTOL[dtype]
 
 
+# Channel counts that take each of the native kernel's code paths, per
+# dtype (16 float32 / 8 float64 lanes per vector): scalar channels, a flat
+# row with the weights repeated to 1-8 vectors, vector tiles with a scalar
+# tail, whole vectors, and wide blocks with leftovers.
+NATIVE_CHANNELS = (1, 3, 5, 8, 9, 16, 24, 40, 64, 72, 144, 200)
+# (width, window, stride, dilation, padding) on the last axis, where the
+# kernel's row code runs: rows with an interior, strided rows, dilated, odd
+# explicit padding, a row shorter than the window, a one-tap window.
+NATIVE_ROWS = ((13, 3, 1, 1, (1, 1)), (13, 3, 2, 1, (1, 1)),
+               (11, 5, 1, 2, (0, 0)), (12, 3, 3, 1, (2, 3)),
+               (2, 3, 1, 1, (1, 1)), (9, 1, 1, 1, (0, 0)))
+
+
+@needs_native
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.float64])
+@pytest.mark.parametrize("row", NATIVE_ROWS, ids=str)
+def test_native_code_paths_equal_grouped_conv(row, dtype):
+  """Forward pass, input and weight gradient against autodiff of lax's
+  grouped conv, for every channel count in NATIVE_CHANNELS (RTOL per
+  dtype: the same products summed in another order)."""
+  width, window, stride, dilation, pad = row
+  for channels in NATIVE_CHANNELS:
+    x = random_input((2, 5, width, channels)).astype(dtype)
+    kernel = random_input((3, window, 1, channels), seed=2).astype(dtype)
+    cotangent = None
+
+    def conv(lowering, x, k):
+      return jaxfactor.depthwise_conv(
+          x, k, strides=(1, stride), dilation=(1, dilation),
+          padding=((1, 1), pad), depthwise_lowering=lowering)
+
+    want, vjp = jax.vjp(lambda x, k: lax.conv_general_dilated(
+        x, k, (1, stride), ((1, 1), pad), rhs_dilation=(1, dilation),
+        dimension_numbers=("NHWC", "HWIO", "NHWC"),
+        feature_group_count=channels, precision="highest"), x, kernel)
+    got, native_vjp = jax.vjp(lambda x, k: conv("native", x, k), x, kernel)
+    cotangent = random_input(want.shape, seed=3).astype(dtype)
+    for a, b in zip((got, *native_vjp(cotangent)),
+                    (want, *vjp(cotangent))):
+      assert relative_error(a, b) < RTOL[dtype], channels
+
+
 @needs_native
 def test_native_falls_back_where_it_does_not_apply():
   """bfloat16 (the kernel takes float32 and float64) and more than 3
@@ -575,24 +617,20 @@ def test_native_under_vmap():
 
 
 @needs_native
-@pytest.mark.parametrize("channels", [4, primitives.NATIVE_MIN_CHANNELS])
-def test_auto_runs_native_on_wide_stages(channels):
-  """"auto" on CPU: the native kernel from `NATIVE_MIN_CHANNELS` output
-  channels (where it was measured at least as fast), the shift-add below;
-  `cost` counts what runs."""
+@pytest.mark.parametrize("channels", [3, 16, 128])
+def test_auto_runs_native_on_every_stage(channels):
+  """"auto" on a one-device CPU: the native kernel for narrow and wide
+  stages alike (one custom call, no XLA loop); `cost` counts what runs."""
   x = jnp.ones((1, 6, 6, channels), jnp.float32)
   kernel = jnp.ones((3, 3, 1, channels), jnp.float32)
   fn = lambda x, k: jaxfactor.depthwise_conv(x, k)
-  wide = channels >= primitives.NATIVE_MIN_CHANNELS
-  assert ("custom-call(" in jax.jit(fn).lower(x, kernel).compile().as_text()
-          ) == wide
+  assert "custom-call(" in jax.jit(fn).lower(x, kernel).compile().as_text()
   separable = jaxfactor.DepthwiseSeparable(kernel,
                                            jnp.ones((channels, 4), jnp.float32))
   count = lambda lowering: jaxfactor.cost(
       separable, x.shape, implementation="factorized",
       depthwise_lowering=lowering).flops
-  assert count("auto") == count("native" if wide else "shift_add")
-  assert count("native") != count("shift_add")
+  assert count("auto") == count("native") != count("shift_add")
 
 
 @needs_native

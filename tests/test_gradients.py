@@ -35,8 +35,7 @@ AUTO_LOWERING = primitives.resolve_depthwise_lowering("test", "auto")
 def _modes(has_depthwise=True, lowering="auto"):
   if lowering == "auto":
     lowering = AUTO_LOWERING
-  # "auto_native" runs these narrow test stages as "shift_add".
-  if has_depthwise and lowering in ("shift_add", "auto_native"):
+  if has_depthwise and lowering == "shift_add":
     return ("rev",)
   return ("fwd", "rev")
 

@@ -12,14 +12,19 @@
 // Positions outside the input are zeros (other padding modes are padded into
 // the input by the caller). Arrays are rank 5: [batch, 3 spatial axes,
 // channels] for x, y, g and dx, [3 spatial axes, channels] for w and dw
-// (fewer spatial axes come as size-1 axes). Channels are the innermost,
-// contiguous axis: the forward pass and the input gradient sum each output's
-// taps in blocks of up to 64 channels held in vector registers; the weight
-// gradient's channel loop is vectorized by the compiler. Every output element
-// is computed by one thread in a fixed order, and the weight gradient's
-// partial sums over fixed slices of the rows are added in a fixed order, so
-// results do not depend on scheduling (the slices depend on the thread
-// count: the weight gradient's rounding may differ between machines).
+// (fewer spatial axes come as size-1 axes in front). Channels are the
+// innermost, contiguous axis, and work is split by rows of the last spatial
+// axis. The forward pass and the input gradient sum each output's taps in
+// vector registers: wide layers one position at a time in blocks of up to 4
+// vectors of channels (`TapSum`), narrow ones in tiles of several positions
+// (`SumRun`, and `FlatRun`, which treats a row as one flat array with the
+// weights repeated to a whole number of vectors); positions near the edges,
+// where some taps fall outside, one at a time. The weight gradient sums each
+// tap's products along a row in registers (`RowDot`, `FlatDot`). Every
+// output element is computed by one thread in a fixed order, and the weight
+// gradient's partial sums over fixed slices of the rows are added in a fixed
+// order, so results do not depend on scheduling (the slices depend on the
+// thread count: the weight gradient's rounding may differ between machines).
 
 #include <algorithm>
 #include <array>
@@ -30,6 +35,8 @@
 #include <mutex>
 #include <stdexcept>
 #include <string>
+#include <type_traits>
+#include <utility>
 #include <vector>
 
 #include "xla/ffi/api/ffi.h"
@@ -96,6 +103,20 @@ inline int64_t OutputIndex(const Geometry& g, int a, int64_t i, int64_t k) {
   return o < g.out[a] ? o : -1;
 }
 
+// On the last spatial axis, tap `k` maps outputs `o` in [lo, hi) to inputs
+// `o * stride + offset`, all inside the input.
+struct LastAxis {
+  int64_t lo, hi, offset;
+};
+
+inline LastAxis LastAxisSpan(const Geometry& g, int64_t k) {
+  const int64_t s = g.stride[2], offset = k * g.dilation[2] - g.pad[2];
+  const int64_t lo = offset < 0 ? (-offset + s - 1) / s : 0;
+  const int64_t last = g.in[2] - 1 - offset;
+  const int64_t hi = last < 0 ? 0 : std::min(g.out[2], last / s + 1);
+  return {lo, std::max(lo, hi), offset};
+}
+
 // 64-byte vectors (GCC/Clang vector extensions), unaligned loads and stores.
 template <typename T>
 struct Vec {
@@ -145,46 +166,235 @@ inline void TapSum(int64_t n, const T* const* ins, const T* const* ws,
   }
 }
 
-// Per destination position, the sum over taps of source * weight. The
-// forward pass (kInputGrad false) sums over the output positions the input
-// positions each tap reads (`InputIndex`); the input gradient (true) sums
-// over the input positions the output positions each tap reaches
-// (`OutputIndex`): the transposed conv, in gather form, so each thread
-// writes only its own rows.
+// out[q * C + c] = sum over the n taps of srcs[t][q * step + c] * ws[t][c],
+// for q < count and c in [c, c + V * L): a tile of P positions by V vectors
+// of channels whose sums stay in registers across the taps.
+template <typename T, int P, int V>
+inline void Tile(int64_t n, const T* const* srcs, const T* const* ws,
+                 int64_t step, int64_t q, int64_t c, int64_t C, T* out) {
+  using Vt = Vec<T>;
+  constexpr int64_t L = Vt::kLanes;
+  typename Vt::V acc[P][V] = {};
+  for (int64_t t = 0; t < n; ++t) {
+    const T* s = srcs[t] + q * step + c;
+    typename Vt::V wv[V];
+    for (int v = 0; v < V; ++v) wv[v] = Vt::Load(ws[t] + c + v * L);
+    for (int p = 0; p < P; ++p) {
+      for (int v = 0; v < V; ++v) {
+        acc[p][v] += Vt::Load(s + p * step + v * L) * wv[v];
+      }
+    }
+  }
+  for (int p = 0; p < P; ++p) {
+    for (int v = 0; v < V; ++v) {
+      Vt::Store(out + (q + p) * C + c + v * L, acc[p][v]);
+    }
+  }
+}
+
+// Narrow layers at unit step: a run of positions is one flat array, and the
+// weights, repeated to M = NV vectors (a multiple of C), line up with every
+// block of M elements. out[j] = sum_t srcs[t][j] * periodic[t][j % M] for
+// j < length; P blocks of NV vectors per tile keep >= 4 independent sums.
+template <typename T, int NV>
+void FlatRun(int64_t n, const T* const* srcs, const T* const* periodic,
+             int64_t length, T* out) {
+  using Vt = Vec<T>;
+  constexpr int64_t L = Vt::kLanes, M = NV * L;
+  constexpr int P = (4 + NV - 1) / NV;
+  auto tile = [&](auto blocks, int64_t j) {
+    constexpr int B = decltype(blocks)::value;
+    typename Vt::V acc[B][NV] = {};
+    for (int64_t t = 0; t < n; ++t) {
+      typename Vt::V wv[NV];
+      for (int v = 0; v < NV; ++v) wv[v] = Vt::Load(periodic[t] + v * L);
+      for (int b = 0; b < B; ++b) {
+        for (int v = 0; v < NV; ++v) {
+          acc[b][v] += Vt::Load(srcs[t] + j + b * M + v * L) * wv[v];
+        }
+      }
+    }
+    for (int b = 0; b < B; ++b) {
+      for (int v = 0; v < NV; ++v) Vt::Store(out + j + b * M + v * L, acc[b][v]);
+    }
+  };
+  int64_t j = 0;
+  for (; j + P * M <= length; j += P * M) {
+    tile(std::integral_constant<int, P>{}, j);
+  }
+  for (; j + M <= length; j += M) tile(std::integral_constant<int, 1>{}, j);
+  // Then single vectors (`j` is a multiple of M: vector v of the period).
+  for (int64_t v = 0; j + L <= length; j += L, ++v) {
+    typename Vt::V a{};
+    for (int64_t t = 0; t < n; ++t) {
+      a += Vt::Load(srcs[t] + j) * Vt::Load(periodic[t] + v * L);
+    }
+    Vt::Store(out + j, a);
+  }
+  for (; j < length; ++j) {
+    T a = 0;
+    for (int64_t t = 0; t < n; ++t) a += srcs[t][j] * periodic[t][j % M];
+    out[j] = a;
+  }
+}
+
+// The number of vectors in the smallest multiple of both C and a vector, or
+// 0 if it is over 8 vectors (or C is a multiple of a vector: the tiles of
+// `SumRun` take those).
+template <typename T>
+int64_t PeriodVectors(int64_t C) {
+  constexpr int64_t L = Vec<T>::kLanes;
+  if (C % L == 0) return 0;
+  int64_t a = C, b = L;
+  while (b) a = std::exchange(b, a % b);
+  const int64_t vectors = C / a;  // lcm(C, L) / L
+  return vectors <= 8 ? vectors : 0;
+}
+
+// Runs `f(std::integral_constant<int, NV>{})` for NV = vectors in [1, 8].
+template <typename F>
+void WithPeriod(int64_t vectors, F f) {
+  switch (vectors) {
+    case 1: return f(std::integral_constant<int, 1>{});
+    case 2: return f(std::integral_constant<int, 2>{});
+    case 3: return f(std::integral_constant<int, 3>{});
+    case 4: return f(std::integral_constant<int, 4>{});
+    case 5: return f(std::integral_constant<int, 5>{});
+    case 6: return f(std::integral_constant<int, 6>{});
+    case 7: return f(std::integral_constant<int, 7>{});
+    default: return f(std::integral_constant<int, 8>{});
+  }
+}
+
+// A run of `count` destination positions on the last axis, every tap inside
+// the source: out[q * C + c] = sum_t srcs[t][q * step + c] * ws[t][c]. Wide
+// layers (>= 4 vectors of channels), one position at a time (`TapSum`);
+// narrower ones in tiles of 4 positions by 1 vector, leftover channels
+// scalar.
+template <typename T>
+void SumRun(int64_t n, const T* const* srcs, const T* const* ws, int64_t step,
+            int64_t count, int64_t C, T* out) {
+  constexpr int64_t L = Vec<T>::kLanes;
+  if (C >= 4 * L) {
+    thread_local std::vector<const T*> at;
+    at.resize(n);
+    for (int64_t q = 0; q < count; ++q) {
+      for (int64_t t = 0; t < n; ++t) at[t] = srcs[t] + q * step;
+      TapSum(n, at.data(), ws, C, out + q * C);
+    }
+    return;
+  }
+  auto group = [&](auto positions, int64_t q) {
+    constexpr int Q = decltype(positions)::value;
+    int64_t c = 0;
+    for (; c + L <= C; c += L) Tile<T, Q, 1>(n, srcs, ws, step, q, c, C, out);
+    for (; c < C; ++c) {
+      for (int64_t p = q; p < q + Q; ++p) {
+        T a = 0;
+        for (int64_t t = 0; t < n; ++t) a += srcs[t][p * step + c] * ws[t][c];
+        out[p * C + c] = a;
+      }
+    }
+  };
+  int64_t q = 0;
+  for (; q + 4 <= count; q += 4) group(std::integral_constant<int, 4>{}, q);
+  for (; q < count; ++q) group(std::integral_constant<int, 1>{}, q);
+}
+
+// Per destination position, the sum over taps of source * weight, taps in
+// (axis 0, axis 1, axis 2) order. The forward pass (kInputGrad false) sums
+// over the input positions each tap reads (`InputIndex`); the input gradient
+// (true) over the output positions each tap reaches (`OutputIndex`): the
+// transposed conv in gather form, so each thread writes only its own rows.
+// Work is split by rows of the last axis. On that axis, destination p reads
+// source p * step + offset[k] (the forward pass; the input gradient at stride
+// 1), so the positions where every tap is inside the source run as register
+// tiles (`SumRun`); the rest, one position at a time (`TapSum`).
 template <typename T, bool kInputGrad>
 void SumTaps(ffi::ThreadPool& pool, const Geometry& g, const T* src,
              const T* w, T* dst) {
-  const int64_t C = g.channels;
-  const int64_t taps = g.window[0] * g.window[1] * g.window[2];
+  const int64_t C = g.channels, K = g.window[2];
   const int64_t* dst_dims = kInputGrad ? g.in : g.out;
   const int64_t* src_dims = kInputGrad ? g.out : g.in;
   auto index = [&g](int axis, int64_t p, int64_t k) {
     return kInputGrad ? OutputIndex(g, axis, p, k) : InputIndex(g, axis, p, k);
   };
-  ParallelFor(pool, g.batch * dst_dims[0], [&](int64_t item) {
-    const int64_t b = item / dst_dims[0], p0 = item % dst_dims[0];
-    std::vector<const T*> srcs(taps), ws(taps);
-    for (int64_t p1 = 0; p1 < dst_dims[1]; ++p1) {
-      for (int64_t p2 = 0; p2 < dst_dims[2]; ++p2) {
-        int64_t n = 0;
-        for (int64_t k0 = 0; k0 < g.window[0]; ++k0) {
-          const int64_t q0 = index(0, p0, k0);
-          if (q0 < 0) continue;
-          for (int64_t k1 = 0; k1 < g.window[1]; ++k1) {
-            const int64_t q1 = index(1, p1, k1);
-            if (q1 < 0) continue;
-            for (int64_t k2 = 0; k2 < g.window[2]; ++k2) {
-              const int64_t q2 = index(2, p2, k2);
-              if (q2 < 0) continue;
-              srcs[n] = src + (((b * src_dims[0] + q0) * src_dims[1] + q1) *
-                                   src_dims[2] + q2) * C;
-              ws[n++] = w + ((k0 * g.window[1] + k1) * g.window[2] + k2) * C;
-            }
-          }
+  // The interior [lo, hi) of the last axis, empty if it is not affine.
+  const bool affine = !kInputGrad || g.stride[2] == 1;
+  const int64_t step = kInputGrad ? 1 : g.stride[2];
+  std::vector<int64_t> offset(K);
+  int64_t lo = 0, hi = affine ? dst_dims[2] : 0;
+  for (int64_t k = 0; k < K; ++k) {
+    offset[k] = kInputGrad ? g.pad[2] - k * g.dilation[2]
+                           : k * g.dilation[2] - g.pad[2];
+    if (offset[k] < 0) lo = std::max(lo, (-offset[k] + step - 1) / step);
+    const int64_t last = src_dims[2] - 1 - offset[k];
+    hi = last < 0 ? 0 : std::min(hi, last / step + 1);
+  }
+  lo = std::min(lo, dst_dims[2]);
+  hi = std::max(lo, hi);
+  // Narrow layers at unit step: the weights repeated to a whole number of
+  // vectors (`FlatRun`), `period` elements per tap.
+  constexpr int64_t L = Vec<T>::kLanes;
+  const int64_t period = step == 1 ? PeriodVectors<T>(C) * L : 0;
+  std::vector<T> periodic(period * g.window[0] * g.window[1] * K);
+  for (int64_t j = 0; j < static_cast<int64_t>(periodic.size()); ++j) {
+    periodic[j] = w[j / period * C + j % period % C];
+  }
+  ParallelFor(pool, g.batch * dst_dims[0] * dst_dims[1], [&](int64_t row) {
+    const int64_t p1 = row % dst_dims[1], p0 = row / dst_dims[1] % dst_dims[0],
+                  b = row / dst_dims[1] / dst_dims[0];
+    // The source rows of the (axis 0, axis 1) taps inside the source.
+    // Per-thread scratch, reused across rows and calls.
+    thread_local std::vector<const T*> src_rows, srcs, ws;
+    thread_local std::vector<int64_t> tap_rows;
+    src_rows.clear();
+    tap_rows.clear();
+    for (int64_t k0 = 0; k0 < g.window[0]; ++k0) {
+      const int64_t q0 = index(0, p0, k0);
+      if (q0 < 0) continue;
+      for (int64_t k1 = 0; k1 < g.window[1]; ++k1) {
+        const int64_t q1 = index(1, p1, k1);
+        if (q1 < 0) continue;
+        src_rows.push_back(
+            src + ((b * src_dims[0] + q0) * src_dims[1] + q1) * src_dims[2] * C);
+        tap_rows.push_back((k0 * g.window[1] + k1) * K);
+      }
+    }
+    T* out = dst + row * dst_dims[2] * C;
+    const int64_t rows = static_cast<int64_t>(src_rows.size());
+    srcs.resize(rows * K);
+    ws.resize(rows * K);
+    auto position = [&](int64_t p2) {
+      int64_t n = 0;
+      for (int64_t r = 0; r < rows; ++r) {
+        for (int64_t k2 = 0; k2 < K; ++k2) {
+          const int64_t q2 = index(2, p2, k2);
+          if (q2 < 0) continue;
+          srcs[n] = src_rows[r] + q2 * C;
+          ws[n++] = w + (tap_rows[r] + k2) * C;
         }
-        TapSum(n, srcs.data(), ws.data(), C,
-               dst + (((b * dst_dims[0] + p0) * dst_dims[1] + p1) *
-                          dst_dims[2] + p2) * C);
+      }
+      TapSum(n, srcs.data(), ws.data(), C, out + p2 * C);
+    };
+    for (int64_t p2 = 0; p2 < lo; ++p2) position(p2);
+    for (int64_t p2 = hi; p2 < dst_dims[2]; ++p2) position(p2);
+    if (lo < hi) {
+      int64_t n = 0;
+      for (int64_t r = 0; r < rows; ++r) {
+        for (int64_t k2 = 0; k2 < K; ++k2) {
+          srcs[n] = src_rows[r] + (lo * step + offset[k2]) * C;
+          ws[n++] = period ? periodic.data() + (tap_rows[r] + k2) * period
+                           : w + (tap_rows[r] + k2) * C;
+        }
+      }
+      if (period) {
+        WithPeriod(period / L, [&](auto nv) {
+          FlatRun<T, decltype(nv)::value>(n, srcs.data(), ws.data(),
+                                          (hi - lo) * C, out + lo * C);
+        });
+      } else {
+        SumRun(n, srcs.data(), ws.data(), step * C, hi - lo, C, out + lo * C);
       }
     }
   });
@@ -202,46 +412,139 @@ void InputGrad(ffi::ThreadPool& pool, const Geometry& g, const T* dy,
   SumTaps<T, /*kInputGrad=*/true>(pool, g, dy, w, dx);
 }
 
+// sums[c] += sum_{q < count} xs[q * step + c] * gs[q * C + c] for c in
+// [c, end): one tap's products along a row of the last axis, summed in
+// registers (4 independent sums: 4 vectors of channels, or 4 interleaved
+// positions for one vector).
+template <typename T>
+inline void RowDot(int64_t count, const T* __restrict xs, int64_t step,
+                   const T* __restrict gs, int64_t C, T* __restrict sums,
+                   int64_t c, int64_t end) {
+  using Vt = Vec<T>;
+  using V = typename Vt::V;
+  constexpr int64_t L = Vt::kLanes;
+  for (; c + 4 * L <= end; c += 4 * L) {
+    V a[4] = {};
+    for (int64_t q = 0; q < count; ++q) {
+      for (int v = 0; v < 4; ++v) {
+        a[v] += Vt::Load(xs + q * step + c + v * L) *
+                Vt::Load(gs + q * C + c + v * L);
+      }
+    }
+    for (int v = 0; v < 4; ++v) {
+      Vt::Store(sums + c + v * L, Vt::Load(sums + c + v * L) + a[v]);
+    }
+  }
+  for (; c + L <= end; c += L) {
+    V a[4] = {};
+    int64_t q = 0;
+    for (; q + 4 <= count; q += 4) {
+      for (int u = 0; u < 4; ++u) {
+        a[u] += Vt::Load(xs + (q + u) * step + c) *
+                Vt::Load(gs + (q + u) * C + c);
+      }
+    }
+    for (; q < count; ++q) {
+      a[0] += Vt::Load(xs + q * step + c) * Vt::Load(gs + q * C + c);
+    }
+    Vt::Store(sums + c, Vt::Load(sums + c) + ((a[0] + a[1]) + (a[2] + a[3])));
+  }
+  for (; c < end; ++c) {
+    T a = 0;
+    for (int64_t q = 0; q < count; ++q) a += xs[q * step + c] * gs[q * C + c];
+    sums[c] += a;
+  }
+}
+
+// RowDot at unit step for narrow layers (see `FlatRun`): the row as one flat
+// array in blocks of M = NV vectors (a multiple of C), folded into the C
+// sums at the end.
+template <typename T, int NV>
+void FlatDot(int64_t length, const T* __restrict xs, const T* __restrict gs,
+             int64_t C, T* __restrict sums) {
+  using Vt = Vec<T>;
+  constexpr int64_t L = Vt::kLanes, M = NV * L;
+  constexpr int P = (4 + NV - 1) / NV;
+  typename Vt::V acc[P][NV] = {};
+  int64_t j = 0;
+  for (; j + P * M <= length; j += P * M) {
+    for (int b = 0; b < P; ++b) {
+      for (int v = 0; v < NV; ++v) {
+        const int64_t at = j + b * M + v * L;
+        acc[b][v] += Vt::Load(xs + at) * Vt::Load(gs + at);
+      }
+    }
+  }
+  for (; j + M <= length; j += M) {
+    for (int v = 0; v < NV; ++v) {
+      acc[0][v] += Vt::Load(xs + j + v * L) * Vt::Load(gs + j + v * L);
+    }
+  }
+  for (int v = 0; j + L <= length; j += L, ++v) {
+    acc[0][v] += Vt::Load(xs + j) * Vt::Load(gs + j);
+  }
+  T folded[M];
+  for (int v = 0; v < NV; ++v) {
+    typename Vt::V a = acc[0][v];
+    for (int b = 1; b < P; ++b) a += acc[b][v];
+    Vt::Store(folded + v * L, a);
+  }
+  for (; j < length; ++j) folded[j % M] += xs[j] * gs[j];
+  for (int64_t m = 0; m < M; ++m) sums[m % C] += folded[m];
+}
+
 template <typename T>
 void WeightGrad(ffi::ThreadPool& pool, const Geometry& g, const T* x,
                 const T* dy, T* dw) {
-  const int64_t C = g.channels;
-  const int64_t taps = g.window[0] * g.window[1] * g.window[2];
-  const int64_t rows = g.batch * g.out[0];
-  // Fixed slices of the (batch, first output axis) rows, each summed into
-  // its own partial sums, then added in order: deterministic for a given
-  // thread count.
-  // At most ~64 MiB of partial sums (a 7x7x7 window over 512 channels has
-  // 0.7 MB of them per slice).
+  const int64_t C = g.channels, K = g.window[2], s = g.stride[2];
+  const int64_t taps = g.window[0] * g.window[1] * K;
+  const int64_t rows = g.batch * g.out[0] * g.out[1];
+  std::vector<LastAxis> spans(K);
+  for (int64_t k = 0; k < K; ++k) spans[k] = LastAxisSpan(g, k);
+  // In vectors (`FlatDot`), 0 for `RowDot`.
+  const int64_t period = s == 1 ? PeriodVectors<T>(C) : 0;
+  // Fixed slices of the rows of the last output axis, each summed into its
+  // own partial sums, then added in order: deterministic for a given thread
+  // count. At most ~64 MiB of partial sums (a 7x7x7 window over 512
+  // channels has 0.7 MB of them per slice).
   const int64_t threads = std::max<int64_t>(1, pool.num_threads());
   const int64_t per_slice = std::max<int64_t>(1, taps * C * sizeof(T));
   const int64_t slices = std::max<int64_t>(
       1, std::min({rows, 4 * threads, (int64_t{64} << 20) / per_slice}));
   std::vector<T> partial(slices * taps * C, T(0));
   ParallelFor(pool, slices, [&](int64_t slice) {
-    T* __restrict sums = partial.data() + slice * taps * C;
+    T* sums = partial.data() + slice * taps * C;
     for (int64_t row = slice * rows / slices;
          row < (slice + 1) * rows / slices; ++row) {
-      const int64_t b = row / g.out[0], o0 = row % g.out[0];
-      for (int64_t o1 = 0; o1 < g.out[1]; ++o1) {
-        for (int64_t o2 = 0; o2 < g.out[2]; ++o2) {
-          const T* __restrict gp =
-              dy + (((b * g.out[0] + o0) * g.out[1] + o1) * g.out[2] + o2) * C;
-          for (int64_t k0 = 0; k0 < g.window[0]; ++k0) {
-            const int64_t i0 = InputIndex(g, 0, o0, k0);
-            if (i0 < 0) continue;
-            for (int64_t k1 = 0; k1 < g.window[1]; ++k1) {
-              const int64_t i1 = InputIndex(g, 1, o1, k1);
-              if (i1 < 0) continue;
-              for (int64_t k2 = 0; k2 < g.window[2]; ++k2) {
-                const int64_t i2 = InputIndex(g, 2, o2, k2);
-                if (i2 < 0) continue;
-                const T* __restrict xp =
-                    x +
-                    (((b * g.in[0] + i0) * g.in[1] + i1) * g.in[2] + i2) * C;
-                T* __restrict s =
-                    sums + ((k0 * g.window[1] + k1) * g.window[2] + k2) * C;
-                for (int64_t c = 0; c < C; ++c) s[c] += xp[c] * gp[c];
+      const int64_t o1 = row % g.out[1], o0 = row / g.out[1] % g.out[0],
+                    b = row / g.out[1] / g.out[0];
+      const T* gr = dy + row * g.out[2] * C;
+      // Blocks of 4 vectors of channels, every tap per block: the block's
+      // slices of the rows stay in the L1 cache across the taps.
+      const int64_t block = period ? C : 4 * Vec<T>::kLanes;
+      for (int64_t c = 0; c < C; c += block) {
+        const int64_t end = std::min(C, c + block);
+        for (int64_t k0 = 0; k0 < g.window[0]; ++k0) {
+          const int64_t i0 = InputIndex(g, 0, o0, k0);
+          if (i0 < 0) continue;
+          for (int64_t k1 = 0; k1 < g.window[1]; ++k1) {
+            const int64_t i1 = InputIndex(g, 1, o1, k1);
+            if (i1 < 0) continue;
+            const T* xr =
+                x + ((b * g.in[0] + i0) * g.in[1] + i1) * g.in[2] * C;
+            for (int64_t k2 = 0; k2 < K; ++k2) {
+              const LastAxis& span = spans[k2];
+              if (span.lo >= span.hi) continue;
+              const T* xs = xr + (span.lo * s + span.offset) * C;
+              const T* gs = gr + span.lo * C;
+              T* tap_sums = sums + ((k0 * g.window[1] + k1) * K + k2) * C;
+              if (period) {
+                WithPeriod(period, [&](auto nv) {
+                  FlatDot<T, decltype(nv)::value>((span.hi - span.lo) * C, xs,
+                                                  gs, C, tap_sums);
+                });
+              } else {
+                RowDot(span.hi - span.lo, xs, s * C, gs, C, tap_sums, c, end);
               }
             }
           }
