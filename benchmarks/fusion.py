@@ -37,7 +37,7 @@ import jaxfactor
 from jaxfactor import _native
 
 CONSUMERS = ("out", "mean", "bn_block")
-# The native kernel (the CPU default from 128 channels) where it builds.
+# The native kernel (the CPU default) where it builds.
 LOWERINGS = ("shift_add", "grouped",
              *(("native",) if jax.default_backend() == "cpu"
                and _native.available() else ()))

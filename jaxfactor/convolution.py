@@ -56,8 +56,8 @@ def conv(
       faster for these static shapes. Ignored for dense kernels.
     depthwise_lowering: how depthwise stages (DepthwiseSeparable's first
       stage, CP's per-axis stages) run, as in `depthwise_conv`: "auto"
-      (on CPU native for >= 128 channels where it builds, shift_add
-      otherwise; grouped elsewhere), "native" (CPU only), "shift_add"
+      (on CPU native on one device where it builds, shift_add otherwise;
+      grouped elsewhere), "native" (CPU only), "shift_add"
       (reverse-mode differentiation only), "shift_add_autodiff" or
       "grouped".
     spatial_lowering: how dense spatial stages (a dense kernel, LowRank's

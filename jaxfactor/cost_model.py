@@ -328,7 +328,7 @@ def cost(
   The count is of the computation `conv` runs for these arguments, stage by
   stage. For float32 it equals XLA:CPU's own `cost_analysis()["flops"]` of
   the jitted call (tested), but for the "native" depthwise lowering (the
-  CPU default from 128 channels where it builds), a custom call XLA does
+  CPU default where it builds), a custom call XLA does
   not count into: its count is a multiply-add per in-range product. XLA:CPU
   adds conversion FLOPs for 16-bit types and expands float64 grouped
   convolutions, which `cost` does not count, and counts a loop's body once:

@@ -910,8 +910,8 @@ def depthwise_conv(
       "shift_add_autodiff" (the same under autodiff: forward mode too,
       slower gradients), "grouped" (`lax.conv_general_dilated` with
       `feature_group_count=C`) or "auto": on CPU, where XLA's grouped
-      convolution is slow, native for at least 128 output channels (on one
-      device, where it builds) and shift_add otherwise; grouped elsewhere.
+      convolution is slow, native (on one device, where it builds) or else
+      shift_add; grouped elsewhere.
       Same result either way.
 
   Returns:

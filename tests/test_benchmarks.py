@@ -9,8 +9,10 @@ import sys
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 import jaxfactor
+from jaxfactor import _native
 
 BENCHMARKS = pathlib.Path(__file__).resolve().parent.parent / "benchmarks"
 
@@ -97,3 +99,31 @@ def test_cp_lowering_variants_compute_cp():
                               implementation="reconstructed")
     for fn in bench.variants(stride).values():
       np.testing.assert_allclose(fn(x, cp), expected, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.skipif(not _native.available(),
+                    reason=f"native kernel unavailable: {_native.error()}")
+def test_depthwise_script_times_agreeing_programs(tmp_path):
+  """depthwise.py's native and shift-add programs compute the same thing
+  (float32: summation order differs), and the script writes one row per
+  shape."""
+  depthwise = _load("depthwise")
+  rng = np.random.default_rng(0)
+  x = jnp.asarray(rng.standard_normal((2, 7, 7, 3)), jnp.float32)
+  kernel = jnp.asarray(rng.standard_normal((3, 3, 1, 3)), jnp.float32)
+  t = jnp.asarray(rng.standard_normal((2, 4, 4, 3)), jnp.float32)
+  compiled = depthwise.programs(x, kernel, t, 2)
+  for p in ("fwd", "fwd+bwd"):
+    want = compiled["shift_add", p](x, kernel, t)
+    got = compiled["native", p](x, kernel, t)
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+      np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
+  result = subprocess.run(
+      [sys.executable, str(BENCHMARKS / "depthwise.py"), "--shapes", "2", "6",
+       "6", "4", "1", "1", "5", "5", "2", "2", "--rounds", "1", "--out",
+       str(tmp_path)],
+      capture_output=True, text=True, timeout=300, check=False)
+  assert result.returncode == 0, result.stderr
+  rows = (tmp_path / "depthwise.md").read_text().splitlines()
+  assert [r.split(" |")[0] for r in rows[4:]] == ["| 2 6 6 4, 1",
+                                                 "| 1 5 5 2, 2"]

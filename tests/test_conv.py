@@ -541,13 +541,13 @@ def test_native_is_deterministic_and_matches_shift_add(dtype):
 
 # Channel counts that take each of the native kernel's code paths, per
 # dtype (16 float32 / 8 float64 lanes per vector): scalar channels, a flat
-# row with the weights repeated to 1-8 vectors, vector tiles with a scalar
-# tail, whole vectors, and wide blocks with leftovers.
-NATIVE_CHANNELS = (1, 3, 5, 8, 9, 16, 24, 40, 64, 72, 144, 200)
+# row with the weights repeated to 1, 3, 5 or 7 vectors, vector tiles with
+# a scalar tail, whole vectors, and wide blocks with leftovers.
+NATIVE_CHANNELS = (1, 3, 5, 7, 8, 9, 16, 24, 40, 64, 72, 144, 200)
 # (width, window, stride, dilation, padding) on the last axis, where the
 # kernel's row code runs: rows with an interior, strided rows, dilated, odd
 # explicit padding, a row shorter than the window, a one-tap window.
-NATIVE_ROWS = ((13, 3, 1, 1, (1, 1)), (13, 3, 2, 1, (1, 1)),
+NATIVE_ROWS = ((19, 3, 1, 1, (1, 1)), (13, 3, 2, 1, (1, 1)),
                (11, 5, 1, 2, (0, 0)), (12, 3, 3, 1, (2, 3)),
                (2, 3, 1, 1, (1, 1)), (9, 1, 1, 1, (0, 0)))
 

@@ -8,8 +8,8 @@ The "shift_add" depthwise lowering has a hand-written VJP and so, like every
 `jax.custom_vjp` function, supports reverse mode only: its checks run in "rev"
 mode (order 2: grad of grad), and forward mode is checked through
 "shift_add_autodiff" and "grouped", which share its forward pass or its
-results. "native" (the CPU default for stages of >= 128 channels, where it
-builds) is three bilinear primitives, each the others' transpose: both
+results. "native" (the CPU default on one device, where it builds) is
+three bilinear primitives, each the others' transpose: both
 modes, any order.
 """
 

@@ -239,8 +239,9 @@ void FlatRun(int64_t n, const T* const* srcs, const T* const* periodic,
 }
 
 // The number of vectors in the smallest multiple of both C and a vector, or
-// 0 if it is over 8 vectors (or C is a multiple of a vector: the tiles of
-// `SumRun` take those).
+// 0 if it is over 7 vectors (or C is a multiple of a vector: the tiles of
+// `SumRun` take those). A vector's lanes are a power of two, so the number
+// is C's odd part: 1, 3, 5 or 7.
 template <typename T>
 int64_t PeriodVectors(int64_t C) {
   constexpr int64_t L = Vec<T>::kLanes;
@@ -248,21 +249,18 @@ int64_t PeriodVectors(int64_t C) {
   int64_t a = C, b = L;
   while (b) a = std::exchange(b, a % b);
   const int64_t vectors = C / a;  // lcm(C, L) / L
-  return vectors <= 8 ? vectors : 0;
+  return vectors <= 7 ? vectors : 0;
 }
 
-// Runs `f(std::integral_constant<int, NV>{})` for NV = vectors in [1, 8].
+// Runs `f(std::integral_constant<int, NV>{})` for NV = `vectors` (1, 3, 5
+// or 7: `PeriodVectors`).
 template <typename F>
 void WithPeriod(int64_t vectors, F f) {
   switch (vectors) {
     case 1: return f(std::integral_constant<int, 1>{});
-    case 2: return f(std::integral_constant<int, 2>{});
     case 3: return f(std::integral_constant<int, 3>{});
-    case 4: return f(std::integral_constant<int, 4>{});
     case 5: return f(std::integral_constant<int, 5>{});
-    case 6: return f(std::integral_constant<int, 6>{});
-    case 7: return f(std::integral_constant<int, 7>{});
-    default: return f(std::integral_constant<int, 8>{});
+    default: return f(std::integral_constant<int, 7>{});
   }
 }
 

@@ -1,0 +1,105 @@
+"""The depthwise conv alone, narrow and wide: native kernel against shift-add.
+
+`conv.py` times MobileNet layers of 128-1024 channels and one of 16. This
+script times the CPU's two depthwise lowerings side by side on the narrow
+layers of small networks (3-64 channels, where "auto" once took the
+shift-add) and a few wide ones: `jaxfactor.depthwise_conv` with
+`depthwise_lowering="native"` (the compiled kernel, the CPU default) and
+`"shift_add"`, forward (output returned) and forward+backward (output plus
+the gradients w.r.t. the input and the weights against a random cotangent,
+`conv._forward_backward`). 3x3, "SAME", float32.
+
+jit, 2 warm-ups, `--rounds` rounds, each running every program once in a
+random order (`conv._interleaved`); medians and minima, ms. On a shared
+machine the minima are the steadier figure for ops of a few milliseconds.
+
+Run: `python benchmarks/depthwise.py` (`--shapes B H W C S ...` for
+others). Writes `benchmarks/results/depthwise.md` (`--out` for another
+folder). CPU only: the native kernel is CPU-only.
+"""
+
+import argparse
+import functools
+import pathlib
+import platform
+import statistics
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import conv  # this folder's benchmark: its timing loop and fwd+bwd
+import jaxfactor
+from jaxfactor import _native
+
+LOWERINGS = ("native", "shift_add")
+# B H W C stride: the narrow layers of small networks, then wide ones.
+SHAPES = (32, 32, 32, 3, 1, 32, 56, 56, 16, 1, 32, 56, 56, 24, 1,
+          32, 56, 56, 32, 1, 32, 56, 56, 64, 1, 32, 112, 112, 32, 1,
+          32, 56, 56, 128, 1, 32, 28, 28, 256, 1, 32, 56, 56, 128, 2)
+
+
+def programs(x, kernel, cotangent, stride):
+  """`{(lowering, pass): compiled}`, each called as `f(x, kernel, t)`."""
+  out = {}
+  for lowering in LOWERINGS:
+    fn = functools.partial(jaxfactor.depthwise_conv, strides=stride,
+                           depthwise_lowering=lowering)
+    out[lowering, "fwd"] = lambda x, k, t, fn=fn: fn(x, k)
+    out[lowering, "fwd+bwd"] = functools.partial(conv._forward_backward, fn)
+  return {key: jax.jit(f).lower(x, kernel, cotangent).compile()
+          for key, f in out.items()}
+
+
+def time_shape(shape, rounds, seed=0):
+  """`{(lowering, pass): [ms per call]}` for one (B, H, W, C, stride)."""
+  *x_shape, stride = shape
+  rng = np.random.default_rng(seed)
+  x = jnp.asarray(rng.standard_normal(x_shape), jnp.float32)
+  kernel = jnp.asarray(rng.standard_normal((3, 3, 1, x_shape[-1])),
+                       jnp.float32) / 3
+  out_shape = jax.eval_shape(
+      lambda x, k: jaxfactor.depthwise_conv(x, k, strides=stride),
+      x, kernel).shape
+  cotangent = jnp.asarray(rng.standard_normal(out_shape), jnp.float32)
+  calls = {key: lambda f=f: jax.block_until_ready(f(x, kernel, cotangent))
+           for key, f in programs(x, kernel, cotangent, stride).items()}
+  return {key: [1e3 * t for t in times]
+          for key, times in conv._interleaved(calls, rounds).items()}
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--shapes", type=int, nargs="+", default=list(SHAPES),
+                      help="B H W C stride, repeated for several shapes")
+  parser.add_argument("--rounds", type=int, default=40)
+  parser.add_argument("--out", type=pathlib.Path,
+                      default=pathlib.Path(__file__).parent / "results")
+  args = parser.parse_args()
+  if len(args.shapes) % 5:
+    parser.error(f"--shapes takes B H W C stride per shape, got {args.shapes}")
+  if jax.default_backend() != "cpu" or not _native.available():
+    parser.error("needs the native kernel: a CPU backend and a C++ compiler"
+                 f" ({_native.error()})")
+  shapes = [tuple(args.shapes[i:i + 5]) for i in range(0, len(args.shapes), 5)]
+  lines = [f"{platform.machine()}, jax {jax.__version__}, 3x3 depthwise,"
+           f" \"SAME\", float32, {args.rounds} rounds in random order,"
+           " ms median (min)", "",
+           "| B H W C, stride | fwd: native | fwd: shift_add |"
+           " fwd+bwd: native | fwd+bwd: shift_add |",
+           "|---|---|---|---|---|"]
+  print("\n".join(lines), flush=True)
+  for shape in shapes:
+    times = time_shape(shape, args.rounds)
+    cells = [f"{statistics.median(times[low, p]):.2f}"
+             f" ({min(times[low, p]):.2f})"
+             for p in ("fwd", "fwd+bwd") for low in LOWERINGS]
+    lines.append(f"| {' '.join(map(str, shape[:4]))}, {shape[4]} |"
+                 f" {' | '.join(cells)} |")
+    print(lines[-1], flush=True)
+  args.out.mkdir(parents=True, exist_ok=True)
+  (args.out / "depthwise.md").write_text("\n".join(lines) + "\n")
+
+
+if __name__ == "__main__":
+  main()
