@@ -151,6 +151,25 @@ def _interleaved(calls, repeats):
   return times
 
 
+def time_compiled(compiled, args, rounds):
+  """`{key: compiled}`, each called as `f(*args)` -> `{key: [ms per call]}`,
+  interleaved (`_interleaved`)."""
+  calls = {key: lambda fn=fn: jax.block_until_ready(fn(*args))
+           for key, fn in compiled.items()}
+  return {key: [1e3 * t for t in times]
+          for key, times in _interleaved(calls, rounds).items()}
+
+
+def depthwise_operands(x_shape, out_shape, seed=0):
+  """Random float32 `(x, 3x3 depthwise kernel, cotangent)`."""
+  rng = np.random.default_rng(seed)
+  x = jnp.asarray(rng.standard_normal(x_shape), jnp.float32)
+  kernel = jnp.asarray(rng.standard_normal((3, 3, 1, x_shape[-1])),
+                       jnp.float32) / 3
+  cotangent = jnp.asarray(rng.standard_normal(out_shape), jnp.float32)
+  return x, kernel, cotangent
+
+
 def torch_device():
   """Where torch runs beside JAX: CUDA when JAX runs on a GPU, else the CPU."""
   try:

@@ -26,7 +26,6 @@ import statistics
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 import conv  # this folder's benchmark: its timing loop and fwd+bwd
 import jaxfactor
@@ -54,18 +53,13 @@ def programs(x, kernel, cotangent, stride):
 def time_shape(shape, rounds, seed=0):
   """`{(lowering, pass): [ms per call]}` for one (B, H, W, C, stride)."""
   *x_shape, stride = shape
-  rng = np.random.default_rng(seed)
-  x = jnp.asarray(rng.standard_normal(x_shape), jnp.float32)
-  kernel = jnp.asarray(rng.standard_normal((3, 3, 1, x_shape[-1])),
-                       jnp.float32) / 3
   out_shape = jax.eval_shape(
       lambda x, k: jaxfactor.depthwise_conv(x, k, strides=stride),
-      x, kernel).shape
-  cotangent = jnp.asarray(rng.standard_normal(out_shape), jnp.float32)
-  calls = {key: lambda f=f: jax.block_until_ready(f(x, kernel, cotangent))
-           for key, f in programs(x, kernel, cotangent, stride).items()}
-  return {key: [1e3 * t for t in times]
-          for key, times in conv._interleaved(calls, rounds).items()}
+      jax.ShapeDtypeStruct(x_shape, jnp.float32),
+      jax.ShapeDtypeStruct((3, 3, 1, x_shape[-1]), jnp.float32)).shape
+  x, kernel, cotangent = conv.depthwise_operands(x_shape, out_shape, seed)
+  return conv.time_compiled(programs(x, kernel, cotangent, stride),
+                            (x, kernel, cotangent), rounds)
 
 
 def main():

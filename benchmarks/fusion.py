@@ -29,7 +29,6 @@ import statistics
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax import lax
 
 import conv  # this folder's benchmark: its interleaved timing loop
@@ -69,15 +68,9 @@ def programs(x, kernel, cotangent):
 
 def time_shape(shape, rounds, seed=0):
   """`{(lowering, consumer): [ms per call]}` for one input shape."""
-  rng = np.random.default_rng(seed)
-  x = jnp.asarray(rng.standard_normal(shape), jnp.float32)
-  kernel = jnp.asarray(rng.standard_normal((3, 3, 1, shape[-1])),
-                       jnp.float32) / 3
-  cotangent = jnp.asarray(rng.standard_normal(shape), jnp.float32)
-  calls = {key: lambda fn=fn: jax.block_until_ready(fn(x, kernel, cotangent))
-           for key, fn in programs(x, kernel, cotangent).items()}
-  return {key: [1e3 * t for t in times]
-          for key, times in conv._interleaved(calls, rounds).items()}
+  x, kernel, cotangent = conv.depthwise_operands(shape, shape, seed)
+  return conv.time_compiled(programs(x, kernel, cotangent),
+                            (x, kernel, cotangent), rounds)
 
 
 def main():
