@@ -166,30 +166,20 @@ inline void TapSum(int64_t n, const T* const* ins, const T* const* ws,
   }
 }
 
-// out[q * C + c] = sum over the n taps of srcs[t][q * step + c] * ws[t][c],
-// for q < count and c in [c, c + V * L): a tile of P positions by V vectors
-// of channels whose sums stay in registers across the taps.
-template <typename T, int P, int V>
+// out[p * C + c + l] = sum over the n taps of srcs[t][p * step + c + l] *
+// ws[t][c + l], for p in [q, q + P) and one vector of lanes l: a tile of P
+// positions whose sums stay in registers across the taps.
+template <typename T, int P>
 inline void Tile(int64_t n, const T* const* srcs, const T* const* ws,
                  int64_t step, int64_t q, int64_t c, int64_t C, T* out) {
   using Vt = Vec<T>;
-  constexpr int64_t L = Vt::kLanes;
-  typename Vt::V acc[P][V] = {};
+  typename Vt::V acc[P] = {};
   for (int64_t t = 0; t < n; ++t) {
     const T* s = srcs[t] + q * step + c;
-    typename Vt::V wv[V];
-    for (int v = 0; v < V; ++v) wv[v] = Vt::Load(ws[t] + c + v * L);
-    for (int p = 0; p < P; ++p) {
-      for (int v = 0; v < V; ++v) {
-        acc[p][v] += Vt::Load(s + p * step + v * L) * wv[v];
-      }
-    }
+    const typename Vt::V w = Vt::Load(ws[t] + c);
+    for (int p = 0; p < P; ++p) acc[p] += Vt::Load(s + p * step) * w;
   }
-  for (int p = 0; p < P; ++p) {
-    for (int v = 0; v < V; ++v) {
-      Vt::Store(out + (q + p) * C + c + v * L, acc[p][v]);
-    }
-  }
+  for (int p = 0; p < P; ++p) Vt::Store(out + (q + p) * C + c, acc[p]);
 }
 
 // Narrow layers at unit step: a run of positions is one flat array, and the
@@ -285,7 +275,7 @@ void SumRun(int64_t n, const T* const* srcs, const T* const* ws, int64_t step,
   auto group = [&](auto positions, int64_t q) {
     constexpr int Q = decltype(positions)::value;
     int64_t c = 0;
-    for (; c + L <= C; c += L) Tile<T, Q, 1>(n, srcs, ws, step, q, c, C, out);
+    for (; c + L <= C; c += L) Tile<T, Q>(n, srcs, ws, step, q, c, C, out);
     for (; c < C; ++c) {
       for (int64_t p = q; p < q + Q; ++p) {
         T a = 0;
