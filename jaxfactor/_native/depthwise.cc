@@ -103,6 +103,20 @@ inline int64_t OutputIndex(const Geometry& g, int a, int64_t i, int64_t k) {
   return o < g.out[a] ? o : -1;
 }
 
+// The destinations p in [lo, hi), within [0, dst), whose source
+// `p * step + offset` lies in [0, src); lo <= hi <= dst.
+struct Span {
+  int64_t lo, hi;
+};
+
+inline Span Inside(int64_t offset, int64_t step, int64_t src, int64_t dst) {
+  const int64_t lo =
+      std::min(dst, offset < 0 ? (-offset + step - 1) / step : int64_t{0});
+  const int64_t last = src - 1 - offset;
+  const int64_t hi = last < 0 ? 0 : std::min(dst, last / step + 1);
+  return {lo, std::max(lo, hi)};
+}
+
 // On the last spatial axis, tap `k` maps outputs `o` in [lo, hi) to inputs
 // `o * stride + offset`, all inside the input.
 struct LastAxis {
@@ -110,11 +124,9 @@ struct LastAxis {
 };
 
 inline LastAxis LastAxisSpan(const Geometry& g, int64_t k) {
-  const int64_t s = g.stride[2], offset = k * g.dilation[2] - g.pad[2];
-  const int64_t lo = offset < 0 ? (-offset + s - 1) / s : 0;
-  const int64_t last = g.in[2] - 1 - offset;
-  const int64_t hi = last < 0 ? 0 : std::min(g.out[2], last / s + 1);
-  return {lo, std::max(lo, hi), offset};
+  const int64_t offset = k * g.dilation[2] - g.pad[2];
+  const Span span = Inside(offset, g.stride[2], g.in[2], g.out[2]);
+  return {span.lo, span.hi, offset};
 }
 
 // 64-byte vectors (GCC/Clang vector extensions), unaligned loads and stores.
@@ -307,7 +319,8 @@ void SumTaps(ffi::ThreadPool& pool, const Geometry& g, const T* src,
   auto index = [&g](int axis, int64_t p, int64_t k) {
     return kInputGrad ? OutputIndex(g, axis, p, k) : InputIndex(g, axis, p, k);
   };
-  // The interior [lo, hi) of the last axis, empty if it is not affine.
+  // The interior [lo, hi) of the last axis, where every tap is inside the
+  // source: the intersection of the taps' spans; empty if it is not affine.
   const bool affine = !kInputGrad || g.stride[2] == 1;
   const int64_t step = kInputGrad ? 1 : g.stride[2];
   std::vector<int64_t> offset(K);
@@ -315,11 +328,10 @@ void SumTaps(ffi::ThreadPool& pool, const Geometry& g, const T* src,
   for (int64_t k = 0; k < K; ++k) {
     offset[k] = kInputGrad ? g.pad[2] - k * g.dilation[2]
                            : k * g.dilation[2] - g.pad[2];
-    if (offset[k] < 0) lo = std::max(lo, (-offset[k] + step - 1) / step);
-    const int64_t last = src_dims[2] - 1 - offset[k];
-    hi = last < 0 ? 0 : std::min(hi, last / step + 1);
+    const Span span = Inside(offset[k], step, src_dims[2], dst_dims[2]);
+    lo = std::max(lo, span.lo);
+    hi = std::min(hi, span.hi);
   }
-  lo = std::min(lo, dst_dims[2]);
   hi = std::max(lo, hi);
   // Narrow layers at unit step: the weights repeated to a whole number of
   // vectors (`FlatRun`), `period` elements per tap.
