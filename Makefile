@@ -3,11 +3,17 @@
 #               (examples/compress_digits.py: a CNN trained on real digits,
 #               factorized in every format at three FLOP budgets)
 #   make test   creates .venv, installs jaxfactor[test], runs the test suite
+# The other checks CI runs (.ci/run), each installing what it needs into the
+# same .venv:
+#   make lint       ruff check and ruff format --check     (jaxfactor[lint])
+#   make typecheck  mypy over the package                  (jaxfactor[lint])
+#   make docs       mkdocs build --strict into site/       (jaxfactor[docs])
+#   make sanitize   tools/sanitize.sh                      (jaxfactor[test])
 PYTHON ?= python3
 VENV ?= .venv
 PYTEST_ARGS ?= -n auto
 
-.PHONY: demo test clean
+.PHONY: demo test lint typecheck docs sanitize clean
 
 $(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)
@@ -23,5 +29,18 @@ demo: $(VENV)/.installed-examples
 test: $(VENV)/.installed-test
 	$(VENV)/bin/python -m pytest $(PYTEST_ARGS)
 
+lint: $(VENV)/.installed-lint
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+typecheck: $(VENV)/.installed-lint
+	$(VENV)/bin/mypy
+
+docs: $(VENV)/.installed-docs
+	$(VENV)/bin/mkdocs build --strict -d site
+
+sanitize: $(VENV)/.installed-test
+	PATH="$(abspath $(VENV))/bin:$$PATH" bash tools/sanitize.sh
+
 clean:
-	rm -rf $(VENV) .pytest_cache .hypothesis
+	rm -rf $(VENV) .pytest_cache .hypothesis .mypy_cache .ruff_cache site
