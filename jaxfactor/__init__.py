@@ -5,21 +5,21 @@ convolution kernel, stored in pieces. `conv(x, kernel)` takes a dense HWIO
 kernel or any format and equals the dense convolution with `kernel.to_dense()`.
 """
 
-from jaxfactor.convolution import conv as conv
-from jaxfactor.cost_model import Cost as Cost
-from jaxfactor.cost_model import cost as cost
-from jaxfactor.decomposition import decompose as decompose
-from jaxfactor.decomposition import relative_error as relative_error
-from jaxfactor.formats import CP as CP
-from jaxfactor.formats import DepthwiseSeparable as DepthwiseSeparable
-from jaxfactor.formats import Format as Format
-from jaxfactor.formats import LowRank as LowRank
-from jaxfactor.formats import SpatiallySeparable as SpatiallySeparable
-from jaxfactor.formats import Tucker as Tucker
-from jaxfactor.primitives import depthwise_conv as depthwise_conv
-from jaxfactor.primitives import pointwise_conv as pointwise_conv
-from jaxfactor.ranks import Budget as Budget
-from jaxfactor.ranks import max_rank as max_rank
+from jaxfactor._convolution import conv as conv
+from jaxfactor._convolution import depthwise_conv as depthwise_conv
+from jaxfactor._convolution import pointwise_conv as pointwise_conv
+from jaxfactor._cost import Cost as Cost
+from jaxfactor._cost import cost as cost
+from jaxfactor._decompose import decompose as decompose
+from jaxfactor._decompose import relative_error as relative_error
+from jaxfactor._formats import CP as CP
+from jaxfactor._formats import DepthwiseSeparable as DepthwiseSeparable
+from jaxfactor._formats import Format as Format
+from jaxfactor._formats import LowRank as LowRank
+from jaxfactor._formats import SpatiallySeparable as SpatiallySeparable
+from jaxfactor._formats import Tucker as Tucker
+from jaxfactor._ranks import Budget as Budget
+from jaxfactor._ranks import max_rank as max_rank
 
 __version__ = "0.1.0"
 

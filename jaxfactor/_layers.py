@@ -16,11 +16,10 @@ import jax.numpy as jnp
 from flax.linen import dtypes as flax_dtypes
 
 from jaxfactor import _validation
-from jaxfactor import convolution
-from jaxfactor import decomposition
-from jaxfactor import formats
-from jaxfactor import primitives
-from jaxfactor import ranks as ranks_lib
+from jaxfactor import _convolution as convolution
+from jaxfactor import _decompose as decomposition
+from jaxfactor import _formats as formats
+from jaxfactor import _ranks as ranks_lib
 
 Initializer = Callable[..., jax.Array]
 
@@ -167,9 +166,9 @@ def apply(
   geometry = dict(strides=strides, padding=padding, dilation=dilation,
                   precision=precision)
   if kind == "depthwise":
-    y = primitives.depthwise_conv(x, kernel, **geometry)
+    y = convolution.depthwise_conv(x, kernel, **geometry)
   elif kind == "pointwise":
-    y = primitives.pointwise_conv(x, kernel, precision=precision)
+    y = convolution.pointwise_conv(x, kernel, precision=precision)
   else:
     y = convolution.conv(x, kernel, implementation=implementation, **geometry)
   if bias is not None:

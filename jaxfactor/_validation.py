@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 
 IMPLEMENTATIONS = ("auto", "factorized", "reconstructed")
+PLATFORMS = ("cpu", "gpu", "tpu")
 PADDING_STRINGS = (
     "SAME", "SAME_LOWER", "VALID", "CIRCULAR", "REFLECT", "CAUSAL"
 )
@@ -135,6 +136,50 @@ def check_implementation(fn: str, implementation: Any) -> None:
         f"{fn}: `implementation` must be one of {IMPLEMENTATIONS}, got"
         f" {implementation!r}."
     )
+
+
+def check_platform(fn: str, platform: Any) -> str:
+  """`platform` ("cpu", "gpu", "tpu"), default: JAX's default backend."""
+  if platform is None:
+    backend = jax.default_backend()
+    return backend if backend in ("cpu", "tpu") else "gpu"
+  if platform not in PLATFORMS:
+    raise ValueError(
+        f"{fn}: `platform` must be one of {PLATFORMS} or None (JAX's default"
+        f" backend), got {platform!r}."
+    )
+  return platform
+
+
+def check_kernel(
+    fn: str, kernel: Any, *, abstract: bool = False
+) -> tuple[tuple[int, ...], int]:
+  """Validates a dense HWIO kernel or a format; returns `(window, C)`.
+
+  With `abstract`, leaves that only carry `.shape` and `.dtype` (e.g.
+  `jax.ShapeDtypeStruct`) are accepted too.
+  """
+  from jaxfactor import _formats  # pylint: disable=g-import-not-at-top
+
+  if isinstance(kernel, _formats.Format):
+    kernel.check(fn, abstract=abstract)
+    return kernel.window, kernel.in_features
+  if not (abstract and hasattr(kernel, "shape") and hasattr(kernel, "dtype")):
+    if not is_array(kernel):
+      raise TypeError(
+          f"{fn}: `kernel` must be a dense HWIO array or a jaxfactor format"
+          f" (DepthwiseSeparable, SpatiallySeparable, LowRank, Tucker, CP),"
+          f" got {type(kernel).__name__}."
+      )
+  check_floating(fn, "kernel", kernel)
+  if kernel.ndim < 3:
+    raise ValueError(
+        f"{fn}: a dense `kernel` must have shape [*window, C, F] with at"
+        f" least one spatial axis (rank >= 3), got shape"
+        f" {tuple(kernel.shape)}."
+    )
+  check_positive_dims(fn, "kernel", kernel.shape)
+  return tuple(kernel.shape[:-2]), kernel.shape[-2]
 
 
 def as_int(fn: str, name: str, value: Any) -> int:

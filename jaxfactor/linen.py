@@ -39,9 +39,9 @@ from flax import linen as nn
 from flax.core import meta
 
 from jaxfactor import _layers
-from jaxfactor import decomposition
-from jaxfactor import formats
-from jaxfactor import ranks as ranks_lib
+from jaxfactor import _decompose as decomposition
+from jaxfactor import _formats as formats
+from jaxfactor import _ranks as ranks_lib
 
 __all__ = (
     "CPConv",

@@ -27,11 +27,11 @@ import numpy as np
 from flax import nnx
 
 from jaxfactor import _layers
-from jaxfactor import cost_model
-from jaxfactor import decomposition
-from jaxfactor import formats
-from jaxfactor import ranks as ranks_lib
-from jaxfactor.ranks import Budget
+from jaxfactor import _cost as cost_model
+from jaxfactor import _decompose as decomposition
+from jaxfactor import _formats as formats
+from jaxfactor import _ranks as ranks_lib
+from jaxfactor._ranks import Budget
 
 __all__ = (
     "CPConv",

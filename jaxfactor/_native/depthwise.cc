@@ -31,10 +31,14 @@
 #include <atomic>
 #include <condition_variable>
 #include <cstdint>
+#include <cstdlib>
+#include <cstring>
+#include <exception>
 #include <memory>
 #include <mutex>
 #include <stdexcept>
 #include <string>
+#include <thread>
 #include <type_traits>
 #include <utility>
 #include <vector>
@@ -42,6 +46,13 @@
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
+
+// GCC notes that passing 64-byte vectors by value changes the ABI where
+// AVX-512 is off (-Wpsabi). Every such function here has internal linkage and
+// is inlined: no call crosses an ABI boundary, so the note does not apply.
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC diagnostic ignored "-Wpsabi"
+#endif
 
 namespace {
 
@@ -51,28 +62,65 @@ struct Geometry {
   int64_t stride[3], dilation[3], pad[3];
 };
 
+#ifdef JAXFACTOR_NATIVE_FAULTS
+// Test builds only (tests/test_native_sanitized.py compiles this file with
+// -DJAXFACTOR_NATIVE_FAULTS): with $JAXFACTOR_NATIVE_FAULT set to "pool" or
+// "caller", every item that side of `ParallelFor` runs throws, so the tests
+// can check that a failure comes back to XLA as an error.
+const char* FaultSide() { return std::getenv("JAXFACTOR_NATIVE_FAULT"); }
+
+void MaybeFault(const char* side, bool on_caller) {
+  if (side != nullptr &&
+      std::strcmp(side, on_caller ? "caller" : "pool") == 0) {
+    throw std::runtime_error(std::string("injected fault on the ") + side);
+  }
+}
+#else
+constexpr const char* FaultSide() { return nullptr; }
+inline void MaybeFault(const char*, bool) {}
+#endif
+
 // Runs `body(item)` for item in [0, items) on the caller and up to
 // `threads - 1` pool threads, and returns when every item is done. Items are
 // claimed from a shared counter; a pool task that starts late finds none
 // left and returns (the shared state outlives this call), so the caller
 // never waits on a task that has not started.
+//
+// An exception must neither leave a pool task (XLA's pool would call
+// std::terminate) nor unwind the caller while tasks still use `body`, which
+// lives on the caller's stack. So each item's exception is caught where it is
+// thrown; after the first, the remaining items are claimed but skipped, and
+// once every item is done the first exception is rethrown on the caller (the
+// handler returns it to XLA as an error).
 template <typename Body>
 void ParallelFor(ffi::ThreadPool& pool, int64_t items, Body body) {
   struct State {
     std::atomic<int64_t> next{0};
     std::atomic<int64_t> done{0};
+    std::atomic<bool> failed{false};
     std::mutex mutex;
     std::condition_variable finished;
+    std::exception_ptr error;  // The first exception, under `mutex`.
   };
   auto state = std::make_shared<State>();
   const int64_t total = items;
+  const char* fault = FaultSide();
   // `body` is only used by a task that claims an item, which happens before
-  // `done` reaches `total`, that is before this function returns.
-  auto work = [state, total, body_ptr = &body] {
+  // `done` reaches `total`, that is before this function returns. noexcept:
+  // should locking a mutex ever throw, terminating beats unwinding past
+  // tasks that still use `body`.
+  auto work = [state, total, fault, body_ptr = &body](bool on_caller) noexcept {
     int64_t finished = 0;
-    for (int64_t item; (item = state->next.fetch_add(1)) < total;) {
-      (*body_ptr)(item);
-      ++finished;
+    for (int64_t item; (item = state->next.fetch_add(1)) < total; ++finished) {
+      if (state->failed.load(std::memory_order_relaxed)) continue;
+      try {
+        MaybeFault(fault, on_caller);
+        (*body_ptr)(item);
+      } catch (...) {
+        std::lock_guard<std::mutex> lock(state->mutex);
+        if (!state->error) state->error = std::current_exception();
+        state->failed.store(true, std::memory_order_relaxed);
+      }
     }
     if (finished && state->done.fetch_add(finished) + finished == total) {
       std::lock_guard<std::mutex> lock(state->mutex);
@@ -80,12 +128,28 @@ void ParallelFor(ffi::ThreadPool& pool, int64_t items, Body body) {
     }
   };
   const int64_t threads = std::max<int64_t>(1, pool.num_threads());
-  for (int64_t t = 1; t < std::min(threads, items); ++t) {
-    pool.Schedule(decltype(work)(work));
+  try {
+    for (int64_t t = 1; t < std::min(threads, items); ++t) {
+      pool.Schedule([work] { work(/*on_caller=*/false); });
+    }
+  } catch (...) {
+    // Scheduling allocates. Without more tasks the caller claims the rest.
   }
-  work();
-  std::unique_lock<std::mutex> lock(state->mutex);
-  state->finished.wait(lock, [&] { return state->done.load() == total; });
+#ifdef JAXFACTOR_NATIVE_FAULTS
+  // Let a pool task claim an item first, so that "pool" faults happen.
+  const bool pool_fault = fault && std::strcmp(fault, "pool") == 0;
+  for (int spins = 0; pool_fault && state->next.load() == 0 && spins < 1000000;
+       ++spins) {
+    std::this_thread::yield();
+  }
+#endif
+  work(/*on_caller=*/true);
+  [&]() noexcept {  // As in `work`: never unwind before every item is done.
+    std::unique_lock<std::mutex> lock(state->mutex);
+    state->finished.wait(lock, [&] { return state->done.load() == total; });
+  }();
+  std::lock_guard<std::mutex> lock(state->mutex);
+  if (state->error) std::rethrow_exception(state->error);
 }
 
 // The input index that output `o` reads through tap `k` on axis `a`, or -1
@@ -217,7 +281,9 @@ void FlatRun(int64_t n, const T* const* srcs, const T* const* periodic,
       }
     }
     for (int b = 0; b < B; ++b) {
-      for (int v = 0; v < NV; ++v) Vt::Store(out + j + b * M + v * L, acc[b][v]);
+      for (int v = 0; v < NV; ++v) {
+        Vt::Store(out + j + b * M + v * L, acc[b][v]);
+      }
     }
   };
   int64_t j = 0;
@@ -356,8 +422,8 @@ void SumTaps(ffi::ThreadPool& pool, const Geometry& g, const T* src,
       for (int64_t k1 = 0; k1 < g.window[1]; ++k1) {
         const int64_t q1 = index(1, p1, k1);
         if (q1 < 0) continue;
-        src_rows.push_back(
-            src + ((b * src_dims[0] + q0) * src_dims[1] + q1) * src_dims[2] * C);
+        src_rows.push_back(src + ((b * src_dims[0] + q0) * src_dims[1] + q1) *
+                                     src_dims[2] * C);
         tap_rows.push_back((k0 * g.window[1] + k1) * K);
       }
     }
@@ -559,59 +625,188 @@ void WeightGrad(ffi::ThreadPool& pool, const Geometry& g, const T* x,
   }
 }
 
-// Checks the rank-5 activations and the rank-4 weights, and fills `g`.
-ffi::Error MakeGeometry(ffi::AnyBuffer::Dimensions in,
-                        ffi::AnyBuffer::Dimensions out,
-                        ffi::AnyBuffer::Dimensions window,
-                        ffi::Span<const int64_t> stride,
-                        ffi::Span<const int64_t> dilation,
-                        ffi::Span<const int64_t> pad, Geometry* g) {
-  if (in.size() != 5 || out.size() != 5 || window.size() != 4 ||
-      stride.size() != 3 || dilation.size() != 3 || pad.size() != 3) {
-    return ffi::Error::InvalidArgument(
-        "jaxfactor depthwise: expected rank-5 activations, rank-4 weights and "
-        "3 strides, dilations and paddings");
+const char* DTypeName(ffi::DataType dtype) {
+  switch (dtype) {
+    case ffi::DataType::PRED: return "bool";
+    case ffi::DataType::S8: return "int8";
+    case ffi::DataType::S16: return "int16";
+    case ffi::DataType::S32: return "int32";
+    case ffi::DataType::S64: return "int64";
+    case ffi::DataType::U8: return "uint8";
+    case ffi::DataType::U16: return "uint16";
+    case ffi::DataType::U32: return "uint32";
+    case ffi::DataType::U64: return "uint64";
+    case ffi::DataType::F16: return "float16";
+    case ffi::DataType::BF16: return "bfloat16";
+    case ffi::DataType::F32: return "float32";
+    case ffi::DataType::F64: return "float64";
+    case ffi::DataType::C64: return "complex64";
+    case ffi::DataType::C128: return "complex128";
+    default: return "an unsupported element type";
   }
-  g->batch = in[0];
-  g->channels = in[4];
-  if (out[0] != in[0] || out[4] != in[4] || window[3] != in[4]) {
-    return ffi::Error::InvalidArgument(
-        "jaxfactor depthwise: batch or channel sizes differ");
+}
+
+std::string Shape(ffi::AnyBuffer::Dimensions dims) {
+  std::string s = "[";
+  for (size_t i = 0; i < dims.size(); ++i) {
+    s += (i ? ", " : "") + std::to_string(dims[i]);
   }
+  return s + "]";
+}
+
+// One buffer of a call, named as in the handler's math.
+struct Operand {
+  const char* name;
+  ffi::DataType dtype;
+  ffi::AnyBuffer::Dimensions dims;
+};
+
+Operand Describe(const char* name, const ffi::AnyBuffer& buffer) {
+  return {name, buffer.element_type(), buffer.dimensions()};
+}
+
+// Paddings, strides and dilations are bounded so that no index computation
+// can overflow: every index stays within the input plus both paddings.
+constexpr int64_t kMaxAttribute = int64_t{1} << 40;
+
+// Checks a call at the FFI boundary and fills `g`: the kernels index memory
+// on the strength of these checks alone. `in` is the operand with the input's
+// geometry (x or dx), `out` the one with the output's (y or dy), `window` the
+// weights (w or dw). XLA hands over shapes and dtypes unchecked, so a wrong
+// call must come back as an error, not read or write past a buffer.
+ffi::Error CheckCall(const char* handler, const Operand& in,
+                     const Operand& out, const Operand& window,
+                     ffi::Span<const int64_t> stride,
+                     ffi::Span<const int64_t> dilation,
+                     ffi::Span<const int64_t> pad, Geometry* g) {
+  const std::string where = std::string("jaxfactor depthwise ") + handler;
+  auto invalid = [&](const std::string& message) {
+    return ffi::Error::InvalidArgument(where + ": " + message);
+  };
+  for (const Operand* o : {&in, &out, &window}) {
+    if (o->dtype != ffi::DataType::F32 && o->dtype != ffi::DataType::F64) {
+      return invalid(std::string(o->name) + " is " + DTypeName(o->dtype) +
+                     "; only float32 and float64 are supported");
+    }
+    if (o->dtype != in.dtype) {
+      return invalid(std::string(o->name) + " is " + DTypeName(o->dtype) +
+                     " but " + in.name + " is " + DTypeName(in.dtype));
+    }
+  }
+  for (const Operand* o : {&in, &out, &window}) {
+    const size_t rank = o == &window ? 4 : 5;
+    if (o->dims.size() != rank) {
+      return invalid(std::string(o->name) + " has shape " + Shape(o->dims) +
+                     "; expected rank " + std::to_string(rank) +
+                     (rank == 5 ? " [batch, 3 spatial axes, channels]"
+                                : " [3 spatial axes, channels]"));
+    }
+    for (const int64_t d : o->dims) {
+      if (d < 0) {
+        return invalid(std::string(o->name) + " has shape " + Shape(o->dims) +
+                       " with a negative size");
+      }
+    }
+  }
+  if (stride.size() != 3 || dilation.size() != 3 || pad.size() != 3) {
+    return invalid("expected 3 strides, dilations and paddings, got " +
+                   std::to_string(stride.size()) + ", " +
+                   std::to_string(dilation.size()) + " and " +
+                   std::to_string(pad.size()));
+  }
+  if (out.dims[0] != in.dims[0]) {
+    return invalid(std::string(in.name) + " " + Shape(in.dims) + " and " +
+                   out.name + " " + Shape(out.dims) + " differ in batch size");
+  }
+  if (out.dims[4] != in.dims[4] || window.dims[3] != in.dims[4]) {
+    return invalid(std::string(in.name) + " " + Shape(in.dims) + ", " +
+                   out.name + " " + Shape(out.dims) + " and " + window.name +
+                   " " + Shape(window.dims) + " differ in channels");
+  }
+  g->batch = in.dims[0];
+  g->channels = in.dims[4];
   for (int a = 0; a < 3; ++a) {
-    g->in[a] = in[a + 1];
-    g->out[a] = out[a + 1];
-    g->window[a] = window[a];
+    g->in[a] = in.dims[a + 1];
+    g->out[a] = out.dims[a + 1];
+    g->window[a] = window.dims[a];
     g->stride[a] = stride[a];
     g->dilation[a] = dilation[a];
     g->pad[a] = pad[a];
-    if (stride[a] < 1 || dilation[a] < 1) {
-      return ffi::Error::InvalidArgument(
-          "jaxfactor depthwise: strides and dilations must be positive");
+    const std::string axis = "spatial axis " + std::to_string(a) + ": ";
+    if (stride[a] < 1 || dilation[a] < 1 || stride[a] > kMaxAttribute ||
+        dilation[a] > kMaxAttribute) {
+      return invalid(axis + "stride " + std::to_string(stride[a]) +
+                     " and dilation " + std::to_string(dilation[a]) +
+                     " must be in [1, 2^40]");
+    }
+    if (pad[a] < -kMaxAttribute || pad[a] > kMaxAttribute) {
+      return invalid(axis + "padding " + std::to_string(pad[a]) +
+                     " is outside [-2^40, 2^40]");
+    }
+    // Only the low padding is passed: any output length is that of some high
+    // padding, the one that makes the last output's last tap the padded
+    // input's last position. It is bounded like the low one (and its
+    // computation must not overflow) for the same reason.
+    if (g->out[a] == 0 || g->window[a] == 0) continue;  // nothing is read
+    int64_t reach, taps, high;
+    if (__builtin_mul_overflow(g->out[a] - 1, stride[a], &reach) ||
+        __builtin_mul_overflow(g->window[a] - 1, dilation[a], &taps) ||
+        __builtin_add_overflow(reach, taps + 1, &reach) ||
+        __builtin_sub_overflow(reach, g->in[a], &high) ||
+        __builtin_sub_overflow(high, pad[a], &high) ||
+        high < -kMaxAttribute || high > kMaxAttribute) {
+      return invalid(axis + "an output of size " + std::to_string(g->out[a]) +
+                     " from an input of size " + std::to_string(g->in[a]) +
+                     " (window " + std::to_string(g->window[a]) + ", stride " +
+                     std::to_string(stride[a]) + ", dilation " +
+                     std::to_string(dilation[a]) + ", low padding " +
+                     std::to_string(pad[a]) +
+                     ") needs a high padding outside [-2^40, 2^40]");
     }
   }
   return ffi::Error::Success();
 }
 
-// Runs `f` on the buffers' element type; errors (an allocation failure) come
-// back as an XLA error instead of crossing the C boundary.
+bool Empty(const Operand& o) {
+  return std::find(o.dims.begin(), o.dims.end(), 0) != o.dims.end();
+}
+
+// Checks the call, then runs `f(T{}, g)` on the buffers' element type
+// (checked to be float or double). An operand with no elements makes the
+// result all zeros (every sum is empty) without running the kernels, which
+// may then assume every size is positive. Exceptions (an allocation failure,
+// whichever thread it happens on) come back as an XLA error instead of
+// crossing the C boundary.
 template <typename F>
-ffi::Error Dispatch(ffi::DataType dtype, F f) {
-  try {
-    switch (dtype) {
-      case ffi::DataType::F32:
-        f(float{});
-        return ffi::Error::Success();
-      case ffi::DataType::F64:
-        f(double{});
-        return ffi::Error::Success();
-      default:
-        return ffi::Error::InvalidArgument(
-            "jaxfactor depthwise: only float32 and float64 are supported");
+ffi::Error Run(const char* handler, const Operand& in, const Operand& out,
+               const Operand& window, ffi::Span<const int64_t> stride,
+               ffi::Span<const int64_t> dilation, ffi::Span<const int64_t> pad,
+               ffi::AnyBuffer result, F f) {
+  Geometry g;
+  if (ffi::Error e =
+          CheckCall(handler, in, out, window, stride, dilation, pad, &g);
+      e.failure()) {
+    return e;
+  }
+  if (Empty(in) || Empty(out) || Empty(window)) {
+    if (result.size_bytes() > 0) {
+      std::memset(result.untyped_data(), 0, result.size_bytes());
     }
+    return ffi::Error::Success();
+  }
+  try {
+    if (in.dtype == ffi::DataType::F32) {
+      f(float{}, g);
+    } else {
+      f(double{}, g);
+    }
+    return ffi::Error::Success();
   } catch (const std::exception& e) {
-    return ffi::Error::Internal(std::string("jaxfactor depthwise: ") +
-                                e.what());
+    return ffi::Error::Internal(std::string("jaxfactor depthwise ") + handler +
+                                ": " + e.what());
+  } catch (...) {
+    return ffi::Error::Internal(std::string("jaxfactor depthwise ") + handler +
+                                ": unknown C++ exception");
   }
 }
 
@@ -620,17 +815,12 @@ ffi::Error ForwardImpl(ffi::ThreadPool pool, ffi::AnyBuffer x,
                        ffi::Span<const int64_t> stride,
                        ffi::Span<const int64_t> dilation,
                        ffi::Span<const int64_t> pad) {
-  Geometry g;
-  if (auto e = MakeGeometry(x.dimensions(), y->dimensions(), w.dimensions(),
-                            stride, dilation, pad, &g);
-      e.failure()) {
-    return e;
-  }
-  return Dispatch(x.element_type(), [&](auto t) {
-    using T = decltype(t);
-    Forward<T>(pool, g, x.typed_data<T>(), w.typed_data<T>(),
-               y->typed_data<T>());
-  });
+  return Run("forward", Describe("x", x), Describe("y", *y), Describe("w", w),
+             stride, dilation, pad, *y, [&](auto t, const Geometry& g) {
+               using T = decltype(t);
+               Forward<T>(pool, g, x.typed_data<T>(), w.typed_data<T>(),
+                          y->typed_data<T>());
+             });
 }
 
 ffi::Error InputGradImpl(ffi::ThreadPool pool, ffi::AnyBuffer dy,
@@ -638,17 +828,13 @@ ffi::Error InputGradImpl(ffi::ThreadPool pool, ffi::AnyBuffer dy,
                          ffi::Span<const int64_t> stride,
                          ffi::Span<const int64_t> dilation,
                          ffi::Span<const int64_t> pad) {
-  Geometry g;
-  if (auto e = MakeGeometry(dx->dimensions(), dy.dimensions(), w.dimensions(),
-                            stride, dilation, pad, &g);
-      e.failure()) {
-    return e;
-  }
-  return Dispatch(dy.element_type(), [&](auto t) {
-    using T = decltype(t);
-    InputGrad<T>(pool, g, dy.typed_data<T>(), w.typed_data<T>(),
-                 dx->typed_data<T>());
-  });
+  return Run("input_grad", Describe("dx", *dx), Describe("dy", dy),
+             Describe("w", w), stride, dilation, pad, *dx,
+             [&](auto t, const Geometry& g) {
+               using T = decltype(t);
+               InputGrad<T>(pool, g, dy.typed_data<T>(), w.typed_data<T>(),
+                            dx->typed_data<T>());
+             });
 }
 
 ffi::Error WeightGradImpl(ffi::ThreadPool pool, ffi::AnyBuffer x,
@@ -656,17 +842,13 @@ ffi::Error WeightGradImpl(ffi::ThreadPool pool, ffi::AnyBuffer x,
                           ffi::Span<const int64_t> stride,
                           ffi::Span<const int64_t> dilation,
                           ffi::Span<const int64_t> pad) {
-  Geometry g;
-  if (auto e = MakeGeometry(x.dimensions(), dy.dimensions(), dw->dimensions(),
-                            stride, dilation, pad, &g);
-      e.failure()) {
-    return e;
-  }
-  return Dispatch(x.element_type(), [&](auto t) {
-    using T = decltype(t);
-    WeightGrad<T>(pool, g, x.typed_data<T>(), dy.typed_data<T>(),
-                  dw->typed_data<T>());
-  });
+  return Run("weight_grad", Describe("x", x), Describe("dy", dy),
+             Describe("dw", *dw), stride, dilation, pad, *dw,
+             [&](auto t, const Geometry& g) {
+               using T = decltype(t);
+               WeightGrad<T>(pool, g, x.typed_data<T>(), dy.typed_data<T>(),
+                             dw->typed_data<T>());
+             });
 }
 
 }  // namespace

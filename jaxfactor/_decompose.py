@@ -21,8 +21,8 @@ from jax import lax
 from jax.scipy.linalg import solve_triangular
 
 from jaxfactor import _validation
-from jaxfactor import formats
-from jaxfactor import ranks as ranks_lib
+from jaxfactor import _formats as formats
+from jaxfactor import _ranks as ranks_lib
 
 _HIGHEST = lax.Precision.HIGHEST
 DEFAULT_ITERATIONS = {formats.Tucker: 10, formats.CP: 100}

@@ -4,7 +4,7 @@ A format *is* a convolution kernel stored in pieces. `to_dense()` returns the
 HWIO kernel `[*window, C, F]` it stands for, and `jaxfactor.conv(x, f)` equals
 the dense convolution with that kernel for every geometry. Each format also
 lists the chain of `lax` stages that computes it without reconstruction
-(`primitives.Pointwise` / `primitives.SpatialConv`); `conv` runs that chain and
+(`_stages.Pointwise` / `_stages.SpatialConv`); `conv` runs that chain and
 `cost` counts it.
 
 Formats are registered pytrees (leaves: the factor arrays, in field order), so
@@ -17,6 +17,7 @@ validate again at trace time.
 from __future__ import annotations
 
 import abc
+import json
 import math
 from collections.abc import Sequence
 from typing import Any, ClassVar
@@ -27,7 +28,7 @@ from flax import serialization
 from jax import lax
 
 from jaxfactor import _validation
-from jaxfactor import primitives
+from jaxfactor import _stages
 
 # `to_dense` is a handful of small contractions; run them at full precision so
 # the reconstructed kernel is exact on TPU/GPU too (where the default
@@ -55,6 +56,11 @@ class Format(abc.ABC):
     serialization.register_serialization_state(
         cls, _to_state_dict, _from_state_dict
     )
+    # So that an exported function taking a format can be serialized.
+    jax.export.register_pytree_node_serialization(
+        cls, serialized_name=f"jaxfactor.{cls.__name__}",
+        serialize_auxdata=lambda static: json.dumps(static).encode(),
+        deserialize_auxdata=lambda data: tuple(json.loads(data)))
 
   # --- pytree protocol -----------------------------------------------------
 
@@ -249,7 +255,7 @@ class Format(abc.ABC):
     """Raises ValueError unless the factor shapes chain."""
 
   @abc.abstractmethod
-  def stages(self) -> list[primitives.Stage]:
+  def stages(self) -> list[_stages.Stage]:
     """The chain of `lax` stages that applies this kernel, factor by factor."""
 
   @abc.abstractmethod
@@ -384,8 +390,8 @@ class DepthwiseSeparable(Format):
   def stages(self):
     axes = tuple(range(self.num_spatial_dims))
     return [
-        primitives.SpatialConv(self.depthwise, axes, self.in_features),
-        primitives.Pointwise(self.pointwise),
+        _stages.SpatialConv(self.depthwise, axes, self.in_features),
+        _stages.Pointwise(self.pointwise),
     ]
 
   def to_dense(self):
@@ -471,7 +477,7 @@ class SpatiallySeparable(Format):
 
   def stages(self):
     return [
-        primitives.SpatialConv(factor, (axis,))
+        _stages.SpatialConv(factor, (axis,))
         for axis, factor in enumerate(self.factors)
     ]
 
@@ -558,8 +564,8 @@ class LowRank(Format):
   def stages(self):
     axes = tuple(range(self.num_spatial_dims))
     return [
-        primitives.SpatialConv(self.spatial, axes),
-        primitives.Pointwise(self.pointwise),
+        _stages.SpatialConv(self.spatial, axes),
+        _stages.Pointwise(self.pointwise),
     ]
 
   def to_dense(self):
@@ -655,9 +661,9 @@ class Tucker(Format):
   def stages(self):
     axes = tuple(range(self.num_spatial_dims))
     return [
-        primitives.Pointwise(self.in_proj),
-        primitives.SpatialConv(self.core, axes),
-        primitives.Pointwise(self.out_proj),
+        _stages.Pointwise(self.in_proj),
+        _stages.SpatialConv(self.core, axes),
+        _stages.Pointwise(self.out_proj),
     ]
 
   def _out_first(self) -> tuple[bool, int]:
@@ -769,12 +775,12 @@ class CP(Format):
   def stages(self):
     r = self.rank
     return [
-        primitives.Pointwise(self.in_proj),
+        _stages.Pointwise(self.in_proj),
         *(
-            primitives.SpatialConv(_reshape(a, (a.shape[0], 1, r)), (axis,), r)
+            _stages.SpatialConv(_reshape(a, (a.shape[0], 1, r)), (axis,), r)
             for axis, a in enumerate(self.spatial)
         ),
-        primitives.Pointwise(self.out_proj),
+        _stages.Pointwise(self.out_proj),
     ]
 
   def to_dense(self):

@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from jaxfactor import formats
+from jaxfactor import _formats as formats
 
 FORMAT_NAMES = {
     "depthwise_separable": formats.DepthwiseSeparable,
