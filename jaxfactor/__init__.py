@@ -20,6 +20,8 @@ from jaxfactor._formats import SpatiallySeparable as SpatiallySeparable
 from jaxfactor._formats import Tucker as Tucker
 from jaxfactor._ranks import Budget as Budget
 from jaxfactor._ranks import max_rank as max_rank
+from jaxfactor._surgery import FactorizationReport as FactorizationReport
+from jaxfactor._surgery import LayerReport as LayerReport
 
 __version__ = "0.1.0"
 
@@ -28,7 +30,9 @@ __all__ = (
     "CP",
     "Cost",
     "DepthwiseSeparable",
+    "FactorizationReport",
     "Format",
+    "LayerReport",
     "LowRank",
     "SpatiallySeparable",
     "Tucker",

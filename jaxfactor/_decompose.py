@@ -22,7 +22,7 @@ from jax.scipy.linalg import solve_triangular
 
 from jaxfactor import _validation
 from jaxfactor import _formats as formats
-from jaxfactor import _ranks as ranks_lib
+from jaxfactor import _ranks
 
 _HIGHEST = lax.Precision.HIGHEST
 DEFAULT_ITERATIONS = {formats.Tucker: 10, formats.CP: 100}
@@ -107,11 +107,12 @@ def decompose(
       "spatially_separable", "low_rank", "tucker", "cp".
     rank: an int (for `Tucker` an int or `(R_in, R_out)`; for
       `SpatiallySeparable` an int or one inner rank per split; for
-      `DepthwiseSeparable` the channel multiplier); a float in (0, 1]: the
-      largest rank whose parameters are at most that fraction of the dense
-      kernel's; or "vbmf": analytic empirical VBMF (Nakajima et al. 2013) on
-      the matrices the algorithm truncates, as Kim et al. 2016 pick Tucker-2
-      ranks.
+      `DepthwiseSeparable` the channel multiplier); a
+      `jaxfactor.Budget(params=f)`: the largest rank whose parameters are at
+      most the fraction `f` of the dense kernel's; or "vbmf": analytic
+      empirical VBMF (Nakajima et al. 2013) on the matrices the algorithm
+      truncates, as Kim et al. 2016 pick Tucker-2 ranks. A float is a
+      `TypeError`: it would read as a rank.
     energy: instead of `rank`, a fraction in (0, 1]: the smallest rank keeping
       that fraction of the squared singular values of the matrices truncated
       (per mode for `Tucker`; for `CP`, of the pooled per-tap SVD start).
@@ -152,11 +153,11 @@ def decompose(
   (3, 3, 16, 16)
   """
   fn = "decompose"
-  cls = ranks_lib.format_class(fn, format)
+  cls = _ranks.format_class(fn, format)
   _validation.check_array(fn, "kernel", kernel)
   _validation.check_floating(fn, "kernel", kernel)
   kernel = jnp.asarray(kernel)
-  ranks_lib.check_kernel_shape(fn, kernel.shape, cls)
+  _ranks.check_kernel_shape(fn, kernel.shape, cls)
   concrete = not isinstance(kernel, jax.core.Tracer)
   if concrete and not bool(jnp.all(jnp.isfinite(kernel))):
     raise ValueError(
@@ -236,22 +237,11 @@ def _select_rank(fn, kernel, cls, rank, energy, whitening, concrete):
       )
     mode = "energy"
   elif isinstance(rank, str):
-    if rank != "vbmf":
-      raise ValueError(
-          f"{fn}: `rank` must be an int, a tuple of ints, a float in (0, 1]"
-          f" or 'vbmf', got {rank!r}."
-      )
+    _ranks.check_rank_type(fn, rank, allow_vbmf=True)
     mode = "vbmf"
-  elif isinstance(rank, (float, np.floating)):
-    if not 0 < rank <= 1:
-      raise ValueError(
-          f"{fn}: a float `rank` is a fraction of the dense kernel's"
-          f" parameters and must be in (0, 1], got {rank!r}."
-      )
-    return ranks_lib.rank_for_fraction(fn, shape, cls, float(rank))
   else:
     return _warn_if_larger(
-        fn, shape, cls, ranks_lib.canonicalize_rank(fn, shape, cls, rank)
+        fn, shape, cls, _ranks.resolve_rank(fn, cls, shape, rank)
     )
   if not concrete:
     raise ValueError(
@@ -259,11 +249,11 @@ def _select_rank(fn, kernel, cls, rank, energy, whitening, concrete):
         " shape, which is impossible under jit/vmap; choose the rank eagerly"
         " (or pass an int rank)."
     )
-  spectra = _spectra(cls, np.asarray(kernel, np.float64), whitening)
-  limit = ranks_lib.max_rank(shape, cls)
+  spectra = spectra(cls, np.asarray(kernel, np.float64), whitening)
+  limit = _ranks.max_rank(shape, cls)
   if mode == "energy":
     chosen = [
-        ranks_lib.rank_for_energy(ranks_lib.energy_curve(s), energy)
+        _ranks.rank_for_energy(_ranks.energy_curve(s), energy)
         for s, _ in spectra
     ]
   else:
@@ -281,7 +271,7 @@ def _select_rank(fn, kernel, cls, rank, energy, whitening, concrete):
 
 
 def _warn_if_larger(fn, shape, cls, rank):
-  params = ranks_lib.num_params(shape, cls, rank)
+  params = _ranks.num_params(shape, cls, rank)
   if params > math.prod(shape):
     warnings.warn(
         f"{fn}: {cls.__name__} of rank {rank} has {params} parameters, more"
@@ -292,14 +282,14 @@ def _warn_if_larger(fn, shape, cls, rank):
   return rank
 
 
-def _spectra(cls, kernel, whitening):
+def spectra(cls, kernel, whitening):
   """Per truncated matrix: its singular values and its VBMF rule."""
   *window, c, f = kernel.shape
   k = math.prod(window)
 
   def single(matrix):
     return (np.linalg.svd(matrix, compute_uv=False),
-            (ranks_lib.vbmf_rank, matrix))
+            (_ranks.vbmf_rank, matrix))
 
   if cls is formats.LowRank:
     matrix = kernel.reshape(k * c, f)
@@ -323,11 +313,11 @@ def _spectra(cls, kernel, whitening):
   if cls is formats.DepthwiseSeparable:
     slices = np.moveaxis(kernel.reshape(k, c, f), 1, 0)  # [C, k, F]
     values = np.linalg.svd(slices, compute_uv=False)  # [C, min(k, F)]
-    return [(values, (lambda ms: max(ranks_lib.vbmf_rank(m) for m in ms),
+    return [(values, (lambda ms: max(_ranks.vbmf_rank(m) for m in ms),
                       slices))]
   # CP: the per-tap spectra, pooled, as the SVD-based start pools them.
   values = np.linalg.svd(per_tap, compute_uv=False).ravel()
-  return [(values, (lambda ms: sum(ranks_lib.vbmf_rank(m) for m in ms),
+  return [(values, (lambda ms: sum(_ranks.vbmf_rank(m) for m in ms),
                     per_tap))]
 
 

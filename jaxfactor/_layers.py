@@ -7,29 +7,31 @@ convolution itself) is here, once, so the two cannot drift apart.
 
 from __future__ import annotations
 
-import re
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 from flax.linen import dtypes as flax_dtypes
 
-from jaxfactor import _validation
-from jaxfactor import _convolution as convolution
-from jaxfactor import _decompose as decomposition
+from jaxfactor import _convolution
+from jaxfactor import _decompose
 from jaxfactor import _formats as formats
-from jaxfactor import _ranks as ranks_lib
+from jaxfactor import _ranks
+from jaxfactor import _validation
 
-Initializer = Callable[..., jax.Array]
+Initializer = Callable[..., Any]
 
-# Flax's defaults for `nn.Conv`: lecun_normal kernels, zero biases.
+# Flax's defaults for `nn.Conv`: lecun_normal kernels, zero biases. With
+# lecun_normal on every factor (fan-in = the factor's input axis times its
+# window) the reconstructed kernel has exactly the variance of a dense
+# lecun_normal kernel, `1 / (k * C)`: the variances multiply along the chain
+# and each inner rank's fan-in cancels the sum over that rank.
 default_kernel_init = jax.nn.initializers.lecun_normal()
 default_bias_init = jax.nn.initializers.zeros
 
-# Which format field each initializer argument sets; a tuple field's
+# Which format field each factor-initializer argument sets; a tuple field's
 # initializer sets every entry.
-INIT_ARGS = {
+INIT_ARGS: dict[type[formats.Format], dict[str, str]] = {
     formats.DepthwiseSeparable: {"depthwise": "depthwise_init",
                                  "pointwise": "pointwise_init"},
     formats.SpatiallySeparable: {"factors": "factors_init"},
@@ -57,11 +59,13 @@ def kernel_size_tuple(layer: str, kernel_size: Any) -> tuple[int, ...]:
   return tuple(sizes)
 
 
-def check_geometry(layer: str, window, strides, padding, dilation) -> None:
+def check_geometry(layer: str, window, strides, padding,
+                   kernel_dilation) -> None:
   """Rejects geometry of the wrong length at construction, not first call."""
   n = len(window)
   _validation.canonicalize_positive_ints(layer, "strides", strides, n)
-  _validation.canonicalize_positive_ints(layer, "dilation", dilation, n)
+  _validation.canonicalize_positive_ints(layer, "kernel_dilation",
+                                         kernel_dilation, n)
   _validation.canonicalize_padding(layer, padding, n)
 
 
@@ -71,62 +75,84 @@ def check_features(layer: str, name: str, value: Any) -> int:
   return value
 
 
-def resolve_rank(layer: str, cls, kernel_shape, rank: Any):
-  """A static rank from an int/tuple or a float fraction of dense params."""
-  if isinstance(rank, float):
-    if not 0 < rank <= 1:
+def check_options(layer: str, implementation: str,
+                  preferred_element_type: Any, bias_init: Any) -> None:
+  _validation.check_implementation(layer, implementation)
+  if preferred_element_type is not None:
+    try:
+      jax.numpy.dtype(preferred_element_type)
+    except TypeError:
+      raise TypeError(
+          f"{layer}: `preferred_element_type` must be a dtype or None, got"
+          f" {preferred_element_type!r}.") from None
+  if not callable(bias_init):
+    raise TypeError(f"{layer}: `bias_init` must be an initializer, got"
+                    f" {type(bias_init).__name__}.")
+
+
+def factor_initializers(
+    layer: str, cls: type[formats.Format],
+    given: Mapping[str, Initializer | None], kernel_init: Initializer | None,
+) -> dict[str, Initializer]:
+  """Each field's initializer: the one given, else Flax's default.
+
+  `kernel_init` (a dense-kernel initializer, for the spectral start)
+  excludes factor initializers: the factors then come from decomposing its
+  draw, and a factor initializer given beside it would be ignored.
+  """
+  for arg, init in given.items():
+    if init is not None and not callable(init):
+      raise TypeError(f"{layer}: `{arg}` must be an initializer, got"
+                      f" {type(init).__name__}.")
+  if kernel_init is not None:
+    if not callable(kernel_init):
+      raise TypeError(f"{layer}: `kernel_init` must be an initializer, got"
+                      f" {type(kernel_init).__name__}.")
+    clash = sorted(arg for arg, init in given.items() if init is not None)
+    if clash:
       raise ValueError(
-          f"{layer}: a float `rank` is a fraction of the dense kernel's"
-          f" parameters and must be in (0, 1], got {rank!r}."
+          f"{layer}: give either `kernel_init` (the factors decompose a dense"
+          f" kernel drawn from it) or factor initializers, not both; got"
+          f" kernel_init and {', '.join(clash)}."
       )
-    return ranks_lib.rank_for_fraction(layer, kernel_shape, cls, rank)
-  return ranks_lib.canonicalize_rank(layer, kernel_shape, cls, rank)
+  return {field: given[arg] or default_kernel_init
+          for field, arg in INIT_ARGS[cls].items()}
 
 
 def init_factors(
     layer: str,
-    cls,
+    cls: type[formats.Format],
     key: jax.Array,
     kernel_shape: tuple[int, ...],
     rank: Any,
     param_dtype: Any,
     initializers: Mapping[str, Initializer],
-    init: str,
-    kernel_init: Initializer,
-) -> dict[str, jax.Array]:
+    kernel_init: Initializer | None,
+) -> dict[str, Any]:
   """Initial values of `cls.param_shapes(kernel_shape, rank)`.
 
-  "default": each factor from its own initializer. With Flax's default
-  lecun_normal on every factor (fan-in = the factor's input axis times its
-  window), the reconstructed kernel has exactly the variance of a dense
-  lecun_normal kernel, `1 / (k * C)`: the variances multiply along the chain
-  and each inner rank's fan-in cancels the sum over that rank.
-
-  "spectral": draw a dense kernel with `kernel_init` and decompose it (Khodak
+  Each factor from its own initializer (whose output may carry Flax
+  metadata, e.g. `nnx.with_partitioning`), or, with `kernel_init`, the
+  factors of a dense kernel drawn from it (spectral initialization: Khodak
   et al., ICLR 2021, https://arxiv.org/abs/2105.01029).
   """
-  if init == "spectral":
+  if kernel_init is not None:
     dense = kernel_init(key, kernel_shape, param_dtype)
-    return decomposition.decompose(dense, cls, rank=rank).params()
-  if init != "default":
-    raise ValueError(
-        f"{layer}: `init` must be 'default' or 'spectral', got {init!r}."
-    )
+    if not _validation.is_array(dense):
+      raise TypeError(
+          f"{layer}: `kernel_init` must return an array, got"
+          f" {type(dense).__name__}; put sharding metadata on the factor"
+          " initializers instead."
+      )
+    return dict(_decompose.decompose(dense, cls, rank=rank).params())
   shapes = cls.param_shapes(kernel_shape, rank)
   keys = jax.random.split(key, len(shapes))
-  out = {}
-  for (name, shape), k in zip(shapes.items(), keys):
-    out[name] = initializers[cls.field_of(name)](k, shape, param_dtype)
-  return out
+  return {name: initializers[cls.field_of(name)](k, shape, param_dtype)
+          for (name, shape), k in zip(shapes.items(), keys)}
 
 
-def partition_names(partitioning: Mapping[str, Any] | None,
-                    name: str) -> tuple[Any, ...] | None:
-  """Mesh-axis names for parameter `name`, given per parameter or per field
-  (`spatial` covers `spatial_0`, `spatial_1`, ...); None when not given."""
-  partitioning = partitioning or {}
-  names = partitioning.get(name, partitioning.get(re.sub(r"_\d+$", "", name)))
-  return None if names is None else tuple(names)
+def resolve_rank(layer: str, cls, kernel_shape, rank: Any):
+  return _ranks.resolve_rank(layer, cls, kernel_shape, rank)
 
 
 def check_input_channels(layer: str, x: Any, in_features: int, window) -> None:
@@ -151,9 +177,10 @@ def apply(
     dtype: Any,
     strides: Any,
     padding: Any,
-    dilation: Any,
+    kernel_dilation: Any,
     precision: Any,
-    implementation: str,
+    preferred_element_type: Any,
+    implementation: str = "auto",
     kind: str = "conv",
 ) -> jax.Array:
   """`conv(x, kernel) + bias` after Flax's dtype promotion."""
@@ -163,14 +190,17 @@ def apply(
   )
   x, leaves = promoted[0], promoted[1 : 1 + len(leaves)]
   kernel = jax.tree.unflatten(treedef, leaves)
-  geometry = dict(strides=strides, padding=padding, dilation=dilation,
-                  precision=precision)
+  options = dict(precision=precision,
+                 preferred_element_type=preferred_element_type)
+  geometry = dict(strides=strides, padding=padding, dilation=kernel_dilation)
   if kind == "depthwise":
-    y = convolution.depthwise_conv(x, kernel, **geometry)
+    y = _convolution.depthwise_conv(x, kernel, **geometry, **options)
   elif kind == "pointwise":
-    y = convolution.pointwise_conv(x, kernel, precision=precision)
+    y = _convolution.pointwise_conv(x, kernel, **options)
   else:
-    y = convolution.conv(x, kernel, implementation=implementation, **geometry)
+    y = _convolution.conv(x, kernel, implementation=implementation,
+                          **geometry, **options)
   if bias is not None:
-    y = y + promoted[-1].reshape((1,) * (y.ndim - 1) + bias.shape)
+    y = y + promoted[-1].astype(y.dtype).reshape(
+        (1,) * (y.ndim - 1) + bias.shape)
   return y

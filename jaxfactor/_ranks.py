@@ -202,7 +202,7 @@ def canonicalize_rank(fn: str, kernel_shape, cls, rank: Any) -> Rank:
   return rank
 
 
-def _candidates(kernel_shape, cls) -> list[Rank]:
+def candidates(kernel_shape, cls) -> list[Rank]:
   """Ranks in increasing size, along the path a budget fraction scales.
 
   Tucker and SpatiallySeparable use one rank `r` for every mode or split,
@@ -216,17 +216,49 @@ def _candidates(kernel_shape, cls) -> list[Rank]:
   return list(range(1, limit + 1))
 
 
+def check_rank_type(fn: str, rank: Any, *, allow_vbmf: bool = False) -> None:
+  """Rejects a float `rank` (a rank is never a fraction) and other types."""
+  if isinstance(rank, (float, np.floating)):
+    raise TypeError(
+        f"{fn}: `rank`={rank!r} is a float, but a rank is an int (a tuple"
+        " for Tucker and SpatiallySeparable). For a fraction of the dense"
+        " kernel's parameters write"
+        f" `rank=jaxfactor.Budget(params={rank!r})`."
+    )
+  if isinstance(rank, str) and not (allow_vbmf and rank == "vbmf"):
+    vbmf = " or 'vbmf'" if allow_vbmf else ""
+    raise ValueError(
+        f"{fn}: `rank` must be an int, a tuple of ints or a"
+        f" jaxfactor.Budget(params=...){vbmf}, got {rank!r}."
+    )
+
+
+def resolve_rank(fn: str, cls, kernel_shape, rank: Any) -> Rank:
+  """A static rank from an int/tuple, or a `Budget(params=f)`: the largest
+  rank with at most that fraction of the dense kernel's parameters."""
+  check_rank_type(fn, rank)
+  if isinstance(rank, Budget):
+    if rank.params is None:
+      raise ValueError(
+          f"{fn}: a `rank` given as a Budget must be Budget(params=...): a"
+          " FLOP fraction depends on the input, so use factorize(...,"
+          f" budget={rank!r}, inputs=...) for it."
+      )
+    return rank_for_fraction(fn, kernel_shape, cls, rank.params)
+  return canonicalize_rank(fn, kernel_shape, cls, rank)
+
+
 def rank_for_fraction(fn: str, kernel_shape, cls, fraction: float) -> Rank:
   """The largest rank whose parameters are at most `fraction` of dense."""
   budget = fraction * math.prod(kernel_shape)
   fitting = [
-      r for r in _candidates(kernel_shape, cls)
+      r for r in candidates(kernel_shape, cls)
       if num_params(kernel_shape, cls, r) <= budget
   ]
   if not fitting:
-    smallest = _candidates(kernel_shape, cls)[0]
+    smallest = candidates(kernel_shape, cls)[0]
     raise ValueError(
-        f"{fn}: `rank`={fraction} leaves no rank: the smallest"
+        f"{fn}: Budget(params={fraction}) leaves no rank: the smallest"
         f" {cls.__name__} (rank {smallest}) has"
         f" {num_params(kernel_shape, cls, smallest)} parameters, more than"
         f" {fraction} of the dense kernel's {math.prod(kernel_shape)}."

@@ -2,8 +2,8 @@
 
 Each layer declares its factors as params named after the format's fields (a
 tuple field's entries as `{field}_{i}`), exactly as the `jaxfactor.nnx`
-layers name them, and calls `jaxfactor.conv(x, factors) + bias`. Arguments
-mirror `flax.linen.Conv`.
+layers name them, and calls `jaxfactor.conv(x, factors) + bias`. Attributes
+follow `flax.linen.Conv`.
 
 The linen idiom for factorizing a trained model: write the model with its
 conv class as an attribute (and explicit layer names), and convert the dense
@@ -22,7 +22,7 @@ model's variables with `factorize_variables`:
 >>> x = jnp.ones((1, 8, 8, 4))
 >>> dense_vars = Net().init(jax.random.key(0), x)
 >>> tucker_vars, report = jaxfactor.linen.factorize_variables(
-...     dense_vars, "tucker", rank=(2, 4))
+...     dense_vars, "tucker", rank=(2, 4), model=Net(), inputs=x)
 >>> Net(conv=jaxfactor.linen.TuckerConv).apply(tucker_vars, x).shape
 (1, 8, 8, 8)
 """
@@ -30,7 +30,7 @@ model's variables with `factorize_variables`:
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, ClassVar
 
 import jax
@@ -38,15 +38,20 @@ import jax.numpy as jnp
 from flax import linen as nn
 from flax.core import meta
 
-from jaxfactor import _layers
-from jaxfactor import _decompose as decomposition
 from jaxfactor import _formats as formats
-from jaxfactor import _ranks as ranks_lib
+from jaxfactor import _layers
+from jaxfactor import _ranks
+from jaxfactor import _surgery
+from jaxfactor._ranks import Budget
+from jaxfactor._surgery import FactorizationReport
+from jaxfactor._surgery import LayerReport
 
 __all__ = (
     "CPConv",
     "DepthwiseConv",
     "DepthwiseSeparableConv",
+    "FactorizationReport",
+    "LayerReport",
     "LowRankConv",
     "PointwiseConv",
     "SpatiallySeparableConv",
@@ -55,13 +60,13 @@ __all__ = (
 )
 
 
-def _with_partitioning(init, partitioning, name):
-  names = _layers.partition_names(partitioning, name)
-  return init if names is None else nn.with_partitioning(init, names)
+Initializer = _layers.Initializer
+_bias_init = _layers.default_bias_init
+_kernel_init = _layers.default_kernel_init
 
 
 class _FactorizedConv(nn.Module):
-  """Shared machinery of the factorized layers (see the subclasses).
+  """What the factorized layers share (see the public subclasses).
 
   `rank=None` is allowed when the variables already exist (e.g. from
   `factorize_variables`, with a rank per layer): the rank is then read from
@@ -74,31 +79,26 @@ class _FactorizedConv(nn.Module):
   kernel_size: int | Sequence[int]
   strides: int | Sequence[int] = 1
   padding: Any = "SAME"
-  dilation: int | Sequence[int] = 1
-  # Flax's name for `dilation`, so a jaxfactor layer can stand in for
-  # `nn.Conv` in models that pass it; it wins when given.
-  kernel_dilation: int | Sequence[int] | None = None
+  kernel_dilation: int | Sequence[int] = 1
   use_bias: bool = True
   dtype: Any = None
   param_dtype: Any = jnp.float32
   precision: Any = None
+  preferred_element_type: Any = None
   implementation: str = "auto"
-  # `init` in the nnx layers; linen reserves `Module.init`.
-  initialization: str = "default"
-  kernel_init: _layers.Initializer = _layers.default_kernel_init
-  bias_init: _layers.Initializer = _layers.default_bias_init
-  partitioning: Mapping[str, Sequence[str | None]] | None = None
+  kernel_init: Initializer | None = None
+  bias_init: Initializer = _bias_init
 
   def _rank_argument(self) -> Any:
-    return self.rank
+    return getattr(self, "rank")
 
   def _static(self, rank) -> dict[str, Any]:
     del rank
     return {}
 
-  def _initializers(self) -> dict[str, _layers.Initializer]:
-    return {field: getattr(self, arg)
-            for field, arg in _layers.INIT_ARGS[self.format].items()}
+  def _given_initializers(self) -> dict[str, Initializer | None]:
+    return {arg: getattr(self, arg)
+            for arg in _layers.INIT_ARGS[self.format].values()}
 
   def factors(self, params: Mapping[str, Any],
               in_features: int | None = None) -> formats.Format:
@@ -120,56 +120,53 @@ class _FactorizedConv(nn.Module):
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
+    """Applies the layer to `x [*batch, *spatial, C]`."""
     layer = type(self).__name__
     cls = self.format
     window = _layers.kernel_size_tuple(layer, self.kernel_size)
     _layers.check_features(layer, "features", self.features)
-    dilation = (self.dilation if self.kernel_dilation is None
-                else self.kernel_dilation)
     _layers.check_geometry(layer, window, self.strides, self.padding,
-                           dilation)
+                           self.kernel_dilation)
+    _layers.check_options(layer, self.implementation,
+                          self.preferred_element_type, self.bias_init)
+    initializers = _layers.factor_initializers(
+        layer, cls, self._given_initializers(), self.kernel_init)
     if not hasattr(x, "shape") or len(x.shape) < len(window) + 1:
       _layers.check_input_channels(layer, x, 0, window)
     kernel_shape = (*window, x.shape[-1], self.features)
-    ranks_lib.check_kernel_shape(layer, kernel_shape, cls)
+    _ranks.check_kernel_shape(layer, kernel_shape, cls)
     first = cls._fields[0] + ("_0" if cls._fields[0] in cls._tuple_fields
                               else "")
     if self.has_variable("params", first):
       stored = self.factors(self.variables["params"], x.shape[-1])
       _layers.check_input_channels(layer, x, stored.in_features, window)
-      rank = ranks_lib.rank_of(stored)
+      rank = _ranks.rank_of(stored)
     elif self._rank_argument() is None:
       raise ValueError(f"{layer}: `rank` is required to initialize the layer.")
     else:
       rank = _layers.resolve_rank(layer, cls, kernel_shape,
                                   self._rank_argument())
     shapes = cls.param_shapes(kernel_shape, rank)
-    initializers = self._initializers()
     spectral = None
-    if self.initialization == "spectral" and self.is_initializing():
+    if self.kernel_init is not None and self.is_initializing():
       spectral = _layers.init_factors(
           layer, cls, self.make_rng("params"), kernel_shape, rank,
-          self.param_dtype, initializers, "spectral", self.kernel_init)
-    elif self.initialization not in ("default", "spectral"):
-      raise ValueError(
-          f"{layer}: `initialization` must be 'default' or 'spectral', got"
-          f" {self.initialization!r}.")
+          self.param_dtype, initializers, self.kernel_init)
     params = {}
     for name, shape in shapes.items():
       init = initializers[cls.field_of(name)]
       if spectral is not None:
         init = lambda key, shape, dtype, value=spectral[name]: value
-      init = _with_partitioning(init, self.partitioning, name)
       params[name] = self.param(name, init, shape, self.param_dtype)
     bias = None
     if self.use_bias:
-      bias = self.param(
-          "bias", _with_partitioning(self.bias_init, self.partitioning, "bias"),
-          (self.features,), self.param_dtype)
+      bias = self.param("bias", self.bias_init, (self.features,),
+                        self.param_dtype)
     return _layers.apply(
         x, cls.from_params(params, **self._static(rank)), bias,
         dtype=self.dtype, strides=self.strides, padding=self.padding,
-        dilation=dilation, precision=self.precision,
+        kernel_dilation=self.kernel_dilation, precision=self.precision,
+        preferred_element_type=self.preferred_element_type,
         implementation=self.implementation,
     )
 
@@ -177,60 +174,81 @@ class _FactorizedConv(nn.Module):
 class LowRankConv(_FactorizedConv):
   """A k x k conv into `rank` channels, then a 1x1 conv (`LowRank`).
 
-  Attributes (besides `flax.linen.Conv`'s `features`, `kernel_size`,
-  `strides`, `padding`, `use_bias`, `dtype`, `param_dtype`, `precision`,
-  `bias_init`; `dilation` is its `kernel_dilation`):
-    rank: an int, or a float in (0, 1]: the largest rank whose parameters are
-      at most that fraction of the dense conv's.
-    implementation: passed to `jaxfactor.conv`.
-    initialization: "default" or "spectral" (decompose a dense
-      `kernel_init` draw); the nnx layers' `init` (linen reserves `init`).
-    spatial_init, pointwise_init: factor initializers.
-    partitioning: optional mesh-axis names per parameter (or per field),
-      applied with `nn.with_partitioning`.
+  Attributes besides `flax.linen.Conv`'s (`features`, `kernel_size`,
+  `strides`, `padding`, `kernel_dilation`, `use_bias`, `dtype`,
+  `param_dtype`, `precision`, `preferred_element_type`, `bias_init`):
+    rank: an int, or `jaxfactor.Budget(params=f)`: the largest rank whose
+      parameters are at most the fraction `f` of the dense conv's. None
+      reads it from existing params.
+    implementation: "auto", "factorized" or "reconstructed", as in
+      `jaxfactor.conv`.
+    kernel_init: None, or a dense-kernel initializer whose draw is
+      decomposed into the initial factors (spectral initialization, Khodak
+      et al., ICLR 2021). Excludes the factor initializers.
+    spatial_init, pointwise_init: the factors' initializers (default: Flax's
+      lecun_normal). Shard a factor the Flax way, e.g.
+      `pointwise_init=nn.with_partitioning(init, names)`.
   """
 
   format = formats.LowRank
-  rank: Any = None
-  spatial_init: _layers.Initializer = _layers.default_kernel_init
-  pointwise_init: _layers.Initializer = _layers.default_kernel_init
+  rank: int | Budget | None = None
+  spatial_init: Initializer | None = None
+  pointwise_init: Initializer | None = None
 
 
 class TuckerConv(_FactorizedConv):
-  """Tucker-2: 1x1, k x k core, 1x1 (`Tucker`); `rank` int, pair or fraction."""
+  """1x1 conv, k x k core conv, 1x1 conv (`Tucker`, Tucker-2).
+
+  As `LowRankConv`, with `rank` an int, a pair `(R_in, R_out)` or a
+  `jaxfactor.Budget(params=f)`, and initializers `in_proj_init`,
+  `core_init`, `out_proj_init`.
+  """
 
   format = formats.Tucker
-  rank: Any = None
-  in_proj_init: _layers.Initializer = _layers.default_kernel_init
-  core_init: _layers.Initializer = _layers.default_kernel_init
-  out_proj_init: _layers.Initializer = _layers.default_kernel_init
+  rank: int | tuple[int, int] | Budget | None = None
+  in_proj_init: Initializer | None = None
+  core_init: Initializer | None = None
+  out_proj_init: Initializer | None = None
 
 
 class CPConv(_FactorizedConv):
-  """1x1, one depthwise 1-D conv per axis, 1x1 (`CP`)."""
+  """1x1 conv, one depthwise 1-D conv per axis, 1x1 conv (`CP`).
+
+  As `LowRankConv`, with initializers `in_proj_init`, `spatial_init` (every
+  axis), `out_proj_init`.
+  """
 
   format = formats.CP
-  rank: Any = None
-  in_proj_init: _layers.Initializer = _layers.default_kernel_init
-  spatial_init: _layers.Initializer = _layers.default_kernel_init
-  out_proj_init: _layers.Initializer = _layers.default_kernel_init
+  rank: int | Budget | None = None
+  in_proj_init: Initializer | None = None
+  spatial_init: Initializer | None = None
+  out_proj_init: Initializer | None = None
 
 
 class SpatiallySeparableConv(_FactorizedConv):
-  """One 1-D conv per spatial axis (`SpatiallySeparable`)."""
+  """One 1-D conv per spatial axis (`SpatiallySeparable`).
+
+  As `LowRankConv`, with `rank` an int, one inner rank per split or a
+  `jaxfactor.Budget(params=f)`, and `factors_init` for every factor.
+  """
 
   format = formats.SpatiallySeparable
-  rank: Any = None
-  factors_init: _layers.Initializer = _layers.default_kernel_init
+  rank: int | tuple[int, ...] | Budget | None = None
+  factors_init: Initializer | None = None
 
 
 class DepthwiseSeparableConv(_FactorizedConv):
-  """A depthwise conv then a pointwise conv (`DepthwiseSeparable`)."""
+  """A depthwise conv, then a pointwise conv (`DepthwiseSeparable`).
+
+  As `LowRankConv`, with `channel_multiplier` (an int, or a
+  `jaxfactor.Budget(params=f)`) instead of `rank`, and initializers
+  `depthwise_init`, `pointwise_init`.
+  """
 
   format = formats.DepthwiseSeparable
-  channel_multiplier: Any = 1
-  depthwise_init: _layers.Initializer = _layers.default_kernel_init
-  pointwise_init: _layers.Initializer = _layers.default_kernel_init
+  channel_multiplier: int | Budget = 1
+  depthwise_init: Initializer | None = None
+  pointwise_init: Initializer | None = None
 
   def _rank_argument(self):
     return self.channel_multiplier
@@ -251,82 +269,97 @@ class DepthwiseSeparableConv(_FactorizedConv):
 
 
 class DepthwiseConv(nn.Module):
-  """A depthwise convolution, kernel `[*window, 1, C*m]` named `depthwise`."""
+  """A depthwise convolution, kernel `[*window, 1, C*m]` named `depthwise`.
+
+  Output channel `c*m + j` filters input channel `c`, as Flax's
+  `nn.Conv(feature_group_count=C)`; runs `jaxfactor.depthwise_conv`.
+  Attributes as `flax.linen.Conv`'s, with `channel_multiplier` (m) and
+  `depthwise_init` (the kernel's initializer).
+  """
 
   kernel_size: int | Sequence[int]
   channel_multiplier: int = 1
   strides: int | Sequence[int] = 1
   padding: Any = "SAME"
-  dilation: int | Sequence[int] = 1
+  kernel_dilation: int | Sequence[int] = 1
   use_bias: bool = True
   dtype: Any = None
   param_dtype: Any = jnp.float32
   precision: Any = None
-  depthwise_init: _layers.Initializer = _layers.default_kernel_init
-  bias_init: _layers.Initializer = _layers.default_bias_init
-  partitioning: Mapping[str, Sequence[str | None]] | None = None
+  preferred_element_type: Any = None
+  depthwise_init: Initializer = _kernel_init
+  bias_init: Initializer = _bias_init
 
   @nn.compact
-  def __call__(self, x):
+  def __call__(self, x: jax.Array) -> jax.Array:
+    """Applies the layer to `x [*batch, *spatial, C]`."""
     layer = type(self).__name__
     window = _layers.kernel_size_tuple(layer, self.kernel_size)
     _layers.check_features(layer, "channel_multiplier", self.channel_multiplier)
     _layers.check_geometry(layer, window, self.strides, self.padding,
-                           self.dilation)
+                           self.kernel_dilation)
+    _layers.check_options(layer, "auto", self.preferred_element_type,
+                          self.bias_init)
     _layers.check_input_channels(layer, x, getattr(x, "shape", (0,))[-1],
                                  window)
     out = x.shape[-1] * self.channel_multiplier
-    kernel = self.param("depthwise", _with_partitioning(
-        self.depthwise_init, self.partitioning, "depthwise"),
-        (*window, 1, out), self.param_dtype)
-    if kernel.shape[-1] != out:
+    kernel = self.param("depthwise", self.depthwise_init, (*window, 1, out),
+                        self.param_dtype)
+    if meta.unbox(kernel).shape[-1] != out:
       _layers.check_input_channels(
-          layer, x, kernel.shape[-1] // self.channel_multiplier, window)
-    bias = self.param("bias", _with_partitioning(
-        self.bias_init, self.partitioning, "bias"), (out,),
-        self.param_dtype) if self.use_bias else None
+          layer, x, meta.unbox(kernel).shape[-1] // self.channel_multiplier,
+          window)
+    bias = self.param("bias", self.bias_init, (out,),
+                      self.param_dtype) if self.use_bias else None
     return _layers.apply(
         x, kernel, bias, dtype=self.dtype, strides=self.strides,
-        padding=self.padding, dilation=self.dilation,
-        precision=self.precision, implementation="auto", kind="depthwise")
+        padding=self.padding, kernel_dilation=self.kernel_dilation,
+        precision=self.precision,
+        preferred_element_type=self.preferred_element_type, kind="depthwise")
 
 
 class PointwiseConv(nn.Module):
-  """A 1x1 convolution, kernel `[C, F]` named `pointwise`."""
+  """A 1x1 convolution, kernel `[C, F]` named `pointwise`, as a contraction.
+
+  Attributes as `flax.linen.Dense`'s, with `pointwise_init` (the kernel's
+  initializer).
+  """
 
   features: int
   use_bias: bool = True
   dtype: Any = None
   param_dtype: Any = jnp.float32
   precision: Any = None
-  pointwise_init: _layers.Initializer = _layers.default_kernel_init
-  bias_init: _layers.Initializer = _layers.default_bias_init
-  partitioning: Mapping[str, Sequence[str | None]] | None = None
+  preferred_element_type: Any = None
+  pointwise_init: Initializer = _kernel_init
+  bias_init: Initializer = _bias_init
 
   @nn.compact
-  def __call__(self, x):
+  def __call__(self, x: jax.Array) -> jax.Array:
+    """Applies the layer to `x [..., C]`."""
     layer = type(self).__name__
     _layers.check_features(layer, "features", self.features)
+    _layers.check_options(layer, "auto", self.preferred_element_type,
+                          self.bias_init)
     _layers.check_input_channels(layer, x, getattr(x, "shape", (0,))[-1], ())
     if self.has_variable("params", "pointwise"):
       stored = self.variables["params"]["pointwise"]
       _layers.check_input_channels(layer, x, meta.unbox(stored).shape[0], ())
-    kernel = self.param("pointwise", _with_partitioning(
-        self.pointwise_init, self.partitioning, "pointwise"),
-        (x.shape[-1], self.features), self.param_dtype)
-    bias = self.param("bias", _with_partitioning(
-        self.bias_init, self.partitioning, "bias"), (self.features,),
-        self.param_dtype) if self.use_bias else None
+    kernel = self.param("pointwise", self.pointwise_init,
+                        (x.shape[-1], self.features), self.param_dtype)
+    bias = self.param("bias", self.bias_init, (self.features,),
+                      self.param_dtype) if self.use_bias else None
     return _layers.apply(
         x, kernel, bias, dtype=self.dtype, strides=1, padding="SAME",
-        dilation=1, precision=self.precision, implementation="auto",
-        kind="pointwise")
+        kernel_dilation=1, precision=self.precision,
+        preferred_element_type=self.preferred_element_type, kind="pointwise")
 
 
-def _dense_convs(model: nn.Module, variables, inputs) -> dict[tuple, str | None]:
-  """Param paths of the `nn.Conv` layers `model` calls, each with the reason
-  it cannot be factorized (None when it can)."""
-  found = {}
+def _dense_convs(model: nn.Module, variables, inputs):
+  """The `nn.Conv` layers `model.apply(variables, inputs)` calls, by param
+  path: each with the reason it cannot be factorized (None when it can),
+  its geometry and its input."""
+  found: dict[tuple[str, ...], dict[str, Any]] = {}
 
   def record(next_fun, args, kwargs, context):
     module = context.module
@@ -338,7 +371,9 @@ def _dense_convs(model: nn.Module, variables, inputs) -> dict[tuple, str | None]
         reason = f"input_dilation={module.input_dilation}"
       elif module.mask is not None:
         reason = "masked kernel"
-      found[tuple(module.scope.path)] = reason
+      found[tuple(module.scope.path)] = dict(
+          reason=reason, strides=module.strides, padding=module.padding,
+          kernel_dilation=module.kernel_dilation, inputs=args[0])
     return next_fun(*args, **kwargs)
 
   with nn.intercept_methods(record):
@@ -352,72 +387,102 @@ def factorize_variables(
     *,
     rank: Any = None,
     energy: float | None = None,
-    filter=None,
+    budget: Budget | None = None,
     model: nn.Module | None = None,
     inputs: Any = None,
+    filter: Callable[[tuple, Any], bool] | None = None,
+    data_aware: bool = False,
+    implementation: str = "factorized",
     **decompose_kwargs: Any,
-) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+) -> tuple[dict[str, Any], FactorizationReport]:
   """Turns a dense model's variables into the factorized model's.
 
-  Every `{"kernel": K, "bias": b}` params dict with a conv kernel (window
-  larger than 1x1, and `filter(path, kernel)` true when given) becomes the
-  factor params of `decompose(K, format, ...)` plus the same bias, with the
-  names the jaxfactor linen layers use. Which kernels are conv kernels: with
-  `model` and `inputs`, exactly those of the `nn.Conv` layers that
-  `model.apply(variables, inputs)` calls (grouped, input-dilated and masked
-  convs are left dense and reported as skipped); without them, every kernel
-  of rank >= 3 -- pass `model` and `inputs` (or a `filter`) when the model
-  has other such kernels (e.g. `DenseGeneral`, `ConvTranspose`). The model applies them when its
-  conv layers are the matching jaxfactor class with the same ranks (or with
-  `rank=None`, which reads each layer's rank from its params).
+  Every selected `{"kernel": K, "bias": b}` params dict of a conv becomes
+  the factor params of `decompose(K, format, ...)` plus the same bias, with
+  the names the jaxfactor linen layers use. The model applies them when its
+  conv layers are the matching jaxfactor class with `rank=None` (each
+  layer's rank is read from its params) or the same ranks.
+
+  Which kernels are convs: with `model` and `inputs`, exactly those of the
+  `nn.Conv` layers that `model.apply(variables, inputs)` calls (grouped,
+  input-dilated and masked convs are left dense and reported as skipped),
+  and each one's input is recorded (FLOP counts, FLOP budgets,
+  `data_aware`). Without them, every kernel of rank >= 3 with a window
+  larger than 1x1: pass `model` and `inputs` (or a `filter`) when the model
+  has other such kernels (e.g. `DenseGeneral`, `ConvTranspose`).
 
   Args:
     variables: the dense model's variables (`{"params": ..., ...}`).
     format: a format class or name.
-    rank, energy, **decompose_kwargs: as in `jaxfactor.decompose`.
+    rank, energy, budget, data_aware, implementation, **decompose_kwargs:
+      as in `jaxfactor.nnx.factorize`.
+    model, inputs: the dense model and a sample input.
     filter: optional `filter(path, kernel) -> bool`.
-    model, inputs: the dense model and a sample input, to find its convs.
 
   Returns:
-    `(new_variables, report)`; the report lists per converted layer its
-    path, kernel shape, rank, params before/after and relative error.
+    `(new_variables, report)`, the report a `FactorizationReport`.
+
+  Raises:
+    ValueError, TypeError: as `jaxfactor.nnx.factorize`; `model` without
+      `inputs` or the reverse.
   """
-  cls = ranks_lib.format_class("factorize_variables", format)
-  report = []
-  convs = None
+  fn = "factorize_variables"
+  cls = _ranks.format_class(fn, format)
   if (model is None) != (inputs is None):
-    raise ValueError("factorize_variables: give both `model` and `inputs`,"
-                     " or neither.")
-  if model is not None:
-    convs = _dense_convs(model, variables, inputs)
+    raise ValueError(f"{fn}: give both `model` and `inputs`, or neither.")
+  _surgery.check_choice(fn, rank, energy, budget, inputs, data_aware)
+  convs = _dense_convs(model, variables, inputs) if model is not None else None
+  skipped: list[LayerReport] = []
+  sites: list[_surgery.Site] = []
+  order: list[tuple[Any, ...]] = []
+
+  def visit(path, tree):
+    if not isinstance(tree, Mapping):
+      return
+    kernel = meta.unbox(tree.get("kernel"))  # nn.Partitioned or an array
+    if kernel is not None and hasattr(kernel, "ndim") and kernel.ndim >= 3:
+      order.append(path)
+      shape = tuple(kernel.shape)
+      found = None if convs is None else convs.get(path)
+      reason = None
+      if convs is not None and found is None:
+        reason = "not an nn.Conv"
+      elif found is not None and found["reason"] is not None:
+        reason = found["reason"]
+      elif math.prod(shape[:-2]) == 1:
+        reason = "1x1 kernel"
+      elif filter is not None and not filter(path, kernel):
+        reason = "not selected by the filter"
+      elif cls is formats.SpatiallySeparable and len(shape) < 4:
+        reason = "1-D kernel: nothing to separate"
+      if reason is not None:
+        skipped.append(LayerReport(path=path, kernel_shape=shape,
+                                   skipped=reason))
+      else:
+        geometry = ({} if found is None else
+                    {k: found[k] for k in ("strides", "padding",
+                                           "kernel_dilation", "inputs")})
+        sites.append(_surgery.Site(path=path, kernel=kernel, **geometry))
+      return
+    for key, value in tree.items():
+      visit((*path, key), value)
+
+  params = variables.get("params", {})
+  visit((), params)
+  factors, reports = _surgery.factorize_sites(
+      fn, sites, cls, rank=rank, energy=energy, budget=budget,
+      data_aware=data_aware, implementation=implementation,
+      **decompose_kwargs)
 
   def convert(path, tree):
     if not isinstance(tree, Mapping):
       return tree
-    kernel = meta.unbox(tree.get("kernel"))  # nn.Partitioned or an array
-    if kernel is not None and hasattr(kernel, "ndim"):
-      window = kernel.shape[:-2]
-      if (convs is not None and kernel.ndim >= 3
-          and convs.get(path, "not an nn.Conv") is not None):
-        report.append(dict(path=path, kernel_shape=tuple(kernel.shape),
-                           skipped=convs.get(path, "not an nn.Conv")))
-        return dict(tree)
-      if (kernel.ndim >= 3 and math.prod(window) > 1 and
-          (filter is None or filter(path, kernel)) and not (
-              cls is formats.SpatiallySeparable and kernel.ndim < 4)):
-        factors = decomposition.decompose(
-            kernel, cls, rank=rank, energy=energy, **decompose_kwargs)
-        out = {k: v for k, v in tree.items() if k != "kernel"}
-        out.update(factors.params())
-        report.append(dict(
-            path=path, kernel_shape=tuple(kernel.shape),
-            rank=ranks_lib.rank_of(factors),
-            params_before=math.prod(kernel.shape),
-            params_after=factors.num_params,
-            relative_error=float(decomposition.relative_error(factors, kernel)),
-        ))
-        return out
+    if path in factors:
+      out = {k: v for k, v in tree.items() if k != "kernel"}
+      out.update(factors[path].params())
+      return out
     return {k: convert((*path, k), v) for k, v in tree.items()}
 
-  new = {k: (convert((), v) if k == "params" else v) for k, v in variables.items()}
-  return new, report
+  new = {k: (convert((), v) if k == "params" else v)
+         for k, v in variables.items()}
+  return new, _surgery.ordered(cls.__name__, [*skipped, *reports], order)

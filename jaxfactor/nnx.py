@@ -3,20 +3,20 @@
 Each layer holds its factors as `nnx.Param`s named after the format's fields
 (a tuple field's entries as `{field}_{i}`, e.g. `spatial_0`), exposes them as
 a format value (`layer.factors`) and calls `jaxfactor.conv(x, factors) + bias`.
-Arguments mirror `flax.nnx.Conv`.
+Arguments follow `flax.nnx.Conv`.
 
 >>> from flax import nnx
 >>> import jax.numpy as jnp
+>>> import jaxfactor
 >>> import jaxfactor.nnx
->>> layer = jaxfactor.nnx.TuckerConv(64, 128, (3, 3), rank=0.25,
-...                                   rngs=nnx.Rngs(0))
+>>> layer = jaxfactor.nnx.TuckerConv(
+...     64, 128, (3, 3), rank=jaxfactor.Budget(params=0.25), rngs=nnx.Rngs(0))
 >>> layer(jnp.ones((2, 16, 16, 64))).shape
 (2, 16, 16, 128)
 """
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, ClassVar
@@ -26,12 +26,13 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jaxfactor import _layers
-from jaxfactor import _cost as cost_model
-from jaxfactor import _decompose as decomposition
 from jaxfactor import _formats as formats
-from jaxfactor import _ranks as ranks_lib
+from jaxfactor import _layers
+from jaxfactor import _ranks
+from jaxfactor import _surgery
 from jaxfactor._ranks import Budget
+from jaxfactor._surgery import FactorizationReport
+from jaxfactor._surgery import LayerReport
 
 __all__ = (
     "CPConv",
@@ -46,15 +47,13 @@ __all__ = (
     "factorize",
 )
 
-
-def _param(value, partitioning, name):
-  names = _layers.partition_names(partitioning, name)
-  return nnx.Param(value) if names is None else nnx.Param(
-      value, out_sharding=names)
+Initializer = _layers.Initializer
+_bias_init = _layers.default_bias_init
+_kernel_init = _layers.default_kernel_init
 
 
 class _FactorizedConv(nnx.Module):
-  """Shared machinery of the factorized layers (see the subclasses)."""
+  """What the factorized layers share (see the public subclasses)."""
 
   format: ClassVar[type[formats.Format]]
 
@@ -63,54 +62,44 @@ class _FactorizedConv(nnx.Module):
       in_features: int,
       out_features: int,
       kernel_size: int | Sequence[int],
-      strides: int | Sequence[int] = 1,
+      strides: int | Sequence[int],
       *,
       rank: Any,
-      padding: Any = "SAME",
-      dilation: int | Sequence[int] = 1,
-      use_bias: bool = True,
-      dtype: Any = None,
-      param_dtype: Any = jnp.float32,
-      precision: Any = None,
-      implementation: str = "auto",
-      init: str = "default",
-      kernel_init: _layers.Initializer = _layers.default_kernel_init,
-      bias_init: _layers.Initializer = _layers.default_bias_init,
-      partitioning: Mapping[str, Sequence[str | None]] | None = None,
+      padding: Any,
+      kernel_dilation: int | Sequence[int],
+      use_bias: bool,
+      dtype: Any,
+      param_dtype: Any,
+      precision: Any,
+      preferred_element_type: Any,
+      implementation: str,
+      kernel_init: Initializer | None,
+      bias_init: Initializer,
+      initializers: Mapping[str, Initializer | None],
       rngs: nnx.Rngs,
-      **initializers: _layers.Initializer,
   ):
     layer = type(self).__name__
     cls = self.format
-    unknown = set(initializers) - set(_layers.INIT_ARGS[cls].values())
-    if unknown:
-      raise TypeError(
-          f"{layer}: unexpected arguments {sorted(unknown)}; the factor"
-          f" initializers are {sorted(_layers.INIT_ARGS[cls].values())}."
-      )
     window = _layers.kernel_size_tuple(layer, kernel_size)
     _layers.check_features(layer, "in_features", in_features)
     _layers.check_features(layer, "out_features", out_features)
-    _layers.check_geometry(layer, window, strides, padding, dilation)
+    _layers.check_geometry(layer, window, strides, padding, kernel_dilation)
+    _layers.check_options(layer, implementation, preferred_element_type,
+                          bias_init)
     kernel_shape = (*window, in_features, out_features)
-    ranks_lib.check_kernel_shape(layer, kernel_shape, cls)
+    _ranks.check_kernel_shape(layer, kernel_shape, cls)
     self.rank = _layers.resolve_rank(layer, cls, kernel_shape, rank)
-    inits = {
-        field: initializers.get(arg, _layers.default_kernel_init)
-        for field, arg in _layers.INIT_ARGS[cls].items()
-    }
+    inits = _layers.factor_initializers(layer, cls, initializers, kernel_init)
     values = _layers.init_factors(
         layer, cls, rngs.params(), kernel_shape, self.rank, param_dtype,
-        inits, init, kernel_init,
+        inits, kernel_init,
     )
     self.param_names = tuple(values)
     for name, value in values.items():
-      setattr(self, name, _param(value, partitioning, name))
+      setattr(self, name, nnx.Param(value))
     if use_bias:
-      self.bias = _param(
-          bias_init(rngs.params(), (out_features,), param_dtype),
-          partitioning, "bias",
-      )
+      self.bias = nnx.Param(bias_init(rngs.params(), (out_features,),
+                                      param_dtype))
     else:
       self.bias = nnx.data(None)
     self.in_features = in_features
@@ -118,11 +107,12 @@ class _FactorizedConv(nnx.Module):
     self.kernel_size = window
     self.strides = strides
     self.padding = padding
-    self.dilation = dilation
+    self.kernel_dilation = kernel_dilation
     self.use_bias = use_bias
     self.dtype = dtype
     self.param_dtype = param_dtype
     self.precision = precision
+    self.preferred_element_type = preferred_element_type
     self.implementation = implementation
 
   def _static(self) -> dict[str, Any]:
@@ -137,12 +127,14 @@ class _FactorizedConv(nnx.Module):
     )
 
   def __call__(self, x: jax.Array) -> jax.Array:
+    """Applies the layer to `x [*batch, *spatial, in_features]`."""
     _layers.check_input_channels(
         type(self).__name__, x, self.in_features, self.kernel_size)
     return _layers.apply(
         x, self.factors, None if self.bias is None else self.bias[...],
         dtype=self.dtype, strides=self.strides, padding=self.padding,
-        dilation=self.dilation, precision=self.precision,
+        kernel_dilation=self.kernel_dilation, precision=self.precision,
+        preferred_element_type=self.preferred_element_type,
         implementation=self.implementation,
     )
 
@@ -152,66 +144,225 @@ class LowRankConv(_FactorizedConv):
 
   Args:
     in_features, out_features, kernel_size, strides: as `nnx.Conv`.
-    rank: an int, or a float in (0, 1]: the largest rank whose parameters
-      are at most that fraction of the dense conv's.
-    padding, dilation, use_bias, dtype, param_dtype, precision, bias_init,
-      rngs: as `nnx.Conv` (`dilation` is its `kernel_dilation`).
-    implementation: passed to `jaxfactor.conv`.
-    init: "default" (each factor from its initializer; with the default
-      lecun_normal the dense kernel has the dense layer's variance) or
-      "spectral" (decompose a dense kernel drawn from `kernel_init`).
-    spatial_init, pointwise_init: factor initializers.
-    partitioning: optional mesh-axis names per parameter (or per field),
-      e.g. `{"pointwise": (None, "model")}`, stored as `out_sharding`.
+    rank: an int, or `jaxfactor.Budget(params=f)`: the largest rank whose
+      parameters are at most the fraction `f` of the dense conv's.
+    padding, kernel_dilation, use_bias, dtype, param_dtype, precision,
+      preferred_element_type, bias_init, rngs: as `nnx.Conv`.
+    implementation: "auto", "factorized" or "reconstructed", as in
+      `jaxfactor.conv`.
+    kernel_init: None, or a dense-kernel initializer: the factors are then
+      the decomposition of a kernel drawn from it (spectral initialization,
+      Khodak et al., ICLR 2021, https://arxiv.org/abs/2105.01029). Excludes
+      the factor initializers.
+    spatial_init, pointwise_init: the factors' initializers (default: Flax's
+      lecun_normal, which gives the reconstructed kernel the variance of a
+      dense lecun_normal kernel). Shard a factor the Flax way, e.g.
+      `pointwise_init=nnx.with_partitioning(init, names)`.
   """
 
   format = formats.LowRank
+
+  def __init__(
+      self, in_features: int, out_features: int,
+      kernel_size: int | Sequence[int], strides: int | Sequence[int] = 1, *,
+      rank: int | Budget, padding: Any = "SAME",
+      kernel_dilation: int | Sequence[int] = 1, use_bias: bool = True,
+      dtype: Any = None, param_dtype: Any = jnp.float32,
+      precision: Any = None, preferred_element_type: Any = None,
+      implementation: str = "auto", kernel_init: Initializer | None = None,
+      spatial_init: Initializer | None = None,
+      pointwise_init: Initializer | None = None,
+      bias_init: Initializer = _bias_init, rngs: nnx.Rngs):
+    super().__init__(
+        in_features, out_features, kernel_size, strides, rank=rank,
+        padding=padding, kernel_dilation=kernel_dilation, use_bias=use_bias,
+        dtype=dtype, param_dtype=param_dtype, precision=precision,
+        preferred_element_type=preferred_element_type,
+        implementation=implementation, kernel_init=kernel_init,
+        bias_init=bias_init, rngs=rngs,
+        initializers=dict(spatial_init=spatial_init,
+                          pointwise_init=pointwise_init))
 
 
 class TuckerConv(_FactorizedConv):
   """1x1 conv, k x k core conv, 1x1 conv (`Tucker`, Tucker-2).
 
-  As `LowRankConv`, with `rank` an int, a pair `(R_in, R_out)` or a float
-  fraction, and initializers `in_proj_init`, `core_init`, `out_proj_init`.
+  Args:
+    in_features, out_features, kernel_size, strides: as `nnx.Conv`.
+    rank: an int (both ranks), a pair `(R_in, R_out)`, or
+      `jaxfactor.Budget(params=f)`.
+    padding, kernel_dilation, use_bias, dtype, param_dtype, precision,
+      preferred_element_type, bias_init, rngs: as `nnx.Conv`.
+    implementation: "auto", "factorized" or "reconstructed", as in
+      `jaxfactor.conv`.
+    kernel_init: None, or a dense-kernel initializer: the factors are then
+      the decomposition of a kernel drawn from it (spectral initialization,
+      Khodak et al., ICLR 2021, https://arxiv.org/abs/2105.01029). Excludes
+      the factor initializers.
+    in_proj_init, core_init, out_proj_init: the factors' initializers (default: Flax's
+      lecun_normal, which gives the reconstructed kernel the variance of a
+      dense lecun_normal kernel). Shard a factor the Flax way, e.g.
+      `core_init=nnx.with_partitioning(init, names)`.
   """
 
   format = formats.Tucker
+
+  def __init__(
+      self, in_features: int, out_features: int,
+      kernel_size: int | Sequence[int], strides: int | Sequence[int] = 1, *,
+      rank: int | tuple[int, int] | Budget, padding: Any = "SAME",
+      kernel_dilation: int | Sequence[int] = 1, use_bias: bool = True,
+      dtype: Any = None, param_dtype: Any = jnp.float32,
+      precision: Any = None, preferred_element_type: Any = None,
+      implementation: str = "auto", kernel_init: Initializer | None = None,
+      in_proj_init: Initializer | None = None,
+      core_init: Initializer | None = None,
+      out_proj_init: Initializer | None = None,
+      bias_init: Initializer = _bias_init, rngs: nnx.Rngs):
+    super().__init__(
+        in_features, out_features, kernel_size, strides, rank=rank,
+        padding=padding, kernel_dilation=kernel_dilation, use_bias=use_bias,
+        dtype=dtype, param_dtype=param_dtype, precision=precision,
+        preferred_element_type=preferred_element_type,
+        implementation=implementation, kernel_init=kernel_init,
+        bias_init=bias_init, rngs=rngs,
+        initializers=dict(in_proj_init=in_proj_init, core_init=core_init,
+                          out_proj_init=out_proj_init))
 
 
 class CPConv(_FactorizedConv):
   """1x1 conv, one depthwise 1-D conv per axis, 1x1 conv (`CP`).
 
-  As `LowRankConv`, with initializers `in_proj_init`, `spatial_init` (every
-  axis), `out_proj_init`.
+  Args:
+    in_features, out_features, kernel_size, strides: as `nnx.Conv`.
+    rank: an int, or `jaxfactor.Budget(params=f)`: the largest rank whose
+      parameters are at most the fraction `f` of the dense conv's.
+    padding, kernel_dilation, use_bias, dtype, param_dtype, precision,
+      preferred_element_type, bias_init, rngs: as `nnx.Conv`.
+    implementation: "auto", "factorized" or "reconstructed", as in
+      `jaxfactor.conv`.
+    kernel_init: None, or a dense-kernel initializer: the factors are then
+      the decomposition of a kernel drawn from it (spectral initialization,
+      Khodak et al., ICLR 2021, https://arxiv.org/abs/2105.01029). Excludes
+      the factor initializers.
+    in_proj_init, spatial_init (every axis), out_proj_init: the factors' initializers (default: Flax's
+      lecun_normal, which gives the reconstructed kernel the variance of a
+      dense lecun_normal kernel). Shard a factor the Flax way, e.g.
+      `out_proj_init=nnx.with_partitioning(init, names)`.
   """
 
   format = formats.CP
 
+  def __init__(
+      self, in_features: int, out_features: int,
+      kernel_size: int | Sequence[int], strides: int | Sequence[int] = 1, *,
+      rank: int | Budget, padding: Any = "SAME",
+      kernel_dilation: int | Sequence[int] = 1, use_bias: bool = True,
+      dtype: Any = None, param_dtype: Any = jnp.float32,
+      precision: Any = None, preferred_element_type: Any = None,
+      implementation: str = "auto", kernel_init: Initializer | None = None,
+      in_proj_init: Initializer | None = None,
+      spatial_init: Initializer | None = None,
+      out_proj_init: Initializer | None = None,
+      bias_init: Initializer = _bias_init, rngs: nnx.Rngs):
+    super().__init__(
+        in_features, out_features, kernel_size, strides, rank=rank,
+        padding=padding, kernel_dilation=kernel_dilation, use_bias=use_bias,
+        dtype=dtype, param_dtype=param_dtype, precision=precision,
+        preferred_element_type=preferred_element_type,
+        implementation=implementation, kernel_init=kernel_init,
+        bias_init=bias_init, rngs=rngs,
+        initializers=dict(in_proj_init=in_proj_init, spatial_init=spatial_init,
+                          out_proj_init=out_proj_init))
+
 
 class SpatiallySeparableConv(_FactorizedConv):
-  """One 1-D conv per spatial axis (`SpatiallySeparable`, e.g. 3x1 then 1x3).
+  """One 1-D conv per spatial axis (`SpatiallySeparable`): k x 1, then 1 x k.
 
-  As `LowRankConv`, with `rank` an int, one inner rank per split, or a float
-  fraction, and `factors_init` for every factor.
+  Args:
+    in_features, out_features, kernel_size, strides: as `nnx.Conv`.
+    rank: an int (every split), one inner rank per split, or
+      `jaxfactor.Budget(params=f)`.
+    padding, kernel_dilation, use_bias, dtype, param_dtype, precision,
+      preferred_element_type, bias_init, rngs: as `nnx.Conv`.
+    implementation: "auto", "factorized" or "reconstructed", as in
+      `jaxfactor.conv`.
+    kernel_init: None, or a dense-kernel initializer: the factors are then
+      the decomposition of a kernel drawn from it (spectral initialization,
+      Khodak et al., ICLR 2021, https://arxiv.org/abs/2105.01029). Excludes
+      the factor initializers.
+    factors_init (every factor): the factors' initializers (default: Flax's
+      lecun_normal, which gives the reconstructed kernel the variance of a
+      dense lecun_normal kernel). Shard a factor the Flax way, e.g.
+      `factors_init=nnx.with_partitioning(init, names)`.
   """
 
   format = formats.SpatiallySeparable
 
+  def __init__(
+      self, in_features: int, out_features: int,
+      kernel_size: int | Sequence[int], strides: int | Sequence[int] = 1, *,
+      rank: int | tuple[int, ...] | Budget, padding: Any = "SAME",
+      kernel_dilation: int | Sequence[int] = 1, use_bias: bool = True,
+      dtype: Any = None, param_dtype: Any = jnp.float32,
+      precision: Any = None, preferred_element_type: Any = None,
+      implementation: str = "auto", kernel_init: Initializer | None = None,
+      factors_init: Initializer | None = None,
+      bias_init: Initializer = _bias_init, rngs: nnx.Rngs):
+    super().__init__(
+        in_features, out_features, kernel_size, strides, rank=rank,
+        padding=padding, kernel_dilation=kernel_dilation, use_bias=use_bias,
+        dtype=dtype, param_dtype=param_dtype, precision=precision,
+        preferred_element_type=preferred_element_type,
+        implementation=implementation, kernel_init=kernel_init,
+        bias_init=bias_init, rngs=rngs,
+        initializers=dict(factors_init=factors_init))
+
 
 class DepthwiseSeparableConv(_FactorizedConv):
-  """A depthwise conv then a pointwise conv (`DepthwiseSeparable`).
+  """A depthwise conv, then a pointwise conv (`DepthwiseSeparable`).
 
-  As `LowRankConv`, with `channel_multiplier` instead of `rank` (an int, or a
-  float fraction of the dense parameters) and initializers `depthwise_init`,
-  `pointwise_init`.
+  Args:
+    in_features, out_features, kernel_size, strides: as `nnx.Conv`.
+    channel_multiplier: m, an int (the depthwise stage has C*m channels),
+      or `jaxfactor.Budget(params=f)`.
+    padding, kernel_dilation, use_bias, dtype, param_dtype, precision,
+      preferred_element_type, bias_init, rngs: as `nnx.Conv`.
+    implementation: "auto", "factorized" or "reconstructed", as in
+      `jaxfactor.conv`.
+    kernel_init: None, or a dense-kernel initializer: the factors are then
+      the decomposition of a kernel drawn from it (spectral initialization,
+      Khodak et al., ICLR 2021, https://arxiv.org/abs/2105.01029). Excludes
+      the factor initializers.
+    depthwise_init, pointwise_init: the factors' initializers (default: Flax's
+      lecun_normal, which gives the reconstructed kernel the variance of a
+      dense lecun_normal kernel). Shard a factor the Flax way, e.g.
+      `pointwise_init=nnx.with_partitioning(init, names)`.
   """
 
   format = formats.DepthwiseSeparable
 
-  def __init__(self, in_features, out_features, kernel_size, strides=1, *,
-               channel_multiplier: Any = 1, rngs: nnx.Rngs, **kwargs):
-    super().__init__(in_features, out_features, kernel_size, strides,
-                     rank=channel_multiplier, rngs=rngs, **kwargs)
+  def __init__(
+      self, in_features: int, out_features: int,
+      kernel_size: int | Sequence[int], strides: int | Sequence[int] = 1, *,
+      channel_multiplier: int | Budget = 1, padding: Any = "SAME",
+      kernel_dilation: int | Sequence[int] = 1, use_bias: bool = True,
+      dtype: Any = None, param_dtype: Any = jnp.float32,
+      precision: Any = None, preferred_element_type: Any = None,
+      implementation: str = "auto", kernel_init: Initializer | None = None,
+      depthwise_init: Initializer | None = None,
+      pointwise_init: Initializer | None = None,
+      bias_init: Initializer = _bias_init, rngs: nnx.Rngs):
+    super().__init__(
+        in_features, out_features, kernel_size, strides,
+        rank=channel_multiplier, padding=padding,
+        kernel_dilation=kernel_dilation, use_bias=use_bias, dtype=dtype,
+        param_dtype=param_dtype, precision=precision,
+        preferred_element_type=preferred_element_type,
+        implementation=implementation, kernel_init=kernel_init,
+        bias_init=bias_init, rngs=rngs,
+        initializers=dict(depthwise_init=depthwise_init,
+                          pointwise_init=pointwise_init))
 
   def _static(self):
     return {"channel_multiplier": self.rank}
@@ -222,69 +373,94 @@ class DepthwiseConv(nnx.Module):
 
   Output channel `c*m + j` filters input channel `c`, as Flax's
   `nnx.Conv(feature_group_count=C)`; runs `jaxfactor.depthwise_conv`.
+
+  Args:
+    in_features, kernel_size, strides, padding, kernel_dilation, use_bias,
+      dtype, param_dtype, precision, preferred_element_type, bias_init,
+      rngs: as `nnx.Conv`.
+    channel_multiplier: m, the filters per input channel.
+    depthwise_init: the kernel's initializer (Flax's lecun_normal).
   """
 
-  def __init__(self, in_features: int, kernel_size, strides=1, *,
-               channel_multiplier: int = 1, padding: Any = "SAME",
-               dilation=1, use_bias: bool = True, dtype=None,
-               param_dtype=jnp.float32, precision=None,
-               depthwise_init=_layers.default_kernel_init,
-               bias_init=_layers.default_bias_init,
-               partitioning=None, rngs: nnx.Rngs):
+  def __init__(
+      self, in_features: int, kernel_size: int | Sequence[int],
+      strides: int | Sequence[int] = 1, *, channel_multiplier: int = 1,
+      padding: Any = "SAME", kernel_dilation: int | Sequence[int] = 1,
+      use_bias: bool = True, dtype: Any = None,
+      param_dtype: Any = jnp.float32, precision: Any = None,
+      preferred_element_type: Any = None,
+      depthwise_init: Initializer = _kernel_init,
+      bias_init: Initializer = _bias_init, rngs: nnx.Rngs):
     layer = type(self).__name__
     window = _layers.kernel_size_tuple(layer, kernel_size)
     _layers.check_features(layer, "in_features", in_features)
     _layers.check_features(layer, "channel_multiplier", channel_multiplier)
-    _layers.check_geometry(layer, window, strides, padding, dilation)
+    _layers.check_geometry(layer, window, strides, padding, kernel_dilation)
+    _layers.check_options(layer, "auto", preferred_element_type, bias_init)
     out = in_features * channel_multiplier
-    self.depthwise = _param(
-        depthwise_init(rngs.params(), (*window, 1, out), param_dtype),
-        partitioning, "depthwise")
-    self.bias = _param(bias_init(rngs.params(), (out,), param_dtype),
-                       partitioning, "bias") if use_bias else nnx.data(None)
+    self.depthwise = nnx.Param(
+        depthwise_init(rngs.params(), (*window, 1, out), param_dtype))
+    self.bias = (nnx.Param(bias_init(rngs.params(), (out,), param_dtype))
+                 if use_bias else nnx.data(None))
     self.in_features, self.kernel_size = in_features, window
     self.channel_multiplier = channel_multiplier
-    self.strides, self.padding, self.dilation = strides, padding, dilation
-    self.dtype, self.precision = dtype, precision
+    self.strides, self.padding = strides, padding
+    self.kernel_dilation = kernel_dilation
+    self.use_bias, self.dtype, self.param_dtype = use_bias, dtype, param_dtype
+    self.precision = precision
+    self.preferred_element_type = preferred_element_type
 
-  def __call__(self, x):
+  def __call__(self, x: jax.Array) -> jax.Array:
+    """Applies the layer to `x [*batch, *spatial, in_features]`."""
     _layers.check_input_channels(type(self).__name__, x, self.in_features,
                                  self.kernel_size)
     return _layers.apply(
         x, self.depthwise[...], None if self.bias is None else self.bias[...],
         dtype=self.dtype, strides=self.strides, padding=self.padding,
-        dilation=self.dilation, precision=self.precision,
-        implementation="auto", kind="depthwise")
+        kernel_dilation=self.kernel_dilation, precision=self.precision,
+        preferred_element_type=self.preferred_element_type, kind="depthwise")
 
 
 class PointwiseConv(nnx.Module):
-  """A 1x1 convolution, `kernel [C, F]` named `pointwise`, as a contraction."""
+  """A 1x1 convolution, `kernel [C, F]` named `pointwise`, as a contraction.
 
-  def __init__(self, in_features: int, out_features: int, *,
-               use_bias: bool = True, dtype=None, param_dtype=jnp.float32,
-               precision=None, pointwise_init=_layers.default_kernel_init,
-               bias_init=_layers.default_bias_init, partitioning=None,
-               rngs: nnx.Rngs):
+  Args:
+    in_features, out_features, use_bias, dtype, param_dtype, precision,
+      preferred_element_type, bias_init, rngs: as `nnx.Conv`.
+    pointwise_init: the kernel's initializer (Flax's lecun_normal).
+  """
+
+  def __init__(
+      self, in_features: int, out_features: int, *, use_bias: bool = True,
+      dtype: Any = None, param_dtype: Any = jnp.float32,
+      precision: Any = None, preferred_element_type: Any = None,
+      pointwise_init: Initializer = _kernel_init,
+      bias_init: Initializer = _bias_init, rngs: nnx.Rngs):
     layer = type(self).__name__
     _layers.check_features(layer, "in_features", in_features)
     _layers.check_features(layer, "out_features", out_features)
-    self.pointwise = _param(
-        pointwise_init(rngs.params(), (in_features, out_features), param_dtype),
-        partitioning, "pointwise")
-    self.bias = _param(bias_init(rngs.params(), (out_features,), param_dtype),
-                       partitioning, "bias") if use_bias else nnx.data(None)
+    _layers.check_options(layer, "auto", preferred_element_type, bias_init)
+    self.pointwise = nnx.Param(
+        pointwise_init(rngs.params(), (in_features, out_features), param_dtype))
+    self.bias = (nnx.Param(bias_init(rngs.params(), (out_features,),
+                                     param_dtype))
+                 if use_bias else nnx.data(None))
     self.in_features, self.out_features = in_features, out_features
-    self.dtype, self.precision = dtype, precision
+    self.use_bias, self.dtype, self.param_dtype = use_bias, dtype, param_dtype
+    self.precision = precision
+    self.preferred_element_type = preferred_element_type
 
-  def __call__(self, x):
+  def __call__(self, x: jax.Array) -> jax.Array:
+    """Applies the layer to `x [..., in_features]`."""
     _layers.check_input_channels(type(self).__name__, x, self.in_features, ())
     return _layers.apply(
         x, self.pointwise[...], None if self.bias is None else self.bias[...],
-        dtype=self.dtype, strides=1, padding="SAME", dilation=1,
-        precision=self.precision, implementation="auto", kind="pointwise")
+        dtype=self.dtype, strides=1, padding="SAME", kernel_dilation=1,
+        precision=self.precision,
+        preferred_element_type=self.preferred_element_type, kind="pointwise")
 
 
-LAYERS = {
+_LAYERS: dict[type[formats.Format], type[_FactorizedConv]] = {
     formats.LowRank: LowRankConv,
     formats.Tucker: TuckerConv,
     formats.CP: CPConv,
@@ -294,80 +470,6 @@ LAYERS = {
 
 
 # --- factorizing a trained model ---------------------------------------------
-
-
-@dataclasses.dataclass(frozen=True)
-class LayerReport:
-  """What `factorize` did to one `nnx.Conv`.
-
-  Attributes:
-    path: the layer's path in the model (as `nnx.iter_modules` gives it).
-    kernel_shape: the dense kernel's shape.
-    input_shape: the layer's input shape, when `inputs` were given.
-    rank: the rank chosen (None when skipped).
-    params_before, params_after: kernel parameters (bias excluded).
-    flops_before, flops_after: FLOPs of one call on `input_shape` (None
-      without `inputs`).
-    relative_error: `||to_dense() - kernel|| / ||kernel||`.
-    skipped: the reason the layer was left dense, or None.
-  """
-
-  path: tuple[Any, ...]
-  kernel_shape: tuple[int, ...]
-  input_shape: tuple[int, ...] | None = None
-  rank: Any = None
-  params_before: int = 0
-  params_after: int = 0
-  flops_before: int | None = None
-  flops_after: int | None = None
-  relative_error: float | None = None
-  skipped: str | None = None
-
-
-@dataclasses.dataclass(frozen=True)
-class FactorizationReport:
-  """Per-layer reports and totals over the factorized layers."""
-
-  format: str
-  layers: tuple[LayerReport, ...]
-
-  @property
-  def factorized(self) -> tuple[LayerReport, ...]:
-    return tuple(l for l in self.layers if l.skipped is None)
-
-  @property
-  def params_before(self) -> int:
-    return sum(l.params_before for l in self.factorized)
-
-  @property
-  def params_after(self) -> int:
-    return sum(l.params_after for l in self.factorized)
-
-  @property
-  def flops_before(self) -> int | None:
-    values = [l.flops_before for l in self.factorized]
-    return None if None in values else sum(values)
-
-  @property
-  def flops_after(self) -> int | None:
-    values = [l.flops_after for l in self.factorized]
-    return None if None in values else sum(values)
-
-  def __str__(self) -> str:
-    rows = [f"{'layer':<24} {'kernel':<18} {'rank':<10} {'params':>17}"
-            f" {'MFLOPs':>17} {'rel.err':>8}"]
-    for l in self.layers:
-      name = "/".join(map(str, l.path))
-      if l.skipped:
-        rows.append(f"{name:<24} {str(l.kernel_shape):<18} skipped: {l.skipped}")
-        continue
-      flops = ("-" if l.flops_before is None else
-               f"{l.flops_before / 1e6:.2f}->{l.flops_after / 1e6:.2f}")
-      rows.append(
-          f"{name:<24} {str(l.kernel_shape):<18} {str(l.rank):<10}"
-          f" {f'{l.params_before}->{l.params_after}':>17} {flops:>17}"
-          f" {l.relative_error:>8.4f}")
-    return "\n".join(rows)
 
 
 def _default_filter(path, conv) -> bool:
@@ -435,79 +537,6 @@ def _record_inputs(model, paths, inputs):
   return store
 
 
-def _layer_cost(kernel, input_shape, conv, implementation="auto"):
-  """FLOPs of `conv`'s geometry with `kernel`, run by `implementation`."""
-  if input_shape is None:
-    return None
-  return cost_model.cost(
-      kernel, input_shape, strides=conv.strides or 1, padding=conv.padding,
-      dilation=conv.kernel_dilation or 1,
-      implementation=implementation).flops
-
-
-def _error_curve(cls, kernel, candidates):
-  """Estimated relative error of each candidate rank, from the spectra."""
-  spectra = decomposition._spectra(cls, np.asarray(kernel, np.float64), None)
-  curves = [ranks_lib.energy_curve(s) for s, _ in spectra]
-
-  def tail(curve, r):
-    return min(1.0, max(0.0, 1.0 - curve[min(r, len(curve)) - 1]))
-
-  out = []
-  for rank in candidates:
-    ranks = rank if isinstance(rank, tuple) else (rank,)
-    # One spectrum: its exact tail. Tucker's two modes (or a TT chain): the
-    # energy kept by projecting on every mode, estimated as the product of
-    # the kept fractions (it lies below the HOSVD bound, the sum of tails).
-    kept = math.prod(1.0 - tail(c, r) for c, r in zip(curves, ranks))
-    out.append(math.sqrt(max(0.0, 1.0 - kept)))
-  return out
-
-
-def allocate_budget(layers, fraction):
-  """Greedy rank allocation under a total cost budget.
-
-  `layers` is a list of `(costs, errors, dense_cost)`: for each layer the
-  cost and estimated relative error of its candidate ranks (increasing
-  cost), and its dense cost. Keeping a layer dense (error 0) is always a
-  candidate, and factorizations that cost at least as much as dense are not.
-  Every layer starts at its cheapest candidate; then the move that buys the
-  largest decrease of the summed relative error per unit of cost, among
-  those that keep the total within `fraction` of the dense total, is taken
-  until none fits (marginal analysis). Returns, per layer, an index into its
-  candidates or None for "keep dense".
-  """
-  options = []
-  for costs, errors, dense in layers:
-    kept = [(c, e, i) for i, (c, e) in enumerate(zip(costs, errors))
-            if c < dense]
-    options.append(kept + [(dense, 0.0, None)])
-  budget = fraction * sum(dense for *_, dense in layers)
-  choice = [0] * len(layers)
-  total = sum(opts[0][0] for opts in options)
-  if total > budget:
-    raise ValueError(
-        f"factorize: the budget ({fraction} of the dense total, {budget:.0f})"
-        f" is below the cheapest factorization's total ({total})."
-    )
-  while True:
-    best, best_gain = None, 0.0
-    for i, opts in enumerate(options):
-      cost_now, error_now, _ = opts[choice[i]]
-      for k in range(choice[i] + 1, len(opts)):
-        extra = opts[k][0] - cost_now
-        if total + extra > budget:
-          break
-        gain = (error_now - opts[k][1]) / max(extra, 1)
-        if gain > best_gain:
-          best, best_gain = (i, k), gain
-    if best is None:
-      return [opts[c][2] for opts, c in zip(options, choice)]
-    i, k = best
-    total += options[i][k][0] - options[i][choice[i]][0]
-    choice[i] = k
-
-
 def factorize(
     model: nnx.Module,
     format: Any,
@@ -532,15 +561,16 @@ def factorize(
   Args:
     model: an nnx model, modified in place.
     format: a format class or name ("tucker", "low_rank", ...).
-    rank: one rank for every layer: an int/tuple, or a float fraction of each
-      layer's dense parameters (as in `decompose`).
+    rank: one rank for every layer: an int/tuple, or
+      `jaxfactor.Budget(params=f)` (each layer at that fraction of its dense
+      parameters), as in `decompose`.
     energy: instead, per layer, the smallest rank keeping that fraction of
       the squared singular values.
-    budget: instead, `Budget(flops=f)` or `Budget(params=p)`: a target
+    budget: instead, `Budget(flops=f)` or `Budget(params=f)`: a target
       fraction of the selected layers' total dense FLOPs or parameters,
-      distributed by `allocate_budget` (greedy marginal analysis on each
-      layer's singular-value spectra, minimising the summed relative error).
-      A FLOP budget needs `inputs`.
+      spread over the layers by greedy marginal analysis on each layer's
+      singular-value spectra (minimising the summed relative error; a layer
+      can be kept dense). A FLOP budget needs `inputs`.
     inputs: a sample batch for `model(inputs)`: records each layer's input
       (for FLOP counts in the report and FLOP budgets, and for `data_aware`).
     filter: `filter(path, conv) -> bool` selects the layers; default: every
@@ -550,8 +580,8 @@ def factorize(
     implementation: the new layers' `implementation`. The default,
       "factorized", runs the factors, so the FLOPs a budget buys are the
       FLOPs that run; "auto" lets each layer pick the faster of factorized
-      and reconstructed on the current backend (see `jaxfactor.conv`), and
-      FLOPs are then counted for what it picks.
+      and reconstructed (see `jaxfactor.conv`), and FLOPs are then counted
+      for what it picks on the default backend.
     **decompose_kwargs: passed to `decompose` (e.g. `iterations`, `key`).
 
   Returns:
@@ -559,37 +589,22 @@ def factorize(
     FLOPs before and after and the relative error; a layer that cannot be
     factorized (groups > 1, input dilation, a mask, ...) is listed with the
     reason and left as it is.
+
+  Raises:
+    ValueError: not exactly one of `rank`, `energy` and `budget`; a budget
+      below the cheapest factorization; `data_aware` or a FLOP budget
+      without `inputs`.
+    TypeError: a float `rank`, a `budget` that is not a `Budget`, a bare
+      `nnx.Conv` as `model`.
   """
   fn = "factorize"
-  cls = ranks_lib.format_class(fn, format)
-  given = [name for name, v in (("rank", rank), ("energy", energy),
-                                ("budget", budget)) if v is not None]
-  if len(given) != 1:
-    raise ValueError(
-        f"{fn}: give exactly one of `rank`, `energy` and `budget`, got"
-        f" {given or 'none'}."
-    )
-  if budget is not None:
-    if not isinstance(budget, Budget):
-      raise TypeError(f"{fn}: `budget` must be a jaxfactor.Budget, got"
-                      f" {type(budget).__name__}.")
-    if budget.flops is not None and inputs is None:
-      raise ValueError(f"{fn}: a FLOP budget needs `inputs` to know each"
-                       " layer's input shape.")
-  if rank is not None and not isinstance(rank, (str, float)) and any(
-      isinstance(r, int) and r < 1 for r in np.atleast_1d(rank).tolist()):
-    raise ValueError(f"{fn}: `rank` must be >= 1, got {rank!r}.")
-  if energy is not None and not (isinstance(energy, (int, float))
-                                 and 0 < energy <= 1):
-    raise ValueError(
-        f"{fn}: `energy` must be a number in (0, 1], got {energy!r}.")
-  if data_aware and inputs is None:
-    raise ValueError(f"{fn}: `data_aware=True` needs `inputs`.")
+  cls = _ranks.format_class(fn, format)
+  _surgery.check_choice(fn, rank, energy, budget, inputs, data_aware)
   if isinstance(model, nnx.Conv):
     raise TypeError(f"{fn}: `model` is a bare nnx.Conv; factorize works in"
                     " place on the model that holds it.")
   select = filter or _default_filter
-  reports, targets = [], []
+  skipped, targets = [], []
   for path, module in nnx.iter_modules(model):
     if not isinstance(module, nnx.Conv):
       continue
@@ -600,98 +615,46 @@ def factorize(
     if reason is None and cls is formats.SpatiallySeparable and len(shape) < 4:
       reason = "1-D kernel: nothing to separate"
     if reason is not None:
-      reports.append(LayerReport(path=path, kernel_shape=shape, skipped=reason))
+      skipped.append(LayerReport(path=path, kernel_shape=shape,
+                                 skipped=reason))
     else:
       targets.append(path)
   # Record on a copy: the forward pass must not touch the model's state
   # (BatchNorm statistics, RNG counters).
   recorded = (_record_inputs(nnx.clone(model), targets, inputs)
               if inputs is not None else {})
-
-  plans = {}
+  sites = []
   for path in targets:
     conv = _get(model, path)
-    kernel = conv.kernel[...]
-    shape = tuple(kernel.shape)
-    x = recorded.get(path)
-    plans[path] = dict(conv=conv, kernel=kernel, shape=shape,
-                       input_shape=None if x is None else tuple(x.shape),
-                       inputs=x if data_aware else None)
-  if budget is not None:
-    use_flops = budget.flops is not None
-    fraction = budget.flops if use_flops else budget.params
-    layers, candidates = [], []
-    for plan in plans.values():
-      ranks = ranks_lib._candidates(plan["shape"], cls)
-      dtype = plan["kernel"].dtype
-      if use_flops:
-        # Each candidate as the new layer will run it.
-        costs = [_layer_cost(cls.abstract(plan["shape"], r, dtype),
-                             plan["input_shape"], plan["conv"],
-                             implementation) for r in ranks]
-        dense = _layer_cost(plan["kernel"], plan["input_shape"], plan["conv"])
-      else:
-        costs = [ranks_lib.num_params(plan["shape"], cls, r) for r in ranks]
-        dense = math.prod(plan["shape"])
-      layers.append((costs, _error_curve(cls, plan["kernel"], ranks), dense))
-      candidates.append(ranks)
-    for (path, plan), ranks, index in zip(
-        list(plans.items()), candidates, allocate_budget(layers, fraction)):
-      if index is None:
-        del plans[path]
-        reports.append(LayerReport(
-            path=path, kernel_shape=plan["shape"],
-            input_shape=plan["input_shape"],
-            skipped="kept dense: the budget is better spent elsewhere"))
-      else:
-        plan["rank"] = ranks[index]
-  for path, plan in plans.items():
-    conv, kernel = plan["conv"], plan["kernel"]
-    if budget is not None:
-      chosen = dict(rank=plan["rank"])
-    elif energy is not None:
-      chosen = dict(energy=energy)
-    else:
-      chosen = dict(rank=rank)
-    if rank is not None and not isinstance(rank, str):
-      try:  # a rank that does not exist for this layer skips it
-        _layers.resolve_rank(fn, cls, plan["shape"], rank)
-      except ValueError as error:
-        reports.append(LayerReport(path=path, kernel_shape=plan["shape"],
-                                   input_shape=plan["input_shape"],
-                                   skipped=str(error)))
-        continue
-    factors = decomposition.decompose(
-        kernel, cls, inputs=plan["inputs"],
-        dilation=conv.kernel_dilation or 1, **chosen, **decompose_kwargs)
-    new = _replacement(cls, conv, factors, implementation)
-    _set(model, path, new)
-    reports.append(LayerReport(
-        path=path, kernel_shape=plan["shape"], input_shape=plan["input_shape"],
-        rank=new.rank, params_before=math.prod(plan["shape"]),
-        params_after=factors.num_params,
-        flops_before=_layer_cost(kernel, plan["input_shape"], conv),
-        flops_after=_layer_cost(factors, plan["input_shape"], conv,
-                                implementation),
-        relative_error=float(decomposition.relative_error(factors, kernel)),
-    ))
-  order = {path: i for i, (path, _) in enumerate(nnx.iter_modules(model))}
-  reports.sort(key=lambda r: order.get(r.path, -1))
-  return FactorizationReport(format=cls.__name__, layers=tuple(reports))
+    sites.append(_surgery.Site(
+        path=path, kernel=conv.kernel[...], strides=conv.strides,
+        padding=conv.padding, kernel_dilation=conv.kernel_dilation,
+        inputs=recorded.get(path)))
+  factors, reports = _surgery.factorize_sites(
+      fn, sites, cls, rank=rank, energy=energy, budget=budget,
+      data_aware=data_aware, implementation=implementation,
+      **decompose_kwargs)
+  for path, value in factors.items():
+    _set(model, path, _replacement(cls, _get(model, path), value,
+                                   implementation))
+  order = [path for path, _ in nnx.iter_modules(model)]
+  return _surgery.ordered(cls.__name__, [*skipped, *reports], order)
 
 
-def _replacement(cls, conv: nnx.Conv, factors: formats.Format, implementation):
+def _replacement(cls, conv: nnx.Conv, factors: formats.Format,
+                 implementation: str) -> _FactorizedConv:
   """A jaxfactor layer holding `factors` and `conv`'s bias and settings."""
-  rank = ranks_lib.rank_of(factors)
+  rank = _ranks.rank_of(factors)
   rank_arg = ({"channel_multiplier": rank} if cls is formats.DepthwiseSeparable
               else {"rank": rank})
-  layer = nnx.eval_shape(lambda: LAYERS[cls](
+  layer = nnx.eval_shape(lambda: _LAYERS[cls](
       conv.in_features, conv.out_features, conv.kernel_size,
       conv.strides or 1, padding=conv.padding,
-      dilation=conv.kernel_dilation or 1, use_bias=conv.bias is not None,
-      dtype=conv.dtype, param_dtype=conv.param_dtype,
-      precision=conv.precision, implementation=implementation,
-      rngs=nnx.Rngs(0), **rank_arg))
+      kernel_dilation=conv.kernel_dilation or 1,
+      use_bias=conv.bias is not None, dtype=conv.dtype,
+      param_dtype=conv.param_dtype, precision=conv.precision,
+      preferred_element_type=conv.preferred_element_type,
+      implementation=implementation, rngs=nnx.Rngs(0), **rank_arg))
   for name, value in factors.params().items():
     setattr(layer, name, nnx.Param(value.astype(conv.param_dtype)))
   # The bias Param itself, metadata (e.g. sharding) included.

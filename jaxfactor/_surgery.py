@@ -1,0 +1,323 @@
+"""Model surgery that works for any framework: ranks per layer, the report.
+
+`jaxfactor.nnx.factorize` and `jaxfactor.linen.factorize_variables` find a
+model's convolutions their own way (nnx modules, linen variables) and record
+each one's input where a sample batch is given. Everything else is here, on
+plain `Site`s: choosing each layer's rank (one rank, an energy, or a budget
+spread over the layers), decomposing its kernel, and the report.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from jaxfactor import _cost
+from jaxfactor import _decompose
+from jaxfactor import _formats as formats
+from jaxfactor import _ranks
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerReport:
+  """What model-level factorization did to one convolution.
+
+  Attributes:
+    path: the layer's path in the model (nnx: as `nnx.iter_modules` gives
+      it; linen: the path of its params dict).
+    kernel_shape: the dense kernel's shape.
+    input_shape: the layer's input shape, when `inputs` were given.
+    rank: the rank chosen (None when skipped).
+    params_before, params_after: kernel parameters (bias excluded).
+    flops_before, flops_after: FLOPs of one call on `input_shape` (None
+      without `inputs`).
+    relative_error: `||to_dense() - kernel|| / ||kernel||`.
+    skipped: the reason the layer was left as it is, or None.
+  """
+
+  path: tuple[Any, ...]
+  kernel_shape: tuple[int, ...]
+  input_shape: tuple[int, ...] | None = None
+  rank: Any = None
+  params_before: int = 0
+  params_after: int = 0
+  flops_before: int | None = None
+  flops_after: int | None = None
+  relative_error: float | None = None
+  skipped: str | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class FactorizationReport:
+  """Per-layer reports and totals over the factorized layers.
+
+  `str(report)` is a table: per layer the rank, params and MFLOPs before and
+  after, and the relative error of the kernel.
+  """
+
+  format: str
+  layers: tuple[LayerReport, ...]
+
+  @property
+  def factorized(self) -> tuple[LayerReport, ...]:
+    """The layers that were factorized (not skipped)."""
+    return tuple(layer for layer in self.layers if layer.skipped is None)
+
+  @property
+  def params_before(self) -> int:
+    return sum(layer.params_before for layer in self.factorized)
+
+  @property
+  def params_after(self) -> int:
+    return sum(layer.params_after for layer in self.factorized)
+
+  @property
+  def flops_before(self) -> int | None:
+    values = [layer.flops_before for layer in self.factorized]
+    return None if None in values else sum(values)  # type: ignore[arg-type]
+
+  @property
+  def flops_after(self) -> int | None:
+    values = [layer.flops_after for layer in self.factorized]
+    return None if None in values else sum(values)  # type: ignore[arg-type]
+
+  @property
+  def ranks(self) -> dict[str, Any]:
+    """`{"/".join(path): rank}` of the factorized layers (JSON-ready)."""
+    return {"/".join(map(str, layer.path)): layer.rank
+            for layer in self.factorized}
+
+  def __str__(self) -> str:
+    rows = [f"{'layer':<24} {'kernel':<18} {'rank':<10} {'params':>17}"
+            f" {'MFLOPs':>17} {'rel.err':>8}"]
+    for layer in self.layers:
+      name = "/".join(map(str, layer.path))
+      shape = str(layer.kernel_shape)
+      if layer.skipped:
+        rows.append(f"{name:<24} {shape:<18} skipped: {layer.skipped}")
+        continue
+      flops = ("-" if layer.flops_before is None else
+               f"{layer.flops_before / 1e6:.2f}->"
+               f"{layer.flops_after / 1e6:.2f}")  # type: ignore[operator]
+      params = f"{layer.params_before}->{layer.params_after}"
+      rows.append(
+          f"{name:<24} {shape:<18} {str(layer.rank):<10} {params:>17}"
+          f" {flops:>17} {layer.relative_error:>8.4f}")
+    return "\n".join(rows)
+
+
+@dataclasses.dataclass
+class Site:
+  """One convolution of a model, as the surgery sees it.
+
+  Attributes:
+    path: where it is in the model.
+    kernel: its dense HWIO kernel `[*window, C, F]`.
+    strides, padding, kernel_dilation: its geometry (Flax's forms).
+    inputs: a recorded input batch `[*batch, *spatial, C]`, or None.
+  """
+
+  path: tuple[Any, ...]
+  kernel: Any
+  strides: Any = 1
+  padding: Any = "SAME"
+  kernel_dilation: Any = 1
+  inputs: Any = None
+
+  @property
+  def shape(self) -> tuple[int, ...]:
+    return tuple(self.kernel.shape)
+
+  @property
+  def input_shape(self) -> tuple[int, ...] | None:
+    return None if self.inputs is None else tuple(self.inputs.shape)
+
+  def flops(self, kernel: Any, implementation: str = "auto") -> int | None:
+    """FLOPs of this site's geometry with `kernel`, run by `implementation`."""
+    if self.inputs is None:
+      return None
+    return _cost.cost(
+        kernel, self.input_shape, strides=self.strides or 1,
+        padding=self.padding, dilation=self.kernel_dilation or 1,
+        implementation=implementation).flops
+
+
+def check_choice(fn: str, rank: Any, energy: Any, budget: Any,
+                 inputs: Any, data_aware: bool) -> None:
+  """Exactly one of `rank`, `energy`, `budget`, each well-formed."""
+  given = [name for name, v in (("rank", rank), ("energy", energy),
+                                ("budget", budget)) if v is not None]
+  if len(given) != 1:
+    raise ValueError(
+        f"{fn}: give exactly one of `rank`, `energy` and `budget`, got"
+        f" {', '.join(given) if given else 'none'}."
+    )
+  if budget is not None:
+    if not isinstance(budget, _ranks.Budget):
+      raise TypeError(f"{fn}: `budget` must be a jaxfactor.Budget, got"
+                      f" {type(budget).__name__}.")
+    if budget.flops is not None and inputs is None:
+      raise ValueError(f"{fn}: a FLOP budget needs `inputs` to know each"
+                       " layer's input shape.")
+  if rank is not None:
+    _ranks.check_rank_type(fn, rank, allow_vbmf=True)
+  if energy is not None and (
+      isinstance(energy, bool) or not isinstance(energy, (int, float))
+      or not 0 < energy <= 1):
+    raise ValueError(
+        f"{fn}: `energy` must be a number in (0, 1], got {energy!r}.")
+  if data_aware and inputs is None:
+    raise ValueError(f"{fn}: `data_aware=True` needs `inputs`.")
+
+
+def error_curve(cls, kernel, candidates: Sequence[Any]) -> list[float]:
+  """Estimated relative error of each candidate rank, from the spectra."""
+  spectra = _decompose.spectra(cls, np.asarray(kernel, np.float64), None)
+  curves = [_ranks.energy_curve(s) for s, _ in spectra]
+
+  def tail(curve, r):
+    return min(1.0, max(0.0, 1.0 - curve[min(r, len(curve)) - 1]))
+
+  out = []
+  for rank in candidates:
+    ranks = rank if isinstance(rank, tuple) else (rank,)
+    # One spectrum: its exact tail. Tucker's two modes (or a TT chain): the
+    # energy kept by projecting on every mode, estimated as the product of
+    # the kept fractions (it lies below the HOSVD bound, the sum of tails).
+    kept = math.prod(1.0 - tail(c, r) for c, r in zip(curves, ranks))
+    out.append(math.sqrt(max(0.0, 1.0 - kept)))
+  return out
+
+
+def allocate_budget(fn: str, layers, fraction: float) -> list[int | None]:
+  """Greedy rank allocation under a total cost budget.
+
+  `layers` is a list of `(costs, errors, dense_cost)`: for each layer the
+  cost and estimated relative error of its candidate ranks (increasing
+  cost), and its dense cost. Keeping a layer dense (error 0) is always a
+  candidate, and factorizations that cost at least as much as dense are not.
+  Every layer starts at its cheapest candidate; then the move that buys the
+  largest decrease of the summed relative error per unit of cost, among
+  those that keep the total within `fraction` of the dense total, is taken
+  until none fits (marginal analysis). Returns, per layer, an index into its
+  candidates or None for "keep dense".
+  """
+  options = []
+  for costs, errors, dense in layers:
+    kept = [(c, e, i) for i, (c, e) in enumerate(zip(costs, errors))
+            if c < dense]
+    options.append(kept + [(dense, 0.0, None)])
+  budget = fraction * sum(dense for *_, dense in layers)
+  choice = [0] * len(layers)
+  total = sum(opts[0][0] for opts in options)
+  if total > budget:
+    raise ValueError(
+        f"{fn}: the budget ({fraction} of the dense total, {budget:.0f})"
+        f" is below the cheapest factorization's total ({total})."
+    )
+  while True:
+    best, best_gain = None, 0.0
+    for i, opts in enumerate(options):
+      cost_now, error_now, _ = opts[choice[i]]
+      for k in range(choice[i] + 1, len(opts)):
+        extra = opts[k][0] - cost_now
+        if total + extra > budget:
+          break
+        gain = (error_now - opts[k][1]) / max(extra, 1)
+        if gain > best_gain:
+          best, best_gain = (i, k), gain
+    if best is None:
+      return [opts[c][2] for opts, c in zip(options, choice)]
+    i, k = best
+    total += options[i][k][0] - options[i][choice[i]][0]
+    choice[i] = k
+
+
+def factorize_sites(
+    fn: str,
+    sites: Sequence[Site],
+    cls: type[formats.Format],
+    *,
+    rank: Any = None,
+    energy: float | None = None,
+    budget: _ranks.Budget | None = None,
+    data_aware: bool = False,
+    implementation: str = "factorized",
+    **decompose_kwargs: Any,
+) -> tuple[dict[tuple[Any, ...], formats.Format], list[LayerReport]]:
+  """Decomposes each site's kernel at its chosen rank.
+
+  Returns the factors of the factorized sites by path, and a report per
+  site (factorized, or skipped with the reason).
+  """
+  reports: list[LayerReport] = []
+  chosen: dict[tuple[Any, ...], Any] = {}
+  if budget is not None:
+    use_flops = budget.flops is not None
+    fraction = budget.flops if use_flops else budget.params
+    layers, candidates = [], []
+    for site in sites:
+      ranks = _ranks.candidates(site.shape, cls)
+      if use_flops:
+        # Each candidate as the new layer will run it.
+        costs = [site.flops(cls.abstract(site.shape, r, site.kernel.dtype),
+                            implementation) for r in ranks]
+        dense = site.flops(site.kernel)
+      else:
+        costs = [_ranks.num_params(site.shape, cls, r) for r in ranks]
+        dense = math.prod(site.shape)
+      layers.append((costs, error_curve(cls, site.kernel, ranks), dense))
+      candidates.append(ranks)
+    for site, ranks, index in zip(
+        sites, candidates, allocate_budget(fn, layers, fraction)):
+      if index is None:
+        reports.append(LayerReport(
+            path=site.path, kernel_shape=site.shape,
+            input_shape=site.input_shape,
+            skipped="kept dense: the budget is better spent elsewhere"))
+      else:
+        chosen[site.path] = dict(rank=ranks[index])
+  else:
+    for site in sites:
+      if rank is not None and not isinstance(rank, str):
+        try:  # a rank that does not exist for this layer skips it
+          _ranks.resolve_rank(fn, cls, site.shape, rank)
+        except ValueError as error:
+          reports.append(LayerReport(
+              path=site.path, kernel_shape=site.shape,
+              input_shape=site.input_shape, skipped=str(error)))
+          continue
+      chosen[site.path] = (dict(energy=energy) if energy is not None
+                           else dict(rank=rank))
+  factors_by_path = {}
+  for site in sites:
+    if site.path not in chosen:
+      continue
+    factors = _decompose.decompose(
+        site.kernel, cls,
+        inputs=site.inputs if data_aware else None,
+        dilation=site.kernel_dilation or 1,
+        **chosen[site.path], **decompose_kwargs)
+    factors_by_path[site.path] = factors
+    reports.append(LayerReport(
+        path=site.path, kernel_shape=site.shape,
+        input_shape=site.input_shape, rank=_ranks.rank_of(factors),
+        params_before=math.prod(site.shape), params_after=factors.num_params,
+        flops_before=site.flops(site.kernel),
+        flops_after=site.flops(factors, implementation),
+        relative_error=float(_decompose.relative_error(factors, site.kernel)),
+    ))
+  return factors_by_path, reports
+
+
+def ordered(fmt: str, reports: Sequence[LayerReport],
+            order: Sequence[tuple[Any, ...]]) -> FactorizationReport:
+  """The report, its layers in the model's order."""
+  index = {path: i for i, path in enumerate(order)}
+  return FactorizationReport(
+      format=fmt,
+      layers=tuple(sorted(reports, key=lambda r: index.get(r.path, -1))))
