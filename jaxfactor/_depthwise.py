@@ -210,13 +210,25 @@ def _exporting(ctx) -> bool:
   return bool(getattr(parameters, "for_export", False))
 
 
+# Tests and benchmarks force one CPU implementation with
+# `jaxfactor._lowering.forced(depthwise=...)`: "native", "shift_add" or
+# "grouped".
+forced_cpu: list[str | None] = [None]
+
+
 def _cpu_lowering(name):
   grouped = mlir.lower_fun(_GROUPED[name], multiple_results=False)
 
   def lowering(ctx, a, b, **params):
-    if _exporting(ctx):
+    if _exporting(ctx) or forced_cpu[0] == "grouped":
       return grouped(ctx, a, b, **params)
-    maps = _cpu_implementation(ctx, len(ctx.avals_in[0].shape) - 2)
+    if forced_cpu[0] == "native" and not _native.available():
+      raise RuntimeError(f"the native depthwise kernel is not available:"
+                         f" {_native.error()}")
+    if forced_cpu[0] is not None:
+      maps = {"native": _NATIVE, "shift_add": _SHIFT_ADD}[forced_cpu[0]]
+    else:
+      maps = _cpu_implementation(ctx, len(ctx.avals_in[0].shape) - 2)
     fn = _computed_in_float32(maps[name])
     return mlir.lower_fun(fn, multiple_results=False)(ctx, a, b, **params)
 

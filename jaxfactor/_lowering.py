@@ -23,6 +23,7 @@ for a platform, not from the default backend at trace time.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 from collections.abc import Callable, Hashable, Sequence
@@ -65,6 +66,30 @@ class Plan(NamedTuple):
                  for step in self.steps)
 
 
+_forced_tap_matmul: list[bool | None] = [None]
+
+
+@contextlib.contextmanager
+def forced(*, depthwise: str | None = None, tap_matmul: bool | None = None):
+  """Forces a lowering on CPU, for tests and benchmarks (not public API).
+
+  `depthwise`: "native", "shift_add" or "grouped" for every depthwise step;
+  `tap_matmul`: True or False for every dense spatial step with more than
+  one tap. Caches are cleared on entry and exit, since a compiled program
+  does not record the lowering it was compiled with.
+  """
+  if depthwise not in (None, "native", "shift_add", "grouped"):
+    raise ValueError(f"unknown depthwise lowering {depthwise!r}")
+  saved = _depthwise.forced_cpu[0], _forced_tap_matmul[0]
+  jax.clear_caches()
+  _depthwise.forced_cpu[0], _forced_tap_matmul[0] = depthwise, tap_matmul
+  try:
+    yield
+  finally:
+    _depthwise.forced_cpu[0], _forced_tap_matmul[0] = saved
+    jax.clear_caches()
+
+
 def _kind(stage: _stages.Stage, in_shape: Sequence[Any],
           geometry: _geometry.Geometry, platform: str) -> str:
   if isinstance(stage, _stages.Pointwise):
@@ -73,8 +98,13 @@ def _kind(stage: _stages.Stage, in_shape: Sequence[Any],
     return STRIDED_CONTRACTION
   if _stages.is_depthwise(stage):
     return DEPTHWISE
-  if platform == "cpu" and _tap_matmul.applies(stage, in_shape, geometry):
-    return TAP_MATMUL
+  if platform == "cpu":
+    force = _forced_tap_matmul[0]
+    if force is None and _tap_matmul.applies(stage, in_shape, geometry):
+      return TAP_MATMUL
+    if force and isinstance(stage, _stages.SpatialConv) and stage.groups == 1 \
+        and math.prod(stage.kernel.shape[:-2]) > 1:
+      return TAP_MATMUL
   return CONV
 
 
