@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import math
 import string
-import warnings
 from typing import Any
 
 import jax
@@ -28,7 +27,8 @@ _HIGHEST = lax.Precision.HIGHEST
 DEFAULT_ITERATIONS = {formats.Tucker: 10, formats.CP: 100}
 
 
-def relative_error(factors: formats.Format, kernel: jax.typing.ArrayLike):
+def relative_error(factors: formats.Format,
+                   kernel: jax.typing.ArrayLike) -> jax.Array:
   """`||factors.to_dense() - kernel||_F / ||kernel||_F`.
 
   Args:
@@ -59,8 +59,11 @@ def relative_error(factors: formats.Format, kernel: jax.typing.ArrayLike):
     )
   kernel = jnp.asarray(kernel)
   dense = factors.to_dense().astype(kernel.dtype)
-  return jnp.linalg.norm((dense - kernel).ravel()) / jnp.linalg.norm(
-      kernel.ravel()
+  # Scaled to max |K| = 1, so that squares neither overflow nor underflow.
+  scale = jnp.max(jnp.abs(kernel))
+  scale = jnp.where(scale > 0, scale, jnp.ones_like(scale))
+  return jnp.linalg.norm(((dense - kernel) / scale).ravel()) / jnp.linalg.norm(
+      (kernel / scale).ravel()
   )
 
 
@@ -138,8 +141,9 @@ def decompose(
     A format of the kernel's dtype, `to_dense()` of shape `kernel.shape`.
 
   Raises:
-    ValueError: non-finite kernel values (checked when the kernel is concrete;
-      under `jit` they propagate to NaN factors instead), a rank out of range
+    ValueError: non-finite kernel or `inputs` values, or a singular input
+      covariance (with `damping=0`), checked when they are concrete: under
+      `jit` each gives NaN factors instead; a rank out of range
       (the message names `max_rank`), both or neither of `rank` and `energy`,
       `energy` outside (0, 1], `inputs` of the wrong shape, a kernel of the
       wrong rank.
@@ -166,10 +170,25 @@ def decompose(
     )
   dtype = _compute_dtype(fn, kernel.dtype, compute_dtype)
   work = kernel.astype(dtype)
+  # Under jit a non-finite kernel gives NaN factors: the algorithms run on
+  # zeros instead (LAPACK's SVD does not return on an inf).
+  finite = jnp.all(jnp.isfinite(work))
+  if not concrete:
+    work = jnp.where(finite, work, jnp.zeros_like(work))
+  # Every algorithm is scale-equivariant: run it on the kernel scaled to
+  # max |K| = 1 (ALS loses the fit for float32 kernels far from 1), then
+  # give each factor an equal share of the scale.
+  scale = jnp.max(jnp.abs(work))
+  scale = jnp.where(scale > 0, scale, jnp.ones_like(scale))
+  work = work / scale
   whitening = None
   if inputs is not None:
     whitening = _whitening(fn, cls, inputs, kernel.shape, damping, dtype,
-                           dilation)
+                           dilation, concrete)
+    if not concrete:
+      finite = finite & jnp.all(jnp.isfinite(whitening))
+      whitening = jnp.where(finite, whitening, jnp.eye(whitening.shape[0],
+                                                       dtype=dtype))
   rank = _select_rank(fn, work, cls, rank, energy, whitening, concrete)
   if iterations is None:
     iterations = DEFAULT_ITERATIONS.get(cls, 0)
@@ -194,9 +213,20 @@ def decompose(
       raise ValueError(
           f"{fn}: `restarts` must be a non-negative int, got {restarts!r}."
       )
-    key = jax.random.key(0) if key is None else key
+    if key is None:
+      key = jax.random.key(0)
+    _validation.check_key(fn, key)
+    _warn_if_long(fn, tuple(kernel.shape), rank, iterations, restarts + 2)
     result = _cp(work, rank, iterations, key, restarts)
-  return jax.tree.map(lambda a: a.astype(kernel.dtype), result)
+  share = scale ** (1 / len(jax.tree.leaves(result)))
+
+  def restore(a):
+    a = a * share
+    if not concrete:
+      a = jnp.where(finite, a, jnp.full_like(a, jnp.nan))
+    return a.astype(kernel.dtype)
+
+  return jax.tree.map(restore, result)
 
 
 # --- arguments ---------------------------------------------------------------
@@ -249,15 +279,15 @@ def _select_rank(fn, kernel, cls, rank, energy, whitening, concrete):
         " shape, which is impossible under jit/vmap; choose the rank eagerly"
         " (or pass an int rank)."
     )
-  spectra = spectra(cls, np.asarray(kernel, np.float64), whitening)
+  values = spectra(cls, np.asarray(kernel, np.float64), whitening)
   limit = _ranks.max_rank(shape, cls)
   if mode == "energy":
     chosen = [
         _ranks.rank_for_energy(_ranks.energy_curve(s), energy)
-        for s, _ in spectra
+        for s, _ in values
     ]
   else:
-    chosen = [rule(matrices) for _, (rule, matrices) in spectra]
+    chosen = [rule(matrices) for _, (rule, matrices) in values]
   if isinstance(limit, tuple):
     chosen = [min(r, m) for r, m in zip(chosen, limit)]
     if cls is formats.SpatiallySeparable:
@@ -273,13 +303,36 @@ def _select_rank(fn, kernel, cls, rank, energy, whitening, concrete):
 def _warn_if_larger(fn, shape, cls, rank):
   params = _ranks.num_params(shape, cls, rank)
   if params > math.prod(shape):
-    warnings.warn(
+    _validation.warn(
         f"{fn}: {cls.__name__} of rank {rank} has {params} parameters, more"
         f" than the dense kernel's {math.prod(shape)} (shape {shape}): the"
-        " factorization is larger than what it replaces.",
-        stacklevel=4,
-    )
+        " factorization is larger than what it replaces.")
   return rank
+
+
+# Above this many estimated FLOPs (minutes on a laptop CPU) a CP
+# decomposition warns before it starts.
+CP_WARN_FLOPS = 1e11
+
+
+def _cp_flops(shape, rank, iterations, starts) -> float:
+  """ALS work: per sweep and mode, an MTTKRP and a rank x rank pseudo-inverse
+  (~10 rank^3), for every start."""
+  per_mode = 2 * math.prod(shape) * rank + 10 * rank**3
+  return float(starts * iterations * len(shape) * per_mode)
+
+
+def _warn_if_long(fn, shape, rank, iterations, starts):
+  flops = _cp_flops(shape, rank, iterations, starts)
+  largest = max(shape)
+  if rank > largest or flops > CP_WARN_FLOPS:
+    why = (f"; the rank exceeds the kernel's largest mode ({largest}), where"
+           " ALS converges slowly" if rank > largest else "")
+    _validation.warn(
+        f"{fn}: CP of rank {rank} for a kernel of shape {shape} is a long"
+        f" decomposition: ~{flops:.1e} FLOPs ({iterations} ALS sweeps from"
+        f" {starts} starts){why}. Lower `rank`, `iterations` or `restarts`.",
+        RuntimeWarning)
 
 
 def spectra(cls, kernel, whitening):
@@ -321,7 +374,8 @@ def spectra(cls, kernel, whitening):
                     per_tap))]
 
 
-def _whitening(fn, cls, inputs, kernel_shape, damping, dtype, dilation):
+def _whitening(fn, cls, inputs, kernel_shape, damping, dtype, dilation,
+               concrete):
   """Lower Cholesky factor `L` of the damped input covariance, `S = L L^T`."""
   if cls not in (formats.LowRank, formats.Tucker):
     raise ValueError(
@@ -346,6 +400,11 @@ def _whitening(fn, cls, inputs, kernel_shape, damping, dtype, dilation):
   if not (isinstance(damping, (int, float)) and damping >= 0):
     raise ValueError(f"{fn}: `damping` must be >= 0, got {damping!r}.")
   x = jnp.asarray(inputs).astype(dtype)
+  eager = concrete and not isinstance(x, jax.core.Tracer)
+  if eager and not bool(jnp.all(jnp.isfinite(x))):
+    raise ValueError(
+        f"{fn}: `inputs` (shape {tuple(inputs.shape)}) has non-finite values"
+        " (NaN or inf).")
   x = x.reshape((-1, *x.shape[-n - 1 :]))
   if cls is formats.Tucker:
     rows = x.reshape(-1, c)
@@ -354,7 +413,15 @@ def _whitening(fn, cls, inputs, kernel_shape, damping, dtype, dilation):
   cov = jnp.matmul(rows.T, rows, precision=_HIGHEST) / rows.shape[0]
   ridge = damping * jnp.trace(cov) / cov.shape[0]
   ridge = jnp.maximum(ridge, jnp.finfo(dtype).tiny)
-  return jnp.linalg.cholesky(cov + ridge * jnp.eye(cov.shape[0], dtype=dtype))
+  factor = jnp.linalg.cholesky(cov + ridge * jnp.eye(cov.shape[0],
+                                                      dtype=dtype))
+  if eager and not bool(jnp.all(jnp.isfinite(factor))):
+    raise ValueError(
+        f"{fn}: the covariance of `inputs` ({cov.shape[0]} x {cov.shape[0]},"
+        f" from {rows.shape[0]} samples) is singular: with damping={damping}"
+        " it has no Cholesky factor. Pass `damping` > 0 (e.g. the default"
+        " 1e-3) or more samples.")
+  return factor
 
 
 def _patches(x, window, dilation):

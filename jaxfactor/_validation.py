@@ -9,6 +9,9 @@ what was expected.
 from __future__ import annotations
 
 import operator
+import os
+import sys
+import warnings
 from collections.abc import Sequence
 from typing import Any
 
@@ -21,6 +24,24 @@ PLATFORMS = ("cpu", "gpu", "tpu")
 PADDING_STRINGS = (
     "SAME", "SAME_LOWER", "VALID", "CIRCULAR", "REFLECT", "CAUSAL"
 )
+
+
+_PACKAGE = os.path.dirname(os.path.abspath(__file__))
+
+
+def warn(message: str, category: type[Warning] = UserWarning) -> None:
+  """`warnings.warn`, attributed to the first caller outside jaxfactor.
+
+  So a warning points at the user's line, however deep in the library it
+  is raised (Python 3.12's `skip_file_prefixes`, by hand).
+  """
+  # stacklevel 2 is the caller of `warn`, frame 1 here.
+  level, frame = 2, sys._getframe(1)  # pylint: disable=protected-access
+  while frame is not None and os.path.abspath(
+      frame.f_code.co_filename).startswith(_PACKAGE):
+    frame = frame.f_back
+    level += 1
+  warnings.warn(message, category, stacklevel=level)
 
 
 def is_array(value: Any) -> bool:
@@ -180,6 +201,22 @@ def check_kernel(
     )
   check_positive_dims(fn, "kernel", kernel.shape)
   return tuple(kernel.shape[:-2]), kernel.shape[-2]
+
+
+def check_key(fn: str, key: Any) -> None:
+  """A PRNG key: a typed key array, or a raw uint32[2] key."""
+  if isinstance(key, (jax.Array, np.ndarray)) and (
+      jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key)
+      or (key.dtype == np.uint32 and key.shape == (2,))):
+    if jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key) and key.shape:
+      raise ValueError(f"{fn}: `key` must be a single PRNG key, got an array"
+                       f" of {key.shape} keys.")
+    return
+  described = (f"{type(key).__name__} of dtype {key.dtype} and shape"
+               f" {tuple(key.shape)}" if hasattr(key, "dtype")
+               else type(key).__name__)
+  raise TypeError(f"{fn}: `key` must be a PRNG key (e.g."
+                  f" jax.random.key(0)), got {described}.")
 
 
 def as_int(fn: str, name: str, value: Any) -> int:

@@ -414,10 +414,18 @@ def factorize_variables(
   Args:
     variables: the dense model's variables (`{"params": ..., ...}`).
     format: a format class or name.
-    rank, energy, budget, data_aware, implementation, **decompose_kwargs:
-      as in `jaxfactor.nnx.factorize`.
-    model, inputs: the dense model and a sample input.
-    filter: optional `filter(path, kernel) -> bool`.
+    rank: one rank for every layer, as in `jaxfactor.nnx.factorize`.
+    energy: instead, per layer, the smallest rank keeping that fraction of
+      the squared singular values.
+    budget: instead, a `jaxfactor.Budget` spread over the layers, as in
+      `jaxfactor.nnx.factorize` (a FLOP budget needs `model` and `inputs`).
+    model: the dense model, to find its convs and record their inputs.
+    inputs: a sample input for `model.apply(variables, inputs)`.
+    filter: optional `filter(path, kernel) -> bool` selecting the layers.
+    data_aware: decompose against each layer's recorded inputs.
+    implementation: the implementation the factorized layers will run,
+      for the FLOP counts of the report and of a FLOP budget.
+    **decompose_kwargs: passed to `jaxfactor.decompose`.
 
   Returns:
     `(new_variables, report)`, the report a `FactorizationReport`.

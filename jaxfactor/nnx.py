@@ -142,22 +142,25 @@ class _FactorizedConv(nnx.Module):
 class LowRankConv(_FactorizedConv):
   """A k x k conv into `rank` channels, then a 1x1 conv (`LowRank`).
 
+  `in_features`, `out_features`, `kernel_size`, `strides`, `padding`,
+  `kernel_dilation`, `use_bias`, `dtype`, `param_dtype`, `precision`,
+  `preferred_element_type`, `bias_init` and `rngs` are `nnx.Conv`'s.
+
   Args:
-    in_features, out_features, kernel_size, strides: as `nnx.Conv`.
     rank: an int, or `jaxfactor.Budget(params=f)`: the largest rank whose
       parameters are at most the fraction `f` of the dense conv's.
-    padding, kernel_dilation, use_bias, dtype, param_dtype, precision,
-      preferred_element_type, bias_init, rngs: as `nnx.Conv`.
     implementation: "auto", "factorized" or "reconstructed", as in
       `jaxfactor.conv`.
     kernel_init: None, or a dense-kernel initializer: the factors are then
       the decomposition of a kernel drawn from it (spectral initialization,
       Khodak et al., ICLR 2021, https://arxiv.org/abs/2105.01029). Excludes
       the factor initializers.
-    spatial_init, pointwise_init: the factors' initializers (default: Flax's
-      lecun_normal, which gives the reconstructed kernel the variance of a
-      dense lecun_normal kernel). Shard a factor the Flax way, e.g.
-      `pointwise_init=nnx.with_partitioning(init, names)`.
+    spatial_init: the `spatial` factor's initializer.
+    pointwise_init: the `pointwise` factor's initializer.
+
+  Factor initializers default to Flax's lecun_normal, which gives the
+  reconstructed kernel the variance of a dense lecun_normal kernel. Shard a
+  factor the Flax way, e.g. `pointwise_init=nnx.with_partitioning(init, names)`.
   """
 
   format = formats.LowRank
@@ -187,22 +190,26 @@ class LowRankConv(_FactorizedConv):
 class TuckerConv(_FactorizedConv):
   """1x1 conv, k x k core conv, 1x1 conv (`Tucker`, Tucker-2).
 
+  `in_features`, `out_features`, `kernel_size`, `strides`, `padding`,
+  `kernel_dilation`, `use_bias`, `dtype`, `param_dtype`, `precision`,
+  `preferred_element_type`, `bias_init` and `rngs` are `nnx.Conv`'s.
+
   Args:
-    in_features, out_features, kernel_size, strides: as `nnx.Conv`.
     rank: an int (both ranks), a pair `(R_in, R_out)`, or
       `jaxfactor.Budget(params=f)`.
-    padding, kernel_dilation, use_bias, dtype, param_dtype, precision,
-      preferred_element_type, bias_init, rngs: as `nnx.Conv`.
     implementation: "auto", "factorized" or "reconstructed", as in
       `jaxfactor.conv`.
     kernel_init: None, or a dense-kernel initializer: the factors are then
       the decomposition of a kernel drawn from it (spectral initialization,
       Khodak et al., ICLR 2021, https://arxiv.org/abs/2105.01029). Excludes
       the factor initializers.
-    in_proj_init, core_init, out_proj_init: the factors' initializers (default: Flax's
-      lecun_normal, which gives the reconstructed kernel the variance of a
-      dense lecun_normal kernel). Shard a factor the Flax way, e.g.
-      `core_init=nnx.with_partitioning(init, names)`.
+    in_proj_init: the `in_proj` factor's initializer.
+    core_init: the `core` factor's initializer.
+    out_proj_init: the `out_proj` factor's initializer.
+
+  Factor initializers default to Flax's lecun_normal, which gives the
+  reconstructed kernel the variance of a dense lecun_normal kernel. Shard a
+  factor the Flax way, e.g. `out_proj_init=nnx.with_partitioning(init, names)`.
   """
 
   format = formats.Tucker
@@ -233,22 +240,26 @@ class TuckerConv(_FactorizedConv):
 class CPConv(_FactorizedConv):
   """1x1 conv, one depthwise 1-D conv per axis, 1x1 conv (`CP`).
 
+  `in_features`, `out_features`, `kernel_size`, `strides`, `padding`,
+  `kernel_dilation`, `use_bias`, `dtype`, `param_dtype`, `precision`,
+  `preferred_element_type`, `bias_init` and `rngs` are `nnx.Conv`'s.
+
   Args:
-    in_features, out_features, kernel_size, strides: as `nnx.Conv`.
     rank: an int, or `jaxfactor.Budget(params=f)`: the largest rank whose
       parameters are at most the fraction `f` of the dense conv's.
-    padding, kernel_dilation, use_bias, dtype, param_dtype, precision,
-      preferred_element_type, bias_init, rngs: as `nnx.Conv`.
     implementation: "auto", "factorized" or "reconstructed", as in
       `jaxfactor.conv`.
     kernel_init: None, or a dense-kernel initializer: the factors are then
       the decomposition of a kernel drawn from it (spectral initialization,
       Khodak et al., ICLR 2021, https://arxiv.org/abs/2105.01029). Excludes
       the factor initializers.
-    in_proj_init, spatial_init (every axis), out_proj_init: the factors' initializers (default: Flax's
-      lecun_normal, which gives the reconstructed kernel the variance of a
-      dense lecun_normal kernel). Shard a factor the Flax way, e.g.
-      `out_proj_init=nnx.with_partitioning(init, names)`.
+    in_proj_init: the `in_proj` factor's initializer.
+    spatial_init: the `spatial` factor's initializer (every axis).
+    out_proj_init: the `out_proj` factor's initializer.
+
+  Factor initializers default to Flax's lecun_normal, which gives the
+  reconstructed kernel the variance of a dense lecun_normal kernel. Shard a
+  factor the Flax way, e.g. `out_proj_init=nnx.with_partitioning(init, names)`.
   """
 
   format = formats.CP
@@ -279,22 +290,24 @@ class CPConv(_FactorizedConv):
 class SpatiallySeparableConv(_FactorizedConv):
   """One 1-D conv per spatial axis (`SpatiallySeparable`): k x 1, then 1 x k.
 
+  `in_features`, `out_features`, `kernel_size`, `strides`, `padding`,
+  `kernel_dilation`, `use_bias`, `dtype`, `param_dtype`, `precision`,
+  `preferred_element_type`, `bias_init` and `rngs` are `nnx.Conv`'s.
+
   Args:
-    in_features, out_features, kernel_size, strides: as `nnx.Conv`.
     rank: an int (every split), one inner rank per split, or
       `jaxfactor.Budget(params=f)`.
-    padding, kernel_dilation, use_bias, dtype, param_dtype, precision,
-      preferred_element_type, bias_init, rngs: as `nnx.Conv`.
     implementation: "auto", "factorized" or "reconstructed", as in
       `jaxfactor.conv`.
     kernel_init: None, or a dense-kernel initializer: the factors are then
       the decomposition of a kernel drawn from it (spectral initialization,
       Khodak et al., ICLR 2021, https://arxiv.org/abs/2105.01029). Excludes
       the factor initializers.
-    factors_init (every factor): the factors' initializers (default: Flax's
-      lecun_normal, which gives the reconstructed kernel the variance of a
-      dense lecun_normal kernel). Shard a factor the Flax way, e.g.
-      `factors_init=nnx.with_partitioning(init, names)`.
+    factors_init: every factor's initializer.
+
+  Factor initializers default to Flax's lecun_normal, which gives the
+  reconstructed kernel the variance of a dense lecun_normal kernel. Shard a
+  factor the Flax way, e.g. `factors_init=nnx.with_partitioning(init, names)`.
   """
 
   format = formats.SpatiallySeparable
@@ -322,22 +335,25 @@ class SpatiallySeparableConv(_FactorizedConv):
 class DepthwiseSeparableConv(_FactorizedConv):
   """A depthwise conv, then a pointwise conv (`DepthwiseSeparable`).
 
+  `in_features`, `out_features`, `kernel_size`, `strides`, `padding`,
+  `kernel_dilation`, `use_bias`, `dtype`, `param_dtype`, `precision`,
+  `preferred_element_type`, `bias_init` and `rngs` are `nnx.Conv`'s.
+
   Args:
-    in_features, out_features, kernel_size, strides: as `nnx.Conv`.
     channel_multiplier: m, an int (the depthwise stage has C*m channels),
       or `jaxfactor.Budget(params=f)`.
-    padding, kernel_dilation, use_bias, dtype, param_dtype, precision,
-      preferred_element_type, bias_init, rngs: as `nnx.Conv`.
     implementation: "auto", "factorized" or "reconstructed", as in
       `jaxfactor.conv`.
     kernel_init: None, or a dense-kernel initializer: the factors are then
       the decomposition of a kernel drawn from it (spectral initialization,
       Khodak et al., ICLR 2021, https://arxiv.org/abs/2105.01029). Excludes
       the factor initializers.
-    depthwise_init, pointwise_init: the factors' initializers (default: Flax's
-      lecun_normal, which gives the reconstructed kernel the variance of a
-      dense lecun_normal kernel). Shard a factor the Flax way, e.g.
-      `pointwise_init=nnx.with_partitioning(init, names)`.
+    depthwise_init: the `depthwise` factor's initializer.
+    pointwise_init: the `pointwise` factor's initializer.
+
+  Factor initializers default to Flax's lecun_normal, which gives the
+  reconstructed kernel the variance of a dense lecun_normal kernel. Shard a
+  factor the Flax way, e.g. `pointwise_init=nnx.with_partitioning(init, names)`.
   """
 
   format = formats.DepthwiseSeparable
@@ -374,10 +390,11 @@ class DepthwiseConv(nnx.Module):
   Output channel `c*m + j` filters input channel `c`, as Flax's
   `nnx.Conv(feature_group_count=C)`; runs `jaxfactor.depthwise_conv`.
 
+  `in_features`, `kernel_size`, `strides`, `padding`, `kernel_dilation`,
+  `use_bias`, `dtype`, `param_dtype`, `precision`, `preferred_element_type`,
+  `bias_init` and `rngs` are `nnx.Conv`'s.
+
   Args:
-    in_features, kernel_size, strides, padding, kernel_dilation, use_bias,
-      dtype, param_dtype, precision, preferred_element_type, bias_init,
-      rngs: as `nnx.Conv`.
     channel_multiplier: m, the filters per input channel.
     depthwise_init: the kernel's initializer (Flax's lecun_normal).
   """
@@ -424,9 +441,11 @@ class DepthwiseConv(nnx.Module):
 class PointwiseConv(nnx.Module):
   """A 1x1 convolution, `kernel [C, F]` named `pointwise`, as a contraction.
 
+  `in_features`, `out_features`, `use_bias`, `dtype`, `param_dtype`,
+  `precision`, `preferred_element_type`, `bias_init` and `rngs` are
+  `nnx.Conv`'s.
+
   Args:
-    in_features, out_features, use_bias, dtype, param_dtype, precision,
-      preferred_element_type, bias_init, rngs: as `nnx.Conv`.
     pointwise_init: the kernel's initializer (Flax's lecun_normal).
   """
 
