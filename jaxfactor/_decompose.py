@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 import string
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -157,38 +157,9 @@ def decompose(
   (3, 3, 16, 16)
   """
   fn = "decompose"
-  cls = _ranks.format_class(fn, format)
-  _validation.check_array(fn, "kernel", kernel)
-  _validation.check_floating(fn, "kernel", kernel)
-  kernel = jnp.asarray(kernel)
-  _ranks.check_kernel_shape(fn, kernel.shape, cls)
-  concrete = not isinstance(kernel, jax.core.Tracer)
-  if concrete and not bool(jnp.all(jnp.isfinite(kernel))):
-    raise ValueError(
-        f"{fn}: `kernel` (shape {tuple(kernel.shape)}) has non-finite values"
-        " (NaN or inf)."
-    )
-  dtype = _compute_dtype(fn, kernel.dtype, compute_dtype)
-  work = kernel.astype(dtype)
-  # Under jit a non-finite kernel gives NaN factors: the algorithms run on
-  # zeros instead (LAPACK's SVD does not return on an inf).
-  finite = jnp.all(jnp.isfinite(work))
-  if not concrete:
-    work = jnp.where(finite, work, jnp.zeros_like(work))
-  # Every algorithm is scale-equivariant: run it on the kernel scaled to
-  # max |K| = 1 (ALS loses the fit for float32 kernels far from 1), then
-  # give each factor an equal share of the scale.
-  scale = jnp.max(jnp.abs(work))
-  scale = jnp.where(scale > 0, scale, jnp.ones_like(scale))
-  work = work / scale
-  whitening = None
-  if inputs is not None:
-    whitening = _whitening(fn, cls, inputs, kernel.shape, damping, dtype,
-                           dilation, concrete)
-    if not concrete:
-      finite = finite & jnp.all(jnp.isfinite(whitening))
-      whitening = jnp.where(finite, whitening, jnp.eye(whitening.shape[0],
-                                                       dtype=dtype))
+  p = _prepare(fn, kernel, format, inputs, damping, dilation, compute_dtype)
+  cls, kernel, work, whitening = p.cls, p.kernel, p.work, p.whitening
+  concrete, finite, scale = p.concrete, p.finite, p.scale
   rank = _select_rank(fn, work, cls, rank, energy, whitening, concrete)
   if iterations is None:
     iterations = DEFAULT_ITERATIONS.get(cls, 0)
@@ -227,6 +198,71 @@ def decompose(
     return a.astype(kernel.dtype)
 
   return jax.tree.map(restore, result)
+
+
+class _Prepared(NamedTuple):
+  cls: Any
+  kernel: jax.Array
+  work: jax.Array
+  scale: jax.Array
+  finite: jax.Array
+  whitening: jax.Array | None
+  concrete: bool
+
+
+def _prepare(fn, kernel, format, inputs, damping, dilation,
+             compute_dtype) -> _Prepared:
+  """Checks the arguments; the kernel as the algorithms see it."""
+  cls = _ranks.format_class(fn, format)
+  _validation.check_array(fn, "kernel", kernel)
+  _validation.check_floating(fn, "kernel", kernel)
+  kernel = jnp.asarray(kernel)
+  _ranks.check_kernel_shape(fn, kernel.shape, cls)
+  concrete = not isinstance(kernel, jax.core.Tracer)
+  if concrete and not bool(jnp.all(jnp.isfinite(kernel))):
+    raise ValueError(
+        f"{fn}: `kernel` (shape {tuple(kernel.shape)}) has non-finite values"
+        " (NaN or inf)."
+    )
+  dtype = _compute_dtype(fn, kernel.dtype, compute_dtype)
+  work = kernel.astype(dtype)
+  # Under jit a non-finite kernel gives NaN factors: the algorithms run on
+  # zeros instead (LAPACK's SVD does not return on an inf).
+  finite = jnp.all(jnp.isfinite(work))
+  if not concrete:
+    work = jnp.where(finite, work, jnp.zeros_like(work))
+  # Every algorithm is scale-equivariant: run it on the kernel scaled to
+  # max |K| = 1 (ALS loses the fit for float32 kernels far from 1), then
+  # give each factor an equal share of the scale.
+  scale = jnp.max(jnp.abs(work))
+  scale = jnp.where(scale > 0, scale, jnp.ones_like(scale))
+  work = work / scale
+  whitening = None
+  if inputs is not None:
+    whitening = _whitening(fn, cls, inputs, kernel.shape, damping, dtype,
+                           dilation, concrete)
+    if not concrete:
+      finite = finite & jnp.all(jnp.isfinite(whitening))
+      whitening = jnp.where(finite, whitening, jnp.eye(whitening.shape[0],
+                                                       dtype=dtype))
+  return _Prepared(cls, kernel, work, scale, finite, whitening, concrete)
+
+
+def choose_rank(
+    kernel: jax.typing.ArrayLike,
+    format: Any,
+    *,
+    rank: Any = None,
+    energy: float | None = None,
+    inputs: jax.typing.ArrayLike | None = None,
+    damping: float = 1e-3,
+    dilation: int | tuple[int, ...] = 1,
+) -> Any:
+  """The static rank `decompose` would use for these arguments."""
+  fn = "decompose"
+  p = _prepare(fn, kernel, format, inputs, damping, dilation, None)
+  return _select_rank(fn, p.work, p.cls, rank, energy, p.whitening,
+                      p.concrete)
 
 
 # --- arguments ---------------------------------------------------------------

@@ -11,6 +11,9 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import sys
+import time
+import warnings
 from collections.abc import Sequence
 from typing import Any
 
@@ -247,9 +250,16 @@ def factorize_sites(
     budget: _ranks.Budget | None = None,
     data_aware: bool = False,
     implementation: str = "factorized",
+    allow_larger: bool = False,
+    progress: bool = False,
     **decompose_kwargs: Any,
 ) -> tuple[dict[tuple[Any, ...], formats.Format], list[LayerReport]]:
   """Decomposes each site's kernel at its chosen rank.
+
+  A factorization with more parameters than the dense kernel, or more FLOPs
+  on the recorded input, is not used (the layer stays dense, reported with
+  the reason) unless `allow_larger`. With `progress`, one line per layer
+  goes to stderr as it is decomposed.
 
   Returns the factors of the factorized sites by path, and a report per
   site (factorized, or skipped with the reason).
@@ -294,24 +304,68 @@ def factorize_sites(
       chosen[site.path] = (dict(energy=energy) if energy is not None
                            else dict(rank=rank))
   factors_by_path = {}
-  for site in sites:
-    if site.path not in chosen:
-      continue
-    factors = _decompose.decompose(
-        site.kernel, cls,
-        inputs=site.inputs if data_aware else None,
-        dilation=site.kernel_dilation or 1,
-        **chosen[site.path], **decompose_kwargs)
-    factors_by_path[site.path] = factors
-    reports.append(LayerReport(
-        path=site.path, kernel_shape=site.shape,
-        input_shape=site.input_shape, rank=_ranks.rank_of(factors),
-        params_before=math.prod(site.shape), params_after=factors.num_params,
-        flops_before=site.flops(site.kernel),
-        flops_after=site.flops(factors, implementation),
-        relative_error=float(_decompose.relative_error(factors, site.kernel)),
-    ))
+  todo = [site for site in sites if site.path in chosen]
+  for number, site in enumerate(todo, 1):
+    start = time.perf_counter()
+    inputs = site.inputs if data_aware else None
+    with warnings.catch_warnings():
+      # Said in the report instead: the layer is kept dense.
+      warnings.filterwarnings("ignore", message=_LARGER_WARNING)
+      static_rank = _decompose.choose_rank(
+          site.kernel, cls, inputs=inputs, dilation=site.kernel_dilation or 1,
+          damping=decompose_kwargs.get("damping", 1e-3), **chosen[site.path])
+    abstract = cls.abstract(site.shape, static_rank, site.kernel.dtype)
+    larger = _larger(
+        abstract.num_params, math.prod(site.shape),
+        site.flops(abstract, implementation), site.flops(site.kernel))
+    if larger and not allow_larger:
+      report = LayerReport(
+          path=site.path, kernel_shape=site.shape,
+          input_shape=site.input_shape,
+          skipped=f"kept dense: rank {static_rank} {larger} (pass"
+          " allow_larger=True to factorize it anyway)")
+    else:
+      with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=_LARGER_WARNING)
+        factors = _decompose.decompose(
+            site.kernel, cls, inputs=inputs,
+            dilation=site.kernel_dilation or 1, rank=static_rank,
+            **decompose_kwargs)
+      factors_by_path[site.path] = factors
+      report = LayerReport(
+          path=site.path, kernel_shape=site.shape,
+          input_shape=site.input_shape, rank=static_rank,
+          params_before=math.prod(site.shape),
+          params_after=factors.num_params,
+          flops_before=site.flops(site.kernel),
+          flops_after=site.flops(factors, implementation),
+          relative_error=float(_decompose.relative_error(factors,
+                                                         site.kernel)),
+      )
+    reports.append(report)
+    if progress:
+      name = "/".join(map(str, site.path))
+      outcome = (report.skipped if report.skipped
+                 else f"rank {report.rank}, relative error"
+                 f" {report.relative_error:.4f}")
+      print(f"{fn}: {number}/{len(todo)} {name} {site.shape}: {outcome}"
+            f" ({time.perf_counter() - start:.1f} s)", file=sys.stderr,
+            flush=True)
   return factors_by_path, reports
+
+
+_LARGER_WARNING = ".*larger than what it replaces"
+
+
+def _larger(params: int, dense_params: int, flops: int | None,
+            dense_flops: int | None) -> str | None:
+  """Why a factorization is larger or slower than the dense layer, or None."""
+  if params > dense_params:
+    return (f"has {params} parameters, more than the dense kernel's"
+            f" {dense_params}")
+  if flops is not None and dense_flops is not None and flops > dense_flops:
+    return (f"costs {flops} FLOPs, more than the dense conv's {dense_flops}")
+  return None
 
 
 def ordered(fmt: str, reports: Sequence[LayerReport],

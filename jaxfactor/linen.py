@@ -393,6 +393,8 @@ def factorize_variables(
     filter: Callable[[tuple, Any], bool] | None = None,
     data_aware: bool = False,
     implementation: str = "factorized",
+    allow_larger: bool = False,
+    progress: bool = False,
     **decompose_kwargs: Any,
 ) -> tuple[dict[str, Any], FactorizationReport]:
   """Turns a dense model's variables into the factorized model's.
@@ -425,6 +427,8 @@ def factorize_variables(
     data_aware: decompose against each layer's recorded inputs.
     implementation: the implementation the factorized layers will run,
       for the FLOP counts of the report and of a FLOP budget.
+    allow_larger: as in `jaxfactor.nnx.factorize`.
+    progress: print one line per layer to stderr as it is decomposed.
     **decompose_kwargs: passed to `jaxfactor.decompose`.
 
   Returns:
@@ -480,7 +484,7 @@ def factorize_variables(
   factors, reports = _surgery.factorize_sites(
       fn, sites, cls, rank=rank, energy=energy, budget=budget,
       data_aware=data_aware, implementation=implementation,
-      **decompose_kwargs)
+      allow_larger=allow_larger, progress=progress, **decompose_kwargs)
 
   def convert(path, tree):
     if not isinstance(tree, Mapping):

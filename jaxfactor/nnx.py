@@ -567,6 +567,8 @@ def factorize(
     filter: Callable[[tuple, nnx.Conv], bool] | None = None,
     data_aware: bool = False,
     implementation: str = "factorized",
+    allow_larger: bool = False,
+    progress: bool = False,
     **decompose_kwargs: Any,
 ) -> FactorizationReport:
   """Replaces, in place, a trained model's convs by factorized layers.
@@ -601,6 +603,10 @@ def factorize(
       FLOPs that run; "auto" lets each layer pick the faster of factorized
       and reconstructed (see `jaxfactor.conv`), and FLOPs are then counted
       for what it picks on the default backend.
+    allow_larger: factorize a layer even where its factorization has more
+      parameters than the dense kernel, or more FLOPs on the recorded input
+      (by default such a layer stays dense and the report says why).
+    progress: print one line per layer to stderr as it is decomposed.
     **decompose_kwargs: passed to `decompose` (e.g. `iterations`, `key`).
 
   Returns:
@@ -652,7 +658,7 @@ def factorize(
   factors, reports = _surgery.factorize_sites(
       fn, sites, cls, rank=rank, energy=energy, budget=budget,
       data_aware=data_aware, implementation=implementation,
-      **decompose_kwargs)
+      allow_larger=allow_larger, progress=progress, **decompose_kwargs)
   for path, value in factors.items():
     _set(model, path, _replacement(cls, _get(model, path), value,
                                    implementation))
