@@ -57,6 +57,7 @@ __all__ = (
     "SpatiallySeparableConv",
     "TuckerConv",
     "factorize_variables",
+    "restore_structure",
 )
 
 
@@ -498,3 +499,70 @@ def factorize_variables(
   new = {k: (convert((), v) if k == "params" else v)
          for k, v in variables.items()}
   return new, _surgery.ordered(cls.__name__, [*skipped, *reports], order)
+
+
+def restore_structure(
+    variables: Mapping[str, Any],
+    format: Any,
+    ranks: Mapping[str, Any],
+) -> dict[str, Any]:
+  """A factorized model's variables with placeholder factors, decomposing
+  nothing.
+
+  Each params dict named in `ranks` has its `kernel` replaced by the factor
+  params of that rank: zeros, or `jax.ShapeDtypeStruct`s where `variables`
+  are abstract (`jax.eval_shape(model.init, ...)`), so a checkpoint can be
+  restored into them. With orbax:
+
+      abstract = jax.eval_shape(DenseNet().init, jax.random.key(0), x)
+      target = jaxfactor.linen.restore_structure(abstract, "tucker", ranks)
+      variables = checkpointer.restore(path, target)
+
+  Args:
+    variables: the dense model's variables (concrete or abstract).
+    format: the format `factorize_variables` used.
+    ranks: `{"path/to/conv": rank}`, the params paths joined by "/":
+      `FactorizationReport.ranks`, e.g. saved as JSON (lists are read as
+      tuples).
+
+  Returns:
+    The factorized model's variables.
+
+  Raises:
+    ValueError: a path that names no params dict with a kernel, or a rank
+      out of range for its kernel.
+  """
+  fn = "restore_structure"
+  cls = _ranks.format_class(fn, format)
+  if not isinstance(ranks, Mapping):
+    raise TypeError(f"{fn}: `ranks` must be a mapping from layer paths to"
+                    f" ranks (FactorizationReport.ranks), got"
+                    f" {type(ranks).__name__}.")
+  found: list[str] = []
+
+  def convert(path, tree):
+    if not isinstance(tree, Mapping):
+      return tree
+    name = "/".join(path)
+    if "kernel" in tree and not isinstance(tree["kernel"], Mapping):
+      found.append(name)
+      if name in ranks:
+        kernel = meta.unbox(tree["kernel"])
+        rank = ranks[name]
+        rank = tuple(rank) if isinstance(rank, list) else rank
+        rank = _ranks.resolve_rank(fn, cls, tuple(kernel.shape), rank)
+        abstract = isinstance(kernel, jax.ShapeDtypeStruct)
+        out = {k: v for k, v in tree.items() if k != "kernel"}
+        for param, shape in cls.param_shapes(kernel.shape, rank).items():
+          out[param] = (jax.ShapeDtypeStruct(shape, kernel.dtype) if abstract
+                        else jnp.zeros(shape, kernel.dtype))
+        return out
+    return {k: convert((*path, k), v) for k, v in tree.items()}
+
+  new = {k: (convert((), v) if k == "params" else v)
+         for k, v in variables.items()}
+  unknown = sorted(set(ranks) - set(found))
+  if unknown:
+    raise ValueError(f"{fn}: `ranks` names {unknown}, which hold no kernel;"
+                     f" the kernels are at {sorted(found)}.")
+  return new

@@ -30,6 +30,7 @@ from jaxfactor import _formats as formats
 from jaxfactor import _layers
 from jaxfactor import _ranks
 from jaxfactor import _surgery
+from jaxfactor import _validation
 from jaxfactor._ranks import Budget
 from jaxfactor._surgery import FactorizationReport
 from jaxfactor._surgery import LayerReport
@@ -45,6 +46,8 @@ __all__ = (
     "SpatiallySeparableConv",
     "TuckerConv",
     "factorize",
+    "from_factors",
+    "restore_structure",
 )
 
 Initializer = _layers.Initializer
@@ -651,6 +654,12 @@ def factorize(
   sites = []
   for path in targets:
     conv = _get(model, path)
+    if isinstance(conv.kernel.get_value(), jax.ShapeDtypeStruct):
+      raise ValueError(
+          f"{fn}: the model is abstract (from nnx.eval_shape?): its kernels"
+          " have no values to decompose. To rebuild a factorized model's"
+          " structure for a checkpoint, use"
+          " jaxfactor.nnx.restore_structure.")
     sites.append(_surgery.Site(
         path=path, kernel=conv.kernel[...], strides=conv.strides,
         padding=conv.padding, kernel_dilation=conv.kernel_dilation,
@@ -660,28 +669,163 @@ def factorize(
       data_aware=data_aware, implementation=implementation,
       allow_larger=allow_larger, progress=progress, **decompose_kwargs)
   for path, value in factors.items():
-    _set(model, path, _replacement(cls, _get(model, path), value,
-                                   implementation))
+    _set(model, path, _replacement(
+        cls, _get(model, path), _ranks.rank_of(value),
+        {name: param.astype(_get(model, path).param_dtype)
+         for name, param in value.params().items()}, implementation))
   order = [path for path, _ in nnx.iter_modules(model)]
   return _surgery.ordered(cls.__name__, [*skipped, *reports], order)
 
 
-def _replacement(cls, conv: nnx.Conv, factors: formats.Format,
-                 implementation: str) -> _FactorizedConv:
-  """A jaxfactor layer holding `factors` and `conv`'s bias and settings."""
-  rank = _ranks.rank_of(factors)
+def _layer(cls, rank, values: Mapping[str, Any], bias: Any, *,
+           in_features: int, out_features: int, kernel_size, strides,
+           padding, kernel_dilation, dtype, param_dtype, precision,
+           preferred_element_type, implementation) -> _FactorizedConv:
+  """A jaxfactor layer of `rank` holding `values` (arrays or abstract) and
+  `bias` (an `nnx.Param`, or None), built without initializing anything."""
   rank_arg = ({"channel_multiplier": rank} if cls is formats.DepthwiseSeparable
               else {"rank": rank})
   layer = nnx.eval_shape(lambda: _LAYERS[cls](
-      conv.in_features, conv.out_features, conv.kernel_size,
-      conv.strides or 1, padding=conv.padding,
-      kernel_dilation=conv.kernel_dilation or 1,
-      use_bias=conv.bias is not None, dtype=conv.dtype,
+      in_features, out_features, kernel_size, strides, padding=padding,
+      kernel_dilation=kernel_dilation, use_bias=bias is not None,
+      dtype=dtype, param_dtype=param_dtype, precision=precision,
+      preferred_element_type=preferred_element_type,
+      implementation=implementation, rngs=nnx.Rngs(0), **rank_arg))
+  for name, value in values.items():
+    setattr(layer, name, nnx.Param(value))
+  # The bias Param itself, metadata (e.g. sharding) included.
+  layer.bias = bias if bias is not None else nnx.data(None)
+  return layer
+
+
+def _replacement(cls, conv: nnx.Conv, rank, values: Mapping[str, Any],
+                 implementation: str) -> _FactorizedConv:
+  """The jaxfactor layer standing in for `conv`: its bias and settings."""
+  return _layer(
+      cls, rank, values, conv.bias, in_features=conv.in_features,
+      out_features=conv.out_features, kernel_size=conv.kernel_size,
+      strides=conv.strides or 1, padding=conv.padding,
+      kernel_dilation=conv.kernel_dilation or 1, dtype=conv.dtype,
       param_dtype=conv.param_dtype, precision=conv.precision,
       preferred_element_type=conv.preferred_element_type,
-      implementation=implementation, rngs=nnx.Rngs(0), **rank_arg))
-  for name, value in factors.params().items():
-    setattr(layer, name, nnx.Param(value.astype(conv.param_dtype)))
-  # The bias Param itself, metadata (e.g. sharding) included.
-  layer.bias = conv.bias if conv.bias is not None else nnx.data(None)
-  return layer
+      implementation=implementation)
+
+
+def from_factors(
+    factors: formats.Format,
+    strides: int | Sequence[int] = 1,
+    *,
+    bias: jax.typing.ArrayLike | None = None,
+    padding: Any = "SAME",
+    kernel_dilation: int | Sequence[int] = 1,
+    dtype: Any = None,
+    precision: Any = None,
+    preferred_element_type: Any = None,
+    implementation: str = "auto",
+) -> _FactorizedConv:
+  """The nnx layer of a format value: `LowRankConv` for a `LowRank`, etc.
+
+  The layer holds `factors` (and `bias`, when given) as its parameters, in
+  their dtype (its `param_dtype`); nothing is initialized or decomposed.
+
+  Args:
+    factors: a format value, e.g. from `jaxfactor.decompose`.
+    strides: as `nnx.Conv`.
+    bias: `[F]`, or None for a layer without bias.
+    padding: as `nnx.Conv`.
+    kernel_dilation: as `nnx.Conv`.
+    dtype: as `nnx.Conv`.
+    precision: as `nnx.Conv`.
+    preferred_element_type: as `nnx.Conv`.
+    implementation: as in `jaxfactor.conv`.
+
+  Returns:
+    A `LowRankConv`, `TuckerConv`, `CPConv`, `SpatiallySeparableConv` or
+    `DepthwiseSeparableConv` whose `factors` equal `factors`.
+
+  >>> import jax.numpy as jnp
+  >>> import jaxfactor, jaxfactor.nnx
+  >>> f = jaxfactor.LowRank(jnp.ones((3, 3, 4, 2)), jnp.ones((2, 8)))
+  >>> layer = jaxfactor.nnx.from_factors(f, bias=jnp.zeros(8))
+  >>> type(layer).__name__, layer(jnp.ones((1, 5, 5, 4))).shape
+  ('LowRankConv', (1, 5, 5, 8))
+  """
+  fn = "from_factors"
+  if not isinstance(factors, formats.Format):
+    raise TypeError(f"{fn}: `factors` must be a jaxfactor format, got"
+                    f" {type(factors).__name__}.")
+  factors.check(fn)
+  if bias is not None:
+    _validation.check_array(fn, "bias", bias)
+    if tuple(bias.shape) != (factors.out_features,):
+      raise ValueError(
+          f"{fn}: `bias` must have shape ({factors.out_features},) for"
+          f" factors with {factors.out_features} output features, got"
+          f" {tuple(bias.shape)}.")
+  cls = type(factors)
+  return _layer(
+      cls, _ranks.rank_of(factors), factors.params(),
+      None if bias is None else nnx.Param(jnp.asarray(bias)),
+      in_features=factors.in_features, out_features=factors.out_features,
+      kernel_size=factors.window, strides=strides, padding=padding,
+      kernel_dilation=kernel_dilation, dtype=dtype, param_dtype=factors.dtype,
+      precision=precision, preferred_element_type=preferred_element_type,
+      implementation=implementation)
+
+
+def restore_structure(
+    model: nnx.Module,
+    format: Any,
+    ranks: Mapping[str, Any],
+    *,
+    implementation: str = "factorized",
+) -> None:
+  """Rebuilds, in place, a factorized model's structure, decomposing nothing.
+
+  Replaces each `nnx.Conv` named in `ranks` by the jaxfactor layer of that
+  rank, with placeholder factors: zeros, or abstract where the model is
+  abstract (`nnx.eval_shape`). A checkpoint's values then fill them. With
+  orbax:
+
+      abstract = nnx.eval_shape(lambda: Net(nnx.Rngs(0)))
+      jaxfactor.nnx.restore_structure(abstract, "tucker", ranks)
+      graphdef, abstract_state = nnx.split(abstract)
+      state = checkpointer.restore(path, abstract_state)
+      model = nnx.merge(graphdef, state)
+
+  Args:
+    model: the dense model (concrete or abstract), modified in place.
+    format: the format `factorize` used.
+    ranks: `{"path/to/conv": rank}`: `FactorizationReport.ranks`, e.g.
+      saved as JSON next to the checkpoint (lists are read as tuples).
+    implementation: the layers' `implementation`, as in `factorize`.
+
+  Raises:
+    ValueError: a path that names no `nnx.Conv` of `model`, or a rank out
+      of range for its kernel.
+  """
+  fn = "restore_structure"
+  cls = _ranks.format_class(fn, format)
+  if not isinstance(ranks, Mapping):
+    raise TypeError(f"{fn}: `ranks` must be a mapping from layer paths to"
+                    f" ranks (FactorizationReport.ranks), got"
+                    f" {type(ranks).__name__}.")
+  convs = {"/".join(map(str, path)): path
+           for path, module in nnx.iter_modules(model)
+           if isinstance(module, nnx.Conv)}
+  unknown = sorted(set(ranks) - set(convs))
+  if unknown:
+    raise ValueError(f"{fn}: `ranks` names {unknown}, which are not nnx.Conv"
+                     f" layers of the model; its convs are {sorted(convs)}.")
+  for name, rank in ranks.items():
+    path = convs[name]
+    conv = _get(model, path)
+    rank = tuple(rank) if isinstance(rank, list) else rank
+    shape = tuple(conv.kernel.shape)
+    rank = _ranks.resolve_rank(fn, cls, shape, rank)
+    abstract = isinstance(conv.kernel.get_value(), jax.ShapeDtypeStruct)
+    values = {
+        name: (jax.ShapeDtypeStruct(param_shape, conv.param_dtype) if abstract
+               else jnp.zeros(param_shape, conv.param_dtype))
+        for name, param_shape in cls.param_shapes(shape, rank).items()}
+    _set(model, path, _replacement(cls, conv, rank, values, implementation))
