@@ -50,6 +50,19 @@ def _static(shape: Sequence[Any]) -> bool:
   return all(isinstance(d, int) for d in shape)
 
 
+def _dimension(fn: str, d: Any, shape: Sequence[Any]) -> Any:
+  """An int, or a symbolic dimension (`jax.export`) as it is."""
+  if jax.export.is_symbolic_dim(d):
+    return d
+  try:
+    return operator.index(d)
+  except TypeError:
+    raise TypeError(
+        f"{fn}: `input_shape` must be a sequence of ints, got"
+        f" {tuple(shape)!r}."
+    ) from None
+
+
 def plans(kernel: Any, in_shape: Sequence[Any], geometry: _geometry.Geometry,
           platform: str) -> dict[str, _lowering.Plan]:
   """The plans of "factorized" and "reconstructed" for `kernel` there."""
@@ -140,7 +153,8 @@ def cost(
       lowering to count; default: JAX's default backend.
 
   Returns:
-    `Cost(params, flops)`, Python ints.
+    `Cost(params, flops)`, Python ints; with a symbolic batch size
+    (`input_shape` from inside `jax.export`) the FLOPs are symbolic too.
 
   Raises:
     TypeError, ValueError: the same checks as `conv`.
@@ -162,26 +176,42 @@ def cost(
         f"{fn}: `input_shape` must be a sequence of ints, got"
         f" {type(input_shape).__name__}."
     )
-  try:
-    input_shape = tuple(operator.index(d) for d in input_shape)
-  except TypeError:
-    raise TypeError(
-        f"{fn}: `input_shape` must be a sequence of ints, got"
-        f" {input_shape!r}."
-    ) from None
-  _validation.check_input(
-      fn, jax.ShapeDtypeStruct(input_shape, kernel.dtype), window, in_features,
-      abstract=True,
-  )
+  input_shape = tuple(_dimension(fn, d, input_shape) for d in input_shape)
   n = len(window)
+  # Checked with symbolic sizes read as 1, then required static where the
+  # FLOPs depend on them.
+  _validation.check_input(
+      fn, jax.ShapeDtypeStruct(
+          tuple(d if isinstance(d, int) else 1 for d in input_shape),
+          kernel.dtype),
+      window, in_features, abstract=True,
+  )
+  spatial = input_shape[-n - 1:]
+  if not _static(spatial):
+    raise ValueError(
+        f"{fn}: the spatial and channel sizes of `input_shape` must be static"
+        f" (padding makes the FLOPs depend on them), got {input_shape}; only"
+        " batch axes may be symbolic."
+    )
   geometry = _geometry.resolve(
-      fn, input_shape[-n - 1 : -1], window,
+      fn, spatial[:-1], window,
       strides=strides, padding=padding, dilation=dilation,
   )
-  flat = (math.prod(input_shape[: -n - 1]), *input_shape[-n - 1 :])
-  flops = count_flops(kernel, flat, geometry, implementation, platform)
-  if flat[0] == 0:
-    flops = 0  # an empty batch: XLA computes nothing, not even to_dense
+  batch = math.prod(input_shape[: -n - 1])
+  if _static([batch]):
+    flops = 0 if batch == 0 else count_flops(
+        kernel, (batch, *spatial), geometry, implementation, platform)
+  else:
+    # A symbolic batch (inside `jax.export`): the FLOPs of one image times
+    # the batch. "auto" then decides as `conv` does for symbolic shapes.
+    if implementation == "auto":
+      implementation = choose_implementation(
+          kernel, (batch, *spatial), geometry, implementation, platform)
+    per_image = count_flops(kernel, (1, *spatial), geometry, implementation,
+                            platform)
+    to_dense = (kernel.to_dense_flops() if implementation == "reconstructed"
+                and isinstance(kernel, formats.Format) else 0)
+    flops = batch * (per_image - to_dense) + to_dense
   params = (
       kernel.num_params
       if isinstance(kernel, formats.Format)

@@ -67,9 +67,10 @@ def resolve(
     pads = [(dilated[0] - 1, 0)]
   else:
     pads = padding
-  pads = tuple((int(lo), int(hi)) for lo, hi in pads)
+  pads = tuple((_static(lo), _static(hi)) for lo, hi in pads)
   for axis, (size, k, (lo, hi)) in enumerate(zip(spatial_shape, dilated, pads)):
-    if size + lo + hi < k:
+    # With symbolic sizes (jax.export) the check is left to the call.
+    if all(isinstance(v, int) for v in (size, lo, hi)) and size + lo + hi < k:
       raise ValueError(
           f"{fn}: spatial axis {axis} of `x` has size {size}, padded to"
           f" {size + lo + hi} by padding ({lo}, {hi}), which is smaller than"
@@ -77,6 +78,14 @@ def resolve(
           f" {dilation[axis]}); the output would be empty."
       )
   return Geometry(strides, dilation, pads, fill)
+
+
+def _static(value: Any) -> Any:
+  """An int where the value is one; a symbolic dimension stays symbolic."""
+  try:
+    return int(value)
+  except Exception:  # pylint: disable=broad-except
+    return value  # a symbolic pad (jax.export), e.g. "SAME" with a stride
 
 
 def output_size(size: int, k: int, stride: int, dilation: int, pad) -> int:
