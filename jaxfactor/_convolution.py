@@ -184,7 +184,14 @@ def depthwise_conv(
   `2 * k * C * m` FLOPs per output pixel, for `k = prod(window)`, fewer
   where taps fall in zero padding. On CPU it runs as a compiled kernel (or a
   shift-add of its taps where that cannot be built), elsewhere as XLA's
-  grouped convolution: decided when the program is lowered.
+  grouped convolution: decided when the program is lowered. 16-bit inputs
+  are accumulated in float32 on every lowering.
+
+  Non-finite values: on CPU, products with zero padding are skipped, not
+  computed, so a NaN or inf weight does not reach an output all of whose
+  reads of it fall in the padding (XLA's grouped convolution computes
+  `0 * inf = NaN` there). Every output that reads it is non-finite on every
+  lowering, so a corrupted weight still shows in the result.
 
   Args:
     x: `[*batch, *spatial, C]`; any number of batch axes, or none.
