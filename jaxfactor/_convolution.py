@@ -189,9 +189,9 @@ def depthwise_conv(
 
   Non-finite values: on CPU, products with zero padding are skipped, not
   computed, so a NaN or inf weight does not reach an output all of whose
-  reads of it fall in the padding (XLA's grouped convolution computes
-  `0 * inf = NaN` there). Every output that reads it is non-finite on every
-  lowering, so a corrupted weight still shows in the result.
+  reads of it fall in the padding (a convolution may compute `0 * inf =
+  NaN` there). Every output that reads it with real input is non-finite on
+  every lowering, so a corrupted weight still shows in the result.
 
   Args:
     x: `[*batch, *spatial, C]`; any number of batch axes, or none.

@@ -726,7 +726,8 @@ def from_factors(
   """The nnx layer of a format value: `LowRankConv` for a `LowRank`, etc.
 
   The layer holds `factors` (and `bias`, when given) as its parameters, in
-  their dtype (its `param_dtype`); nothing is initialized or decomposed.
+  the factors' dtype (its `param_dtype`); nothing is initialized or
+  decomposed.
 
   Args:
     factors: a format value, e.g. from `jaxfactor.decompose`.
@@ -765,7 +766,7 @@ def from_factors(
   cls = type(factors)
   return _layer(
       cls, _ranks.rank_of(factors), factors.params(),
-      None if bias is None else nnx.Param(jnp.asarray(bias)),
+      None if bias is None else nnx.Param(jnp.asarray(bias, factors.dtype)),
       in_features=factors.in_features, out_features=factors.out_features,
       kernel_size=factors.window, strides=strides, padding=padding,
       kernel_dilation=kernel_dilation, dtype=dtype, param_dtype=factors.dtype,
