@@ -136,9 +136,8 @@ class _FactorizedConv(nn.Module):
       _layers.check_input_channels(layer, x, 0, window)
     kernel_shape = (*window, x.shape[-1], self.features)
     _ranks.check_kernel_shape(layer, kernel_shape, cls)
-    first = cls._fields[0] + ("_0" if cls._fields[0] in cls._tuple_fields
-                              else "")
-    if self.has_variable("params", first):
+    stored_params = set(self.variables.get("params", {})) - {"bias"}
+    if stored_params:
       stored = self.factors(self.variables["params"], x.shape[-1])
       _layers.check_input_channels(layer, x, stored.in_features, window)
       rank = _ranks.rank_of(stored)
