@@ -8,7 +8,8 @@
 #   make lint       ruff check and ruff format --check     (jaxfactor[lint])
 #   make typecheck  mypy over the package                  (jaxfactor[lint])
 #   make docs       mkdocs build --strict into site/       (jaxfactor[docs])
-#   make sanitize   tools/sanitize.sh                      (jaxfactor[test])
+#   make sanitize   the native kernel's tests under ASan   (jaxfactor[test])
+#                   and UBSan (tools/sanitize.sh)
 PYTHON ?= python3
 VENV ?= .venv
 PYTEST_ARGS ?= -n auto
@@ -40,7 +41,7 @@ docs: $(VENV)/.installed-docs
 	$(VENV)/bin/mkdocs build --strict -d site
 
 sanitize: $(VENV)/.installed-test
-	PATH="$(abspath $(VENV))/bin:$$PATH" bash tools/sanitize.sh
+	PYTHON="$(abspath $(VENV))/bin/python" bash tools/sanitize.sh
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis .mypy_cache .ruff_cache site
