@@ -29,6 +29,7 @@
 #include <algorithm>
 #include <array>
 #include <atomic>
+#include <chrono>
 #include <condition_variable>
 #include <cstdint>
 #include <cstdlib>
@@ -65,19 +66,33 @@ struct Geometry {
 #ifdef JAXFACTOR_NATIVE_FAULTS
 // Test builds only (tests/test_native_sanitized.py compiles this file with
 // -DJAXFACTOR_NATIVE_FAULTS): with $JAXFACTOR_NATIVE_FAULT set to "pool" or
-// "caller", every item that side of `ParallelFor` runs throws, so the tests
-// can check that a failure comes back to XLA as an error.
+// "caller", every item that side of `ParallelFor` claims throws, and the
+// other side's items are slowed down so that the failing side claims some
+// while they are still running.
 const char* FaultSide() { return std::getenv("JAXFACTOR_NATIVE_FAULT"); }
 
 void MaybeFault(const char* side, bool on_caller) {
-  if (side != nullptr &&
-      std::strcmp(side, on_caller ? "caller" : "pool") == 0) {
+  if (side == nullptr) return;
+  if (std::strcmp(side, on_caller ? "caller" : "pool") == 0) {
     throw std::runtime_error(std::string("injected fault on the ") + side);
+  }
+  std::this_thread::sleep_for(std::chrono::milliseconds(1));
+}
+
+// Waits (up to 10 s) until a pool task has claimed an item, so that pool
+// tasks are running when the caller starts on its items.
+void AwaitPool(const char* side, const std::atomic<int64_t>& next) {
+  const auto deadline =
+      std::chrono::steady_clock::now() + std::chrono::seconds(10);
+  while (side != nullptr && next.load() == 0 &&
+         std::chrono::steady_clock::now() < deadline) {
+    std::this_thread::yield();
   }
 }
 #else
 constexpr const char* FaultSide() { return nullptr; }
 inline void MaybeFault(const char*, bool) {}
+inline void AwaitPool(const char*, const std::atomic<int64_t>&) {}
 #endif
 
 // Runs `body(item)` for item in [0, items) on the caller and up to
@@ -135,14 +150,7 @@ void ParallelFor(ffi::ThreadPool& pool, int64_t items, Body body) {
   } catch (...) {
     // Scheduling allocates. Without more tasks the caller claims the rest.
   }
-#ifdef JAXFACTOR_NATIVE_FAULTS
-  // Let a pool task claim an item first, so that "pool" faults happen.
-  const bool pool_fault = fault && std::strcmp(fault, "pool") == 0;
-  for (int spins = 0; pool_fault && state->next.load() == 0 && spins < 1000000;
-       ++spins) {
-    std::this_thread::yield();
-  }
-#endif
+  if (threads > 1 && items > 1) AwaitPool(fault, state->next);
   work(/*on_caller=*/true);
   [&]() noexcept {  // As in `work`: never unwind before every item is done.
     std::unique_lock<std::mutex> lock(state->mutex);
