@@ -11,15 +11,22 @@ The source is compiled the first time it is needed, with the machine's C++
 compiler (`$CXX`, else `c++`) and the FFI headers jaxlib ships
 (`jax.ffi.include_dir()`), into a cache directory (`$JAXFACTOR_CACHE_DIR`,
 else `$XDG_CACHE_HOME/jaxfactor/native`, else `~/.cache/jaxfactor/native`),
-keyed by the source, the compiler, jaxlib's version and the CPU; later
-processes load the cached library. `available()` says whether that worked;
-CPU programs then use it, and the shift-add lowering where it did not (no
-compiler, `JAXFACTOR_NATIVE=0`). `error()` says why not.
+keyed by the source, the flags, jaxlib's version and the CPU, and by the
+compiler; later processes load the cached library, and a process without a
+compiler loads one built elsewhere for the same key (prebuilding: see
+docs/guides/native.md). `available()` says whether that worked; CPU programs
+then use it, and the shift-add lowering where it did not. A failure (no
+compiler, a failed build) is announced once per process with a
+`RuntimeWarning`; `JAXFACTOR_NATIVE=0` turns the library off without one.
+`error()` says why it is not available. `JAXFACTOR_NATIVE_SANITIZE=1` builds
+it with AddressSanitizer and UndefinedBehaviorSanitizer
+(`tools/sanitize.sh`).
 """
 
 from __future__ import annotations
 
 import ctypes
+import glob
 import hashlib
 import importlib.metadata
 import os
@@ -58,6 +65,7 @@ def _flags() -> tuple[str, ...]:
   """The compiler flags for this process's build."""
   return _FLAGS + (_SANITIZE_FLAGS if _sanitize() else ())
 
+
 _lock = threading.Lock()
 _state: dict = {}
 
@@ -94,19 +102,28 @@ def _jaxlib_version() -> str:
     return jax.__version__
 
 
-def _library_path(compiler: str) -> str:
-  version = subprocess.run([compiler, "--version"], capture_output=True,
-                           text=True, check=False).stdout
+def _library_path(compiler: str | None) -> str | None:
+  """The cached library for this source, these flags, this jaxlib and this
+  CPU, built by `compiler`: `depthwise-<key>-<compiler's key>.so`. Without a
+  compiler, one that any compiler built for them (a prebuilt library, the
+  newest if several), else None."""
   with open(_SOURCE, "rb") as f:
     source = f.read().decode()
   key = hashlib.sha256()
-  for part in (source, version, " ".join(_flags()),
+  for part in (source, " ".join(_flags()),
                _jaxlib_version(), platform.machine(), _cpu_fingerprint(),
                sys.platform):
     key.update(part.encode())
     key.update(b"\0")
   kind = "depthwise-asan" if _sanitize() else "depthwise"
-  return os.path.join(cache_dir(), f"{kind}-{key.hexdigest()[:16]}.so")
+  stem = os.path.join(cache_dir(), f"{kind}-{key.hexdigest()[:16]}")
+  if compiler is None:
+    built = sorted(glob.glob(glob.escape(stem) + "-*.so"),
+                   key=os.path.getmtime)
+    return built[-1] if built else None
+  version = subprocess.run([compiler, "--version"], capture_output=True,
+                           text=True, check=False).stdout
+  return f"{stem}-{hashlib.sha256(version.encode()).hexdigest()[:8]}.so"
 
 
 def _build(compiler: str, path: str) -> None:
@@ -141,12 +158,12 @@ def _load() -> None:
       if os.environ.get("JAXFACTOR_NATIVE", "1") == "0":
         raise RuntimeError("disabled by JAXFACTOR_NATIVE=0")
       compiler = _compiler()
-      if compiler is None:
+      path = _library_path(compiler)
+      if path is None:
         raise RuntimeError(
             f"no C++ compiler ({os.environ.get('CXX', 'c++')!r} not on PATH;"
-            " set $CXX)")
-      path = _library_path(compiler)
-      if not os.path.exists(path):
+            f" set $CXX) and no prebuilt library in {cache_dir()}")
+      if compiler is not None and not os.path.exists(path):
         _build(compiler, path)
       try:
         library = ctypes.cdll.LoadLibrary(path)
@@ -156,6 +173,8 @@ def _load() -> None:
               f"{e} (a JAXFACTOR_NATIVE_SANITIZE=1 build loads only with"
               " the ASan runtime in LD_PRELOAD: see tools/sanitize.sh)"
           ) from e
+        if compiler is None:  # a prebuilt library: nothing can rebuild it
+          raise
         # A damaged cached build: build it again, once.
         _build(compiler, path)
         library = ctypes.cdll.LoadLibrary(path)
