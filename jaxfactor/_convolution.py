@@ -75,7 +75,7 @@ def conv(
   fn = "conv"
   _validation.check_implementation(fn, implementation)
   window, in_features = _validation.check_kernel(fn, kernel)
-  _validation.check_input(fn, x, window, in_features)
+  x = _validation.check_input(fn, x, window, in_features)
   _validation.check_same_dtype(fn, [("x", x), ("kernel", kernel)])
   preferred = _validation.check_preferred_element_type(
       fn, x.dtype, preferred_element_type
@@ -142,11 +142,11 @@ def pointwise_conv(
   (2, 5, 5, 8)
   """
   fn = "pointwise_conv"
-  _validation.check_array(fn, "kernel", kernel)
+  kernel = _validation.check_array(fn, "kernel", kernel)
   _validation.check_floating(fn, "kernel", kernel)
   _validation.check_ndim(fn, "kernel", kernel, 2, "[C, F]")
   _validation.check_positive_dims(fn, "kernel", kernel.shape)
-  _validation.check_array(fn, "x", x)
+  x = _validation.check_array(fn, "x", x)
   _validation.check_floating(fn, "x", x)
   if x.ndim < 1 or x.shape[-1] != kernel.shape[0]:
     raise ValueError(
@@ -216,7 +216,7 @@ def depthwise_conv(
   (2, 9, 9, 8)
   """
   fn = "depthwise_conv"
-  _validation.check_array(fn, "kernel", kernel)
+  kernel = _validation.check_array(fn, "kernel", kernel)
   _validation.check_floating(fn, "kernel", kernel)
   if kernel.ndim < 3 or kernel.shape[-2] != 1:
     raise ValueError(
@@ -225,7 +225,7 @@ def depthwise_conv(
     )
   _validation.check_positive_dims(fn, "kernel", kernel.shape)
   window = kernel.shape[:-2]
-  _validation.check_input(fn, x, window, in_features=None)
+  x = _validation.check_input(fn, x, window, in_features=None)
   channels = x.shape[-1]
   if kernel.shape[-1] % channels:
     raise ValueError(

@@ -51,7 +51,7 @@ def relative_error(factors: formats.Format,
         f"{fn}: `factors` must be a jaxfactor format, got"
         f" {type(factors).__name__}."
     )
-  _validation.check_array(fn, "kernel", kernel)
+  kernel = _validation.check_array(fn, "kernel", kernel)
   if tuple(kernel.shape) != factors.shape:
     raise ValueError(
         f"{fn}: `kernel` has shape {tuple(kernel.shape)} but the factors"
@@ -279,7 +279,7 @@ def _compute_dtype(fn, kernel_dtype, compute_dtype):
         f"{fn}: `compute_dtype` must be float32 or float64, got"
         f" {compute_dtype}."
     )
-  if compute_dtype == jnp.float64 and not jax.config.jax_enable_x64:
+  if compute_dtype == jnp.float64 and jax.dtypes.canonicalize_dtype(jnp.float64) != jnp.float64:
     raise ValueError(
         f"{fn}: `compute_dtype`=float64 needs 64-bit mode: set"
         " jax.config.update('jax_enable_x64', True) first."
@@ -325,15 +325,13 @@ def _select_rank(fn, kernel, cls, rank, energy, whitening, concrete):
   else:
     chosen = [rule(matrices) for _, (rule, matrices) in values]
   if isinstance(limit, tuple):
-    chosen = [min(r, m) for r, m in zip(chosen, limit)]
+    clipped = [min(r, m) for r, m in zip(chosen, limit)]
     if cls is formats.SpatiallySeparable:
       # Factor i maps R_{i-1} channels through k_i taps: R_i <= R_{i-1} k_i.
-      for i in range(1, len(chosen)):
-        chosen[i] = min(chosen[i], chosen[i - 1] * shape[i])
-    chosen = tuple(chosen)
-  else:
-    chosen = min(chosen[0], limit)
-  return _warn_if_larger(fn, shape, cls, chosen)
+      for i in range(1, len(clipped)):
+        clipped[i] = min(clipped[i], clipped[i - 1] * shape[i])
+    return _warn_if_larger(fn, shape, cls, tuple(clipped))
+  return _warn_if_larger(fn, shape, cls, min(chosen[0], limit))
 
 
 def _warn_if_larger(fn, shape, cls, rank):

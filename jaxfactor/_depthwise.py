@@ -24,6 +24,7 @@ lowers for, so one jitted or exported function is right everywhere:
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import jax
@@ -108,7 +109,7 @@ def _grouped_weight_grad(x, dy, *, geometry, window):
   return pullback(dy)[0]
 
 
-_GROUPED = {"forward": _grouped_forward, "input_grad": _grouped_input_grad,
+_GROUPED: dict[str, Callable[..., Any]] = {"forward": _grouped_forward, "input_grad": _grouped_input_grad,
             "weight_grad": _grouped_weight_grad}
 
 
@@ -124,7 +125,7 @@ def _shift_add_weight_grad(x, dy, *, geometry, window):
   return _shift_add.weight_grad(x, dy, window, *geometry)
 
 
-_SHIFT_ADD = {"forward": _shift_add_forward,
+_SHIFT_ADD: dict[str, Callable[..., Any]] = {"forward": _shift_add_forward,
               "input_grad": _shift_add_input_grad,
               "weight_grad": _shift_add_weight_grad}
 
@@ -169,7 +170,7 @@ def _native_weight_grad(x, dy, *, geometry, window):
   return _native_call("weight_grad", x, dy, (*window, x.shape[-1]), geometry)
 
 
-_NATIVE = {"forward": _native_forward, "input_grad": _native_input_grad,
+_NATIVE: dict[str, Callable[..., Any]] = {"forward": _native_forward, "input_grad": _native_input_grad,
            "weight_grad": _native_weight_grad}
 
 
@@ -184,7 +185,8 @@ def _partitioned(ctx) -> bool:
   return mesh is not None and set(manual or ()) != set(mesh.axis_names)
 
 
-def _cpu_implementation(ctx, num_spatial: int) -> dict:
+def _cpu_implementation(ctx, num_spatial: int
+                        ) -> dict[str, Callable[..., Any]]:
   """The maps a CPU program runs: the native kernel or the shift-add."""
   if (num_spatial <= _NATIVE_AXES and not _partitioned(ctx)
       and _native.available()):

@@ -58,6 +58,7 @@ def resolve(
   padding = _validation.canonicalize_padding(fn, padding, n)
   dilated = tuple((k - 1) * d + 1 for k, d in zip(window, dilation))
   fill = "constant"
+  pads: Sequence[tuple[Any, Any]]
   if padding in ("SAME", "SAME_LOWER", "VALID"):
     pads = lax.padtype_to_pads(spatial_shape, dilated, strides, padding)
   elif padding in _FILL_MODES:
@@ -77,7 +78,7 @@ def resolve(
           f" the dilated window {k} (window {window[axis]}, dilation"
           f" {dilation[axis]}); the output would be empty."
       )
-  return Geometry(strides, dilation, pads, fill)
+  return Geometry(strides, dilation, tuple(pads), fill)
 
 
 def _static(value: Any) -> Any:

@@ -16,7 +16,7 @@ import numpy as np
 
 from jaxfactor import _formats as formats
 
-FORMAT_NAMES = {
+FORMAT_NAMES: dict[str, type[formats.Format]] = {
     "depthwise_separable": formats.DepthwiseSeparable,
     "spatially_separable": formats.SpatiallySeparable,
     "low_rank": formats.LowRank,
@@ -59,7 +59,8 @@ def format_class(fn: str, format: Any) -> type[formats.Format]:
   """A format class from a class or its snake_case name."""
   if isinstance(format, str) and format in FORMAT_NAMES:
     return FORMAT_NAMES[format]
-  if isinstance(format, type) and format in FORMAT_NAMES.values():
+  if isinstance(format, type) and issubclass(format, formats.Format) and (
+      format in FORMAT_NAMES.values()):
     return format
   raise ValueError(
       f"{fn}: `format` must be one of {tuple(FORMAT_NAMES)} or the matching"
@@ -124,7 +125,7 @@ def max_rank(kernel_shape: Sequence[int], format: Any) -> Rank:
   )
 
 
-def num_params(kernel_shape: Sequence[int], cls, rank: Rank) -> int:
+def num_params(kernel_shape: Sequence[int], cls, rank: Any) -> int:
   """Parameters of `cls` at `rank` for a kernel of `kernel_shape`."""
   *window, c, f = kernel_shape
   k = math.prod(window)
@@ -147,7 +148,9 @@ def rank_of(factors: formats.Format) -> Rank:
     return factors.channel_multiplier
   if isinstance(factors, (formats.Tucker, formats.SpatiallySeparable)):
     return factors.ranks
-  return factors.rank
+  if isinstance(factors, (formats.LowRank, formats.CP)):
+    return factors.rank
+  raise TypeError(f"rank_of: not a jaxfactor format: {type(factors).__name__}")
 
 
 def canonicalize_rank(fn: str, kernel_shape, cls, rank: Any) -> Rank:

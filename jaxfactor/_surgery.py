@@ -141,10 +141,11 @@ class Site:
 
   def flops(self, kernel: Any, implementation: str = "auto") -> int | None:
     """FLOPs of this site's geometry with `kernel`, run by `implementation`."""
-    if self.inputs is None:
+    shape = self.input_shape
+    if shape is None:
       return None
     return _cost.cost(
-        kernel, self.input_shape, strides=self.strides or 1,
+        kernel, shape, strides=self.strides or 1,
         padding=self.padding, dilation=self.kernel_dilation or 1,
         implementation=implementation).flops
 
@@ -268,7 +269,8 @@ def factorize_sites(
   chosen: dict[tuple[Any, ...], Any] = {}
   if budget is not None:
     use_flops = budget.flops is not None
-    fraction = budget.flops if use_flops else budget.params
+    fraction = float(budget.flops if use_flops  # type: ignore[arg-type]
+                     else budget.params)
     layers, candidates = [], []
     for site in sites:
       ranks = _ranks.candidates(site.shape, cls)

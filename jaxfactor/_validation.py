@@ -11,6 +11,7 @@ from __future__ import annotations
 import operator
 import os
 import sys
+import types
 import warnings
 from collections.abc import Sequence
 from typing import Any
@@ -36,7 +37,8 @@ def warn(message: str, category: type[Warning] = UserWarning) -> None:
   is raised (Python 3.12's `skip_file_prefixes`, by hand).
   """
   # stacklevel 2 is the caller of `warn`, frame 1 here.
-  level, frame = 2, sys._getframe(1)  # pylint: disable=protected-access
+  level = 2
+  frame: types.FrameType | None = sys._getframe(1)  # pylint: disable=protected-access
   while frame is not None and os.path.abspath(
       frame.f_code.co_filename).startswith(_PACKAGE):
     frame = frame.f_back
@@ -49,12 +51,14 @@ def is_array(value: Any) -> bool:
   return isinstance(value, (jax.Array, np.ndarray))
 
 
-def check_array(fn: str, name: str, value: Any) -> None:
+def check_array(fn: str, name: str, value: Any) -> jax.Array | np.ndarray:
+  """`value`, which must be a jax or numpy array."""
   if not is_array(value):
     raise TypeError(
         f"{fn}: `{name}` must be a jax or numpy array, got"
         f" {type(value).__name__}."
     )
+  return value
 
 
 def check_floating(fn: str, name: str, value: Any) -> None:
@@ -319,8 +323,11 @@ def check_input(
     in_features: int | None,
     *,
     abstract: bool = False,
-) -> None:
-  """`x` must be `[*batch, *spatial, C]` with the kernel's N (and C)."""
+) -> jax.Array | np.ndarray:
+  """`x` must be `[*batch, *spatial, C]` with the kernel's N (and C).
+
+  Returns `x` (typed as what it was checked to be).
+  """
   if not abstract:
     check_array(fn, "x", x)
   check_floating(fn, "x", x)
@@ -342,3 +349,4 @@ def check_input(
         f"{fn}: every spatial and channel axis of `x` must have size >= 1,"
         f" got shape {tuple(x.shape)}."
     )
+  return x

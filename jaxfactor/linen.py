@@ -91,7 +91,7 @@ class _FactorizedConv(nn.Module):
   bias_init: Initializer = _bias_init
 
   def _rank_argument(self) -> Any:
-    return getattr(self, "rank")
+    return getattr(self, "rank")  # noqa: B009 (each subclass declares it)
 
   def _static(self, rank) -> dict[str, Any]:
     del rank
@@ -371,7 +371,9 @@ def _dense_convs(model: nn.Module, variables, inputs):
         reason = f"input_dilation={module.input_dilation}"
       elif module.mask is not None:
         reason = "masked kernel"
-      found[tuple(module.scope.path)] = dict(
+      scope = module.scope
+      path = () if scope is None else tuple(scope.path)
+      found[path] = dict(
           reason=reason, strides=module.strides, padding=module.padding,
           kernel_dilation=module.kernel_dilation, inputs=args[0])
     return next_fun(*args, **kwargs)

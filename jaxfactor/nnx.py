@@ -100,6 +100,7 @@ class _FactorizedConv(nnx.Module):
     self.param_names = tuple(values)
     for name, value in values.items():
       setattr(self, name, nnx.Param(value))
+    self.bias: nnx.Param | None
     if use_bias:
       self.bias = nnx.Param(bias_init(rngs.params(), (out_features,),
                                       param_dtype))
@@ -547,7 +548,7 @@ class _Recorder:
 
 
 def _record_inputs(model, paths, inputs):
-  store = {}
+  store: dict[tuple[Any, ...], jax.Array] = {}
   convs = {path: _get(model, path) for path in paths}
   try:
     for path, conv in convs.items():
@@ -694,7 +695,9 @@ def _layer(cls, rank, values: Mapping[str, Any], bias: Any, *,
   for name, value in values.items():
     setattr(layer, name, nnx.Param(value))
   # The bias Param itself, metadata (e.g. sharding) included.
-  layer.bias = bias if bias is not None else nnx.data(None)
+  layer.bias = bias
+  if bias is None:
+    layer.bias = nnx.data(None)
   return layer
 
 
@@ -757,7 +760,7 @@ def from_factors(
                     f" {type(factors).__name__}.")
   factors.check(fn)
   if bias is not None:
-    _validation.check_array(fn, "bias", bias)
+    bias = _validation.check_array(fn, "bias", bias)
     if tuple(bias.shape) != (factors.out_features,):
       raise ValueError(
           f"{fn}: `bias` must have shape ({factors.out_features},) for"
