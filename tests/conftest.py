@@ -1,11 +1,27 @@
-"""Test configuration: float64, strict promotion, a persistent compile cache.
+"""Test configuration: float64, strict promotion, caches, hypothesis profiles.
 
 * float64 is enabled so that equivalence and gradient checks can use tight
-  tolerances; float32/bfloat16 tests ask for those dtypes explicitly.
+  tolerances; float32/16-bit tests ask for those dtypes explicitly.
 * Strict dtype promotion and rank promotion "raise" (as equinox tests do):
   the library must never rely on implicit promotion or broadcasting.
 * Compilation dominates the suite's time, so compiled executables are cached
-  on disk across runs (`JAXFACTOR_TEST_CACHE`, default ~/.cache/jaxfactor).
+  on disk across runs, in `$JAXFACTOR_TEST_CACHE` (default
+  `~/.cache/jaxfactor/jax-compilation`). It and the compiled native kernel
+  (`jaxfactor._native.cache_dir()`) are the only files the tests write
+  outside pytest's temporary directories; delete them at will.
+* Hypothesis (the property-based tests) keeps no example database. Its
+  profile comes from `$HYPOTHESIS_PROFILE`, else "ci" when `$CI` is set,
+  else "dev":
+
+  - "ci": 150 examples per property, derandomized: every run replays the
+    same examples, so a red run is reproducible.
+  - "dev": 150 random examples per run (a failure prints the
+    `@reproduce_failure` blob to replay it).
+  - "long": 5000 random examples per property, for a soak run before a
+    release or after touching a lowering:
+
+        HYPOTHESIS_PROFILE=long .venv/bin/python -m pytest -n auto \\
+            tests/test_properties.py tests/test_cost.py
 """
 
 import os
@@ -19,16 +35,24 @@ jax.config.update("jax_numpy_dtype_promotion", "strict")
 jax.config.update("jax_numpy_rank_promotion", "raise")
 
 _cache = os.environ.get(
-    "JAXFACTOR_TEST_CACHE",
-    str(pathlib.Path.home() / ".cache" / "jaxfactor" / "jax-compilation"),
+  "JAXFACTOR_TEST_CACHE",
+  str(pathlib.Path.home() / ".cache" / "jaxfactor" / "jax-compilation"),
 )
 jax.config.update("jax_compilation_cache_dir", _cache)
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
 jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 
-# CI replays a fixed set of examples so that a red run is reproducible.
-hypothesis.settings.register_profile(
-    "ci", max_examples=40, deadline=None, derandomize=True, print_blob=True
+_common = dict(
+  deadline=None,
+  database=None,
+  print_blob=True,
+  suppress_health_check=[hypothesis.HealthCheck.too_slow],
 )
-hypothesis.settings.register_profile("dev", max_examples=40, deadline=None)
-hypothesis.settings.load_profile("ci" if os.environ.get("CI") else "dev")
+hypothesis.settings.register_profile(
+  "ci", max_examples=150, derandomize=True, **_common
+)
+hypothesis.settings.register_profile("dev", max_examples=150, **_common)
+hypothesis.settings.register_profile("long", max_examples=5000, **_common)
+hypothesis.settings.load_profile(
+  os.environ.get("HYPOTHESIS_PROFILE", "ci" if os.environ.get("CI") else "dev")
+)
