@@ -1,261 +1,394 @@
-"""Flax layers: linen <-> nnx parity, shapes, init variance, jit/grad, errors."""
+"""Flax layers: linen <-> nnx parity, Flax's own conv as the oracle, init."""
 
 import math
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import pytest
 from flax import linen as nn
 from flax import nnx
 from flax import serialization
+from flax.core import meta
+from jax import lax
 
 import jaxfactor
 import jaxfactor.linen as jlinen
 import jaxfactor.nnx as jnnx
-from reference import flax_conv, relative_error
+from jaxfactor import _ranks
+from reference import relative_error
+from sweeps import ids
+from sweeps import pairwise
 
+C, F = 4, 6
 # (linen class, nnx class, rank arguments)
 LAYERS = {
     "low_rank": (jlinen.LowRankConv, jnnx.LowRankConv, dict(rank=3)),
     "tucker": (jlinen.TuckerConv, jnnx.TuckerConv, dict(rank=(2, 4))),
-    "cp": (jlinen.CPConv, jnnx.CPConv, dict(rank=5)),
+    "cp": (jlinen.CPConv, jnnx.CPConv, dict(rank=4)),
     "spatially_separable": (jlinen.SpatiallySeparableConv,
                             jnnx.SpatiallySeparableConv, dict(rank=4)),
     "depthwise_separable": (jlinen.DepthwiseSeparableConv,
                             jnnx.DepthwiseSeparableConv,
                             dict(channel_multiplier=2)),
 }
-GEOMETRY = dict(strides=(2, 1), padding="CIRCULAR", dilation=(1, 2))
+# Each factor initializer argument, and the params it sets.
+INITIALIZERS = {
+    "low_rank": {"spatial_init": ["spatial"], "pointwise_init": ["pointwise"]},
+    "tucker": {"in_proj_init": ["in_proj"], "core_init": ["core"],
+               "out_proj_init": ["out_proj"]},
+    "cp": {"in_proj_init": ["in_proj"],
+           "spatial_init": ["spatial_0", "spatial_1"],
+           "out_proj_init": ["out_proj"]},
+    "spatially_separable": {"factors_init": ["factors_0", "factors_1"]},
+    "depthwise_separable": {"depthwise_init": ["depthwise"],
+                            "pointwise_init": ["pointwise"]},
+}
+FORMAT_NAMES = {"low_rank": "low_rank", "tucker": "tucker", "cp": "cp",
+                "spatially_separable": "spatially_separable",
+                "depthwise_separable": "depthwise_separable"}
 
 
-def _x(shape=(2, 9, 8, 6), dtype=jnp.float32):
-  return jax.random.normal(jax.random.key(1), shape, dtype)
+def _x(shape=(2, 9, 8, C), dtype=jnp.float32, seed=1):
+  return jax.random.normal(jax.random.key(seed), shape, dtype)
 
 
-def _linen_to_nnx(params, layer):
-  for name, value in params.items():
-    getattr(layer, name)[...] = value
+def _nnx_layer(name, strides=1, **kwargs):
+  _, cls, rank = LAYERS[name]
+  return cls(C, F, (3, 3), strides, rngs=nnx.Rngs(0), **{**rank, **kwargs})
 
 
-@pytest.mark.parametrize("name", LAYERS)
-def test_linen_nnx_parity(name):
-  linen_cls, nnx_cls, rank = LAYERS[name]
+def _linen_layer(name, **kwargs):
+  cls, _, rank = LAYERS[name]
+  return cls(features=F, kernel_size=(3, 3), **{**rank, **kwargs})
+
+
+def _copy_into(params, layer):
+  """Linen's params dict into an nnx layer, the Flax parity idiom."""
+  for key, value in params.items():
+    getattr(layer, key)[...] = value
+
+
+def _call(layer, x):
+  return nnx.jit(lambda m, x: m(x))(layer, x)
+
+
+def _flax_nnx_conv(kernel, bias, x, **kwargs):
+  """Flax's nnx.Conv holding a given dense kernel (and bias): the oracle."""
+  conv = nnx.Conv(x.shape[-1], kernel.shape[-1], kernel.shape[:-2],
+                  use_bias=bias is not None, precision=lax.Precision.HIGHEST,
+                  rngs=nnx.Rngs(0), **kwargs)
+  conv.kernel[...] = kernel.astype(conv.kernel.dtype)
+  if bias is not None:
+    conv.bias[...] = bias
+  return conv(x)
+
+
+# --- parity and the Flax oracle ---------------------------------------------------
+
+SWEEP = pairwise(dict(
+    layer=list(LAYERS), strides=[1, (2, 1)],
+    padding=["SAME", "CIRCULAR", ((1, 0), (2, 1))],
+    kernel_dilation=[1, (1, 2)],
+    implementation=["factorized", "reconstructed", "auto"],
+    use_bias=[True, False]))
+
+
+@pytest.mark.parametrize("case", SWEEP, ids=ids(SWEEP))
+def test_linen_equals_nnx_equals_flax_conv_on_to_dense(case):
+  name = case["layer"]
+  geometry = dict(strides=case["strides"], padding=case["padding"],
+                  kernel_dilation=case["kernel_dilation"])
+  options = dict(use_bias=case["use_bias"],
+                 implementation=case["implementation"])
   x = _x()
-  linen_layer = linen_cls(features=10, kernel_size=(3, 3), **GEOMETRY, **rank)
+  linen_layer = _linen_layer(name, **geometry, **options)
   variables = linen_layer.init(jax.random.key(0), x)
-  nnx_layer = nnx_cls(6, 10, (3, 3), GEOMETRY["strides"],
-                      padding=GEOMETRY["padding"],
-                      dilation=GEOMETRY["dilation"], rngs=nnx.Rngs(0), **rank)
+  nnx_layer = _nnx_layer(name, geometry.pop("strides"), **geometry, **options)
   assert set(variables["params"]) == set(nnx.state(nnx_layer, nnx.Param))
-  _linen_to_nnx(variables["params"], nnx_layer)
-  y_linen = linen_layer.apply(variables, x)
-  y_nnx = nnx_layer(x)
-  np.testing.assert_array_equal(y_linen, y_nnx)
-  # Both are conv(x, factors) + bias.
-  fmt = nnx_layer.factors
-  expected = (flax_conv(x, fmt.to_dense(), **GEOMETRY)
-              + nnx_layer.bias[...].reshape(1, 1, 1, -1))
-  assert relative_error(y_nnx, expected) < 1e-5
-  assert type(linen_layer.factors(variables["params"], 6)) is type(fmt)
+  _copy_into(variables["params"], nnx_layer)
+  y = _call(nnx_layer, x)
+  np.testing.assert_array_equal(
+      jax.jit(linen_layer.apply)(variables, x), y)
+
+  factors = nnx_layer.factors
+  assert type(linen_layer.factors(variables["params"], C)) is type(factors)
+  bias = nnx_layer.bias[...] if case["use_bias"] else None
+  expected = jaxfactor.conv(
+      x, factors, strides=case["strides"], padding=case["padding"],
+      dilation=case["kernel_dilation"],
+      implementation=case["implementation"])
+  if bias is not None:
+    expected = expected + bias.reshape(1, 1, 1, F)
+  np.testing.assert_allclose(y, expected, rtol=1e-6, atol=1e-6)
+  flax_y = _flax_nnx_conv(
+      factors.to_dense(), bias, x, strides=case["strides"],
+      padding=case["padding"], kernel_dilation=case["kernel_dilation"])
+  assert relative_error(y, flax_y) < 1e-5
+  flax_params = {"kernel": factors.to_dense()}
+  if bias is not None:
+    flax_params["bias"] = bias
+  linen_flax_y = nn.Conv(
+      F, (3, 3), strides=case["strides"], padding=case["padding"],
+      kernel_dilation=case["kernel_dilation"], use_bias=case["use_bias"],
+      precision=lax.Precision.HIGHEST).apply({"params": flax_params}, x)
+  assert relative_error(y, linen_flax_y) < 1e-5
+
+
+DEPTHWISE_SWEEP = pairwise(dict(
+    strides=[1, (1, 2)], padding=["SAME", "REFLECT", 1],
+    kernel_dilation=[1, (2, 1)], channel_multiplier=[1, 2]))
+
+
+@pytest.mark.parametrize("case", DEPTHWISE_SWEEP, ids=ids(DEPTHWISE_SWEEP))
+def test_depthwise_conv_linen_nnx_and_grouped_flax_conv(case):
+  x, m = _x(), case["channel_multiplier"]
+  geometry = dict(strides=case["strides"], padding=case["padding"],
+                  kernel_dilation=case["kernel_dilation"])
+  linen_layer = jlinen.DepthwiseConv((3, 3), channel_multiplier=m, **geometry)
+  variables = linen_layer.init(jax.random.key(0), x)
+  nnx_layer = jnnx.DepthwiseConv(C, (3, 3), channel_multiplier=m,
+                                 rngs=nnx.Rngs(0), **geometry)
+  _copy_into(variables["params"], nnx_layer)
+  y = _call(nnx_layer, x)
+  np.testing.assert_array_equal(jax.jit(linen_layer.apply)(variables, x), y)
+  flax_y = _flax_nnx_conv(nnx_layer.depthwise[...], nnx_layer.bias[...], x,
+                          feature_group_count=C, **geometry)
+  assert relative_error(y, flax_y) < 1e-5
+
+
+def test_pointwise_conv_linen_nnx_and_a_1x1_flax_conv():
+  x = _x((2, 3, 5, 7, C))  # two batch axes, 2-D spatial
+  linen_layer = jlinen.PointwiseConv(features=F)
+  variables = linen_layer.init(jax.random.key(0), x)
+  nnx_layer = jnnx.PointwiseConv(C, F, rngs=nnx.Rngs(0))
+  _copy_into(variables["params"], nnx_layer)
+  y = _call(nnx_layer, x)
+  np.testing.assert_array_equal(jax.jit(linen_layer.apply)(variables, x), y)
+  flax_y = _flax_nnx_conv(nnx_layer.pointwise[...].reshape(1, 1, C, F),
+                          nnx_layer.bias[...], x.reshape(6, 5, 7, C))
+  assert relative_error(y, flax_y.reshape(y.shape)) < 1e-5
 
 
 @pytest.mark.parametrize("name", LAYERS)
-def test_param_names_shapes_and_counts_match_cost(name):
-  _, nnx_cls, rank = LAYERS[name]
-  layer = nnx_cls(6, 10, (3, 3), rngs=nnx.Rngs(0), use_bias=False, **rank)
-  fmt = layer.factors
-  params = nnx.state(layer, nnx.Param)
-  assert set(params) == set(fmt.params())
-  count = sum(math.prod(v.shape) for v in jax.tree.leaves(params))
-  assert count == jaxfactor.cost(fmt, (1, 8, 8, 6)).params == fmt.num_params
-  assert set(params) <= {"depthwise", "pointwise", "spatial", "in_proj",
-                         "core", "out_proj", "spatial_0", "spatial_1",
-                         "factors_0", "factors_1"}
-
-
-@pytest.mark.parametrize("name", LAYERS)
-def test_default_init_has_the_dense_lecun_variance(name):
-  """Var(to_dense()) of a large layer is within 10% of lecun_normal's
-  1 / (k * C), the variance of Flax's default dense conv of the same shape."""
-  _, nnx_cls, _ = LAYERS[name]
-  rank = (dict(channel_multiplier=4) if name == "depthwise_separable" else
-          dict(rank=0.5))
-  layer = nnx_cls(256, 256, (3, 3), rngs=nnx.Rngs(0), **rank)
-  variance = float(jnp.var(layer.factors.to_dense()))
-  assert abs(variance * 9 * 256 - 1) < 0.1
-
-
-@pytest.mark.parametrize("name", LAYERS)
-def test_spectral_init_decomposes_a_dense_draw(name):
-  linen_cls, nnx_cls, rank = LAYERS[name]
-  layer = nnx_cls(6, 10, (3, 3), init="spectral", rngs=nnx.Rngs(0), **rank)
-  dense = jax.nn.initializers.lecun_normal()(jax.random.key(0), (3, 3, 6, 10))
-  del dense  # different key stream; check the property instead:
-  fmt = layer.factors
-  # Spectral factors of a lecun draw: balanced factors, dense variance kept
-  # up to truncation (never above the dense variance).
-  assert float(jnp.var(fmt.to_dense())) <= 1.05 / (9 * 6)
-  variables = linen_cls(features=10, kernel_size=(3, 3),
-                        initialization="spectral", **rank).init(
-                            jax.random.key(0), _x())
-  assert set(variables["params"]) == set(fmt.params()) | {"bias"}
-
-
-@pytest.mark.parametrize("name", LAYERS)
-def test_jit_and_grad_through_every_layer(name):
-  _, nnx_cls, rank = LAYERS[name]
-  layer = nnx_cls(6, 10, (3, 3), rngs=nnx.Rngs(0), **rank)
+def test_linen_and_nnx_gradients_agree(name):
   x = _x()
+  linen_layer = _linen_layer(name)
+  variables = linen_layer.init(jax.random.key(0), x)
+  nnx_layer = _nnx_layer(name)
+  _copy_into(variables["params"], nnx_layer)
+  linen_grads = jax.jit(jax.grad(
+      lambda v: jnp.mean(linen_layer.apply(v, x) ** 2)))(variables)["params"]
+  nnx_grads = nnx.jit(nnx.grad(lambda m: jnp.mean(m(x) ** 2)))(nnx_layer)
+  nnx_grads = nnx.to_pure_dict(nnx.state(nnx_grads, nnx.Param))
+  assert set(nnx_grads) == set(linen_grads)
+  for key, grad in linen_grads.items():
+    assert bool(jnp.any(grad != 0)), key  # every factor is used
+    np.testing.assert_allclose(nnx_grads[key], grad, rtol=1e-6, atol=1e-7)
 
-  @nnx.jit
-  def loss_and_grad(layer, x):
-    return nnx.value_and_grad(lambda m: jnp.mean(m(x) ** 2))(layer)
 
-  loss, grads = loss_and_grad(layer, x)
-  assert np.isfinite(float(loss))
-  flat = jax.tree.leaves(nnx.state(grads, nnx.Param))
-  assert flat and all(bool(jnp.any(g != 0)) for g in flat)
+def test_batch_axes_are_flattened_and_restored():
+  layer = _nnx_layer("tucker")
+  x = _x((2, 3, 9, 8, C))
+  y = _call(layer, x)
+  assert y.shape == (2, 3, 9, 8, F)
+  np.testing.assert_allclose(_call(layer, x[1, 2]), y[1, 2], rtol=1e-6,
+                             atol=1e-6)
 
 
-def test_primitive_layers():
-  x = _x()
-  dw = jnnx.DepthwiseConv(6, (3, 3), channel_multiplier=2, rngs=nnx.Rngs(0))
-  y = dw(x)
-  expected = (jaxfactor.depthwise_conv(x, dw.depthwise[...])
-              + dw.bias[...].reshape(1, 1, 1, -1))
-  np.testing.assert_allclose(y, expected, rtol=1e-6)
-  variables = jlinen.DepthwiseConv(kernel_size=(3, 3),
-                                   channel_multiplier=2).init(
-                                       jax.random.key(0), x)
-  assert variables["params"]["depthwise"].shape == (3, 3, 1, 12)
-  pw = jnnx.PointwiseConv(6, 4, rngs=nnx.Rngs(0))
+# --- dtypes -----------------------------------------------------------------------
+
+DTYPE_SWEEP = pairwise(dict(
+    layer=["low_rank", "cp"], dtype=[None, jnp.bfloat16],
+    param_dtype=[jnp.float32, jnp.bfloat16], x=[jnp.float32, jnp.bfloat16]))
+
+
+@pytest.mark.parametrize("case", DTYPE_SWEEP, ids=ids(DTYPE_SWEEP))
+def test_dtype_and_param_dtype_promote_as_flax_conv(case):
+  # Users run with JAX's standard promotion, which Flax relies on.
+  with jax.numpy_dtype_promotion("standard"):
+    layer = _nnx_layer(case["layer"], dtype=case["dtype"],
+                       param_dtype=case["param_dtype"])
+    assert layer.factors.dtype == case["param_dtype"]
+    x = _x(dtype=case["x"])
+    y = layer(x)
+    flax_y = _flax_nnx_conv(layer.factors.to_dense(), layer.bias[...], x,
+                            dtype=case["dtype"],
+                            param_dtype=case["param_dtype"])
+  assert y.dtype == flax_y.dtype
+  assert relative_error(y, flax_y) < 2e-2  # bfloat16 rounding
+
+
+@pytest.mark.parametrize("framework", ["nnx", "linen"])
+def test_preferred_element_type_is_the_output_dtype(framework):
+  x = _x(dtype=jnp.bfloat16)
+  options = dict(param_dtype=jnp.bfloat16,
+                 preferred_element_type=jnp.float32)
+  if framework == "nnx":
+    layer = _nnx_layer("tucker", **options)
+    y, factors, bias = layer(x), layer.factors, layer.bias[...]
+  else:
+    layer = _linen_layer("tucker", **options)
+    variables = layer.init(jax.random.key(0), x)
+    y = layer.apply(variables, x)
+    factors = layer.factors(variables["params"])
+    bias = variables["params"]["bias"]
+  assert y.dtype == jnp.float32
+  expected = jaxfactor.conv(x, factors, preferred_element_type=jnp.float32)
   np.testing.assert_allclose(
-      pw(x), x @ pw.pointwise[...] + pw.bias[...].reshape(1, 1, 1, -1),
-      rtol=1e-6)
-  lv = jlinen.PointwiseConv(features=4).init(jax.random.key(0), x)
-  assert lv["params"]["pointwise"].shape == (6, 4)
+      y, expected + bias.astype(jnp.float32).reshape(1, 1, 1, F), rtol=1e-6)
+  with jax.numpy_dtype_promotion("standard"):  # Flax adds a bfloat16 bias
+    flax_y = _flax_nnx_conv(factors.to_dense(), bias, x,
+                            param_dtype=jnp.bfloat16,
+                            preferred_element_type=jnp.float32)
+  assert flax_y.dtype == jnp.float32 and relative_error(y, flax_y) < 1e-2
 
 
-def test_primitive_layers_linen_nnx_parity():
-  x = _x()
-  linen_dw = jlinen.DepthwiseConv(kernel_size=(3, 3), channel_multiplier=2,
-                                  strides=2)
-  variables = linen_dw.init(jax.random.key(0), x)
-  nnx_dw = jnnx.DepthwiseConv(6, (3, 3), 2, channel_multiplier=2,
-                              rngs=nnx.Rngs(0))
-  _linen_to_nnx(variables["params"], nnx_dw)
-  np.testing.assert_array_equal(linen_dw.apply(variables, x), nnx_dw(x))
-  linen_pw = jlinen.PointwiseConv(features=4)
-  variables = linen_pw.init(jax.random.key(0), x)
-  nnx_pw = jnnx.PointwiseConv(6, 4, rngs=nnx.Rngs(0))
-  _linen_to_nnx(variables["params"], nnx_pw)
-  np.testing.assert_array_equal(linen_pw.apply(variables, x), nnx_pw(x))
+# --- initialization -------------------------------------------------------------------
+
+FIXED = jax.random.normal(jax.random.key(7), (3, 3, C, F), jnp.float32)
 
 
 @pytest.mark.parametrize("name", LAYERS)
-def test_linen_jit_and_grad(name):
-  linen_cls, _, rank = LAYERS[name]
-  layer = linen_cls(features=10, kernel_size=(3, 3), **rank)
-  x = _x()
-  variables = layer.init(jax.random.key(0), x)
-  grads = jax.jit(jax.grad(
-      lambda v: jnp.mean(layer.apply(v, x) ** 2)))(variables)
-  assert all(bool(jnp.any(g != 0)) for g in jax.tree.leaves(grads))
+def test_kernel_init_gives_the_decomposition_of_its_draw(name):
+  seen = []
+
+  def kernel_init(key, shape, dtype):
+    seen.append((tuple(shape), dtype))
+    return FIXED.astype(dtype)
+
+  _, _, rank = LAYERS[name]
+  expected = jaxfactor.decompose(FIXED, FORMAT_NAMES[name],
+                                 rank=next(iter(rank.values()))).to_dense()
+  nnx_layer = _nnx_layer(name, kernel_init=kernel_init)
+  linen_layer = _linen_layer(name, kernel_init=kernel_init)
+  variables = linen_layer.init(jax.random.key(0), _x())
+  assert seen == [((3, 3, C, F), jnp.float32)] * 2
+  for factors in (nnx_layer.factors, linen_layer.factors(variables["params"],
+                                                          C)):
+    np.testing.assert_allclose(factors.to_dense(), expected, rtol=1e-5,
+                               atol=1e-6)
 
 
-def test_bfloat16_compute_dtype_promotes_like_flax():
-  layer = jnnx.TuckerConv(6, 10, (3, 3), rank=(2, 3), dtype=jnp.bfloat16,
-                          rngs=nnx.Rngs(0))
-  assert layer(_x()).dtype == jnp.bfloat16
-  assert layer.factors.dtype == jnp.float32  # param_dtype
+@pytest.mark.parametrize("name", LAYERS)
+def test_each_initializer_sets_its_own_factors(name):
+  constants = {arg: nnx.initializers.constant(float(i + 2))
+               for i, arg in enumerate(INITIALIZERS[name])}
+  bias_init = nnx.initializers.constant(-1.0)
+  nnx_params = nnx.to_pure_dict(nnx.state(
+      _nnx_layer(name, bias_init=bias_init, **constants), nnx.Param))
+  linen_params = _linen_layer(name, bias_init=bias_init, **constants).init(
+      jax.random.key(0), _x())["params"]
+  for params in (nnx_params, linen_params):
+    assert set(params) == {"bias", *(p for ps in INITIALIZERS[name].values()
+                                     for p in ps)}
+    np.testing.assert_array_equal(params["bias"], -1.0)
+    for i, arg in enumerate(INITIALIZERS[name]):
+      for param in INITIALIZERS[name][arg]:
+        np.testing.assert_array_equal(params[param], float(i + 2))
 
+
+def test_primitive_layers_initializers():
+  constant = nnx.initializers.constant
+  depthwise = jnnx.DepthwiseConv(C, (3, 3), depthwise_init=constant(2.0),
+                                 bias_init=constant(3.0), rngs=nnx.Rngs(0))
+  pointwise = jnnx.PointwiseConv(C, F, pointwise_init=constant(4.0),
+                                 use_bias=False, rngs=nnx.Rngs(0))
+  np.testing.assert_array_equal(depthwise.depthwise[...], 2.0)
+  np.testing.assert_array_equal(depthwise.bias[...], 3.0)
+  np.testing.assert_array_equal(pointwise.pointwise[...], 4.0)
+  assert pointwise.bias is None
+  params = jlinen.DepthwiseConv((3, 3), depthwise_init=constant(5.0)).init(
+      jax.random.key(0), _x())["params"]
+  np.testing.assert_array_equal(params["depthwise"], 5.0)
+
+
+@pytest.mark.parametrize("name", LAYERS)
+def test_default_init_has_the_variance_of_a_dense_lecun_kernel(name):
+  """Var(to_dense()) is within 15% of 1 / (k * C), the variance of Flax's
+  default dense conv of the same shape (lecun_normal)."""
+  _, cls, _ = LAYERS[name]
+  rank = jaxfactor.Budget(params=0.5)
+  rank_arg = ({"channel_multiplier": 4} if name == "depthwise_separable"
+              else {"rank": rank})
+  layer = cls(128, 128, (3, 3), rngs=nnx.Rngs(0), **rank_arg)
+  variance = float(jnp.var(layer.factors.to_dense()))
+  assert abs(variance * 9 * 128 - 1) < 0.15
+
+
+@pytest.mark.parametrize("name", LAYERS)
+def test_budget_rank_is_the_one_decompose_picks(name):
+  budget = jaxfactor.Budget(params=0.4)
+  _, cls, rank = LAYERS[name]
+  arg = next(iter(rank))
+  layer = _nnx_layer(name, **{arg: budget})
+  expected = _ranks.rank_of(jax.eval_shape(
+      lambda k: jaxfactor.decompose(k, FORMAT_NAMES[name], rank=budget,
+                                    iterations=1, restarts=0),
+      jax.ShapeDtypeStruct((3, 3, C, F), jnp.float32)))
+  assert _ranks.rank_of(layer.factors) == expected
+  assert layer.factors.num_params <= 0.4 * 9 * C * F
+  params = _linen_layer(name, **{arg: budget}).init(jax.random.key(0),
+                                                    _x())["params"]
+  assert {k: v.shape for k, v in params.items()} == {
+      k: v.shape for k, v in nnx.to_pure_dict(
+          nnx.state(layer, nnx.Param)).items()}
+
+
+# --- sharding metadata ------------------------------------------------------------------
+
+def _names(shape):
+  """A partitioning for a factor: the last axis on "model"."""
+  return (None,) * (len(shape) - 1) + ("model",)
+
+
+@pytest.mark.parametrize("name", LAYERS)
+def test_with_partitioning_reaches_the_params(name):
+  default = _nnx_layer(name)
+  partitioning = {arg: _names(getattr(default, params[0]).shape)
+                  for arg, params in INITIALIZERS[name].items()}
+  mesh = jax.make_mesh((1,), ("model",),
+                       axis_types=(jax.sharding.AxisType.Auto,))
+  with jax.set_mesh(mesh):
+    layer = _nnx_layer(name, **{
+        arg: nnx.with_partitioning(nnx.initializers.lecun_normal(), names)
+        for arg, names in partitioning.items()})
+  params = {k: getattr(layer, k) for k in layer.param_names}
+  for key, param in params.items():
+    names = _names(param.shape)
+    assert param.get_metadata()["out_sharding"] == names, key
+    assert param[...].sharding.spec == jax.sharding.PartitionSpec(*names)
+  linen_layer = _linen_layer(name, **{
+      arg: nn.with_partitioning(nn.initializers.lecun_normal(), names)
+      for arg, names in partitioning.items()})
+  variables = linen_layer.init(jax.random.key(0), _x())
+  for key in params:
+    box = variables["params"][key]
+    assert isinstance(box, nn.Partitioned), key
+    assert box.names == _names(box.value.shape)
+  unboxed = meta.unbox(variables)
+  np.testing.assert_array_equal(linen_layer.apply(variables, _x()),
+                                linen_layer.apply(unboxed, _x()))
+  assert linen_layer.factors(variables["params"], C).shape == (3, 3, C, F)
+
+
+# --- state ------------------------------------------------------------------------------
 
 def test_checkpoint_round_trip():
-  model = jnnx.CPConv(6, 10, (3, 3), rank=4, rngs=nnx.Rngs(0))
+  model = _nnx_layer("cp")
   saved = serialization.to_bytes(nnx.to_pure_dict(nnx.state(model)))
-  fresh = jnnx.CPConv(6, 10, (3, 3), rank=4, rngs=nnx.Rngs(1))
+  fresh = jnnx.CPConv(C, F, (3, 3), rank=4, rngs=nnx.Rngs(1))
   state = nnx.state(fresh)
-  target = nnx.to_pure_dict(state)
-  nnx.replace_by_pure_dict(state, serialization.from_bytes(target, saved))
+  nnx.replace_by_pure_dict(
+      state, serialization.from_bytes(nnx.to_pure_dict(state), saved))
   nnx.update(fresh, state)
-  np.testing.assert_array_equal(fresh(_x()), model(_x()))
+  np.testing.assert_array_equal(_call(fresh, _x()), _call(model, _x()))
 
 
-def test_trains_with_optax():
-  model = jnnx.LowRankConv(6, 4, (3, 3), rank=2, rngs=nnx.Rngs(0))
-  optimizer = nnx.Optimizer(model, optax.sgd(0.05), wrt=nnx.Param)
-  x, target = _x(), jnp.zeros((2, 9, 8, 4), jnp.float32)
-
-  @nnx.jit
-  def step(model, optimizer):
-    loss, grads = nnx.value_and_grad(
-        lambda m: jnp.mean((m(x) - target) ** 2))(model)
-    optimizer.update(model, grads)
-    return loss
-
-  losses = [float(step(model, optimizer)) for _ in range(5)]
-  assert losses[-1] < losses[0]
-
-
-# --- bad input -------------------------------------------------------------------
-
-def test_rank_above_the_maximum_names_the_layer():
-  with pytest.raises(ValueError, match=r"TuckerConv: `rank` \(7, 9\) is out"
-                     r" of range for Tucker and kernel shape \(3, 3, 6, 10\):"
-                     r" each must be >= 1 and at most max_rank = \(6, 10\)"):
-    jnnx.TuckerConv(6, 10, (3, 3), rank=(7, 9), rngs=nnx.Rngs(0))
-  with pytest.raises(ValueError, match=r"LowRankConv: `rank` 99 is out of"
-                     r" range"):
-    jlinen.LowRankConv(features=10, kernel_size=(3, 3), rank=99).init(
-        jax.random.key(0), _x())
-
-
-def test_in_features_mismatch_at_call():
-  layer = jnnx.LowRankConv(6, 10, (3, 3), rank=2, rngs=nnx.Rngs(0))
-  with pytest.raises(ValueError, match=r"LowRankConv: the input has 5"
-                     r" channels \(shape \(2, 9, 8, 5\)\) but the layer has"
-                     r" in_features=6"):
-    layer(_x((2, 9, 8, 5)))
-  linen_layer = jlinen.TuckerConv(features=10, kernel_size=(3, 3), rank=2)
-  variables = linen_layer.init(jax.random.key(0), _x())
-  with pytest.raises(ValueError, match=r"TuckerConv: the input has 5"
-                     r" channels .* in_features=6"):
-    linen_layer.apply(variables, _x((2, 9, 8, 5)))
-
-
-def test_kernel_size_of_the_wrong_length():
-  with pytest.raises(ValueError, match=r"CPConv: `strides` must be an int or"
-                     r" a sequence of 2 ints \(one per spatial axis\), got"
-                     r" \(1, 1, 1\)"):
-    jnnx.CPConv(6, 10, (3, 3), (1, 1, 1), rank=2, rngs=nnx.Rngs(0))
-  with pytest.raises(ValueError, match=r"LowRankConv: `kernel_size` must be a"
-                     r" positive int or a non-empty sequence of positive ints,"
-                     r" got \(3, 0\)"):
-    jnnx.LowRankConv(6, 10, (3, 0), rank=2, rngs=nnx.Rngs(0))
-  with pytest.raises(ValueError, match=r"SpatiallySeparableConv:"
-                     r" SpatiallySeparable needs at least 2 spatial axes"):
-    jnnx.SpatiallySeparableConv(6, 10, 3, rank=2, rngs=nnx.Rngs(0))
-  layer = jnnx.LowRankConv(6, 10, (3, 3), rank=2, rngs=nnx.Rngs(0))
-  with pytest.raises(ValueError, match=r"LowRankConv: the input must have"
-                     r" shape \[\*batch, \*spatial, C\] with 2 spatial axes"):
-    layer(jnp.ones((8, 6)))
-
-
-def test_unknown_names():
-  with pytest.raises(ValueError, match=r"factorize: `format` must be one of"
-                     r" \('depthwise_separable', 'spatially_separable',"
-                     r" 'low_rank', 'tucker', 'cp'\) or the matching class, got"
-                     r" 'svd'"):
-    jnnx.factorize(jnnx.LowRankConv(6, 10, (3, 3), rank=2, rngs=nnx.Rngs(0)),
-                   "svd", rank=2)
-  with pytest.raises(TypeError, match=r"LowRankConv: unexpected arguments"
-                     r" \['core_init'\]"):
-    jnnx.LowRankConv(6, 10, (3, 3), rank=2, core_init=None, rngs=nnx.Rngs(0))
-  with pytest.raises(ValueError, match=r"TuckerConv: `init` must be 'default'"
-                     r" or 'spectral', got 'svd'"):
-    jnnx.TuckerConv(6, 10, (3, 3), rank=2, init="svd", rngs=nnx.Rngs(0))
-  with pytest.raises(ValueError, match=r"TuckerConv: `rank` is required"):
-    jlinen.TuckerConv(features=4, kernel_size=(3, 3)).init(
-        jax.random.key(0), _x())
+def test_param_counts_match_cost():
+  for name in LAYERS:
+    layer = _nnx_layer(name, use_bias=False)
+    params = nnx.state(layer, nnx.Param)
+    count = sum(math.prod(v.shape) for v in jax.tree.leaves(params))
+    assert count == layer.factors.num_params == jaxfactor.cost(
+        layer.factors, (1, 8, 8, C)).params
