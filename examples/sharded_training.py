@@ -1,8 +1,9 @@
 """Data-parallel training of a factorized model, factors sharded by metadata.
 
 Builds a small CNN on digits whose convs are jaxfactor layers (`TuckerConv`,
-`CPConv`) declared with `partitioning=`: mesh-axis names per factor, stored
-as each `nnx.Param`'s `out_sharding`. Built under `jax.set_mesh(mesh)` on a
+`CPConv`) whose factor initializers carry mesh-axis names, Flax's idiom:
+`in_proj_init=nnx.with_partitioning(init, (None, "model"))` stores the names
+as the `nnx.Param`'s `out_sharding`. Built under `jax.set_mesh(mesh)` on a
 `("data", "model")` mesh over all devices, the parameters (and Adam's state,
 which follows them) are sharded by that metadata: the factorization's inner
 rank axis is split over "model", so each device holds part of every factor.
@@ -33,19 +34,32 @@ import argparse  # noqa: E402
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 import optax  # noqa: E402
+from compress_digits import load_data  # noqa: E402
+from compress_digits import train_step  # noqa: E402
 from flax import nnx  # noqa: E402
 from jax.sharding import NamedSharding  # noqa: E402
 from jax.sharding import PartitionSpec as P  # noqa: E402
 
 import jaxfactor.nnx  # noqa: E402
-from compress_digits import load_data, train_step  # noqa: E402
 
-# Mesh-axis names per factor: the inner rank axes over "model".
-TUCKER_PARTITIONING = {"in_proj": (None, "model"),
-                       "core": (None, None, None, "model"),
-                       "out_proj": ("model", None), "bias": (None,)}
-CP_PARTITIONING = {"in_proj": (None, "model"), "spatial": (None, "model"),
-                   "out_proj": ("model", None), "bias": (None,)}
+
+def sharded(*names):
+  """Flax's default kernel initializer, with mesh-axis `names` attached."""
+  return nnx.with_partitioning(nnx.initializers.lecun_normal(), names)
+
+
+# Mesh-axis names per factor: the inner rank axes over "model"; the biases
+# replicated.
+TUCKER_INITS = dict(in_proj_init=sharded(None, "model"),
+                    core_init=sharded(None, None, None, "model"),
+                    out_proj_init=sharded("model", None),
+                    bias_init=nnx.with_partitioning(
+                        nnx.initializers.zeros_init(), (None,)))
+CP_INITS = dict(in_proj_init=sharded(None, "model"),
+                spatial_init=sharded(None, "model"),  # every axis' factor
+                out_proj_init=sharded("model", None),
+                bias_init=nnx.with_partitioning(
+                    nnx.initializers.zeros_init(), (None,)))
 
 
 class Net(nnx.Module):
@@ -54,10 +68,9 @@ class Net(nnx.Module):
   def __init__(self, rngs):
     self.conv1 = nnx.Conv(1, 32, (3, 3), rngs=rngs)
     self.conv2 = jaxfactor.nnx.TuckerConv(
-        32, 64, (3, 3), rank=(16, 16), partitioning=TUCKER_PARTITIONING,
-        rngs=rngs)
+        32, 64, (3, 3), rank=(16, 16), **TUCKER_INITS, rngs=rngs)
     self.conv3 = jaxfactor.nnx.CPConv(
-        64, 64, (3, 3), rank=32, partitioning=CP_PARTITIONING, rngs=rngs)
+        64, 64, (3, 3), rank=32, **CP_INITS, rngs=rngs)
     self.head = nnx.Linear(2 * 2 * 64, 10, rngs=rngs)
 
   def __call__(self, x):
