@@ -14,11 +14,11 @@ included, are those of the chains, whatever the backend.
 Training runs Adam with a cosine-decayed learning rate for a fixed number of
 epochs, which converges on this data, and keeps the *last* model: no
 checkpoint is picked by its test accuracy (the dense model's best per-epoch
-test accuracy is printed next to its final one). A budget below a format's cheapest factorization (e.g.
-DepthwiseSeparable, whose cost is fixed by its channel multiplier) makes
-`factorize` raise; the row then holds the cheapest factorization (rank 1 in
-every layer), its FLOP fraction shows by how much it misses, and its note says
-so.
+test accuracy is printed next to its final one). A budget below a format's
+cheapest factorization (e.g. DepthwiseSeparable, whose cost is fixed by its
+channel multiplier) makes `factorize` raise; the row then holds the cheapest
+factorization (rank 1 in every layer), its FLOP fraction shows by how much it
+misses, and its note says so.
 
 Prints one table and writes `compress_digits.csv` and `compress_digits.png`
 (test accuracy against conv FLOPs, one line per format) to `--out`.
@@ -45,8 +45,8 @@ import jaxfactor
 import jaxfactor.nnx
 
 matplotlib.use("Agg")  # Files only: no display needed.
-import matplotlib.pyplot as plt  # noqa: E402
-import matplotlib.ticker  # noqa: E402
+import matplotlib.pyplot as plt
+import matplotlib.ticker
 
 FORMATS = {cls.__name__: cls for cls in (
     jaxfactor.DepthwiseSeparable, jaxfactor.SpatiallySeparable,

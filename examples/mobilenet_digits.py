@@ -20,11 +20,15 @@ import argparse
 
 import jax
 import numpy as np
+from compress_digits import load_data
+from compress_digits import median_ms
+from compress_digits import predict
+from compress_digits import train
+from compress_digits import train_step
 from flax import nnx
 
 import jaxfactor
 import jaxfactor.nnx
-from compress_digits import load_data, median_ms, predict, train, train_step
 
 # (in, out, stride) of each block after the 1 -> 32 stem: 8x8 -> 4x4 -> 2x2.
 BLOCKS = ((32, 64, 1), (64, 128, 2), (128, 128, 1), (128, 256, 2))
