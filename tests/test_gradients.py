@@ -1,243 +1,265 @@
-"""Gradients checked numerically: `check_grads`, order 2, fwd and rev, float64.
+"""Gradients: `check_grads` to order 2 in forward and reverse mode, float64.
 
 A factorized convolution is linear in `x` and in each factor separately, so
 central differences with `eps=1.0` are exact up to rounding (as in JAX's own
-convolution tests), and one factor is checked at a time.
-
-The "shift_add" depthwise lowering has a hand-written VJP and so, like every
-`jax.custom_vjp` function, supports reverse mode only: its checks run in "rev"
-mode (order 2: grad of grad), and forward mode is checked through
-"shift_add_autodiff" and "grouped", which share its forward pass or its
-results. "native" (the CPU default on one device, where it builds) is
-three bilinear primitives, each the others' transpose: both
-modes, any order.
+convolution tests), and one argument is checked at a time. Every CPU
+depthwise lowering (the native kernel, the shift-add, the grouped conv) is
+three bilinear primitives, each the others' transpose: both modes, any
+order. Then each lowering's VJP and JVP against Flax's grouped convolution
+on every geometry, and the shift-add's chunked weight gradient.
 """
+
+import functools
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
+import reference
 from jax.test_util import check_grads
+from reference import BATCHES
+from reference import DEPTHWISE_LOWERINGS
+from reference import PADDINGS
+from reference import STRIDES
+from reference import WINDOWS
+from reference import case_id
+from reference import random_format
+from reference import random_input
 
 import jaxfactor
-from jaxfactor import _native
-from jaxfactor import primitives
-from reference import FORMATS, random_format, random_input
+from jaxfactor import _shift_add
+from jaxfactor._lowering import forced
 
-# Float64 gradient tolerance from JAX's own tables (f64 ~1e-5).
-GRAD_TOL = 1e-5
-GEOMETRY = dict(strides=(2, 1), padding="SAME", dilation=(1, 2))
-
-
-# What `depthwise_lowering="auto"` runs here.
-AUTO_LOWERING = primitives.resolve_depthwise_lowering("test", "auto")
+F64 = jnp.float64
+TOL = reference.GRAD_TOL[jnp.dtype(F64)]
+# Strides and dilation that differ between the axes; the padding varies
+# from case to case.
+STRIDES_DILATION = dict(strides=(2, 1), dilation=(1, 2))
+CASE_PADDINGS = ("SAME", "CIRCULAR", ((2, 0), (0, 1)), "REFLECT", "VALID", 1)
 
 
-def _modes(has_depthwise=True, lowering="auto"):
-  if lowering == "auto":
-    lowering = AUTO_LOWERING
-  if has_depthwise and lowering == "shift_add":
-    return ("rev",)
-  return ("fwd", "rev")
-
-
-def _has_depthwise(fmt):
-  return any(primitives.is_depthwise(s) for s in fmt.stages())
-
-
-def _check(f, args, modes=("fwd", "rev")):
-  check_grads(f, args, order=2, modes=modes, eps=1.0,
-              atol=GRAD_TOL, rtol=GRAD_TOL)
-
-
-def _factor_paths(fmt):
-  return [path for path, _ in jax.tree_util.tree_leaves_with_path(fmt)]
-
-
-@pytest.mark.parametrize("name", FORMATS)
-@pytest.mark.parametrize("implementation", ["factorized", "reconstructed"])
-def test_grads_wrt_x(name, implementation):
-  fmt = random_format(name, (3, 2), 2, 3)
-  x = random_input((1, 5, 4, 2))
-  conv = jax.jit(lambda x: jaxfactor.conv(
-      x, fmt, implementation=implementation, **GEOMETRY))
-  _check(conv, (x,), _modes(_has_depthwise(fmt)
-                            and implementation != "reconstructed"))
-
-
-# The depthwise lowerings that run here ("native" needs its compiled kernel).
-LOWERINGS = ["shift_add", "shift_add_autodiff", "grouped",
-             pytest.param("native", marks=pytest.mark.skipif(
-                 not _native.available(),
-                 reason=f"native kernel unavailable: {_native.error()}"))]
-
-
-@pytest.mark.parametrize("name", ["depthwise_separable", "cp"])
-@pytest.mark.parametrize("lowering", LOWERINGS)
-def test_grads_of_each_depthwise_lowering(name, lowering):
-  fmt = random_format(name, (3, 2), 2, 3)
-  x = random_input((1, 5, 4, 2))
-  leaves, treedef = jax.tree.flatten(fmt)
-
-  def conv(x, first):
-    f = treedef.unflatten([first, *leaves[1:]])
-    return jaxfactor.conv(x, f, implementation="factorized",
-                          depthwise_lowering=lowering, **GEOMETRY)
-
-  modes = _modes(lowering=lowering)
-  _check(jax.jit(lambda x: conv(x, leaves[0])), (x,), modes)
-  _check(jax.jit(lambda first: conv(x, first)), (leaves[0],), modes)
-
-
-@pytest.mark.parametrize("n", [1, 2, 3])
-@pytest.mark.parametrize("padding",
-                         ["SAME", "VALID", "CIRCULAR", "REFLECT", 2, "pairs"])
-@pytest.mark.parametrize("geometry", ["unit", "strided_dilated"])
-@pytest.mark.parametrize("lowering", ["shift_add", "native"])
-def test_hand_written_vjp_equals_grouped_conv_vjp(n, padding, geometry,
-                                                  lowering):
-  """The hand-written VJPs ("shift_add"'s, "native"'s transposes) against
-  autodiff of `lax`'s grouped convolution (and of the shift-add forward
-  pass), on every padding mode, N = 1-3, with a channel multiplier."""
-  if lowering == "native" and not _native.available():
-    pytest.skip(f"native kernel unavailable: {_native.error()}")
-  window = (3, 2, 2)[:n]
-  x = random_input((2, *(7, 6, 5)[:n], 3))
-  kernel = random_input((*window, 1, 6), seed=2)  # channel multiplier 2
-  if padding == "pairs":
-    padding = ((2, 0), (0, 1), (1, 1))[:n]
-  kwargs = dict(padding=padding)
-  if geometry == "strided_dilated":
-    kwargs.update(strides=(2, 3, 1)[:n], dilation=(2, 1, 2)[:n])
-  cotangent = random_input(jaxfactor.depthwise_conv(x, kernel,
-                                                    **kwargs).shape, seed=3)
-
-  def vjp(lowering):
-    _, pullback = jax.vjp(lambda x, k: jaxfactor.depthwise_conv(
-        x, k, depthwise_lowering=lowering, **kwargs), x, kernel)
-    return pullback(cotangent)
-
-  ours = vjp(lowering)
-  for reference in ("grouped", "shift_add_autodiff"):
-    for a, b in zip(ours, vjp(reference)):
-      assert jnp.allclose(a, b, rtol=1e-12, atol=1e-12), reference
-
-
-def test_shift_add_is_reverse_mode_only():
-  """Documented: forward mode needs "shift_add_autodiff" or "grouped"."""
-  x = random_input((1, 5, 4, 2))
-  kernel = random_input((3, 3, 1, 2), seed=2)
-  f = lambda x, lowering: jaxfactor.depthwise_conv(
-      x, kernel, depthwise_lowering=lowering)
-  with pytest.raises(TypeError, match="forward-mode"):
-    jax.jvp(lambda x: f(x, "shift_add"), (x,), (x,))
-  jax.jvp(lambda x: f(x, "shift_add_autodiff"), (x,), (x,))
+def _check(fn, args):
+  check_grads(
+    fn, args, order=2, modes=("fwd", "rev"), eps=1.0, atol=TOL, rtol=TOL
+  )
 
 
 def _grad_cases():
-  for name in FORMATS:
-    fmt = random_format(name, (3, 2), 2, 3)
-    for index, path in enumerate(_factor_paths(fmt)):
-      yield name, index, jax.tree_util.keystr(path)
+  """(kernel, argument, implementation, depthwise, tap_matmul) to check.
 
-
-@pytest.mark.parametrize("implementation", ["factorized", "reconstructed"])
-@pytest.mark.parametrize("name,index,path", list(_grad_cases()))
-def test_grads_wrt_each_factor(name, index, path, implementation):
-  del path  # only in the test id
-  fmt = random_format(name, (3, 2), 2, 3)
-  leaves, treedef = jax.tree.flatten(fmt)
-  x = random_input((1, 5, 4, 2))
-
-  @jax.jit
-  def conv(factor):
-    replaced = treedef.unflatten(leaves[:index] + [factor] + leaves[index + 1:])
-    return jaxfactor.conv(x, replaced, implementation=implementation,
-                          **GEOMETRY)
-
-  _check(conv, (leaves[index],),
-         _modes(_has_depthwise(fmt) and implementation == "factorized"))
-
-
-@pytest.mark.parametrize("padding", ["CIRCULAR", "REFLECT"])
-def test_grads_through_materialized_padding(padding):
-  fmt = random_format("cp", (3, 3), 2, 3)
-  x = random_input((1, 4, 5, 2))
-  _check(jax.jit(lambda x: jaxfactor.conv(x, fmt, padding=padding)), (x,),
-         _modes())
-
-
-def test_grads_of_primitives():
-  x = random_input((1, 5, 4, 2))
-  depthwise = random_input((3, 2, 1, 4), seed=2)
-  pointwise = random_input((2, 3), seed=3)
-  _check(jax.jit(lambda x: jaxfactor.depthwise_conv(x, depthwise, **GEOMETRY)),
-         (x,), _modes())
-  _check(jax.jit(lambda k: jaxfactor.depthwise_conv(x, k, **GEOMETRY)),
-         (depthwise,), _modes())
-  _check(jax.jit(lambda x: jaxfactor.pointwise_conv(x, pointwise)), (x,))
-  _check(jax.jit(lambda k: jaxfactor.pointwise_conv(x, k)), (pointwise,))
-
-
-def test_grads_of_dense_kernel():
-  x = random_input((1, 5, 4, 2))
-  kernel = random_input((3, 2, 2, 3), seed=2)
-  _check(jax.jit(lambda x: jaxfactor.conv(x, kernel, **GEOMETRY)), (x,))
-  _check(jax.jit(lambda k: jaxfactor.conv(x, k, **GEOMETRY)), (kernel,))
+  Factorized: `x` and each depthwise filter under every depthwise lowering,
+  every other factor once; the dense spatial stages as XLA's convolution and
+  as tap matmuls. Reconstructed (through `to_dense`): one factor per format.
+  """
+  cases = []
+  rotation = iter(DEPTHWISE_LOWERINGS * 4)
+  for name, depthwise_args in (
+    ("depthwise_separable", ("x", 0)),
+    ("cp", ("x", 2)),
+  ):
+    count = 1 + len(jax.tree.leaves(random_format(name, (3, 2), 2, 3)))
+    for argument in ("x", *range(count - 1)):
+      lowerings = (
+        DEPTHWISE_LOWERINGS if argument in depthwise_args else [next(rotation)]
+      )
+      for lowering in lowerings:
+        cases.append((name, argument, "factorized", lowering, False))
+  for name in ("spatially_separable", "low_rank", "tucker", "dense"):
+    count = len(jax.tree.leaves(reference.random_kernel(name, (3, 2), 2, 3)))
+    for i, argument in enumerate(("x", *range(count))):
+      cases.append((name, argument, "factorized", None, i % 2 == 0))
+  for name in reference.FORMATS:
+    cases.append((name, 1, "reconstructed", None, False))
+  return [
+    pytest.param(
+      *case,
+      CASE_PADDINGS[i % len(CASE_PADDINGS)],
+      id=case_id(dict(enumerate(case))),
+    )
+    for i, case in enumerate(cases)
+  ]
 
 
 @pytest.mark.parametrize(
-    ("batch", "devices", "chunk"),
-    [(32, 1, 4), (32, 2, 8), (30, 1, 5), (31, 1, 5), (14, 1, 5), (12, 4, 12),
-     (13, 2, 10)])
-def test_shift_add_weight_grad_chunk_divides_the_batch(batch, devices, chunk):
-  """Loop chunks: a multiple of the devices, near `_CHUNK_BYTES` per device
+  "name,argument,implementation,depthwise,tap_matmul,padding", _grad_cases()
+)
+def test_check_grads_one_argument_at_a_time(
+  name, argument, implementation, depthwise, tap_matmul, padding
+):
+  reference.skip_unless_available(depthwise)
+  kernel = reference.random_kernel(name, (3, 2), 2, 3)
+  x = random_input((1, 6, 5, 2))
+  leaves, treedef = jax.tree.flatten(kernel)
+  conv = functools.partial(
+    jaxfactor.conv,
+    implementation=implementation,
+    padding=padding,
+    **STRIDES_DILATION,
+  )
+  if argument == "x":
+    fn, primal = (lambda x: conv(x, kernel)), x
+  else:
+
+    def fn(leaf):
+      replaced = leaves[:argument] + [leaf] + leaves[argument + 1 :]
+      return conv(x, treedef.unflatten(replaced))
+
+    primal = leaves[argument]
+  with forced(depthwise=depthwise, tap_matmul=tap_matmul):
+    _check(jax.jit(fn), (primal,))
+
+
+@pytest.mark.parametrize("lowering", DEPTHWISE_LOWERINGS)
+def test_check_grads_of_depthwise_conv(lowering):
+  reference.skip_unless_available(lowering)
+  x = random_input((1, 6, 5, 2))
+  kernel = random_input((3, 2, 1, 4), seed=2)  # channel multiplier 2
+  conv = functools.partial(
+    jaxfactor.depthwise_conv, padding="REFLECT", **STRIDES_DILATION
+  )
+  with forced(depthwise=lowering):
+    _check(jax.jit(lambda x: conv(x, kernel)), (x,))
+    _check(jax.jit(lambda k: conv(x, k)), (kernel,))
+
+
+def test_check_grads_of_pointwise_conv():
+  x = random_input((2, 5, 4, 2))
+  kernel = random_input((2, 3), seed=3)
+  _check(jax.jit(lambda x: jaxfactor.pointwise_conv(x, kernel)), (x,))
+  _check(jax.jit(lambda k: jaxfactor.pointwise_conv(x, k)), (kernel,))
+
+
+@pytest.mark.parametrize("lowering", DEPTHWISE_LOWERINGS)
+def test_forward_mode_equals_reverse_mode(lowering):
+  """`jax.jacfwd` equals `jax.jacrev` through `conv` (CP, depthwise
+  separable) and `depthwise_conv`; `jax.jvp` of these linear maps in `x`
+  is the map applied to the tangent."""
+  reference.skip_unless_available(lowering)
+  x = random_input((1, 5, 4, 2))
+  tangent = random_input(x.shape, seed=5)
+  functions = {
+    name: functools.partial(
+      jaxfactor.conv,
+      kernel=random_format(name, (3, 2), 2, 3),
+      implementation="factorized",
+      **STRIDES_DILATION,
+    )
+    for name in ("cp", "depthwise_separable")
+  }
+  functions["depthwise_conv"] = functools.partial(
+    jaxfactor.depthwise_conv,
+    kernel=random_input((3, 2, 1, 4), seed=2),
+    **STRIDES_DILATION,
+  )
+  with forced(depthwise=lowering):
+    for name, fn in functions.items():
+      forward = jax.jit(jax.jacfwd(fn))(x)
+      reverse = jax.jit(jax.jacrev(fn))(x)
+      np.testing.assert_allclose(forward, reverse, rtol=1e-12, atol=1e-12)
+      y, dy = jax.jit(lambda x, t, fn=fn: jax.jvp(fn, (x,), (t,)))(x, tangent)
+      np.testing.assert_allclose(dy, fn(tangent), rtol=1e-12, atol=1e-12)
+      np.testing.assert_allclose(y, fn(x), rtol=1e-12, atol=1e-12)
+      assert np.abs(forward).max() > 0, name
+
+
+def _possible(case):
+  return case.get("padding") != "CAUSAL" or case.get("n", 1) == 1
+
+
+VJP_CASES = reference.all_pairs(
+  {
+    "padding": PADDINGS,
+    "n": (1, 2, 3),
+    "depthwise": DEPTHWISE_LOWERINGS,
+    "strides": STRIDES,
+    "dilation": STRIDES,
+    "multiplier": (1, 2),
+    "batch": BATCHES[:3],
+  },
+  _possible,
+)
+
+
+@pytest.mark.parametrize("case", VJP_CASES, ids=case_id)
+def test_vjp_and_jvp_equal_flax_grouped_conv(case):
+  """Each lowering's transposes (reverse mode) and tangents (forward mode)
+  against autodiff of Flax's `nn.Conv(feature_group_count=C)`."""
+  reference.skip_unless_available(case["depthwise"])
+  n, channels = case["n"], 3
+  kernel = random_input((*WINDOWS[n], 1, channels * case["multiplier"]), seed=2)
+  x = random_input(
+    reference.spatial_input_shape(WINDOWS[n], batch=case["batch"], extra=3)
+  )
+  kwargs = reference.geometry(case, n)
+  ours = functools.partial(jaxfactor.depthwise_conv, **kwargs)
+  flax = functools.partial(
+    reference.flax_conv, feature_group_count=channels, **kwargs
+  )
+  cotangent = random_input(jax.eval_shape(flax, x, kernel).shape, seed=3)
+  tangents = (
+    random_input(x.shape, seed=4),
+    random_input(kernel.shape, seed=5),
+  )
+
+  def derivatives(fn, x, kernel):
+    _, pullback = jax.vjp(fn, x, kernel)
+    _, tangent = jax.jvp(fn, (x, kernel), tangents)
+    return (*pullback(cotangent), tangent)
+
+  with forced(depthwise=case["depthwise"]):
+    got = jax.jit(functools.partial(derivatives, ours))(x, kernel)
+  want = derivatives(flax, x, kernel)
+  for a, b in zip(got, want):
+    assert reference.relative_error(a, b) < reference.rtol(F64)
+
+
+# --- the shift-add's weight gradient ------------------------------------------
+
+
+@pytest.mark.parametrize(
+  ("batch", "devices", "chunk"),
+  [
+    (32, 1, 4),
+    (32, 2, 8),
+    (30, 1, 5),
+    (31, 1, 5),
+    (14, 1, 5),
+    (12, 4, 12),
+    (13, 2, 10),
+  ],
+)
+def test_weight_grad_chunk_divides_the_batch(batch, devices, chunk):
+  """Loop chunks: a multiple of the devices, near `CHUNK_BYTES` per device
   (here 5 images), dividing the batch where one of >= half that size does."""
-  per_item = primitives._CHUNK_BYTES // 5
-  assert primitives._chunk_size(batch, per_item, devices) == chunk
+  per_item = _shift_add.CHUNK_BYTES // 5
+  assert _shift_add.chunk_size(batch, per_item, devices) == chunk
 
 
-@pytest.mark.parametrize("batch", [7, 11, 12, 14])
-def test_shift_add_weight_grad_loop(monkeypatch, batch):
-  """The chunked weight-gradient loop (real activations are > 1 MiB; these
-  are shrunk to reach it: 4 images per step, 2 for a batch of 14, and one
-  pass for 7), a remainder chunk included (batch 11), equals the grouped
-  conv's gradient; in bfloat16 it accumulates in float32."""
-  assert jax.device_count() == 1  # the chunk is a multiple of the devices
-  x = random_input((batch, 5, 4, 3))
-  kernel = random_input((3, 3, 1, 3), seed=2)
-  cot = random_input((batch, 5, 4, 3), seed=3)
+@pytest.mark.parametrize("batch,loops", [(7, 1), (11, 3), (12, 2), (14, 2)])
+def test_weight_grad_loop_equals_the_definition(monkeypatch, batch, loops):
+  """The chunked loop (real activations are > 1 MiB; these are shrunk to
+  reach it: 4 images per step, 2 for a batch of 14, one pass for 7), a
+  remainder chunk included (batch 11), equals the definition; in bfloat16
+  it sums in float32 and rounds once."""
+  geometry = dict(strides=(1, 1), dilation=(1, 1), pads=((1, 1), (1, 1)))
 
-  def kernel_grad(lowering, dtype):
+  def weight_grad(x, cotangent):
+    return _shift_add.weight_grad(x, cotangent, (3, 3), *geometry.values())
+
+  for dtype in (F64, jnp.bfloat16):
+    x = random_input((batch, 5, 4, 3), dtype=dtype)
+    cotangent = random_input((batch, 5, 4, 3), seed=3, dtype=dtype)
     # 4 images' bytes in this dtype per loop step.
-    monkeypatch.setattr(primitives, "_CHUNK_BYTES",
-                        4 * 5 * 4 * 3 * jnp.dtype(dtype).itemsize)
-    fn = jax.grad(lambda k: jnp.vdot(jaxfactor.depthwise_conv(
-        x.astype(dtype), k, depthwise_lowering=lowering),
-                                     cot.astype(dtype)).astype(jnp.float32))
-    if lowering == "shift_add":
-      jaxpr = str(jax.make_jaxpr(fn)(kernel.astype(dtype)))
-      # The taps are a loop (`lax.map`, a scan) in each pass over a chunk,
-      # and the chunks another (`fori_loop` lowers to a scan), with one more
-      # pass for a remainder.
-      loops = jaxpr.count("scan[") + jaxpr.count("while[")
-      assert loops == {7: 1, 11: 3}.get(batch, 2)
-    return fn(kernel.astype(dtype))
-
-  expected = kernel_grad("grouped", jnp.float64)
-  assert jnp.allclose(kernel_grad("shift_add", jnp.float64), expected,
-                      rtol=1e-12, atol=1e-12)
-  low = kernel_grad("shift_add", jnp.bfloat16).astype(jnp.float64)
-  # Summing `batch` products of bfloat16 (8 bits) inputs, rounded once.
-  assert jnp.max(jnp.abs(low - expected)) < 2e-2 * jnp.max(jnp.abs(expected))
-
-
-def test_shift_add_grad_exports_with_a_symbolic_batch():
-  from jax import export
-  kernel = random_input((3, 3, 1, 4), seed=2)
-  loss = lambda x: jnp.sum(jaxfactor.depthwise_conv(
-      x, kernel, depthwise_lowering="shift_add") ** 2)
-  (b,) = export.symbolic_shape("b")
-  exported = export.export(jax.jit(jax.grad(loss)))(
-      jax.ShapeDtypeStruct((b, 6, 5, 4), jnp.float64))
-  x = random_input((3, 6, 5, 4))
-  assert jnp.allclose(exported.call(x), jax.grad(loss)(x), rtol=1e-12)
+    monkeypatch.setattr(
+      _shift_add, "CHUNK_BYTES", 4 * 5 * 4 * 3 * jnp.dtype(dtype).itemsize
+    )
+    # The taps are a loop (`lax.map`) in each pass over a chunk, the chunks
+    # another (`fori_loop`), with one more pass for a remainder.
+    jaxpr = str(jax.make_jaxpr(weight_grad)(x, cotangent))
+    assert jaxpr.count("scan[") + jaxpr.count("while[") == loops
+    actual = jax.jit(weight_grad)(x, cotangent)
+    _, _, expected = reference.numpy_depthwise(
+      x, np.ones((3, 3, 3)), cotangent, **geometry
+    )
+    bound = reference.ROUNDED_ONCE.get(jnp.dtype(dtype), reference.rtol(F64))
+    assert reference.relative_error(actual, expected) < bound
