@@ -1,14 +1,16 @@
-"""Convolution speed: every jaxfactor format against the dense conv, one process.
+"""Convolution speed: every jaxfactor format against the dense conv.
 
-For MobileNet-style layer shapes (and the low-rank formats at the ranks of
-`perf-baseline.md`: LowRank and Tucker at F/4, SpatiallySeparable at F/2, CP at
-F/2), times the lax dense conv, every format with each `implementation`, the
-naive depthwise lowering Flax/Keras/Haiku build (grouped conv + 1x1 conv), and
+For MobileNet-style layer shapes (the low-rank formats at LowRank and Tucker
+rank F/4, SpatiallySeparable and CP rank F/2), times the lax dense conv, every
+format with each `implementation`, the depthwise conv alone (on CPU also with
+its shift-add lowering beside the default compiled kernel), the naive
+depthwise lowering Flax/Keras/Haiku build (grouped conv + 1x1 conv), and
 PyTorch channels-last when torch is installed (on the CPU, or with CUDA when
 JAX runs on a GPU); forward and forward+backward (the forward pass, its output
 kept, plus the gradients w.r.t. the input and every factor, as torch's
 `y = f(x); y.backward(t)`). jit, 2 warm-ups, `block_until_ready`, `--repeats`
-interleaved runs, median and min.
+interleaved runs, median and min. Then the compile time of a small
+MobileNet-style train step (`compile_times`).
 
 Columns: theoretical FLOP ratio (dense FLOPs / the op's FLOPs, from
 `jaxfactor.cost`), achieved speedup (dense time / op time, same run), and the
@@ -19,14 +21,16 @@ at the start of the run by `measure_peaks`).
 Run: `python benchmarks/conv.py` (add `--quick` for a smoke run). XLA flags are
 read from the environment, e.g.
 `XLA_FLAGS=--xla_cpu_experimental_ynn_fusion_type= python benchmarks/conv.py`,
-and so are glibc's allocator settings, e.g. `GLIBC_TUNABLES=glibc.malloc.hugetlb=1`
-(huge pages for large buffers; see the README); pass `--tag` to keep such runs
-apart. On a GPU the README's table ran as
+and so are glibc's allocator settings, e.g.
+`GLIBC_TUNABLES=glibc.malloc.hugetlb=1` (huge pages for large buffers); pass
+`--tag` to keep such runs apart.
+`results/conv_gpu.md` ran as
 `python benchmarks/conv.py --batch 256 --tag gpu --compile-repeats 3`.
-Writes `benchmarks/results/conv[_quick].md` and `.json`.
+Writes `benchmarks/results/conv[_quick][_TAG].md` and `.json`.
 """
 
 import argparse
+import contextlib
 import functools
 import json
 import os
@@ -35,6 +39,8 @@ import platform
 import re
 import statistics
 import time
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -42,8 +48,8 @@ import numpy as np
 from jax import lax
 
 import jaxfactor
+from jaxfactor import _lowering
 from jaxfactor import _native
-from jaxfactor import primitives
 
 SHAPES = {  # name: (H=W, C, F, stride)
     "mb56": (56, 128, 128, 1),
@@ -85,13 +91,31 @@ def kernels(c, f, key):
   }
 
 
+def depthwise_default():
+  """How depthwise convs run by default on this backend (one device)."""
+  if jax.default_backend() != "cpu":
+    return "grouped"
+  return "native" if _native.available() else "shift_add"
+
+
+class Op(NamedTuple):
+  """One timed op: `fn(x, params)`, and what `jaxfactor.cost` counts."""
+
+  fn: Callable[..., Any]
+  params: Any
+  kernel: Any  # the kernel whose FLOPs are counted; None: a depthwise kernel
+  implementation: str = "auto"
+  # `jaxfactor._lowering.forced` arguments to compile under, if any.
+  lowering: dict | None = None
+
+
 def ops(c, f, stride, key):
-  """name -> (function of (x, params), params, FLOPs)."""
+  """`{name: Op}` for one layer shape."""
   ks = kernels(c, f, key)
   out = {}
 
-  def add(name, fn, params, kernel, implementation="auto"):
-    out[name] = (fn, params, kernel, implementation)
+  def add(name, fn, params, kernel, implementation="auto", lowering=None):
+    out[name] = Op(fn, params, kernel, implementation, lowering)
 
   add("dense | lax conv",
       lambda x, k: jaxfactor.conv(x, k, strides=stride), ks["dense"],
@@ -99,12 +123,11 @@ def ops(c, f, stride, key):
   dw = ks["depthwise_separable"].depthwise
   add("depthwise | jaxfactor.depthwise_conv",
       lambda x, k: jaxfactor.depthwise_conv(x, k, strides=stride), dw, None)
-  if primitives.resolve_depthwise_lowering("conv.py", "auto") != "shift_add":
-    # "auto" is the native kernel (CPU) or the grouped conv (GPU) here; time
-    # the shift-add beside it.
+  if depthwise_default() == "native":
+    # The CPU's other depthwise lowering, beside the compiled kernel.
     add("depthwise | jaxfactor shift_add",
-        lambda x, k: jaxfactor.depthwise_conv(
-            x, k, strides=stride, depthwise_lowering="shift_add"), dw, None)
+        lambda x, k: jaxfactor.depthwise_conv(x, k, strides=stride), dw, None,
+        lowering=dict(depthwise="shift_add"))
   add("depthwise | lax grouped (=Flax/Keras/Haiku)",
       lambda x, k: lax.conv_general_dilated(
           x, k, (stride, stride), "SAME", dimension_numbers=DN,
@@ -149,6 +172,22 @@ def _interleaved(calls, repeats):
       call()
       times[name].append(time.perf_counter() - start)
   return times
+
+
+def compile_for(fns, args, lowering=None):
+  """`{key: fn}` -> `{key: jax.jit(fn)` compiled for `args`}.
+
+  With `lowering` (the arguments of the private hook
+  `jaxfactor._lowering.forced`, e.g. `dict(depthwise="shift_add")`), built
+  and compiled under that CPU lowering: the hook clears JAX's caches on entry
+  and exit, and a compiled executable keeps the lowering it was compiled
+  with.
+  """
+  context = (_lowering.forced(**lowering) if lowering
+             else contextlib.nullcontext())
+  with context:
+    return {key: jax.jit(fn).lower(*args).compile()
+            for key, fn in fns.items()}
 
 
 def time_compiled(compiled, args, rounds):
@@ -278,51 +317,78 @@ def _forward_backward(fn, x, params, cotangent):
   return y, vjp(cotangent)
 
 
+def _program_text(compiled):
+  """A compiled program's HLO without its name and debug information
+  (source locations, op names), so that programs compare by content."""
+  lines = [line for line in compiled.as_text().splitlines()
+           if line.startswith(("%", "ENTRY", " ", "}"))]
+  return re.sub(r", metadata=\{[^}]*\}", "", "\n".join(lines))
+
+
+def _compile(op, x, cotangent):
+  """`(fwd, fwd+bwd)` compiled for `op` (under `op.lowering`, if any), and
+  their HLO texts."""
+  compiled = compile_for(
+      {"fwd": lambda x, p, t: op.fn(x, p),
+       "fwdbwd": functools.partial(_forward_backward, op.fn)},
+      (x, op.params, cotangent), op.lowering)
+  return ((compiled["fwd"], compiled["fwdbwd"]),
+          tuple(_program_text(c) for c in compiled.values()))
+
+
+def _flops(table, choices, x_shape, c, stride):
+  """`{name: FLOPs}` (`jaxfactor.cost`), every spatial stage counted as a
+  convolution (no tap matmul): the theoretical ratios do not depend on how
+  a stage is lowered. "auto" rows count the implementation in `choices`
+  (what "auto" runs, resolved beforehand: without the tap matmul it could
+  choose otherwise)."""
+  batch, size = x_shape[:2]
+  out = -(-size // stride)
+  flops = {}
+  with _lowering.forced(tap_matmul=False):
+    for name, op in table.items():
+      if op.kernel is None:  # a depthwise kernel alone
+        flops[name] = jaxfactor.cost(
+            jaxfactor.DepthwiseSeparable(op.params, jnp.eye(c)), x_shape,
+            strides=stride, implementation="factorized").flops - (
+                2 * batch * out ** 2 * c * c)
+      else:
+        flops[name] = jaxfactor.cost(
+            op.kernel, x_shape, strides=stride,
+            implementation=choices.get(name) or op.implementation).flops
+  return flops
+
+
 def run_shape(shape_name, size, c, f, stride, batch, repeats, args):
   x = jax.random.normal(jax.random.key(0), (batch, size, size, c))
   table = ops(c, f, stride, jax.random.key(1))
-  # FLOPs as convolutions (`spatial_lowering="conv"`): the theoretical
-  # ratios do not depend on how a stage is lowered.
-  dense_flops = jaxfactor.cost(table["dense | lax conv"][1], x.shape,
-                               strides=stride, spatial_lowering="conv").flops
+  choices = {name: _auto_choice(op.kernel, x.shape, stride)
+             for name, op in table.items()
+             if op.implementation == "auto"
+             and isinstance(op.kernel, jaxfactor.Format)}
+  flops = _flops(table, choices, x.shape, c, stride)
+  dense_flops = flops["dense | lax conv"]
   out = -(-size // stride)
   calls, meta, programs = {}, {}, {}
-  for name, (fn, params, kernel, impl) in table.items():
+  for name, op in table.items():
     features = c if name.startswith("depthwise |") else f
     cot = jax.random.normal(jax.random.key(2), (batch, out, out, features))
-    fwd = jax.jit(fn)
-    grad = jax.jit(functools.partial(_forward_backward, fn))
-    # StableHLO text without debug info (no source locations); the module
-    # name (`jit_<function name>`) is dropped, so programs compare by content.
-    programs[name] = tuple(
-        re.sub(r"^module @\S+", "module", text, count=1)
-        for text in (fwd.lower(x, params).as_text(),
-                     grad.lower(x, params, cot).as_text()))
-    calls[name, "fwd"] = (lambda fwd=fwd, p=params:
-                          jax.block_until_ready(fwd(x, p)))
-    calls[name, "fwdbwd"] = (lambda grad=grad, p=params, t=cot:
+    (fwd, grad), programs[name] = _compile(op, x, cot)
+    calls[name, "fwd"] = (lambda fwd=fwd, p=op.params, t=cot:
+                          jax.block_until_ready(fwd(x, p, t)))
+    calls[name, "fwdbwd"] = (lambda grad=grad, p=op.params, t=cot:
                              jax.block_until_ready(grad(x, p, t)))
-    if kernel is None:  # a depthwise kernel alone
-      flops = jaxfactor.cost(
-          jaxfactor.DepthwiseSeparable(params, jnp.eye(c)), x.shape,
-          strides=stride, implementation="factorized").flops - (
-              2 * batch * out ** 2 * c * c)
-    else:
-      flops = jaxfactor.cost(kernel, x.shape, strides=stride,
-                             implementation=impl,
-                             spatial_lowering="conv").flops
     nbytes = 4 * (x.size + batch * out * out * features + sum(
-        l.size for l in jax.tree.leaves(params)))
-    choice = (_auto_choice(kernel, x.shape, stride)
-              if impl == "auto" and isinstance(kernel, jaxfactor.Format)
-              else None)
+        l.size for l in jax.tree.leaves(op.params)))
+    choice = choices.get(name)
     same = None
     if choice is not None:
-      # "auto" resolves at trace time: when it lowers to exactly the chosen
-      # implementation's programs, the two rows time one program twice.
+      # "auto" is resolved when the program is traced and lowered: when it
+      # compiles to exactly the chosen implementation's programs, the two
+      # rows time one program twice.
       chosen = name.replace("| auto", f"| {choice}")
       same = programs[name] == programs[chosen]
-    meta[name] = dict(flops=flops, bytes=nbytes, auto=choice,
+    meta[name] = dict(flops=flops[name], bytes=nbytes, auto=choice,
                       same_program=same)
   for name, make in torch_ops(batch, size, c, f, stride).items():
     calls[name, "fwd"] = make(False)
@@ -366,7 +432,7 @@ def _ms(v):
 
 
 def targets(rows):
-  """The issue's targets, checked on this run's medians."""
+  """The performance targets, checked on this run's medians."""
   get = {(r["shape"], r["op"], r["impl"]): r for r in rows}
   shapes = list(dict.fromkeys(r["shape"] for r in rows))
   lines = []
@@ -445,12 +511,17 @@ def compile_times(repeats=9):
   depthwise + pointwise layers, or, for reference, the same separable network
   built from Flax's own layers: `nnx.Conv` with `feature_group_count` and a
   1x1 `nnx.Conv`, and jaxfactor's separable network without its depthwise
-  convs: the floor its depthwise layers add to), batch norm and ReLU, a
-  linear head, SGD via optax; the persistent compilation cache is off.
-  Median of `repeats` compilations of fresh models.
+  convs: the floor its depthwise layers add to, and jaxfactor's with its
+  depthwise convs lowered as shift-adds, as on a machine without a C++
+  compiler), batch norm and ReLU, a linear head, SGD via optax. The
+  persistent compilation cache is off, and JAX's in-memory caches are
+  cleared before each compilation (`_lowering.forced` clears them anyway),
+  so each one is timed as the first of its kind in a process. Median of
+  `repeats` compilations of fresh models, the networks taking turns.
   """
-  from flax import nnx
   import optax
+  from flax import nnx
+
   import jaxfactor.nnx as jnnx
 
   class Net(nnx.Module):
@@ -503,6 +574,8 @@ def compile_times(repeats=9):
 
     x = jnp.ones((8, 32, 32, 3))
     y = jnp.zeros((8,), jnp.int32)
+    jax.block_until_ready((x, y))
+    jax.clear_caches()
     start = time.perf_counter()
     step(model, optimizer, x, y)  # trace + compile + one run
     first = time.perf_counter() - start
@@ -513,19 +586,12 @@ def compile_times(repeats=9):
   kinds = ("dense", "separable", "flax_separable", "without_depthwise",
            "separable_shift_add")
   times = {kind: [] for kind in kinds}
-  resolve = primitives.resolve_depthwise_lowering
   for seed in range(repeats):  # interleaved: drifts hit every network alike
     for kind in kinds:
       if kind == "separable_shift_add":
-        # What "auto" runs without a C++ compiler or with several CPU
-        # devices: the layers take no lowering argument, so resolve "auto"
-        # to the shift-add for this network.
-        primitives.resolve_depthwise_lowering = lambda fn, lowering: (
-            "shift_add" if lowering == "auto" else resolve(fn, lowering))
-        try:
+        # What runs on CPU without a C++ compiler or with several devices.
+        with _lowering.forced(depthwise="shift_add"):
           times[kind].append(compile_once("separable", seed))
-        finally:
-          primitives.resolve_depthwise_lowering = resolve
       else:
         times[kind].append(compile_once(kind, seed))
   return {kind: statistics.median(t) for kind, t in times.items()}
@@ -550,10 +616,10 @@ def report(rows, compiled, machine):
         f" {fmt(r['theoretical'], '.1f')} | {r['fwd_speedup']:.2f} |"
         f" {_ms(r['fwdbwd_median_ms'])} ({_ms(r['fwdbwd_min_ms'])}) |"
         f" {r['fwdbwd_speedup']:.2f} | {fmt(r['over_roofline'], '.1f')} |")
-  lines += ["", "**Targets** (issue #5; same run, medians)", "",
+  lines += ["", "**Targets** (same run, medians)", "",
             "| met | measured |", "|---|---|", *target_lines]
   if compiled is None:
-    lines += ["", "| - | compile time: not measured (yet) |"]
+    lines += ["", "| - | compile time: not measured |"]
   else:
     ratio = compiled["separable"] / compiled["dense"]
     lines += ["", f"| {'yes' if ratio <= 1.5 else '**no**'} | compile time"
@@ -584,8 +650,9 @@ def main():
   parser.add_argument("--batch", type=int, default=32)
   parser.add_argument("--repeats", type=int, default=20)
   parser.add_argument("--shapes", nargs="*", default=None)
-  parser.add_argument("--compile-repeats", type=int, default=9,
-                      help="compilations per network for the compile time")
+  parser.add_argument("--compile-repeats", type=int, default=None,
+                      help="compilations per network for the compile time"
+                           " (default: 9, 1 with --quick; 0: not measured)")
   parser.add_argument("--peak-gflops", type=float, default=None,
                       help="the roofline's FLOP rate (default: 190, this"
                            " project's CPU, on the CPU; measured in this run"
@@ -598,7 +665,12 @@ def main():
   parser.add_argument("--out", type=pathlib.Path,
                       default=pathlib.Path(__file__).parent / "results")
   args = parser.parse_args()
-  jax.config.update("jax_compilation_cache_dir", None)
+  compile_repeats = args.compile_repeats
+  if compile_repeats is None:
+    compile_repeats = 1 if args.quick else 9
+  if compile_repeats > 0:
+    # Compile times are measured: nothing comes from a persistent cache.
+    jax.config.update("jax_compilation_cache_dir", None)
   shapes = QUICK if args.quick else SHAPES
   if args.shapes:
     shapes = {k: v for k, v in shapes.items() if k in args.shapes}
@@ -641,9 +713,9 @@ def main():
             f" roofline {args.peak_gflops:.0f} GFLOP/s and"
             f" {args.bandwidth_gbs:.0f} GB/s ({peaks}), XLA_FLAGS="
             f"{os.environ.get('XLA_FLAGS', '')!r}, GLIBC_TUNABLES="
-            f"{os.environ.get('GLIBC_TUNABLES', '')!r}, depthwise \"auto\" ="
-            f" {primitives.resolve_depthwise_lowering('conv.py', 'auto')!r}"
-            f" ({native}), {time.time() - started:.0f} s")
+            f"{os.environ.get('GLIBC_TUNABLES', '')!r}, depthwise convs run"
+            f" as {depthwise_default()!r} ({native}),"
+            f" {time.time() - started:.0f} s")
 
   args.out.mkdir(parents=True, exist_ok=True)
   suffix = ("_quick" if args.quick else "") + (
@@ -661,7 +733,7 @@ def main():
   for shape_name, (size, c, f, stride) in shapes.items():
     rows += run_shape(shape_name, size, c, f, stride, batch, repeats, args)
     write(rows, None)  # What was timed is kept if a later step fails.
-  compiled = compile_times(1 if args.quick else args.compile_repeats)
+  compiled = compile_times(compile_repeats) if compile_repeats > 0 else None
   print("\n".join(write(rows, compiled)))
 
 

@@ -3,22 +3,22 @@
 CP is `1x1 (C -> R)`, a depthwise `k_i`-tap conv along each axis, `1x1
 (R -> F)`. This times, at the MobileNet shapes of `conv.py` (CP at R = F/2):
 
-* `per_axis_grouped`: one grouped 1-D conv per axis, written out with `lax`
-  here (what `jaxfactor.conv` ran under "grouped" before it merged them);
-* `merged_grouped`: `jaxfactor.conv(..., depthwise_lowering="grouped")`, the
-  per-axis filters multiplied into one k x k depthwise filter per channel
-  (`A_0[i, r] * A_1[j, r]`), one grouped conv instead of two: 3 more
-  multiply-adds per position and channel, one pass over the R-channel
-  activations fewer (`primitives.merge_depthwise_stages`);
-* `per_axis_shift_add_autodiff` and `per_axis_shift_add`: the per-axis
-  stages as shifted multiply-adds, under autodiff or the hand-written VJP;
+* `per_axis_grouped`: one grouped 1-D conv per axis, written out with `lax`;
+* `merged_grouped`: the per-axis filters multiplied into one k x k depthwise
+  filter per channel (`A_0[i, r] * A_1[j, r]`), one grouped conv instead of
+  two, written out with `lax`: 3 more multiply-adds per position and
+  channel, one pass over the R-channel activations fewer. What
+  `jaxfactor.conv` runs on GPU and TPU (`_stages.merge_depthwise_stages`);
+* `factorized`: `jaxfactor.conv(..., implementation="factorized")`, lowered
+  as it is on this platform (on CPU: the compiled depthwise kernel per axis,
+  where it builds; on GPU and TPU: `merged_grouped`);
+* `per_axis_shift_add` (CPU only): the same, its per-axis stages lowered as
+  shifted multiply-adds (`jaxfactor._lowering.forced(depthwise="shift_add")`);
 * `reconstructed`: the dense conv of `to_dense()`.
 
 Forward and forward+backward (as `conv.py`), medians of `--repeats`
 interleaved runs. Run: `python benchmarks/cp_lowering.py [--batch N]`;
-prints a markdown table. (`results/cp_lowering_gpu.md` ran before the
-merge was the library's: its `per_axis` row is `per_axis_grouped`, its
-`merged` row `merged_grouped`.)
+prints a markdown table.
 """
 
 import argparse
@@ -26,12 +26,15 @@ import functools
 import statistics
 
 import jax
-import jax.numpy as jnp
 import numpy as np
+from conv import QUICK
+from conv import SHAPES
+from conv import _forward_backward
+from conv import _interleaved
+from conv import compile_for
 from jax import lax
 
 import jaxfactor
-from conv import SHAPES, _forward_backward, _interleaved
 
 DN = ("NHWC", "HWIO", "NHWC")
 
@@ -49,18 +52,64 @@ def per_axis_grouped(x, cp, stride):
   return y @ cp.out_proj
 
 
+def merged_grouped(x, cp, stride):
+  """CP with its per-axis filters merged into one grouped k x k conv."""
+  a0, a1 = cp.spatial
+  window = (a0[:, None, :] * a1[None, :, :])[:, :, None, :]
+  y = lax.conv_general_dilated(x @ cp.in_proj, window, (stride, stride),
+                               "SAME", dimension_numbers=DN,
+                               feature_group_count=cp.rank)
+  return y @ cp.out_proj
+
+
 def variants(stride):
-  conv = lambda **kw: (lambda x, cp: jaxfactor.conv(
-      x, cp, strides=stride, implementation="factorized", **kw))
-  return {
-      "per_axis_grouped": lambda x, cp: per_axis_grouped(x, cp, stride),
-      "merged_grouped": conv(depthwise_lowering="grouped"),
-      "per_axis_shift_add_autodiff": conv(
-          depthwise_lowering="shift_add_autodiff"),
-      "per_axis_shift_add": conv(depthwise_lowering="shift_add"),
-      "reconstructed": lambda x, cp: jaxfactor.conv(
-          x, cp, strides=stride, implementation="reconstructed"),
+  """`{label: (fn(x, cp), lowering)}`: `lowering`, if not None, is what to
+  compile `fn` under (`conv.compile_for`)."""
+  factorized = functools.partial(jaxfactor.conv, strides=stride,
+                                 implementation="factorized")
+  out = {
+      "per_axis_grouped": (functools.partial(per_axis_grouped, stride=stride),
+                           None),
+      "merged_grouped": (functools.partial(merged_grouped, stride=stride),
+                         None),
+      "factorized": (factorized, None),
   }
+  if jax.default_backend() == "cpu":
+    out["per_axis_shift_add"] = (factorized, dict(depthwise="shift_add"))
+  out["reconstructed"] = (functools.partial(
+      jaxfactor.conv, strides=stride, implementation="reconstructed"), None)
+  return out
+
+
+def programs(x, cp, cotangent, stride):
+  """`{(label, pass): compiled}`, each called as `f(x, cp, t)`."""
+  out = {}
+  for label, (fn, lowering) in variants(stride).items():
+    compiled = compile_for(
+        {"fwd": lambda x, cp, t, fn=fn: fn(x, cp),
+         "fwdbwd": functools.partial(_forward_backward, fn)},
+        (x, cp, cotangent), lowering)
+    out.update({(label, p): c for p, c in compiled.items()})
+  return out
+
+
+def operands(size, c, f, stride, batch, seed=0):
+  """Random float32 `(x, CP at rank F/2, cotangent)` for one layer."""
+  keys = iter(jax.random.split(jax.random.key(seed), 6))
+
+  def normal(shape, fan_in):
+    return jax.random.normal(next(keys), shape) / np.sqrt(fan_in)
+
+  r = f // 2
+  cp = jaxfactor.CP(normal((c, r), c), (normal((3, r), 3), normal((3, r), 3)),
+                    normal((r, f), r))
+  x = normal((batch, size, size, c), 1)
+  out = -(-size // stride)
+  return x, cp, normal((batch, out, out, f), 1)
+
+
+def _block(fn, args):
+  return jax.block_until_ready(fn(*args))
 
 
 def main():
@@ -68,30 +117,18 @@ def main():
   parser.add_argument("--batch", type=int, default=32)
   parser.add_argument("--repeats", type=int, default=20)
   parser.add_argument("--shapes", nargs="*", default=["mb56", "mb28",
-                                                      "s2_56"])
+                                                      "s2_56"],
+                      help=f"any of {', '.join({**SHAPES, **QUICK})}"
+                      " (conv.py's)")
   args = parser.parse_args()
   print(f"{jax.devices()[0].device_kind}, jax {jax.__version__}, batch"
         f" {args.batch}, float32, {args.repeats} interleaved runs, medians")
   print("\n| shape | lowering | fwd ms | fwd+bwd ms |\n|---|---|---|---|")
   for name in args.shapes:
-    size, c, f, stride = SHAPES[name]
-    keys = iter(jax.random.split(jax.random.key(0), 6))
-    normal = lambda shape, fan: jax.random.normal(next(keys), shape) / np.sqrt(
-        fan)
-    r = f // 2
-    cp = jaxfactor.CP(normal((c, r), c), (normal((3, r), 3),
-                                          normal((3, r), 3)),
-                      normal((r, f), r))
-    x = normal((args.batch, size, size, c), 1)
-    out = -(-size // stride)
-    t = normal((args.batch, out, out, f), 1)
-    calls = {}
-    for label, fn in variants(stride).items():
-      fwd = jax.jit(fn)
-      grad = jax.jit(functools.partial(_forward_backward, fn))
-      calls[label, "fwd"] = lambda fwd=fwd: jax.block_until_ready(fwd(x, cp))
-      calls[label, "fwdbwd"] = lambda g=grad: jax.block_until_ready(
-          g(x, cp, t))
+    size, c, f, stride = {**SHAPES, **QUICK}[name]
+    operands_ = operands(size, c, f, stride, args.batch)
+    calls = {key: functools.partial(_block, fn, operands_)
+             for key, fn in programs(*operands_, stride).items()}
     times = _interleaved(calls, args.repeats)
     for label in variants(stride):
       fwd = 1e3 * statistics.median(times[label, "fwd"])

@@ -2,12 +2,13 @@
 
 `conv.py` times MobileNet layers of 128-1024 channels and one of 16. This
 script times the CPU's two depthwise lowerings side by side on the narrow
-layers of small networks (3-64 channels, where "auto" once took the
-shift-add) and a few wide ones: `jaxfactor.depthwise_conv` with
-`depthwise_lowering="native"` (the compiled kernel, the CPU default) and
-`"shift_add"`, forward (output returned) and forward+backward (output plus
-the gradients w.r.t. the input and the weights against a random cotangent,
-`conv._forward_backward`). 3x3, "SAME", float32.
+layers of small networks (3-64 channels) and a few wide ones:
+`jaxfactor.depthwise_conv` compiled with its "native" lowering (the compiled
+kernel, the CPU default) and with its "shift_add" lowering (forced with the
+private hook `jaxfactor._lowering.forced`), forward (output returned) and
+forward+backward (output plus the gradients w.r.t. the input and the weights
+against a random cotangent, `conv._forward_backward`). 3x3, "SAME",
+float32.
 
 jit, 2 warm-ups, `--rounds` rounds, each running every program once in a
 random order (`conv._interleaved`); medians and minima, ms. On a shared
@@ -24,10 +25,10 @@ import pathlib
 import platform
 import statistics
 
+import conv  # this folder's benchmark: its timing loop and fwd+bwd
 import jax
 import jax.numpy as jnp
 
-import conv  # this folder's benchmark: its timing loop and fwd+bwd
 import jaxfactor
 from jaxfactor import _native
 
@@ -40,14 +41,15 @@ SHAPES = (32, 32, 32, 3, 1, 32, 56, 56, 16, 1, 32, 56, 56, 24, 1,
 
 def programs(x, kernel, cotangent, stride):
   """`{(lowering, pass): compiled}`, each called as `f(x, kernel, t)`."""
+  fn = functools.partial(jaxfactor.depthwise_conv, strides=stride)
+  fns = {"fwd": lambda x, k, t: fn(x, k),
+         "fwd+bwd": functools.partial(conv._forward_backward, fn)}
   out = {}
   for lowering in LOWERINGS:
-    fn = functools.partial(jaxfactor.depthwise_conv, strides=stride,
-                           depthwise_lowering=lowering)
-    out[lowering, "fwd"] = lambda x, k, t, fn=fn: fn(x, k)
-    out[lowering, "fwd+bwd"] = functools.partial(conv._forward_backward, fn)
-  return {key: jax.jit(f).lower(x, kernel, cotangent).compile()
-          for key, f in out.items()}
+    compiled = conv.compile_for(fns, (x, kernel, cotangent),
+                                dict(depthwise=lowering))
+    out.update({(lowering, p): c for p, c in compiled.items()})
+  return out
 
 
 def time_shape(shape, rounds, seed=0):

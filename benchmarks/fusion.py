@@ -2,11 +2,13 @@
 
 `conv.py` times each op with its output returned, so nothing can fuse into
 it. In a model the output feeds other ops, and XLA:CPU's fusion passes decide
-how the shift-add depthwise conv (k strided slices times weights, summed)
-runs with them. This script times `jaxfactor`'s depthwise conv
-("shift_add"; and "native", the compiled kernel, where it builds: a custom
-call, into which XLA fuses nothing) and the grouped conv Flax builds
-("grouped") under three consumers:
+how a depthwise conv runs with them. This script times
+`jaxfactor.depthwise_conv` compiled with each of its CPU lowerings (forced
+with the private hook `jaxfactor._lowering.forced`): "shift_add" (k strided
+slices times weights, summed, which XLA can fuse with its consumers),
+"grouped" (XLA's grouped convolution, what Flax builds) and "native" (the
+compiled kernel, the CPU default, where it builds: a custom call, into which
+XLA fuses nothing), under three consumers:
 
 * `out`: the output returned (as in `conv.py`);
 * `mean`: followed by a mean over batch and space (a batch norm's statistics);
@@ -19,7 +21,7 @@ random order (`conv._interleaved`); medians (and minima), ms.
 
 Run: `python benchmarks/fusion.py` (the two default shapes, batch H W C:
 32 56 56 128 and 32 14 14 512; `--shapes B H W C ...` for others). Writes
-`benchmarks/results/fusion.md` (`--out` for another folder).
+`benchmarks/results/fusion.md` (`--out` for another folder). CPU only.
 """
 
 import argparse
@@ -27,19 +29,18 @@ import pathlib
 import platform
 import statistics
 
+import conv  # this folder's benchmark: its interleaved timing loop
 import jax
 import jax.numpy as jnp
 from jax import lax
 
-import conv  # this folder's benchmark: its interleaved timing loop
 import jaxfactor
 from jaxfactor import _native
 
 CONSUMERS = ("out", "mean", "bn_block")
 # The native kernel (the CPU default) where it builds.
 LOWERINGS = ("shift_add", "grouped",
-             *(("native",) if jax.default_backend() == "cpu"
-               and _native.available() else ()))
+             *(("native",) if _native.available() else ()))
 
 
 def _bn_relu(y):
@@ -48,22 +49,22 @@ def _bn_relu(y):
   return jax.nn.relu((y - mean) * lax.rsqrt(var + 1e-5))
 
 
+def _block_loss(x, kernel, t):
+  return jnp.vdot(_bn_relu(jaxfactor.depthwise_conv(_bn_relu(x), kernel)), t)
+
+
 def programs(x, kernel, cotangent):
   """`{(lowering, consumer): compiled}`, each called as `f(x, kernel, t)`."""
+  fns = {"out": lambda x, k, t: jaxfactor.depthwise_conv(x, k),
+         "mean": lambda x, k, t: jaxfactor.depthwise_conv(x, k).mean(
+             axis=(0, 1, 2)),
+         "bn_block": jax.value_and_grad(_block_loss, (0, 1))}
   out = {}
   for lowering in LOWERINGS:
-    def depthwise(x, kernel, lowering=lowering):
-      return jaxfactor.depthwise_conv(x, kernel, depthwise_lowering=lowering)
-
-    def block_loss(x, kernel, t, depthwise=depthwise):
-      return jnp.vdot(_bn_relu(depthwise(_bn_relu(x), kernel)), t)
-
-    out[lowering, "out"] = lambda x, k, t, dw=depthwise: dw(x, k)
-    out[lowering, "mean"] = (
-        lambda x, k, t, dw=depthwise: dw(x, k).mean(axis=(0, 1, 2)))
-    out[lowering, "bn_block"] = jax.value_and_grad(block_loss, (0, 1))
-  return {key: jax.jit(fn).lower(x, kernel, cotangent).compile()
-          for key, fn in out.items()}
+    compiled = conv.compile_for(fns, (x, kernel, cotangent),
+                                dict(depthwise=lowering))
+    out.update({(lowering, consumer): c for consumer, c in compiled.items()})
+  return out
 
 
 def time_shape(shape, rounds, seed=0):
@@ -84,6 +85,9 @@ def main():
   args = parser.parse_args()
   if len(args.shapes) % 4:
     parser.error(f"--shapes takes B H W C per shape, got {args.shapes}")
+  if jax.default_backend() != "cpu":
+    parser.error("compares the CPU's depthwise lowerings: needs the CPU"
+                 " backend (e.g. JAX_PLATFORMS=cpu)")
   shapes = [tuple(args.shapes[i:i + 4]) for i in range(0, len(args.shapes), 4)]
   lines = [f"{platform.machine()}, jax {jax.__version__},"
            f" {jax.default_backend()}, 3x3 depthwise, float32, {args.rounds}"

@@ -1,38 +1,41 @@
 """Dense spatial stages: XLA's convolution against the tap matmul.
 
-`jaxfactor.conv(..., spatial_lowering=...)` runs a dense k x k (or k x 1)
-stage either as `lax.conv_general_dilated` ("conv") or as one matmul from
-the input to every tap's output followed by a shift-add of those outputs, in
-a loop over batch chunks ("tap_matmul"). "auto" picks the tap matmul on CPU
-by the rule in `jaxfactor.primitives.uses_tap_matmul`; this script times
-both lowerings of single stages (batch 32, float32, "SAME", stride 1) and
-shows what "auto" picks, so the rule can be checked against the machine:
-the stages of the benchmark's formats (LowRank's k x k conv to F/4, Tucker's
-core, SpatiallySeparable's k x 1 and 1 x k convs) and the cases the rule was
-drawn from.
+On CPU, `jaxfactor.conv` runs a dense k x k (or k x 1) stage either as
+`lax.conv_general_dilated` ("conv") or as one matmul from the input to every
+tap's output followed by a shift-add of those outputs, in a loop over batch
+chunks ("tap_matmul"), by the rule in `jaxfactor._tap_matmul.applies`. This
+script times both lowerings of single stages (batch 32, float32, "SAME",
+stride 1; each forced with the private hook
+`jaxfactor._lowering.forced(tap_matmul=...)`) and shows which one the rule
+picks, so the rule can be checked against the machine: the stages of the
+benchmark's formats (LowRank's k x k conv to F/4, Tucker's core,
+SpatiallySeparable's k x 1 and 1 x k convs) and the cases the rule was drawn
+from.
 
 Forward (`fwd`) and forward+backward (`fwd+bwd`: the output and the VJP of a
 random cotangent w.r.t. input and kernel; the tap matmul's derivatives are
 the convolution's). jit, 2 warm-ups, `--rounds` rounds, each running every
 program once in a random order (`conv._interleaved`); medians, ms.
 
-Run: `python benchmarks/spatial.py` (~4 min on the 2-core machine). Writes
-`benchmarks/results/spatial.md` (`--out` for another folder).
+Run: `python benchmarks/spatial.py` (~4 min on a 2-core machine). Writes
+`benchmarks/results/spatial.md` (`--out` for another folder). CPU only.
 """
 
 import argparse
+import functools
 import pathlib
 import platform
 import statistics
 
+import conv  # this folder's benchmark: its interleaved timing loop
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-import conv  # this folder's benchmark: its interleaved timing loop
 import jaxfactor
 from jaxfactor import _geometry
-from jaxfactor import primitives
+from jaxfactor import _stages
+from jaxfactor import _tap_matmul
 
 # (what it is, H = W, C, F, window)
 STAGES = (
@@ -60,25 +63,20 @@ def time_stage(size, c, f, window, batch, rounds):
   kernel = jnp.asarray(rng.standard_normal((*window, c, f)) / (3 * c) ** 0.5,
                        jnp.float32)
   cot = jnp.asarray(rng.standard_normal((batch, size, size, f)), jnp.float32)
+  fns = {"fwd": lambda x, k, t: jaxfactor.conv(x, k),
+         "fwd+bwd": functools.partial(conv._forward_backward, jaxfactor.conv)}
   calls = {}
   for lowering in ("conv", "tap_matmul"):
-    def fn(x, k, lowering=lowering):
-      return jaxfactor.conv(x, k, spatial_lowering=lowering)
-
-    def fwd_bwd(x, k, t, fn=fn):
-      y, vjp = jax.vjp(fn, x, k)
-      return y, vjp(t)
-
-    fwd = jax.jit(fn).lower(x, kernel).compile()
-    grad = jax.jit(fwd_bwd).lower(x, kernel, cot).compile()
-    calls[lowering, "fwd"] = lambda c=fwd: jax.block_until_ready(c(x, kernel))
-    calls[lowering, "fwd+bwd"] = (
-        lambda c=grad: jax.block_until_ready(c(x, kernel, cot)))
+    compiled = conv.compile_for(fns, (x, kernel, cot),
+                                dict(tap_matmul=lowering == "tap_matmul"))
+    for p, fn in compiled.items():
+      calls[lowering, p] = (
+          lambda fn=fn: jax.block_until_ready(fn(x, kernel, cot)))
   times = conv._interleaved(calls, rounds)
   geometry = _geometry.resolve("spatial", (size, size), window, strides=1,
                                padding="SAME", dilation=1)
-  auto = primitives.uses_tap_matmul(
-      primitives.SpatialConv(kernel, (0, 1)), x.shape, geometry, "auto")
+  auto = _tap_matmul.applies(_stages.SpatialConv(kernel, (0, 1)), x.shape,
+                             geometry)
   return {key: 1e3 * statistics.median(t) for key, t in times.items()}, auto
 
 
@@ -92,6 +90,9 @@ def main():
   parser.add_argument("--out", type=pathlib.Path,
                       default=pathlib.Path(__file__).parent / "results")
   args = parser.parse_args()
+  if jax.default_backend() != "cpu":
+    parser.error("compares the CPU's lowerings of dense stages: needs the"
+                 " CPU backend (e.g. JAX_PLATFORMS=cpu)")
   stages = STAGES
   if args.quick:
     stages = [(name, size // 7, c, f, window)
