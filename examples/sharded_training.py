@@ -1,7 +1,7 @@
 """Data-parallel training of a factorized model, factors sharded by metadata.
 
-Builds a small CNN on digits whose convs are jaxfactor layers (`TuckerConv`,
-`CPConv`) whose factor initializers carry mesh-axis names, Flax's idiom:
+Builds a small CNN on digits with two jaxfactor layers (`TuckerConv`,
+`CPConv`) whose factor initializers carry mesh-axis names, in Flax's idiom:
 `in_proj_init=nnx.with_partitioning(init, (None, "model"))` stores the names
 as the `nnx.Param`'s `out_sharding`. Built under `jax.set_mesh(mesh)` on a
 `("data", "model")` mesh over all devices, the parameters (and Adam's state,
