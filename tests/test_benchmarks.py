@@ -1,10 +1,19 @@
-"""Smoke tests for the benchmark scripts' own logic, at tiny shapes."""
+"""Smoke tests for the benchmark scripts, at tiny shapes.
 
+What each script times is checked (its programs compute what they claim),
+and each script's `main` runs end to end on a command line, in this process
+(a process per script would spend most of its time importing JAX) under
+JAX's default dtype rules, as a user runs it: float32, standard promotion.
+"""
+
+import contextlib
 import functools
 import importlib.util
+import io
+import json
 import pathlib
-import subprocess
 import sys
+from unittest import mock
 
 import jax
 import jax.numpy as jnp
@@ -15,6 +24,9 @@ import jaxfactor
 from jaxfactor import _native
 
 BENCHMARKS = pathlib.Path(__file__).resolve().parent.parent / "benchmarks"
+native = pytest.mark.skipif(
+    not _native.available(),
+    reason=f"native kernel unavailable: {_native.error()}")
 
 
 def _load(name):
@@ -25,6 +37,27 @@ def _load(name):
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
   return module
+
+
+def _run(script, *args):
+  """`benchmarks/<script> args` (its `main`) under JAX's default dtype
+  rules, not the tests' float64 and strict promotion; returns its stdout."""
+  module = _load(script.removesuffix(".py"))
+  argv = [str(BENCHMARKS / script), *map(str, args)]
+  stdout = io.StringIO()
+  with (mock.patch.object(sys, "argv", argv),
+        contextlib.redirect_stdout(stdout), jax.enable_x64(False),
+        jax.numpy_dtype_promotion("standard"),
+        jax.numpy_rank_promotion("allow")):
+    module.main()
+  return stdout.getvalue()
+
+
+def _allclose(got, want, tol):
+  got, want = jax.tree.leaves(got), jax.tree.leaves(want)
+  assert len(got) == len(want)
+  for a, b in zip(got, want):
+    np.testing.assert_allclose(a, b, rtol=tol, atol=tol)
 
 
 def test_conv_forward_backward_times_forward_and_gradients():
@@ -42,10 +75,40 @@ def test_conv_forward_backward_times_forward_and_gradients():
   want_dx, want_dk = jax.grad(lambda x, k: jnp.vdot(fn(x, k), t),
                               argnums=(0, 1))(x, kernel)
   # float64 throughout (conftest): only summation order differs.
-  np.testing.assert_allclose(y, fn(x, kernel), rtol=1e-12, atol=1e-12)
-  np.testing.assert_allclose(dx, want_dx, rtol=1e-12, atol=1e-12)
-  for got, want in zip(jax.tree.leaves(dk), jax.tree.leaves(want_dk)):
-    np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-12)
+  _allclose(y, fn(x, kernel), 1e-12)
+  _allclose((dx, dk), (want_dx, want_dk), 1e-12)
+
+
+def test_conv_script_writes_its_tables(tmp_path):
+  stdout = _run("conv.py", "--quick", "--shapes", "tiny16",
+                "--compile-repeats", 0, "--out", tmp_path)
+  assert "compile time: not measured" in stdout
+  result = json.loads((tmp_path / "conv_quick.json").read_text())
+  rows = {(r["op"], r["impl"]): r for r in result["rows"]}
+  formats = ("depthwise_separable", "low_rank", "tucker",
+             "spatially_separable", "cp")
+  expected = {("dense", "lax conv"), ("depthwise", "jaxfactor.depthwise_conv"),
+              ("depthwise", "lax grouped (=Flax/Keras/Haiku)"),
+              ("separable", "naive grouped + 1x1 conv"),
+              *((f, i) for f in formats
+                for i in ("factorized", "reconstructed", "auto"))}
+  if _native.available():  # the CPU's other depthwise lowering beside it
+    expected.add(("depthwise", "jaxfactor shift_add"))
+    assert "depthwise convs run as 'native'" in result["machine"]
+  assert set(rows) == expected
+  assert rows["dense", "lax conv"]["theoretical"] == 1.0
+  for (op, impl), r in rows.items():
+    assert r["fwd_median_ms"] > 0 and r["fwdbwd_median_ms"] > 0, (op, impl)
+    assert r["flops"] > 0, (op, impl)
+  for f in formats:
+    auto = rows[f, "auto"]
+    assert auto["auto_runs"] in ("factorized", "reconstructed")
+    # "auto" compiles to the very program of the implementation it chose.
+    assert auto["auto_same_program"] is True, f
+    assert auto["flops"] == rows[f, auto["auto_runs"]]["flops"]
+  assert rows["tucker", "factorized"]["theoretical"] > 1
+  table = (tmp_path / "conv_quick.md").read_text()
+  assert table.count("| tiny16 |") == len(expected)
 
 
 def test_fusion_programs_agree_across_lowerings():
@@ -55,54 +118,27 @@ def test_fusion_programs_agree_across_lowerings():
   kernel = jnp.asarray(rng.standard_normal((3, 3, 1, 4)), jnp.float32)
   t = jnp.asarray(rng.standard_normal((2, 6, 6, 4)), jnp.float32)
   compiled = fusion.programs(x, kernel, t)
+  assert set(compiled) == {(lowering, consumer)
+                           for lowering in fusion.LOWERINGS
+                           for consumer in fusion.CONSUMERS}
   for consumer in fusion.CONSUMERS:
     want = compiled["grouped", consumer](x, kernel, t)
     for lowering in fusion.LOWERINGS:  # "native" too where it builds
-      got = compiled[lowering, consumer](x, kernel, t)
-      for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
-        # float32, a few hundred terms: summation order differs.
-        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
+      # float32, a few hundred terms: summation order differs.
+      _allclose(compiled[lowering, consumer](x, kernel, t), want, 1e-4)
 
 
 def test_fusion_script_writes_its_tables(tmp_path):
-  result = subprocess.run(
-      [sys.executable, str(BENCHMARKS / "fusion.py"), "--shapes", "2", "6",
-       "6", "4", "1", "5", "5", "2", "--rounds", "1", "--out", str(tmp_path)],
-      capture_output=True, text=True, timeout=300, check=False)
-  assert result.returncode == 0, result.stderr
+  _run("fusion.py", "--shapes", 2, 6, 6, 4, 1, 5, 5, 2, "--rounds", 1,
+       "--out", tmp_path)
   rows = [line for line in (tmp_path / "fusion.md").read_text().splitlines()
           if line.startswith(("| out", "| mean", "| bn_block"))]
   assert len(rows) == 6
+  columns = 3 if _native.available() else 2
+  assert all(line.count("|") == columns + 2 for line in rows)
 
 
-def test_spatial_script_writes_its_table(tmp_path):
-  result = subprocess.run(
-      [sys.executable, str(BENCHMARKS / "spatial.py"), "--quick", "--out",
-       str(tmp_path)],
-      capture_output=True, text=True, timeout=300, check=False)
-  assert result.returncode == 0, result.stderr
-  rows = [line for line in (tmp_path / "spatial.md").read_text().splitlines()
-          if line.startswith("| LowRank")]
-  assert len(rows) == 2
-
-
-def test_cp_lowering_variants_compute_cp():
-  """Every variant `cp_lowering.py` times (the per-axis grouped convs written
-  out with `lax` among them) is CP's convolution, at stride 1 and 2."""
-  bench = _load("cp_lowering")
-  rng = np.random.default_rng(0)
-  r = lambda *shape: jnp.asarray(rng.standard_normal(shape))
-  cp = jaxfactor.CP(r(3, 4), (r(3, 4), r(3, 4)), r(4, 5))
-  x = r(2, 7, 6, 3)
-  for stride in (1, 2):
-    expected = jaxfactor.conv(x, cp, strides=stride,
-                              implementation="reconstructed")
-    for fn in bench.variants(stride).values():
-      np.testing.assert_allclose(fn(x, cp), expected, rtol=1e-12, atol=1e-12)
-
-
-@pytest.mark.skipif(not _native.available(),
-                    reason=f"native kernel unavailable: {_native.error()}")
+@native
 def test_depthwise_script_times_agreeing_programs(tmp_path):
   """depthwise.py's native and shift-add programs compute the same thing
   (float32: summation order differs), and the script writes one row per
@@ -114,16 +150,83 @@ def test_depthwise_script_times_agreeing_programs(tmp_path):
   t = jnp.asarray(rng.standard_normal((2, 4, 4, 3)), jnp.float32)
   compiled = depthwise.programs(x, kernel, t, 2)
   for p in ("fwd", "fwd+bwd"):
-    want = compiled["shift_add", p](x, kernel, t)
-    got = compiled["native", p](x, kernel, t)
-    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
-      np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
-  result = subprocess.run(
-      [sys.executable, str(BENCHMARKS / "depthwise.py"), "--shapes", "2", "6",
-       "6", "4", "1", "1", "5", "5", "2", "2", "--rounds", "1", "--out",
-       str(tmp_path)],
-      capture_output=True, text=True, timeout=300, check=False)
-  assert result.returncode == 0, result.stderr
+    _allclose(compiled["native", p](x, kernel, t),
+              compiled["shift_add", p](x, kernel, t), 1e-4)
+  # The two are different programs: the native one calls the kernel.
+  assert "jaxfactor_depthwise" in compiled["native", "fwd"].as_text()
+  assert "jaxfactor_depthwise" not in compiled["shift_add", "fwd"].as_text()
+  _run("depthwise.py", "--shapes", 2, 6, 6, 4, 1, 1, 5, 5, 2, 2,
+       "--rounds", 1, "--out", tmp_path)
   rows = (tmp_path / "depthwise.md").read_text().splitlines()
   assert [r.split(" |")[0] for r in rows[4:]] == ["| 2 6 6 4, 1",
                                                  "| 1 5 5 2, 2"]
+
+
+def test_spatial_script_writes_its_table(tmp_path):
+  _run("spatial.py", "--quick", "--out", tmp_path)
+  rows = [line.split(" | ") for line in
+          (tmp_path / "spatial.md").read_text().splitlines()
+          if line.startswith("| LowRank")]
+  assert len(rows) == 2
+  # Both lowerings timed, and the rule's choice shown: at these small
+  # sizes (8x8, 4x4) XLA's convolution.
+  assert all(float(row[4]) > 0 for row in rows)
+  assert [row[-1] for row in rows] == ["conv |", "conv |"]
+
+
+def test_cp_lowering_variants_compute_cp():
+  """Every variant `cp_lowering.py` times (the per-axis and merged grouped
+  convs written out with `lax` among them) is CP's convolution, with CP's
+  gradients, at stride 1 and 2; and the script prints one row per variant."""
+  bench = _load("cp_lowering")
+  rng = np.random.default_rng(0)
+  r = lambda *shape: jnp.asarray(rng.standard_normal(shape))
+  cp = jaxfactor.CP(r(3, 4), (r(3, 4), r(3, 4)), r(4, 5))
+  x = r(2, 7, 6, 3)
+  for stride in (1, 2):
+    out = jaxfactor.conv(x, cp, strides=stride).shape
+    compiled = bench.programs(x, cp, r(*out), stride)
+    labels = list(bench.variants(stride))
+    assert set(compiled) == {(label, p) for label in labels
+                             for p in ("fwd", "fwdbwd")}
+    t = r(*out)
+    for p in ("fwd", "fwdbwd"):
+      want = compiled["reconstructed", p](x, cp, t)
+      for label in labels:
+        _allclose(compiled[label, p](x, cp, t), want, 1e-10)
+  stdout = _run("cp_lowering.py", "--batch", 1, "--repeats", 1, "--shapes",
+                "tiny_s2")
+  rows = [line for line in stdout.splitlines() if line.startswith("| tiny")]
+  assert [row.split(" | ")[1] for row in rows] == labels
+
+
+def test_decompose_measures_jaxfactor():
+  """decompose.py's jaxfactor side: the relative error of a jitted
+  decomposition, exact for a kernel of that Tucker rank."""
+  bench = _load("decompose")
+  rng = np.random.default_rng(0)
+  exact = np.einsum("hwab,ca,fb->hwcf", rng.standard_normal((3, 3, 2, 2)),
+                    rng.standard_normal((8, 2)), rng.standard_normal((8, 2)))
+  error, seconds, compile_s = bench.run_ours(
+      exact, jnp.float32, 1, format="tucker", rank=(2, 2), iterations=2)
+  assert error < 1e-5 and seconds > 0 and compile_s > 0
+  decaying = bench.decaying_kernel((3, 3, 8, 8), 0.9)
+  error = bench.run_ours(decaying, jnp.float32, 1, format="tucker",
+                         rank=(2, 2), iterations=2)[0]
+  assert 0.1 < error < 1
+
+
+def test_decompose_script_runs(tmp_path):
+  pytest.importorskip("tensorly", reason="the `benchmarks` extra")
+  _run("decompose.py", "--quick", "--kernels", "decay", "--out", tmp_path)
+  result = json.loads((tmp_path / "decompose_quick.json").read_text())
+  assert [r["method"] for r in result["rows"]] == ["Tucker-2 HOOI"] * 2 + [
+      "CP ALS"] * 2
+  for r in result["rows"]:
+    # The same algorithm from the same start: errors agree; jaxfactor's CP
+    # keeps the best of its starts, TensorLy's best of 5 seeds is close.
+    assert 0 < r["ours"] < 1 and 0 < r["theirs"] < 1
+    if r["method"] == "Tucker-2 HOOI":
+      assert r["ours"] == pytest.approx(r["theirs"], abs=1e-3)
+    else:
+      assert r["ours"] <= r["theirs"] + 1e-3
