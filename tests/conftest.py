@@ -10,15 +10,15 @@
   (`jaxfactor._native.cache_dir()`) are the only files the tests write
   outside pytest's temporary directories; delete them at will.
 * Hypothesis (the property-based tests) keeps no example database. Its
-  profile comes from `$HYPOTHESIS_PROFILE`, else "ci" when `$CI` is set,
-  else "dev":
+  profile comes from `$HYPOTHESIS_PROFILE`, default "ci":
 
-  - "ci": 150 examples per property, derandomized: every run replays the
-    same examples, so a red run is reproducible.
-  - "dev": 150 random examples per run (a failure prints the
-    `@reproduce_failure` blob to replay it).
-  - "long": 5000 random examples per property, for a soak run before a
-    release or after touching a lowering:
+  - "ci": 100 examples per property, derandomized: every run replays the
+    same examples (whose programs the compilation cache then holds), so a
+    red run is reproducible.
+  - "dev": 100 new random examples per run; a failure prints the
+    `@reproduce_failure` blob that replays it.
+  - "long": 5000 new random examples per property, for a soak run before a
+    release or after touching a lowering (about an hour on two cores):
 
         HYPOTHESIS_PROFILE=long .venv/bin/python -m pytest -n auto \\
             tests/test_properties.py tests/test_cost.py
@@ -49,10 +49,8 @@ _common = dict(
   suppress_health_check=[hypothesis.HealthCheck.too_slow],
 )
 hypothesis.settings.register_profile(
-  "ci", max_examples=150, derandomize=True, **_common
+  "ci", max_examples=100, derandomize=True, **_common
 )
-hypothesis.settings.register_profile("dev", max_examples=150, **_common)
+hypothesis.settings.register_profile("dev", max_examples=100, **_common)
 hypothesis.settings.register_profile("long", max_examples=5000, **_common)
-hypothesis.settings.load_profile(
-  os.environ.get("HYPOTHESIS_PROFILE", "ci" if os.environ.get("CI") else "dev")
-)
+hypothesis.settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
