@@ -286,28 +286,45 @@ def test_budget_path_does_not_starve_the_smaller_tucker_mode():
 ENERGIES = dict(zip(FORMATS, (0.5, 0.9, 0.99, 0.8, 0.95)))
 
 
+def squared_spectra(name, kernel):
+  """The squared singular values `decompose` truncates, per matrix."""
+  k = np.asarray(kernel, np.float64)
+  *window, c, f = k.shape
+  if name == "low_rank":
+    return [np.linalg.svd(k.reshape(-1, f), compute_uv=False) ** 2]
+  if name == "spatially_separable":
+    rearranged = np.moveaxis(k, -2, 1).reshape(window[0] * c, -1)
+    return [np.linalg.svd(rearranged, compute_uv=False) ** 2]
+  if name == "depthwise_separable":  # per channel, summed at each rank
+    slices = np.moveaxis(k.reshape(-1, c, f), 1, 0)
+    return [(np.linalg.svd(slices, compute_uv=False) ** 2).sum(axis=0)]
+  return [np.linalg.svd(np.moveaxis(k, mode, 0).reshape(k.shape[mode], -1),
+                        compute_uv=False) ** 2 for mode in (-2, -1)]
+
+
+def smallest_rank(squares, energy):
+  kept = np.cumsum(squares) / np.sum(squares)
+  return int(np.argmax(kept >= energy * (1 - 1e-12))) + 1
+
+
 @pytest.mark.parametrize("name", FORMATS)
 def test_energy_is_the_smallest_rank_keeping_that_fraction(name):
   energy = ENERGIES[name]
   kernel = decaying_kernel((3, 3, 6, 8))
   f = quiet(jaxfactor.decompose, kernel, name, energy=energy, iterations=4,
             restarts=0)
-  if name == "tucker":
-    k = np.asarray(kernel)
-    for mode, r in zip((-2, -1), f.ranks):
-      s = np.linalg.svd(np.moveaxis(k, mode, 0).reshape(k.shape[mode], -1),
-                        compute_uv=False) ** 2
-      assert s[:r].sum() >= energy * s.sum() * (1 - 1e-12)
-      assert r == 1 or s[: r - 1].sum() < energy * s.sum()
+  if name != "tucker":  # whose energy is per mode
+    # CP's ALS only improves on its start, which keeps `energy`.
+    assert 1 - error(f, kernel) ** 2 >= energy - 1e-9
+  if name == "cp":
     return
-  # An optimal truncation keeps 1 - error^2 of the energy; CP's ALS only
-  # improves on its start, which keeps `energy`.
-  assert 1 - error(f, kernel) ** 2 >= energy - 1e-9
-  smaller = _ranks.rank_of(f)
-  smaller = (smaller[0] - 1,) if isinstance(smaller, tuple) else smaller - 1
-  if name != "cp" and min(np.atleast_1d(smaller)) >= 1:
-    g = quiet(jaxfactor.decompose, kernel, name, rank=smaller)
-    assert 1 - error(g, kernel) ** 2 < energy
+  rank = np.atleast_1d(_ranks.rank_of(f))
+  expected = [smallest_rank(s, energy) for s in squared_spectra(name, kernel)]
+  assert list(rank) == expected
+  if name != "tucker":  # an optimal truncation keeps exactly that energy
+    squares = squared_spectra(name, kernel)[0]
+    kept = squares[: rank[0]].sum() / squares.sum()
+    assert abs(1 - error(f, kernel) ** 2 - kept) < 1e-10
 
 
 def planted(name, rng):

@@ -366,10 +366,11 @@ def test_with_partitioning_reaches_the_params(name):
     box = variables["params"][key]
     assert isinstance(box, nn.Partitioned), key
     assert box.names == _names(box.value.shape)
-  unboxed = meta.unbox(variables)
-  np.testing.assert_array_equal(linen_layer.apply(variables, _x()),
-                                linen_layer.apply(unboxed, _x()))
-  assert linen_layer.factors(variables["params"], C).shape == (3, 3, C, F)
+  factors = linen_layer.factors(variables["params"], C)
+  y = linen_layer.apply(variables, _x())
+  expected = jaxfactor.conv(_x(), factors) + meta.unbox(
+      variables["params"]["bias"]).reshape(1, 1, 1, F)
+  np.testing.assert_allclose(y, expected, rtol=1e-6, atol=1e-6)
 
 
 # --- state ------------------------------------------------------------------------------
