@@ -358,8 +358,8 @@ def _cp_flops(shape, rank, iterations, starts) -> float:
 
 def _warn_if_long(fn, shape, rank, iterations, starts):
   flops = _cp_flops(shape, rank, iterations, starts)
-  largest = max(shape)
-  if rank > largest or flops > CP_WARN_FLOPS:
+  if flops > CP_WARN_FLOPS:
+    largest = max(shape)
     why = (f"; the rank exceeds the kernel's largest mode ({largest}), where"
            " ALS converges slowly" if rank > largest else "")
     _validation.warn(

@@ -261,14 +261,34 @@ def test_decompose_is_scale_invariant_in_float32(name):
 # --- arguments that take effect or raise --------------------------------------------
 
 
-def test_a_long_cp_decomposition_warns_at_the_callers_line():
-  with pytest.warns(RuntimeWarning, match=r"decompose: CP of rank 40 for a"
-                    r" kernel of shape \(3, 3, 16, 16\) is a long"
-                    r" decomposition.*exceeds the kernel's largest mode") as w:
-    jaxfactor.decompose(jnp.ones((3, 3, 16, 16), jnp.float32), "cp", rank=40,
-                        iterations=1, restarts=0)
-  assert pathlib.Path(w[0].filename).resolve() == pathlib.Path(
+def test_a_long_cp_decomposition_warns_first_at_the_callers_line(
+    monkeypatch):
+  from jaxfactor import _decompose  # pylint: disable=import-outside-toplevel
+
+  class Started(Exception):
+    pass
+
+  def started(*args):
+    raise Started
+
+  monkeypatch.setattr(_decompose, "_cp", started)  # the warning comes first
+  warnings.filterwarnings("ignore", message=".*larger than what it replaces")
+  with pytest.warns(RuntimeWarning, match=r"decompose: CP of rank 576 for a"
+                    r" kernel of shape \(3, 3, 64, 64\) is a long"
+                    r" decomposition: ~3.9e\+12 FLOPs \(100 ALS sweeps from"
+                    r" 5 starts\); the rank exceeds the kernel's largest"
+                    r" mode \(64\)") as record:
+    with pytest.raises(Started):
+      jaxfactor.decompose(jnp.ones((3, 3, 64, 64), jnp.float32), "cp",
+                          rank=576)
+  assert pathlib.Path(record[0].filename).resolve() == pathlib.Path(
       __file__).resolve()
+  # A short one is silent.
+  with warnings.catch_warnings():
+    warnings.simplefilter("error")
+    with pytest.raises(Started):
+      jaxfactor.decompose(jnp.ones((3, 3, 64, 64), jnp.float32), "cp",
+                          rank=73)
 
 
 def test_decompose_checks_its_key():
