@@ -27,9 +27,14 @@ from jaxfactor import _geometry
 
 
 class Pointwise(NamedTuple):
-  """A 1x1 convolution: `kernel [C, F]` contracted with the channel axis."""
+  """A 1x1 convolution: `kernel [C, F]` contracted with the channel axis.
+
+  It convolves over no spatial axis, in one group.
+  """
 
   kernel: Any
+  axes: tuple[int, ...] = ()
+  groups: int = 1
 
 
 class SpatialConv(NamedTuple):
@@ -144,7 +149,8 @@ def merge_depthwise_stages(
   Returns the stages and the FLOPs of building the merged filters (one
   multiply per element of each partial outer product).
   """
-  merged, flops = [], 0
+  merged: list[Stage] = []
+  flops = 0
   for stage in stages:
     if merged and _merges_with(stage, merged[-1]):
       previous = merged.pop()
@@ -251,10 +257,38 @@ def pad_swap_prone_axes(x, window, strides, dilation, pads):
 def pad_fill(x, axes_pads, geometry):
   """`x` with non-zero fills ("wrap", "reflect") padded in; zero pads kept.
 
+  Symbolic zero pads (`jax.export` with "SAME" and a stride) are padded in
+  too: lax's convolutions take static padding only.
+
   Returns `(x, pads)`: the padding left for the stage to apply (all zero
-  when the fill was materialised).
+  when it was materialised).
   """
   if geometry.fill == "constant":
-    return x, axes_pads
-  x = jnp.pad(x, [(0, 0), *axes_pads, (0, 0)], mode=geometry.fill)
+    if all(isinstance(v, int) for pair in axes_pads for v in pair):
+      return x, axes_pads
+    config = [(0, 0, 0), *((lo, hi, 0) for lo, hi in axes_pads), (0, 0, 0)]
+    return (lax.pad(x, jnp.zeros((), x.dtype), config),
+            [(0, 0)] * len(axes_pads))
+  if all(isinstance(d, int) for d in x.shape[1:-1]):
+    x = jnp.pad(x, [(0, 0), *axes_pads, (0, 0)], mode=geometry.fill)
+  else:
+    # `jnp.pad` cannot decide how often a symbolic size wraps (jax.export).
+    for axis, (lo, hi) in enumerate(axes_pads, 1):
+      x = _pad_axis(x, axis, lo, hi, geometry.fill)
   return x, [(0, 0)] * len(axes_pads)
+
+
+def _pad_axis(x, axis, lo, hi, mode):
+  """`x` padded by `(lo, hi)` along `axis` as `jnp.pad`'s "wrap" or
+  "reflect" modes, as a gather: valid for a symbolic size."""
+  if lo == hi == 0:
+    return x
+  size = x.shape[axis]
+  index = jnp.arange(-lo, size + hi)
+  if mode == "wrap":
+    index = index % size
+  else:  # "reflect": the edge itself is not repeated
+    period = jnp.maximum(2 * size - 2, 1)
+    index = index % period
+    index = jnp.where(index < size, index, period - index)
+  return jnp.take(x, index, axis=axis)
