@@ -15,13 +15,13 @@ import pytest
 from flax import linen as nn
 from flax import nnx
 from jax import lax
+from reference import FORMATS
+from reference import relative_error
 
 import jaxfactor
 import jaxfactor.linen as jlinen
 import jaxfactor.nnx as jnnx
 from jaxfactor import _ranks
-from reference import FORMATS
-from reference import relative_error
 
 X = jax.random.normal(jax.random.key(1), (4, 8, 8, 3), jnp.float32)
 Y = jax.random.randint(jax.random.key(2), (4,), 0, 10)
@@ -60,8 +60,8 @@ class Net(nnx.Module):
     self.conv3 = nnx.Conv(8, 8, (3, 3), strides=2, padding="CIRCULAR",
                           rngs=rngs)
     self.grouped = nnx.Conv(8, 8, (3, 3), feature_group_count=2, rngs=rngs)
-    self.masked = nnx.Conv(8, 8, (3, 3), mask=jnp.ones((3, 3, 8, 8), jnp.float32),
-                           rngs=rngs)
+    self.masked = nnx.Conv(8, 8, (3, 3), rngs=rngs,
+                           mask=jnp.ones((3, 3, 8, 8), jnp.float32))
     self.custom = nnx.Conv(
         8, 8, (3, 3), rngs=rngs,
         conv_general_dilated=functools.partial(lax.conv_general_dilated))
@@ -86,6 +86,9 @@ def _state():
   for seed, (name, rate) in enumerate(DECAY.items()):
     conv = getattr(model, name)
     conv.kernel[...] = decaying(conv.kernel.shape, rate, seed)
+    # Biases as trained ones, not Flax's zeros: the surgery must keep them.
+    conv.bias[...] = jax.random.normal(jax.random.key(seed), conv.bias.shape,
+                                       jnp.float32)
   return nnx.split(model)
 
 
@@ -127,7 +130,7 @@ def float32_arithmetic():
     yield
 
 
-# --- nnx ---------------------------------------------------------------------------
+# --- nnx ----------------------------------------------------------------------
 
 @pytest.mark.usefixtures("float32_arithmetic")
 @pytest.mark.parametrize("name", FORMATS)
@@ -370,7 +373,7 @@ def test_stacked_vmap_convs_are_skipped():
       " nnx.vmap/scan?)")
 
 
-# --- linen -------------------------------------------------------------------------
+# --- linen --------------------------------------------------------------------
 
 class LinenNet(nn.Module):
   """The linen idiom: the conv class is an attribute of the model."""
@@ -395,8 +398,9 @@ def linen_variables(grouped=True):
   params = dict(variables["params"])
   for seed, name in enumerate(("conv1", "conv2")):
     kernel = params[name]["kernel"]
-    params[name] = {**params[name],
-                    "kernel": decaying(kernel.shape, DECAY[name], seed)}
+    params[name] = {"kernel": decaying(kernel.shape, DECAY[name], seed),
+                    "bias": jax.random.normal(jax.random.key(seed), (8,),
+                                              jnp.float32)}
   return {"params": params}
 
 
@@ -505,9 +509,20 @@ def test_linen_budget_is_met(kind):
                    if kind == "params" else
                    (report.flops_after, report.flops_before))
   assert after + kept <= 0.4 * (before + kept)
+  # Greedy allocation stops when no layer's next rank fits any more.
+  left = 0.4 * (before + kept) - (after + kept)
+
+  def size(layer, rank):
+    factors = jaxfactor.LowRank.abstract(layer.kernel_shape, rank,
+                                         jnp.float32)
+    return (factors.num_params if kind == "params" else jaxfactor.cost(
+        factors, layer.input_shape, implementation="factorized",
+        **LINEN_GEOMETRY[layer.path[0]]).flops)
+
   for layer in report.factorized:
     assert set(new["params"][layer.path[0]]) == {"spatial", "pointwise",
                                                  "bias"}
+    assert size(layer, layer.rank + 1) - size(layer, layer.rank) > left
 
 
 def test_linen_implementation_counts_its_flops():

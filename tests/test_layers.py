@@ -11,14 +11,14 @@ from flax import nnx
 from flax import serialization
 from flax.core import meta
 from jax import lax
+from reference import relative_error
+from sweeps import ids
+from sweeps import pairwise
 
 import jaxfactor
 import jaxfactor.linen as jlinen
 import jaxfactor.nnx as jnnx
 from jaxfactor import _ranks
-from reference import relative_error
-from sweeps import ids
-from sweeps import pairwise
 
 C, F = 4, 6
 # (linen class, nnx class, rank arguments)
@@ -53,14 +53,20 @@ def _x(shape=(2, 9, 8, C), dtype=jnp.float32, seed=1):
   return jax.random.normal(jax.random.key(seed), shape, dtype)
 
 
+# Biases as trained ones, not Flax's zeros, so that a lost bias shows.
+BIAS_INIT = jax.nn.initializers.normal(1.0)
+
+
 def _nnx_layer(name, strides=1, **kwargs):
   _, cls, rank = LAYERS[name]
-  return cls(C, F, (3, 3), strides, rngs=nnx.Rngs(0), **{**rank, **kwargs})
+  return cls(C, F, (3, 3), strides, rngs=nnx.Rngs(0),
+             **{**rank, "bias_init": BIAS_INIT, **kwargs})
 
 
 def _linen_layer(name, **kwargs):
   cls, _, rank = LAYERS[name]
-  return cls(features=F, kernel_size=(3, 3), **{**rank, **kwargs})
+  return cls(features=F, kernel_size=(3, 3),
+             **{**rank, "bias_init": BIAS_INIT, **kwargs})
 
 
 def _copy_into(params, layer):
@@ -84,7 +90,7 @@ def _flax_nnx_conv(kernel, bias, x, **kwargs):
   return conv(x)
 
 
-# --- parity and the Flax oracle ---------------------------------------------------
+# --- parity and the Flax oracle -----------------------------------------------
 
 SWEEP = pairwise(dict(
     layer=list(LAYERS), strides=[1, (2, 1)],
@@ -145,7 +151,8 @@ def test_depthwise_conv_linen_nnx_and_grouped_flax_conv(case):
   x, m = _x(), case["channel_multiplier"]
   geometry = dict(strides=case["strides"], padding=case["padding"],
                   kernel_dilation=case["kernel_dilation"])
-  linen_layer = jlinen.DepthwiseConv((3, 3), channel_multiplier=m, **geometry)
+  linen_layer = jlinen.DepthwiseConv((3, 3), channel_multiplier=m,
+                                     bias_init=BIAS_INIT, **geometry)
   variables = linen_layer.init(jax.random.key(0), x)
   nnx_layer = jnnx.DepthwiseConv(C, (3, 3), channel_multiplier=m,
                                  rngs=nnx.Rngs(0), **geometry)
@@ -159,7 +166,7 @@ def test_depthwise_conv_linen_nnx_and_grouped_flax_conv(case):
 
 def test_pointwise_conv_linen_nnx_and_a_1x1_flax_conv():
   x = _x((2, 3, 5, 7, C))  # two batch axes, 2-D spatial
-  linen_layer = jlinen.PointwiseConv(features=F)
+  linen_layer = jlinen.PointwiseConv(features=F, bias_init=BIAS_INIT)
   variables = linen_layer.init(jax.random.key(0), x)
   nnx_layer = jnnx.PointwiseConv(C, F, rngs=nnx.Rngs(0))
   _copy_into(variables["params"], nnx_layer)
@@ -196,7 +203,7 @@ def test_batch_axes_are_flattened_and_restored():
                              atol=1e-6)
 
 
-# --- dtypes -----------------------------------------------------------------------
+# --- dtypes -------------------------------------------------------------------
 
 DTYPE_SWEEP = pairwise(dict(
     layer=["low_rank", "cp"], dtype=[None, jnp.bfloat16],
@@ -244,7 +251,7 @@ def test_preferred_element_type_is_the_output_dtype(framework):
   assert flax_y.dtype == jnp.float32 and relative_error(y, flax_y) < 1e-2
 
 
-# --- initialization -------------------------------------------------------------------
+# --- initialization -----------------------------------------------------------
 
 FIXED = jax.random.normal(jax.random.key(7), (3, 3, C, F), jnp.float32)
 
@@ -335,7 +342,7 @@ def test_budget_rank_is_the_one_decompose_picks(name):
           nnx.state(layer, nnx.Param)).items()}
 
 
-# --- sharding metadata ------------------------------------------------------------------
+# --- sharding metadata --------------------------------------------------------
 
 def _names(shape):
   """A partitioning for a factor: the last axis on "model"."""
@@ -373,7 +380,7 @@ def test_with_partitioning_reaches_the_params(name):
   np.testing.assert_allclose(y, expected, rtol=1e-6, atol=1e-6)
 
 
-# --- state ------------------------------------------------------------------------------
+# --- state --------------------------------------------------------------------
 
 def test_checkpoint_round_trip():
   model = _nnx_layer("cp")
