@@ -14,12 +14,12 @@ import pytest
 from flax import linen as nn
 from flax import nnx
 from flax import serialization
+from reference import random_format
+from reference import random_input
 
 import jaxfactor
 import jaxfactor.linen as jlinen
 import jaxfactor.nnx as jnnx
-from reference import random_format
-from reference import random_input
 
 X = random_input((2, 8, 8, 4))
 X32 = X.astype(jnp.float32)  # the layers' default param_dtype
@@ -32,7 +32,7 @@ def _raises(exc, match, fn, *args, **kwargs):
     fn(*args, **kwargs)
 
 
-# --- conv: x and kernel -----------------------------------------------------------
+# --- conv: x and kernel -------------------------------------------------------
 
 def test_x_of_the_wrong_rank():
   _raises(ValueError,
@@ -78,7 +78,7 @@ def test_dense_kernel_shapes():
           r" shape \(3, 0, 4, 6\)", jaxfactor.conv, X, jnp.ones((3, 0, 4, 6)))
 
 
-# --- dtypes ---------------------------------------------------------------------
+# --- dtypes -------------------------------------------------------------------
 
 def test_mixed_dtypes_are_not_promoted():
   _raises(TypeError,
@@ -132,7 +132,7 @@ def test_non_floating_or_non_array_factors():
           r" got str", jaxfactor.conv, X, broken)
 
 
-# --- formats --------------------------------------------------------------------
+# --- formats ------------------------------------------------------------------
 
 def test_factors_that_do_not_chain():
   _raises(ValueError,
@@ -190,8 +190,9 @@ def test_spatially_separable_shapes():
   _raises(TypeError, r"SpatiallySeparable: `factors` must be a non-empty tuple"
           r" of arrays \(one per spatial axis\), got ArrayImpl",
           jaxfactor.SpatiallySeparable, jnp.ones((3, 4, 5)))
-  _raises(ValueError, r"SpatiallySeparable: factors do not chain: `factors\[0\]`"
-          r" has shape \(3, 4, 5\) and `factors\[1\]` has shape \(3, 6, 2\);"
+  _raises(ValueError, r"SpatiallySeparable: factors do not chain:"
+          r" `factors\[0\]` has shape \(3, 4, 5\) and `factors\[1\]` has"
+          r" shape \(3, 6, 2\);"
           r" factors\[0\].shape\[2\] \(5\) must equal factors\[1\].shape\[1\]"
           r" \(6\)", jaxfactor.SpatiallySeparable,
           (jnp.ones((3, 4, 5)), jnp.ones((3, 6, 2))))
@@ -261,7 +262,7 @@ def test_restoring_factors_that_do_not_chain():
           r" \(3, 6\)", serialization.from_state_dict, LOW_RANK, state)
 
 
-# --- geometry ---------------------------------------------------------------------
+# --- geometry -----------------------------------------------------------------
 
 @pytest.mark.parametrize("name", ["strides", "dilation"])
 def test_strides_and_dilation(name):
@@ -319,7 +320,26 @@ def test_implementation_and_platform():
           jaxfactor.cost, LOW_RANK, X.shape, platform="cuda")
 
 
-# --- depthwise_conv, pointwise_conv, cost -----------------------------------------
+def test_what_flax_accepts_is_accepted():
+  reference = jaxfactor.conv(X, LOW_RANK, strides=1, padding="SAME")
+  np.testing.assert_array_equal(
+      jaxfactor.conv(X, LOW_RANK, strides=None, padding="same"), reference)
+  np.testing.assert_array_equal(
+      jaxfactor.conv(X, LOW_RANK, strides=np.array([2, 1])),
+      jaxfactor.conv(X, LOW_RANK, strides=(2, 1)))
+  np.testing.assert_array_equal(
+      jaxfactor.conv(np.asarray(X), jax.tree.map(np.asarray, LOW_RANK)),
+      reference)
+  # With 64-bit mode off, numpy float64 arrays are float32, as in Flax.
+  rng = np.random.default_rng(0)
+  with jax.enable_x64(False):
+    fmt = jaxfactor.LowRank(rng.standard_normal((3, 3, 4, 2)),
+                            rng.standard_normal((2, 5)))
+    y = jaxfactor.conv(rng.standard_normal((1, 6, 6, 4)), fmt)
+    assert y.dtype == jnp.float32
+
+
+# --- depthwise_conv, pointwise_conv, cost -------------------------------------
 
 def test_depthwise_kernel_layout():
   _raises(ValueError, r"depthwise_conv: `kernel` must have shape \[\*window,"
@@ -351,9 +371,14 @@ def test_cost_input_shape():
   _raises(ValueError, r"cost: `x` has 3 channels \(shape \(2, 8, 8, 3\)\) but"
           r" the kernel expects in_features=4", jaxfactor.cost, LOW_RANK,
           (2, 8, 8, 3))
+  height, = jax.export.symbolic_shape("h")
+  _raises(ValueError, r"cost: the spatial and channel sizes of `input_shape`"
+          r" must be static \(padding makes the FLOPs depend on them\), got"
+          r" \(2, h, 8, 4\); only batch axes may be symbolic", jaxfactor.cost,
+          LOW_RANK, (2, height, 8, 4))
 
 
-# --- decompose, relative_error, max_rank, Budget -------------------------------------
+# --- decompose, relative_error, max_rank, Budget ------------------------------
 
 def test_decompose_kernel_and_format():
   _raises(ValueError, r"decompose: the kernel must have shape \[\*window, C,"
@@ -534,18 +559,18 @@ def test_warnings_point_at_the_callers_line():
                     r" what it replaces") as record:
     jaxfactor.decompose(KERNEL, "low_rank", rank=8)
   assert record[0].filename == __file__
-  with pytest.warns(RuntimeWarning, match=r"decompose: CP of rank 9 for a"
-                    r" kernel of shape \(3, 3, 4, 8\) is a long decomposition:"
-                    r" ~.* FLOPs \(1 ALS sweeps from 2 starts\); the rank"
-                    r" exceeds the kernel's largest mode \(8\), where ALS"
-                    r" converges slowly. Lower `rank`, `iterations` or"
-                    r" `restarts`") as record:
-    jax.eval_shape(lambda k: jaxfactor.decompose(
-        k, "cp", rank=9, iterations=1, restarts=0), KERNEL)
+  with pytest.warns(RuntimeWarning, match=r"decompose: CP of rank 200 for a"
+                    r" kernel of shape \(3, 3, 64, 64\) is a long"
+                    r" decomposition: ~1.9e\+11 FLOPs \(100 ALS sweeps from 5"
+                    r" starts\); the rank exceeds the kernel's largest mode"
+                    r" \(64\), where ALS converges slowly. Lower `rank`,"
+                    r" `iterations` or `restarts`") as record:
+    jax.eval_shape(lambda k: jaxfactor.decompose(k, "cp", rank=200),
+                   jax.ShapeDtypeStruct((3, 3, 64, 64), jnp.float32))
   assert record[0].filename == __file__
 
 
-# --- layers -------------------------------------------------------------------------
+# --- layers -------------------------------------------------------------------
 
 def _nnx(cls=jnnx.LowRankConv, *args, **kwargs):
   args = args or (4, 6, (3, 3))
@@ -672,7 +697,7 @@ def test_linen_depthwise_separable_factors_need_in_features():
           r" channels", layer.factors, variables["params"])
 
 
-# --- factorize, factorize_variables ---------------------------------------------------
+# --- factorize, factorize_variables -------------------------------------------
 
 class _NnxNet(nnx.Module):
 
