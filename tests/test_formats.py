@@ -1,4 +1,4 @@
-"""Formats as values: `to_dense`, shapes, pytrees, immutability, serialization."""
+"""Formats as values: `to_dense`, shapes, pytrees, `replace`, serialization."""
 
 import math
 
@@ -7,12 +7,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import serialization
-
-import jaxfactor
 from reference import FORMATS
 from reference import WINDOWS
 from reference import dense_from_formula
 from reference import random_format
+
+import jaxfactor
 
 # The ranks `random_format` gives each format by default.
 RANKS = {"depthwise_separable": 2, "spatially_separable": (4,),
@@ -76,7 +76,7 @@ def test_shape_properties_and_parameter_counts(n):
     assert fmt.shape == (*window, c, f)
 
 
-# --- pytrees ---------------------------------------------------------------------
+# --- pytrees ------------------------------------------------------------------
 
 @pytest.mark.parametrize("name", FORMATS)
 def test_pytree_leaves_are_the_factors_in_field_order(name):
@@ -124,7 +124,7 @@ def test_static_metadata_is_part_of_the_structure():
   assert rebuilt.channel_multiplier == 2
 
 
-# --- immutability and replace ---------------------------------------------------
+# --- immutability and replace -------------------------------------------------
 
 @pytest.mark.parametrize("name", FORMATS)
 def test_immutable_and_replace_changes_one_field(name):
@@ -175,7 +175,7 @@ def test_formats_compare_by_identity():
   assert fmt == fmt and fmt != fmt.replace()
 
 
-# --- params, abstract, serialization --------------------------------------------
+# --- params, abstract, serialization ------------------------------------------
 
 @pytest.mark.parametrize("name", FORMATS)
 def test_params_from_params_and_param_shapes(name):
