@@ -437,9 +437,9 @@ def test_factorized_variables_compute_the_dense_twin(name):
   assert report.flops_after < report.flops_before
   layer_cls = LINEN_LAYERS[name]
   # rank=None: each layer reads its rank from its params.
-  out = LinenNet(conv=layer_cls).apply(new, X)
-  expected = LinenNet().apply(linen_twin(variables, new, report, layer_cls),
-                              X)
+  out = jax.jit(LinenNet(conv=layer_cls).apply)(new, X)
+  twin = linen_twin(variables, new, report, layer_cls)
+  expected = jax.jit(LinenNet().apply)(twin, X)
   assert relative_error(out, expected) < 1e-5
   assert "kernel" in new["params"]["grouped"] and "kernel" not in (
       new["params"]["conv1"])
