@@ -69,3 +69,11 @@ def test_public_name_has_a_docstring_and_no_removed_argument(module, name):
   if layer:
     assert "kernel_dilation" in signatures[0].parameters or name == (
         "PointwiseConv")
+
+
+@pytest.mark.parametrize("module", [jaxfactor.nnx, jaxfactor.linen],
+                         ids=lambda m: m.__name__)
+def test_reports_are_the_top_level_classes(module):
+  for name in ("FactorizationReport", "LayerReport"):
+    assert name in module.__all__
+    assert getattr(module, name) is getattr(jaxfactor, name)
