@@ -98,8 +98,14 @@ def conv(
       if chosen(platform) == "factorized":
         stages = kernel.stages()
       else:
-        dense = (kernel.to_dense() if isinstance(kernel, formats.Format)
-                 else jnp.asarray(kernel))
+        if not isinstance(kernel, formats.Format):
+          dense = jnp.asarray(kernel)
+        elif preferred is not None:
+          # The dense kernel at the precision the result is asked for.
+          dense = jax.tree.map(lambda a: a.astype(preferred),
+                               kernel).to_dense()
+        else:
+          dense = kernel.to_dense()
         stages = [_stages.SpatialConv(dense, tuple(range(len(window))))]
       plan = _lowering.plan(stages, x.shape, geometry, platform)
       return _lowering.run(x, plan.steps, geometry, precision=precision,

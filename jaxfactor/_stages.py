@@ -156,15 +156,21 @@ def merge_depthwise_stages(
       previous = merged.pop()
       axes = tuple(sorted(previous.axes + stage.axes))
 
-      def lift(kernel, own_axes):
+      def lifted(kernel, own_axes):
         # [*window over own_axes, 1, R] -> [*window over `axes`, 1, R].
         shape = [1] * len(axes) + list(kernel.shape[-2:])
         for axis, k in zip(own_axes, kernel.shape[:-2]):
           shape[axes.index(axis)] = k
-        return kernel.reshape(shape)
+        return shape
 
-      kernel = lift(previous.kernel, previous.axes) * lift(stage.kernel,
-                                                           stage.axes)
+      a, b = previous.kernel, stage.kernel
+      shape_a, shape_b = lifted(a, previous.axes), lifted(b, stage.axes)
+      if isinstance(a, jax.ShapeDtypeStruct) or isinstance(
+          b, jax.ShapeDtypeStruct):  # abstract leaves, for `cost`
+        kernel = jax.ShapeDtypeStruct(
+            jnp.broadcast_shapes(tuple(shape_a), tuple(shape_b)), a.dtype)
+      else:
+        kernel = a.reshape(shape_a) * b.reshape(shape_b)
       flops += math.prod(kernel.shape)
       merged.append(SpatialConv(kernel, axes, stage.groups))
     else:

@@ -364,23 +364,10 @@ def test_16_bit_formats_within_tolerance_of_float64(case):
   assert relative_error(y, expected) < bound
 
 
-def _widening_case(case):
-  if case["implementation"] == "reconstructed" and case["kernel"] != "dense":
-    # Reported: `to_dense()` runs in the factors' dtype, so a float64 result
-    # of float32 factors carries the float32 rounding of the dense kernel.
-    return pytest.param(
-      case,
-      marks=pytest.mark.xfail(
-        strict=True, reason="to_dense() ignores preferred_element_type"
-      ),
-    )
-  return case
-
-
 @pytest.mark.parametrize(
   "case",
   [
-    _widening_case(case)
+    case
     for case in (
       reference.all_pairs(
         {

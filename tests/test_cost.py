@@ -395,26 +395,10 @@ def test_params_are_the_factor_sizes():
     assert jaxfactor.cost(kernel, (1, 8, 8, 4)).params == expected, name
 
 
-def _abstract_case(name, platform):
-  if name == "cp" and platform != "cpu":
-    # Reported: merging CP's filters multiplies the leaves, which a
-    # `jax.ShapeDtypeStruct` cannot do.
-    return pytest.param(
-      name,
-      platform,
-      marks=pytest.mark.xfail(
-        strict=True,
-        raises=AttributeError,
-        reason="cost(abstract CP, platform='gpu') multiplies abstract leaves",
-      ),
-    )
-  return (name, platform)
-
-
 @pytest.mark.parametrize(
   "name,platform",
   [
-    _abstract_case(name, platform) for name in FORMATS for platform in PLATFORMS
+    (name, platform) for name in FORMATS for platform in PLATFORMS
   ],
 )
 def test_abstract_formats_cost_the_same(name, platform):
