@@ -364,22 +364,16 @@ def test_16_bit_formats_within_tolerance_of_float64(case):
   assert relative_error(y, expected) < bound
 
 
-@pytest.mark.parametrize(
-  "case",
-  [
-    case
-    for case in (
-      reference.all_pairs(
-        {
-          "kernel": KERNELS,
-          "depthwise": DEPTHWISE_LOWERINGS,
-          "implementation": ("factorized", "reconstructed"),
-        }
-      )
-    )
-  ],
-  ids=case_id,
+WIDENING_CASES = reference.all_pairs(
+  {
+    "kernel": KERNELS,
+    "depthwise": DEPTHWISE_LOWERINGS,
+    "implementation": ("factorized", "reconstructed"),
+  }
 )
+
+
+@pytest.mark.parametrize("case", WIDENING_CASES, ids=case_id)
 def test_preferred_element_type_widens_every_stage(case):
   """float32 operands with a float64 result equal the float64 computation
   to float64 precision only if *every* stage of the chain runs in float64."""

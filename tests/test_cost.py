@@ -397,9 +397,7 @@ def test_params_are_the_factor_sizes():
 
 @pytest.mark.parametrize(
   "name,platform",
-  [
-    (name, platform) for name in FORMATS for platform in PLATFORMS
-  ],
+  [(name, platform) for name in FORMATS for platform in PLATFORMS],
 )
 def test_abstract_formats_cost_the_same(name, platform):
   fmt = random_format(name, (3, 3), 4, 6, dtype=jnp.float32)
