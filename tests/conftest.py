@@ -9,8 +9,11 @@
   `~/.cache/jaxfactor/jax-compilation`). It and the compiled native kernel
   (`jaxfactor._native.cache_dir()`) are the only files the tests write
   outside pytest's temporary directories; delete them at will.
-* Hypothesis (the property-based tests) keeps no example database. Its
-  profile comes from `$HYPOTHESIS_PROFILE`, default "ci":
+* Hypothesis (the property-based tests) keeps no example database; its
+  cache of the literals in the code under test goes to
+  `$HYPOTHESIS_STORAGE_DIRECTORY`, default `<tmp>/jaxfactor-hypothesis`,
+  not to `.hypothesis/` in the working tree. Its profile comes from
+  `$HYPOTHESIS_PROFILE`, default "ci":
 
   - "ci": 100 examples per property, derandomized: every run replays the
     same examples (whose programs the compilation cache then holds), so a
@@ -26,8 +29,10 @@
 
 import os
 import pathlib
+import tempfile
 
 import hypothesis
+import hypothesis.configuration
 import jax
 
 jax.config.update("jax_enable_x64", True)
@@ -42,6 +47,10 @@ jax.config.update("jax_compilation_cache_dir", _cache)
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
 jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 
+if not os.environ.get("HYPOTHESIS_STORAGE_DIRECTORY"):
+  hypothesis.configuration.set_hypothesis_home_dir(
+    pathlib.Path(tempfile.gettempdir()) / "jaxfactor-hypothesis"
+  )
 _common = dict(
   deadline=None,
   database=None,
