@@ -1,4 +1,5 @@
-"""The public convolutions: `conv` (dense or any format), depthwise, pointwise."""
+"""The public convolutions: `conv` (dense or any format), depthwise and
+pointwise."""
 
 from __future__ import annotations
 
@@ -17,15 +18,15 @@ from jaxfactor import _validation
 
 
 def conv(
-    x: jax.typing.ArrayLike,
-    kernel: jax.typing.ArrayLike | formats.Format,
-    *,
-    strides: int | Sequence[int] = 1,
-    padding: Any = "SAME",
-    dilation: int | Sequence[int] = 1,
-    precision: lax.PrecisionLike = None,
-    preferred_element_type: jax.typing.DTypeLike | None = None,
-    implementation: str = "auto",
+  x: jax.typing.ArrayLike,
+  kernel: jax.typing.ArrayLike | formats.Format,
+  *,
+  strides: int | Sequence[int] = 1,
+  padding: Any = "SAME",
+  dilation: int | Sequence[int] = 1,
+  precision: lax.PrecisionLike = None,
+  preferred_element_type: jax.typing.DTypeLike | None = None,
+  implementation: str = "auto",
 ) -> jax.Array:
   """Convolves `x` with a dense kernel or a factorized format.
 
@@ -78,15 +79,16 @@ def conv(
   x = _validation.check_input(fn, x, window, in_features)
   _validation.check_same_dtype(fn, [("x", x), ("kernel", kernel)])
   preferred = _validation.check_preferred_element_type(
-      fn, x.dtype, preferred_element_type
+    fn, x.dtype, preferred_element_type
   )
   x, batch_shape, geometry = _stages.prepare(
-      fn, x, window, strides=strides, padding=padding, dilation=dilation
+    fn, x, window, strides=strides, padding=padding, dilation=dilation
   )
 
   def chosen(platform):
-    return _cost.choose_implementation(kernel, x.shape, geometry,
-                                       implementation, platform)
+    return _cost.choose_implementation(
+      kernel, x.shape, geometry, implementation, platform
+    )
 
   def decide(platform):
     implementation = chosen(platform)
@@ -102,14 +104,19 @@ def conv(
           dense = jnp.asarray(kernel)
         elif preferred is not None:
           # The dense kernel at the precision the result is asked for.
-          dense = jax.tree.map(lambda a: a.astype(preferred),
-                               kernel).to_dense()
+          dense = jax.tree.map(lambda a: a.astype(preferred), kernel).to_dense()
         else:
           dense = kernel.to_dense()
         stages = [_stages.SpatialConv(dense, tuple(range(len(window))))]
       plan = _lowering.plan(stages, x.shape, geometry, platform)
-      return _lowering.run(x, plan.steps, geometry, precision=precision,
-                           preferred_element_type=preferred)
+      return _lowering.run(
+        x,
+        plan.steps,
+        geometry,
+        precision=precision,
+        preferred_element_type=preferred,
+      )
+
     return run
 
   y = _lowering.per_platform(decide, branch, x, kernel)
@@ -117,11 +124,11 @@ def conv(
 
 
 def pointwise_conv(
-    x: jax.typing.ArrayLike,
-    kernel: jax.typing.ArrayLike,
-    *,
-    precision: lax.PrecisionLike = None,
-    preferred_element_type: jax.typing.DTypeLike | None = None,
+  x: jax.typing.ArrayLike,
+  kernel: jax.typing.ArrayLike,
+  *,
+  precision: lax.PrecisionLike = None,
+  preferred_element_type: jax.typing.DTypeLike | None = None,
 ) -> jax.Array:
   """A 1x1 convolution, run as a contraction over the channel axis.
 
@@ -156,31 +163,31 @@ def pointwise_conv(
   _validation.check_floating(fn, "x", x)
   if x.ndim < 1 or x.shape[-1] != kernel.shape[0]:
     raise ValueError(
-        f"{fn}: `x` must have shape [..., C] with C = kernel.shape[0] ="
-        f" {kernel.shape[0]}, got shape {tuple(x.shape)}."
+      f"{fn}: `x` must have shape [..., C] with C = kernel.shape[0] ="
+      f" {kernel.shape[0]}, got shape {tuple(x.shape)}."
     )
   _validation.check_same_dtype(fn, [("x", x), ("kernel", kernel)])
   preferred = _validation.check_preferred_element_type(
-      fn, x.dtype, preferred_element_type
+    fn, x.dtype, preferred_element_type
   )
   return lax.dot_general(
-      jnp.asarray(x),
-      jnp.asarray(kernel),
-      (((x.ndim - 1,), (0,)), ((), ())),
-      precision=precision,
-      preferred_element_type=preferred,
+    jnp.asarray(x),
+    jnp.asarray(kernel),
+    (((x.ndim - 1,), (0,)), ((), ())),
+    precision=precision,
+    preferred_element_type=preferred,
   )
 
 
 def depthwise_conv(
-    x: jax.typing.ArrayLike,
-    kernel: jax.typing.ArrayLike,
-    *,
-    strides: int | Sequence[int] = 1,
-    padding: Any = "SAME",
-    dilation: int | Sequence[int] = 1,
-    precision: lax.PrecisionLike = None,
-    preferred_element_type: jax.typing.DTypeLike | None = None,
+  x: jax.typing.ArrayLike,
+  kernel: jax.typing.ArrayLike,
+  *,
+  strides: int | Sequence[int] = 1,
+  padding: Any = "SAME",
+  dilation: int | Sequence[int] = 1,
+  precision: lax.PrecisionLike = None,
+  preferred_element_type: jax.typing.DTypeLike | None = None,
 ) -> jax.Array:
   """A depthwise convolution: one filter per input channel, times `m`.
 
@@ -226,8 +233,8 @@ def depthwise_conv(
   _validation.check_floating(fn, "kernel", kernel)
   if kernel.ndim < 3 or kernel.shape[-2] != 1:
     raise ValueError(
-        f"{fn}: `kernel` must have shape [*window, 1, C*m], got shape"
-        f" {tuple(kernel.shape)}."
+      f"{fn}: `kernel` must have shape [*window, 1, C*m], got shape"
+      f" {tuple(kernel.shape)}."
     )
   _validation.check_positive_dims(fn, "kernel", kernel.shape)
   window = kernel.shape[:-2]
@@ -235,22 +242,27 @@ def depthwise_conv(
   channels = x.shape[-1]
   if kernel.shape[-1] % channels:
     raise ValueError(
-        f"{fn}: `kernel` has shape {tuple(kernel.shape)}, but its last axis"
-        f" ({kernel.shape[-1]}) must be C*m, a multiple of the C={channels}"
-        f" channels of `x` (shape {tuple(x.shape)})."
+      f"{fn}: `kernel` has shape {tuple(kernel.shape)}, but its last axis"
+      f" ({kernel.shape[-1]}) must be C*m, a multiple of the C={channels}"
+      f" channels of `x` (shape {tuple(x.shape)})."
     )
   _validation.check_same_dtype(fn, [("x", x), ("kernel", kernel)])
   preferred = _validation.check_preferred_element_type(
-      fn, x.dtype, preferred_element_type
+    fn, x.dtype, preferred_element_type
   )
   x, batch_shape, geometry = _stages.prepare(
-      fn, x, window, strides=strides, padding=padding, dilation=dilation
+    fn, x, window, strides=strides, padding=padding, dilation=dilation
   )
   stage = _stages.SpatialConv(
-      jnp.asarray(kernel), tuple(range(len(window))), groups=channels
+    jnp.asarray(kernel), tuple(range(len(window))), groups=channels
   )
   # One depthwise step on every platform (its primitives pick their own
   # lowering).
-  y = _lowering.run(x, [_lowering.Step(stage, _lowering.DEPTHWISE)], geometry,
-                    precision=precision, preferred_element_type=preferred)
+  y = _lowering.run(
+    x,
+    [_lowering.Step(stage, _lowering.DEPTHWISE)],
+    geometry,
+    precision=precision,
+    preferred_element_type=preferred,
+  )
   return _stages.restore_batch(y, batch_shape)

@@ -43,7 +43,8 @@ class Cost(NamedTuple):
 def _dense_stage(kernel: Any) -> _stages.SpatialConv:
   shape = kernel.shape
   return _stages.SpatialConv(
-      jax.ShapeDtypeStruct(shape, kernel.dtype), tuple(range(len(shape) - 2)))
+    jax.ShapeDtypeStruct(shape, kernel.dtype), tuple(range(len(shape) - 2))
+  )
 
 
 def _static(shape: Sequence[Any]) -> bool:
@@ -58,28 +59,32 @@ def _dimension(fn: str, d: Any, shape: Sequence[Any]) -> Any:
     return operator.index(d)
   except TypeError:
     raise TypeError(
-        f"{fn}: `input_shape` must be a sequence of ints, got"
-        f" {tuple(shape)!r}."
+      f"{fn}: `input_shape` must be a sequence of ints, got {tuple(shape)!r}."
     ) from None
 
 
-def plans(kernel: Any, in_shape: Sequence[Any], geometry: _geometry.Geometry,
-          platform: str) -> dict[str, _lowering.Plan]:
+def plans(
+  kernel: Any,
+  in_shape: Sequence[Any],
+  geometry: _geometry.Geometry,
+  platform: str,
+) -> dict[str, _lowering.Plan]:
   """The plans of "factorized" and "reconstructed" for `kernel` there."""
   dense = _lowering.plan([_dense_stage(kernel)], in_shape, geometry, platform)
   if not isinstance(kernel, formats.Format):
     return {"reconstructed": dense}
-  return {"factorized": _lowering.plan(kernel.stages(), in_shape, geometry,
-                                       platform),
-          "reconstructed": dense}
+  return {
+    "factorized": _lowering.plan(kernel.stages(), in_shape, geometry, platform),
+    "reconstructed": dense,
+  }
 
 
 def choose_implementation(
-    kernel: Any,
-    in_shape: Sequence[Any],
-    geometry: _geometry.Geometry,
-    implementation: str,
-    platform: str,
+  kernel: Any,
+  in_shape: Sequence[Any],
+  geometry: _geometry.Geometry,
+  implementation: str,
+  platform: str,
 ) -> str:
   """Resolves `implementation` on a platform for these static shapes.
 
@@ -99,21 +104,30 @@ def choose_implementation(
   machine = _lowering.MACHINES[platform]
   itemsize = jax.numpy.dtype(kernel.dtype).itemsize
   chains = plans(kernel, in_shape, geometry, platform)
-  t_factorized = _lowering.seconds(chains["factorized"], in_shape, geometry,
-                                   machine, itemsize)
+  t_factorized = _lowering.seconds(
+    chains["factorized"], in_shape, geometry, machine, itemsize
+  )
   t_reconstructed = (
-      kernel.to_dense_flops() / machine.matmul_flops + machine.overhead
-      + _lowering.seconds(chains["reconstructed"], in_shape, geometry,
-                          machine, itemsize))
+    kernel.to_dense_flops() / machine.matmul_flops
+    + machine.overhead
+    + _lowering.seconds(
+      chains["reconstructed"], in_shape, geometry, machine, itemsize
+    )
+  )
   return "factorized" if t_factorized <= t_reconstructed else "reconstructed"
 
 
-def count_flops(kernel: Any, in_shape: Sequence[int],
-                geometry: _geometry.Geometry, implementation: str,
-                platform: str) -> int:
+def count_flops(
+  kernel: Any,
+  in_shape: Sequence[int],
+  geometry: _geometry.Geometry,
+  implementation: str,
+  platform: str,
+) -> int:
   """FLOPs of `conv` with `kernel` on a `[B, *spatial, C]` input there."""
-  chosen = choose_implementation(kernel, in_shape, geometry, implementation,
-                                 platform)
+  chosen = choose_implementation(
+    kernel, in_shape, geometry, implementation, platform
+  )
   chain = plans(kernel, in_shape, geometry, platform)[chosen]
   flops = _lowering.flops(chain, in_shape, geometry)
   if chosen == "reconstructed" and isinstance(kernel, formats.Format):
@@ -122,14 +136,14 @@ def count_flops(kernel: Any, in_shape: Sequence[int],
 
 
 def cost(
-    kernel: Any,
-    input_shape: Sequence[int],
-    *,
-    strides: int | Sequence[int] = 1,
-    padding: Any = "SAME",
-    dilation: int | Sequence[int] = 1,
-    implementation: str = "auto",
-    platform: str | None = None,
+  kernel: Any,
+  input_shape: Sequence[int],
+  *,
+  strides: int | Sequence[int] = 1,
+  padding: Any = "SAME",
+  dilation: int | Sequence[int] = 1,
+  implementation: str = "auto",
+  platform: str | None = None,
 ) -> Cost:
   """Counts the parameters and FLOPs of `conv(x, kernel, ...)`, exactly.
 
@@ -170,51 +184,69 @@ def cost(
   platform = _validation.check_platform(fn, platform)
   window, in_features = _validation.check_kernel(fn, kernel, abstract=True)
   if isinstance(input_shape, (str, bytes)) or not isinstance(
-      input_shape, Sequence
+    input_shape, Sequence
   ):
     raise TypeError(
-        f"{fn}: `input_shape` must be a sequence of ints, got"
-        f" {type(input_shape).__name__}."
+      f"{fn}: `input_shape` must be a sequence of ints, got"
+      f" {type(input_shape).__name__}."
     )
   input_shape = tuple(_dimension(fn, d, input_shape) for d in input_shape)
   n = len(window)
   # Checked with symbolic sizes read as 1, then required static where the
   # FLOPs depend on them.
   _validation.check_input(
-      fn, jax.ShapeDtypeStruct(
-          tuple(d if isinstance(d, int) else 1 for d in input_shape),
-          kernel.dtype),
-      window, in_features, abstract=True,
+    fn,
+    jax.ShapeDtypeStruct(
+      tuple(d if isinstance(d, int) else 1 for d in input_shape), kernel.dtype
+    ),
+    window,
+    in_features,
+    abstract=True,
   )
-  spatial = input_shape[-n - 1:]
+  spatial = input_shape[-n - 1 :]
   if not _static(spatial):
     raise ValueError(
-        f"{fn}: the spatial and channel sizes of `input_shape` must be static"
-        f" (padding makes the FLOPs depend on them), got {input_shape}; only"
-        " batch axes may be symbolic."
+      f"{fn}: the spatial and channel sizes of `input_shape` must be static"
+      f" (padding makes the FLOPs depend on them), got {input_shape}; only"
+      " batch axes may be symbolic."
     )
   geometry = _geometry.resolve(
-      fn, spatial[:-1], window,
-      strides=strides, padding=padding, dilation=dilation,
+    fn,
+    spatial[:-1],
+    window,
+    strides=strides,
+    padding=padding,
+    dilation=dilation,
   )
   batch = math.prod(input_shape[: -n - 1])
   if _static([batch]):
-    flops = 0 if batch == 0 else count_flops(
-        kernel, (batch, *spatial), geometry, implementation, platform)
+    flops = (
+      0
+      if batch == 0
+      else count_flops(
+        kernel, (batch, *spatial), geometry, implementation, platform
+      )
+    )
   else:
     # A symbolic batch (inside `jax.export`): the FLOPs of one image times
     # the batch. "auto" then decides as `conv` does for symbolic shapes.
     if implementation == "auto":
       implementation = choose_implementation(
-          kernel, (batch, *spatial), geometry, implementation, platform)
-    per_image = count_flops(kernel, (1, *spatial), geometry, implementation,
-                            platform)
-    to_dense = (kernel.to_dense_flops() if implementation == "reconstructed"
-                and isinstance(kernel, formats.Format) else 0)
+        kernel, (batch, *spatial), geometry, implementation, platform
+      )
+    per_image = count_flops(
+      kernel, (1, *spatial), geometry, implementation, platform
+    )
+    to_dense = (
+      kernel.to_dense_flops()
+      if implementation == "reconstructed"
+      and isinstance(kernel, formats.Format)
+      else 0
+    )
     flops = batch * (per_image - to_dense) + to_dense
   params = (
-      kernel.num_params
-      if isinstance(kernel, formats.Format)
-      else math.prod(kernel.shape)
+    kernel.num_params
+    if isinstance(kernel, formats.Format)
+    else math.prod(kernel.shape)
   )
   return Cost(params=params, flops=flops)

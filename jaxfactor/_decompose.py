@@ -19,16 +19,17 @@ import numpy as np
 from jax import lax
 from jax.scipy.linalg import solve_triangular
 
-from jaxfactor import _validation
 from jaxfactor import _formats as formats
 from jaxfactor import _ranks
+from jaxfactor import _validation
 
 _HIGHEST = lax.Precision.HIGHEST
 DEFAULT_ITERATIONS = {formats.Tucker: 10, formats.CP: 100}
 
 
-def relative_error(factors: formats.Format,
-                   kernel: jax.typing.ArrayLike) -> jax.Array:
+def relative_error(
+  factors: formats.Format, kernel: jax.typing.ArrayLike
+) -> jax.Array:
   """`||factors.to_dense() - kernel||_F / ||kernel||_F`.
 
   Args:
@@ -48,14 +49,14 @@ def relative_error(factors: formats.Format,
   fn = "relative_error"
   if not isinstance(factors, formats.Format):
     raise TypeError(
-        f"{fn}: `factors` must be a jaxfactor format, got"
-        f" {type(factors).__name__}."
+      f"{fn}: `factors` must be a jaxfactor format, got"
+      f" {type(factors).__name__}."
     )
   kernel = _validation.check_array(fn, "kernel", kernel)
   if tuple(kernel.shape) != factors.shape:
     raise ValueError(
-        f"{fn}: `kernel` has shape {tuple(kernel.shape)} but the factors"
-        f" stand for a kernel of shape {factors.shape}."
+      f"{fn}: `kernel` has shape {tuple(kernel.shape)} but the factors"
+      f" stand for a kernel of shape {factors.shape}."
     )
   kernel = jnp.asarray(kernel)
   dense = factors.to_dense().astype(kernel.dtype)
@@ -63,23 +64,23 @@ def relative_error(factors: formats.Format,
   scale = jnp.max(jnp.abs(kernel))
   scale = jnp.where(scale > 0, scale, jnp.ones_like(scale))
   return jnp.linalg.norm(((dense - kernel) / scale).ravel()) / jnp.linalg.norm(
-      (kernel / scale).ravel()
+    (kernel / scale).ravel()
   )
 
 
 def decompose(
-    kernel: jax.typing.ArrayLike,
-    format: Any,
-    *,
-    rank: Any = None,
-    energy: float | None = None,
-    inputs: jax.typing.ArrayLike | None = None,
-    iterations: int | None = None,
-    key: jax.Array | None = None,
-    restarts: int = 3,
-    damping: float = 1e-3,
-    dilation: int | tuple[int, ...] = 1,
-    compute_dtype: Any = None,
+  kernel: jax.typing.ArrayLike,
+  format: Any,
+  *,
+  rank: Any = None,
+  energy: float | None = None,
+  inputs: jax.typing.ArrayLike | None = None,
+  iterations: int | None = None,
+  key: jax.Array | None = None,
+  restarts: int = 3,
+  damping: float = 1e-3,
+  dilation: int | tuple[int, ...] = 1,
+  compute_dtype: Any = None,
 ) -> formats.Format:
   """Factorizes a dense HWIO kernel into `format`, optimally where possible.
 
@@ -163,11 +164,13 @@ def decompose(
   rank = _select_rank(fn, work, cls, rank, energy, whitening, concrete)
   if iterations is None:
     iterations = DEFAULT_ITERATIONS.get(cls, 0)
-  if isinstance(iterations, bool) or not isinstance(iterations, int) or (
-      iterations < 0
+  if (
+    isinstance(iterations, bool)
+    or not isinstance(iterations, int)
+    or (iterations < 0)
   ):
     raise ValueError(
-        f"{fn}: `iterations` must be a non-negative int, got {iterations!r}."
+      f"{fn}: `iterations` must be a non-negative int, got {iterations!r}."
     )
   if cls is formats.LowRank:
     result = _low_rank(work, rank, whitening)
@@ -178,11 +181,13 @@ def decompose(
   elif cls is formats.Tucker:
     result = _tucker(work, rank, iterations, whitening)
   else:
-    if isinstance(restarts, bool) or not isinstance(restarts, int) or (
-        restarts < 0
+    if (
+      isinstance(restarts, bool)
+      or not isinstance(restarts, int)
+      or (restarts < 0)
     ):
       raise ValueError(
-          f"{fn}: `restarts` must be a non-negative int, got {restarts!r}."
+        f"{fn}: `restarts` must be a non-negative int, got {restarts!r}."
       )
     if key is None:
       key = jax.random.key(0)
@@ -210,8 +215,9 @@ class _Prepared(NamedTuple):
   concrete: bool
 
 
-def _prepare(fn, kernel, format, inputs, damping, dilation,
-             compute_dtype) -> _Prepared:
+def _prepare(
+  fn, kernel, format, inputs, damping, dilation, compute_dtype
+) -> _Prepared:
   """Checks the arguments; the kernel as the algorithms see it."""
   cls = _ranks.format_class(fn, format)
   _validation.check_array(fn, "kernel", kernel)
@@ -221,8 +227,8 @@ def _prepare(fn, kernel, format, inputs, damping, dilation,
   concrete = not isinstance(kernel, jax.core.Tracer)
   if concrete and not bool(jnp.all(jnp.isfinite(kernel))):
     raise ValueError(
-        f"{fn}: `kernel` (shape {tuple(kernel.shape)}) has non-finite values"
-        " (NaN or inf)."
+      f"{fn}: `kernel` (shape {tuple(kernel.shape)}) has non-finite values"
+      " (NaN or inf)."
     )
   dtype = _compute_dtype(fn, kernel.dtype, compute_dtype)
   work = kernel.astype(dtype)
@@ -239,30 +245,31 @@ def _prepare(fn, kernel, format, inputs, damping, dilation,
   work = work / scale
   whitening = None
   if inputs is not None:
-    whitening = _whitening(fn, cls, inputs, kernel.shape, damping, dtype,
-                           dilation, concrete)
+    whitening = _whitening(
+      fn, cls, inputs, kernel.shape, damping, dtype, dilation, concrete
+    )
     if not concrete:
       finite = finite & jnp.all(jnp.isfinite(whitening))
-      whitening = jnp.where(finite, whitening, jnp.eye(whitening.shape[0],
-                                                       dtype=dtype))
+      whitening = jnp.where(
+        finite, whitening, jnp.eye(whitening.shape[0], dtype=dtype)
+      )
   return _Prepared(cls, kernel, work, scale, finite, whitening, concrete)
 
 
 def choose_rank(
-    kernel: jax.typing.ArrayLike,
-    format: Any,
-    *,
-    rank: Any = None,
-    energy: float | None = None,
-    inputs: jax.typing.ArrayLike | None = None,
-    damping: float = 1e-3,
-    dilation: int | tuple[int, ...] = 1,
+  kernel: jax.typing.ArrayLike,
+  format: Any,
+  *,
+  rank: Any = None,
+  energy: float | None = None,
+  inputs: jax.typing.ArrayLike | None = None,
+  damping: float = 1e-3,
+  dilation: int | tuple[int, ...] = 1,
 ) -> Any:
   """The static rank `decompose` would use for these arguments."""
   fn = "decompose"
   p = _prepare(fn, kernel, format, inputs, damping, dilation, None)
-  return _select_rank(fn, p.work, p.cls, rank, energy, p.whitening,
-                      p.concrete)
+  return _select_rank(fn, p.work, p.cls, rank, energy, p.whitening, p.concrete)
 
 
 # --- arguments ---------------------------------------------------------------
@@ -276,13 +283,15 @@ def _compute_dtype(fn, kernel_dtype, compute_dtype):
   compute_dtype = jnp.dtype(compute_dtype)
   if compute_dtype not in (jnp.float32, jnp.float64):
     raise ValueError(
-        f"{fn}: `compute_dtype` must be float32 or float64, got"
-        f" {compute_dtype}."
+      f"{fn}: `compute_dtype` must be float32 or float64, got {compute_dtype}."
     )
-  if compute_dtype == jnp.float64 and jax.dtypes.canonicalize_dtype(jnp.float64) != jnp.float64:
+  if (
+    compute_dtype == jnp.float64
+    and jax.dtypes.canonicalize_dtype(jnp.float64) != jnp.float64
+  ):
     raise ValueError(
-        f"{fn}: `compute_dtype`=float64 needs 64-bit mode: set"
-        " jax.config.update('jax_enable_x64', True) first."
+      f"{fn}: `compute_dtype`=float64 needs 64-bit mode: set"
+      " jax.config.update('jax_enable_x64', True) first."
     )
   return compute_dtype
 
@@ -290,16 +299,18 @@ def _compute_dtype(fn, kernel_dtype, compute_dtype):
 def _select_rank(fn, kernel, cls, rank, energy, whitening, concrete):
   if (rank is None) == (energy is None):
     raise ValueError(
-        f"{fn}: give exactly one of `rank` and `energy`, got rank={rank!r},"
-        f" energy={energy!r}."
+      f"{fn}: give exactly one of `rank` and `energy`, got rank={rank!r},"
+      f" energy={energy!r}."
     )
   shape = tuple(kernel.shape)
   if energy is not None:
-    if isinstance(energy, bool) or not isinstance(
-        energy, (int, float, np.floating)
-    ) or not 0 < energy <= 1:
+    if (
+      isinstance(energy, bool)
+      or not isinstance(energy, (int, float, np.floating))
+      or not 0 < energy <= 1
+    ):
       raise ValueError(
-          f"{fn}: `energy` must be a number in (0, 1], got {energy!r}."
+        f"{fn}: `energy` must be a number in (0, 1], got {energy!r}."
       )
     mode = "energy"
   elif isinstance(rank, str):
@@ -307,20 +318,19 @@ def _select_rank(fn, kernel, cls, rank, energy, whitening, concrete):
     mode = "vbmf"
   else:
     return _warn_if_larger(
-        fn, shape, cls, _ranks.resolve_rank(fn, cls, shape, rank)
+      fn, shape, cls, _ranks.resolve_rank(fn, cls, shape, rank)
     )
   if not concrete:
     raise ValueError(
-        f"{fn}: {mode} rank selection reads the kernel's values to choose a"
-        " shape, which is impossible under jit/vmap; choose the rank eagerly"
-        " (or pass an int rank)."
+      f"{fn}: {mode} rank selection reads the kernel's values to choose a"
+      " shape, which is impossible under jit/vmap; choose the rank eagerly"
+      " (or pass an int rank)."
     )
   values = spectra(cls, np.asarray(kernel, np.float64), whitening)
   limit = _ranks.max_rank(shape, cls)
   if mode == "energy":
     chosen = [
-        _ranks.rank_for_energy(_ranks.energy_curve(s), energy)
-        for s, _ in values
+      _ranks.rank_for_energy(_ranks.energy_curve(s), energy) for s, _ in values
     ]
   else:
     chosen = [rule(matrices) for _, (rule, matrices) in values]
@@ -338,9 +348,10 @@ def _warn_if_larger(fn, shape, cls, rank):
   params = _ranks.num_params(shape, cls, rank)
   if params > math.prod(shape):
     _validation.warn(
-        f"{fn}: {cls.__name__} of rank {rank} has {params} parameters, more"
-        f" than the dense kernel's {math.prod(shape)} (shape {shape}): the"
-        " factorization is larger than what it replaces.")
+      f"{fn}: {cls.__name__} of rank {rank} has {params} parameters, more"
+      f" than the dense kernel's {math.prod(shape)} (shape {shape}): the"
+      " factorization is larger than what it replaces."
+    )
   return rank
 
 
@@ -360,13 +371,18 @@ def _warn_if_long(fn, shape, rank, iterations, starts):
   flops = _cp_flops(shape, rank, iterations, starts)
   if flops > CP_WARN_FLOPS:
     largest = max(shape)
-    why = (f"; the rank exceeds the kernel's largest mode ({largest}), where"
-           " ALS converges slowly" if rank > largest else "")
+    why = (
+      f"; the rank exceeds the kernel's largest mode ({largest}), where"
+      " ALS converges slowly"
+      if rank > largest
+      else ""
+    )
     _validation.warn(
-        f"{fn}: CP of rank {rank} for a kernel of shape {shape} is a long"
-        f" decomposition: ~{flops:.1e} FLOPs ({iterations} ALS sweeps from"
-        f" {starts} starts){why}. Lower `rank`, `iterations` or `restarts`.",
-        RuntimeWarning)
+      f"{fn}: CP of rank {rank} for a kernel of shape {shape} is a long"
+      f" decomposition: ~{flops:.1e} FLOPs ({iterations} ALS sweeps from"
+      f" {starts} starts){why}. Lower `rank`, `iterations` or `restarts`.",
+      RuntimeWarning,
+    )
 
 
 def spectra(cls, kernel, whitening):
@@ -375,8 +391,7 @@ def spectra(cls, kernel, whitening):
   k = math.prod(window)
 
   def single(matrix):
-    return (np.linalg.svd(matrix, compute_uv=False),
-            (_ranks.vbmf_rank, matrix))
+    return (np.linalg.svd(matrix, compute_uv=False), (_ranks.vbmf_rank, matrix))
 
   if cls is formats.LowRank:
     matrix = kernel.reshape(k * c, f)
@@ -385,51 +400,52 @@ def spectra(cls, kernel, whitening):
     return [single(matrix)]
   if cls is formats.Tucker:
     if whitening is not None:
-      kernel = np.einsum("...cf,cd->...df", kernel,
-                         np.asarray(whitening, np.float64))
+      kernel = np.einsum(
+        "...cf,cd->...df", kernel, np.asarray(whitening, np.float64)
+      )
     by_in = np.moveaxis(kernel, -2, 0).reshape(c, -1)
     by_out = np.moveaxis(kernel, -1, 0).reshape(f, -1)
     return [single(by_in), single(by_out)]
   if cls is formats.SpatiallySeparable:
     tensor = np.moveaxis(kernel, -2, 0)  # [C, *window, F]
     return [
-        single(tensor.reshape(c * math.prod(window[: i + 1]), -1))
-        for i in range(len(window) - 1)
+      single(tensor.reshape(c * math.prod(window[: i + 1]), -1))
+      for i in range(len(window) - 1)
     ]
   per_tap = kernel.reshape(k, c, f)
   if cls is formats.DepthwiseSeparable:
     slices = np.moveaxis(kernel.reshape(k, c, f), 1, 0)  # [C, k, F]
     values = np.linalg.svd(slices, compute_uv=False)  # [C, min(k, F)]
-    return [(values, (lambda ms: max(_ranks.vbmf_rank(m) for m in ms),
-                      slices))]
+    return [(values, (lambda ms: max(_ranks.vbmf_rank(m) for m in ms), slices))]
   # CP: the per-tap spectra, pooled, as the SVD-based start pools them.
   values = np.linalg.svd(per_tap, compute_uv=False).ravel()
-  return [(values, (lambda ms: sum(_ranks.vbmf_rank(m) for m in ms),
-                    per_tap))]
+  return [(values, (lambda ms: sum(_ranks.vbmf_rank(m) for m in ms), per_tap))]
 
 
-def _whitening(fn, cls, inputs, kernel_shape, damping, dtype, dilation,
-               concrete):
+def _whitening(
+  fn, cls, inputs, kernel_shape, damping, dtype, dilation, concrete
+):
   """Lower Cholesky factor `L` of the damped input covariance, `S = L L^T`."""
   if cls not in (formats.LowRank, formats.Tucker):
     raise ValueError(
-        f"{fn}: `inputs` (data-aware decomposition) is supported for LowRank"
-        f" and Tucker, not {cls.__name__}."
+      f"{fn}: `inputs` (data-aware decomposition) is supported for LowRank"
+      f" and Tucker, not {cls.__name__}."
     )
   _validation.check_array(fn, "inputs", inputs)
   _validation.check_floating(fn, "inputs", inputs)
   *window, c, _ = kernel_shape
   n = len(window)
-  dilation = _validation.canonicalize_positive_ints(fn, "dilation", dilation,
-                                                    n)
+  dilation = _validation.canonicalize_positive_ints(fn, "dilation", dilation, n)
   dilated = tuple((k - 1) * d + 1 for k, d in zip(window, dilation))
-  if inputs.ndim < n + 1 or inputs.shape[-1] != c or any(
-      size < k for size, k in zip(inputs.shape[-n - 1 : -1], dilated)
+  if (
+    inputs.ndim < n + 1
+    or inputs.shape[-1] != c
+    or any(size < k for size, k in zip(inputs.shape[-n - 1 : -1], dilated))
   ):
     raise ValueError(
-        f"{fn}: `inputs` must have shape [*batch, *spatial, C] with C = {c},"
-        f" {n} spatial axes and each spatial size >= the dilated window"
-        f" {dilated}, got shape {tuple(inputs.shape)}."
+      f"{fn}: `inputs` must have shape [*batch, *spatial, C] with C = {c},"
+      f" {n} spatial axes and each spatial size >= the dilated window"
+      f" {dilated}, got shape {tuple(inputs.shape)}."
     )
   if not (isinstance(damping, (int, float)) and damping >= 0):
     raise ValueError(f"{fn}: `damping` must be >= 0, got {damping!r}.")
@@ -437,8 +453,9 @@ def _whitening(fn, cls, inputs, kernel_shape, damping, dtype, dilation,
   eager = concrete and not isinstance(x, jax.core.Tracer)
   if eager and not bool(jnp.all(jnp.isfinite(x))):
     raise ValueError(
-        f"{fn}: `inputs` (shape {tuple(inputs.shape)}) has non-finite values"
-        " (NaN or inf).")
+      f"{fn}: `inputs` (shape {tuple(inputs.shape)}) has non-finite values"
+      " (NaN or inf)."
+    )
   x = x.reshape((-1, *x.shape[-n - 1 :]))
   if cls is formats.Tucker:
     rows = x.reshape(-1, c)
@@ -447,14 +464,14 @@ def _whitening(fn, cls, inputs, kernel_shape, damping, dtype, dilation,
   cov = jnp.matmul(rows.T, rows, precision=_HIGHEST) / rows.shape[0]
   ridge = damping * jnp.trace(cov) / cov.shape[0]
   ridge = jnp.maximum(ridge, jnp.finfo(dtype).tiny)
-  factor = jnp.linalg.cholesky(cov + ridge * jnp.eye(cov.shape[0],
-                                                      dtype=dtype))
+  factor = jnp.linalg.cholesky(cov + ridge * jnp.eye(cov.shape[0], dtype=dtype))
   if eager and not bool(jnp.all(jnp.isfinite(factor))):
     raise ValueError(
-        f"{fn}: the covariance of `inputs` ({cov.shape[0]} x {cov.shape[0]},"
-        f" from {rows.shape[0]} samples) is singular: with damping={damping}"
-        " it has no Cholesky factor. Pass `damping` > 0 (e.g. the default"
-        " 1e-3) or more samples.")
+      f"{fn}: the covariance of `inputs` ({cov.shape[0]} x {cov.shape[0]},"
+      f" from {rows.shape[0]} samples) is singular: with damping={damping}"
+      " it has no Cholesky factor. Pass `damping` > 0 (e.g. the default"
+      " 1e-3) or more samples."
+    )
   return factor
 
 
@@ -467,8 +484,9 @@ def _patches(x, window, dilation):
   out = [s - (k - 1) * d for s, k, d in zip(spatial, window, dilation)]
   taps = []
   for offset in np.ndindex(*window):
-    index = tuple(slice(o * d, o * d + m)
-                  for o, d, m in zip(offset, dilation, out))
+    index = tuple(
+      slice(o * d, o * d + m) for o, d, m in zip(offset, dilation, out)
+    )
     taps.append(x[(slice(None), *index, slice(None))])
   stacked = jnp.stack(taps, axis=-2)  # [B, *out, k, C]
   return stacked.reshape(-1, math.prod(window) * x.shape[-1])
@@ -499,9 +517,7 @@ def _low_rank(kernel, rank, whitening):
   left = u * root[None, :]
   if whitening is not None:
     left = solve_triangular(whitening.T, left, lower=False)
-  return formats.LowRank(
-      left.reshape(*window, c, rank), root[:, None] * vt
-  )
+  return formats.LowRank(left.reshape(*window, c, rank), root[:, None] * vt)
 
 
 def _depthwise_separable(kernel, multiplier):
@@ -513,9 +529,9 @@ def _depthwise_separable(kernel, multiplier):
   depthwise = jnp.moveaxis(u * root[:, None, :], 0, 1)  # [k, C, m]
   pointwise = root[..., None] * vt  # [C, m, F]
   return formats.DepthwiseSeparable(
-      depthwise.reshape(*window, 1, c * multiplier),
-      pointwise.reshape(c * multiplier, f),
-      channel_multiplier=multiplier,
+    depthwise.reshape(*window, 1, c * multiplier),
+    pointwise.reshape(c * multiplier, f),
+    channel_multiplier=multiplier,
   )
 
 
@@ -540,8 +556,9 @@ def _tucker(kernel, ranks, iterations, whitening):
   *window, c, f = kernel.shape
   r_in, r_out = ranks
   if whitening is not None:
-    kernel = jnp.einsum("...cf,cd->...df", kernel, whitening,
-                        precision=_HIGHEST)
+    kernel = jnp.einsum(
+      "...cf,cd->...df", kernel, whitening, precision=_HIGHEST
+    )
 
   def in_basis(v):  # top R_in left vectors of the C-unfolding of K x_F V^T
     projected = jnp.einsum("...cf,fb->c...b", kernel, v, precision=_HIGHEST)
@@ -584,8 +601,9 @@ def _cp_tap_svd_start(kernel, rank):
   in_factor = u[tap, :, component].T  # [C, R]
   out_factor = vt[tap, component, :].T  # [F, R]
   taps = jnp.unravel_index(tap, tuple(window))
-  spatial = [jax.nn.one_hot(t, w, dtype=kernel.dtype).T
-             for t, w in zip(taps, window)]
+  spatial = [
+    jax.nn.one_hot(t, w, dtype=kernel.dtype).T for t, w in zip(taps, window)
+  ]
   return values, [*spatial, in_factor, out_factor]
 
 
@@ -619,8 +637,9 @@ def _cp_als(kernel, weights, factors, iterations):
     mttkrp = jnp.einsum(*operands, [letters[mode], "z"], precision=_HIGHEST)
     # The least-squares update of this mode given the others (the weights
     # are absorbed), then its column norms become the weights.
-    solved = jnp.matmul(mttkrp, jnp.linalg.pinv(gram, hermitian=True),
-                        precision=_HIGHEST)
+    solved = jnp.matmul(
+      mttkrp, jnp.linalg.pinv(gram, hermitian=True), precision=_HIGHEST
+    )
     norms = jnp.linalg.norm(solved, axis=0)
     solved = solved / jnp.where(norms > 0, norms, 1)[None, :]
     return norms, [*factors[:mode], solved, *factors[mode + 1 :]]
@@ -632,7 +651,7 @@ def _cp_als(kernel, weights, factors, iterations):
 
   weights, factors = lax.fori_loop(0, iterations, sweep, (weights, factors))
   error = jnp.linalg.norm(
-      (_cp_reconstruct(weights, factors, letters) - kernel).ravel()
+    (_cp_reconstruct(weights, factors, letters) - kernel).ravel()
   )
   return error, weights, factors
 
@@ -646,7 +665,7 @@ def _cp(kernel, rank, iterations, key, restarts):
   weights = jnp.stack([w for w, _ in starts])
   factors = [jnp.stack(fs) for fs in zip(*(f for _, f in starts))]
   errors, weights, factors = jax.vmap(
-      lambda w, fs: _cp_als(kernel, w, fs, iterations)
+    lambda w, fs: _cp_als(kernel, w, fs, iterations)
   )(weights, factors)
   best = jnp.argmin(errors)
   weights = weights[best]

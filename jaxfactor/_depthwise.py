@@ -53,8 +53,12 @@ class Geometry(NamedTuple):
   def output_shape(self, in_shape, window):
     """`[B, *out, C]` for input `[B, *in, C]` and `window`."""
     batch, *spatial, channels = in_shape
-    out = [_geometry.output_size(n, k, s, d, pad) for n, k, s, d, pad
-           in zip(spatial, window, self.strides, self.dilation, self.pads)]
+    out = [
+      _geometry.output_size(n, k, s, d, pad)
+      for n, k, s, d, pad in zip(
+        spatial, window, self.strides, self.dilation, self.pads
+      )
+    ]
     return (batch, *out, channels)
 
 
@@ -68,14 +72,16 @@ def stage(x, kernel, axes, geometry: _geometry.Geometry, preferred):
   dtype = preferred or x.dtype
   n = x.ndim - 2
   window, strides, dilation, pads = _stages.stage_geometry(
-      kernel.shape[:-2], axes, geometry, n)
+    kernel.shape[:-2], axes, geometry, n
+  )
   x, pads = _stages.pad_fill(x, pads, geometry)
   channels, out_channels = x.shape[-1], kernel.shape[-1]
   if out_channels != channels:
     x = jnp.repeat(x, out_channels // channels, axis=-1)
   weights = kernel.reshape(*window, out_channels).astype(dtype)
-  stage_geometry = Geometry(tuple(strides), tuple(dilation),
-                            tuple(tuple(p) for p in pads))
+  stage_geometry = Geometry(
+    tuple(strides), tuple(dilation), tuple(tuple(p) for p in pads)
+  )
   return forward(x.astype(dtype), weights, stage_geometry)
 
 
@@ -84,33 +90,43 @@ def forward(x, w, geometry: Geometry):
   return _PRIMITIVES["forward"].bind(x, w, geometry=geometry)
 
 
-# --- the three maps on each platform -----------------------------------------
+# --- the three maps on each platform ----------------------------------------
 
 
 def _grouped_forward(x, w, *, geometry):
   return lax.conv_general_dilated(
-      x, w[..., None, :], geometry.strides, geometry.pads,
-      rhs_dilation=geometry.dilation,
-      dimension_numbers=_stages.dimension_numbers(x.ndim - 2),
-      feature_group_count=x.shape[-1], precision=lax.Precision.HIGHEST)
+    x,
+    w[..., None, :],
+    geometry.strides,
+    geometry.pads,
+    rhs_dilation=geometry.dilation,
+    dimension_numbers=_stages.dimension_numbers(x.ndim - 2),
+    feature_group_count=x.shape[-1],
+    precision=lax.Precision.HIGHEST,
+  )
 
 
 def _grouped_input_grad(dy, w, *, geometry, in_shape):
   _, pullback = jax.vjp(
-      lambda x: _grouped_forward(x, w, geometry=geometry),
-      jnp.zeros(in_shape, dy.dtype))
+    lambda x: _grouped_forward(x, w, geometry=geometry),
+    jnp.zeros(in_shape, dy.dtype),
+  )
   return pullback(dy)[0]
 
 
 def _grouped_weight_grad(x, dy, *, geometry, window):
   _, pullback = jax.vjp(
-      lambda w: _grouped_forward(x, w, geometry=geometry),
-      jnp.zeros((*window, x.shape[-1]), x.dtype))
+    lambda w: _grouped_forward(x, w, geometry=geometry),
+    jnp.zeros((*window, x.shape[-1]), x.dtype),
+  )
   return pullback(dy)[0]
 
 
-_GROUPED: dict[str, Callable[..., Any]] = {"forward": _grouped_forward, "input_grad": _grouped_input_grad,
-            "weight_grad": _grouped_weight_grad}
+_GROUPED: dict[str, Callable[..., Any]] = {
+  "forward": _grouped_forward,
+  "input_grad": _grouped_input_grad,
+  "weight_grad": _grouped_weight_grad,
+}
 
 
 def _shift_add_forward(x, w, *, geometry):
@@ -125,9 +141,11 @@ def _shift_add_weight_grad(x, dy, *, geometry, window):
   return _shift_add.weight_grad(x, dy, window, *geometry)
 
 
-_SHIFT_ADD: dict[str, Callable[..., Any]] = {"forward": _shift_add_forward,
-              "input_grad": _shift_add_input_grad,
-              "weight_grad": _shift_add_weight_grad}
+_SHIFT_ADD: dict[str, Callable[..., Any]] = {
+  "forward": _shift_add_forward,
+  "input_grad": _shift_add_input_grad,
+  "weight_grad": _shift_add_weight_grad,
+}
 
 # The native kernel works on 3 spatial axes: fewer come as size-1 axes in
 # front (it walks rows of the last axis, which must be a real one to be long).
@@ -148,12 +166,14 @@ def _native_call(name, a, b, out_shape, geometry):
   else:
     shape5 = (out_shape[0], *(1,) * extra, *out_shape[1:])
   y = jax.ffi.ffi_call(
-      f"jaxfactor_depthwise_{name}", jax.ShapeDtypeStruct(shape5, a.dtype))(
-          a, b,
-          stride=np.array((1,) * extra + geometry.strides, np.int64),
-          dilation=np.array((1,) * extra + geometry.dilation, np.int64),
-          pad=np.array((0,) * extra + tuple(lo for lo, _ in geometry.pads),
-                       np.int64))
+    f"jaxfactor_depthwise_{name}", jax.ShapeDtypeStruct(shape5, a.dtype)
+  )(
+    a,
+    b,
+    stride=np.array((1,) * extra + geometry.strides, np.int64),
+    dilation=np.array((1,) * extra + geometry.dilation, np.int64),
+    pad=np.array((0,) * extra + tuple(lo for lo, _ in geometry.pads), np.int64),
+  )
   return y.reshape(out_shape)
 
 
@@ -170,8 +190,11 @@ def _native_weight_grad(x, dy, *, geometry, window):
   return _native_call("weight_grad", x, dy, (*window, x.shape[-1]), geometry)
 
 
-_NATIVE: dict[str, Callable[..., Any]] = {"forward": _native_forward, "input_grad": _native_input_grad,
-           "weight_grad": _native_weight_grad}
+_NATIVE: dict[str, Callable[..., Any]] = {
+  "forward": _native_forward,
+  "input_grad": _native_input_grad,
+  "weight_grad": _native_weight_grad,
+}
 
 
 def _partitioned(ctx) -> bool:
@@ -185,11 +208,13 @@ def _partitioned(ctx) -> bool:
   return mesh is not None and set(manual or ()) != set(mesh.axis_names)
 
 
-def _cpu_implementation(ctx, num_spatial: int
-                        ) -> dict[str, Callable[..., Any]]:
+def _cpu_implementation(ctx, num_spatial: int) -> dict[str, Callable[..., Any]]:
   """The maps a CPU program runs: the native kernel or the shift-add."""
-  if (num_spatial <= _NATIVE_AXES and not _partitioned(ctx)
-      and _native.available()):
+  if (
+    num_spatial <= _NATIVE_AXES
+    and not _partitioned(ctx)
+    and _native.available()
+  ):
     return _NATIVE
   return _SHIFT_ADD
 
@@ -201,8 +226,9 @@ def _computed_in_float32(fn):
     dtype = a.dtype
     if jnp.dtype(dtype).itemsize >= 4:
       return fn(a, b, **params)
-    return fn(a.astype(jnp.float32), b.astype(jnp.float32),
-              **params).astype(dtype)
+    return fn(a.astype(jnp.float32), b.astype(jnp.float32), **params).astype(
+      dtype
+    )
 
   return wrapped
 
@@ -225,8 +251,9 @@ def _cpu_lowering(name):
     if _exporting(ctx) or forced_cpu[0] == "grouped":
       return grouped(ctx, a, b, **params)
     if forced_cpu[0] == "native" and not _native.available():
-      raise RuntimeError(f"the native depthwise kernel is not available:"
-                         f" {_native.error()}")
+      raise RuntimeError(
+        f"the native depthwise kernel is not available: {_native.error()}"
+      )
     if forced_cpu[0] is not None:
       maps = {"native": _NATIVE, "shift_add": _SHIFT_ADD}[forced_cpu[0]]
     else:
@@ -237,7 +264,7 @@ def _cpu_lowering(name):
   return lowering
 
 
-# --- the primitives ------------------------------------------------------------
+# --- the primitives ---------------------------------------------------------
 
 
 def _out_shape(name, a, b, params):
@@ -261,15 +288,17 @@ def _make_primitive(name):
 
   def abstract_eval(a, b, **params):
     if a.dtype != b.dtype:
-      raise TypeError(f"jaxfactor depthwise {name}: dtypes differ:"
-                      f" {a.dtype} and {b.dtype}")
+      raise TypeError(
+        f"jaxfactor depthwise {name}: dtypes differ: {a.dtype} and {b.dtype}"
+      )
     return ShapedArray(_out_shape(name, a, b, params), a.dtype)
 
   primitive.def_impl(impl)
   primitive.def_abstract_eval(abstract_eval)
   mlir.register_lowering(primitive, _cpu_lowering(name), platform="cpu")
   mlir.register_lowering(
-      primitive, mlir.lower_fun(_GROUPED[name], multiple_results=False))
+    primitive, mlir.lower_fun(_GROUPED[name], multiple_results=False)
+  )
   return primitive
 
 
@@ -283,12 +312,15 @@ def _shape(a):
 # by these rules (each map's transposes are the other two maps).
 def _forward_transposes(prims):
   def lhs(ct, x, w, *, geometry):  # d x
-    return prims["input_grad"].bind(ct, w, geometry=geometry,
-                                    in_shape=_shape(x))
+    return prims["input_grad"].bind(
+      ct, w, geometry=geometry, in_shape=_shape(x)
+    )
 
   def rhs(ct, x, w, *, geometry):  # d w
-    return prims["weight_grad"].bind(x, ct, geometry=geometry,
-                                     window=_shape(w)[:-1])
+    return prims["weight_grad"].bind(
+      x, ct, geometry=geometry, window=_shape(w)[:-1]
+    )
+
   return lhs, rhs
 
 
@@ -299,20 +331,24 @@ def _input_grad_transposes(prims):
 
   def rhs(ct, dy, w, *, geometry, in_shape):  # d w
     del in_shape
-    return prims["weight_grad"].bind(ct, dy, geometry=geometry,
-                                     window=_shape(w)[:-1])
+    return prims["weight_grad"].bind(
+      ct, dy, geometry=geometry, window=_shape(w)[:-1]
+    )
+
   return lhs, rhs
 
 
 def _weight_grad_transposes(prims):
   def lhs(ct, x, dy, *, geometry, window):  # d x
     del window
-    return prims["input_grad"].bind(dy, ct, geometry=geometry,
-                                    in_shape=_shape(x))
+    return prims["input_grad"].bind(
+      dy, ct, geometry=geometry, in_shape=_shape(x)
+    )
 
   def rhs(ct, x, dy, *, geometry, window):  # d dy
     del dy, window
     return prims["forward"].bind(x, ct, geometry=geometry)
+
   return lhs, rhs
 
 
@@ -333,19 +369,27 @@ def _batch_rule(prims, name):
       out = primitive.bind(a, b, **params)
       return out.reshape(v, batch, *out.shape[1:]), 0
     size = a.shape[da] if da is not None else b.shape[db]
-    a, b = (jnp.moveaxis(t, d, 0) if d is not None
-            else jnp.broadcast_to(t, (size, *t.shape))
-            for t, d in ((a, da), (b, db)))
+    a, b = (
+      jnp.moveaxis(t, d, 0)
+      if d is not None
+      else jnp.broadcast_to(t, (size, *t.shape))
+      for t, d in ((a, da), (b, db))
+    )
     return lax.map(lambda ab: primitive.bind(*ab, **params), (a, b)), 0
+
   return rule
 
 
 def _register() -> dict[str, Any]:
-  prims = {name: _make_primitive(name)
-           for name in ("forward", "input_grad", "weight_grad")}
-  for name, transposes in (("forward", _forward_transposes),
-                           ("input_grad", _input_grad_transposes),
-                           ("weight_grad", _weight_grad_transposes)):
+  prims = {
+    name: _make_primitive(name)
+    for name in ("forward", "input_grad", "weight_grad")
+  }
+  for name, transposes in (
+    ("forward", _forward_transposes),
+    ("input_grad", _input_grad_transposes),
+    ("weight_grad", _weight_grad_transposes),
+  ):
     ad.defbilinear(prims[name], *transposes(prims))
     batching.primitive_batchers[prims[name]] = _batch_rule(prims, name)
   return prims

@@ -27,8 +27,8 @@ import jax.numpy as jnp
 from flax import serialization
 from jax import lax
 
-from jaxfactor import _validation
 from jaxfactor import _stages
+from jaxfactor import _validation
 
 # `to_dense` is a handful of small contractions; run them at full precision so
 # the reconstructed kernel is exact on TPU/GPU too (where the default
@@ -51,25 +51,27 @@ class Format(abc.ABC):
   def __init_subclass__(cls, **kwargs):
     super().__init_subclass__(**kwargs)
     jax.tree_util.register_pytree_with_keys(
-        cls, cls._flatten_with_keys, cls._unflatten, cls._flatten
+      cls, cls._flatten_with_keys, cls._unflatten, cls._flatten
     )
     serialization.register_serialization_state(
-        cls, _to_state_dict, _from_state_dict
+      cls, _to_state_dict, _from_state_dict
     )
     # So that an exported function taking a format can be serialized.
     jax.export.register_pytree_node_serialization(
-        cls, serialized_name=f"jaxfactor.{cls.__name__}",
-        serialize_auxdata=lambda static: json.dumps(static).encode(),
-        deserialize_auxdata=lambda data: tuple(json.loads(data)))
+      cls,
+      serialized_name=f"jaxfactor.{cls.__name__}",
+      serialize_auxdata=lambda static: json.dumps(static).encode(),
+      deserialize_auxdata=lambda data: tuple(json.loads(data)),
+    )
 
-  # --- pytree protocol -----------------------------------------------------
+  # --- pytree protocol -------------------------------------------------------
 
   def _flatten(self):
     return tuple(getattr(self, f) for f in self._fields), self._static()
 
   def _flatten_with_keys(self):
     children = tuple(
-        (jax.tree_util.GetAttrKey(f), getattr(self, f)) for f in self._fields
+      (jax.tree_util.GetAttrKey(f), getattr(self, f)) for f in self._fields
     )
     return children, self._static()
 
@@ -89,8 +91,8 @@ class Format(abc.ABC):
 
   def __setattr__(self, name, value):
     raise AttributeError(
-        f"{type(self).__name__} is immutable; use"
-        f" .replace({name}=...) to get a modified copy."
+      f"{type(self).__name__} is immutable; use"
+      f" .replace({name}=...) to get a modified copy."
     )
 
   def replace(self, **changes: Any) -> Format:
@@ -98,12 +100,10 @@ class Format(abc.ABC):
     unknown = set(changes) - set(self._fields + self._static_fields)
     if unknown:
       raise TypeError(
-          f"{type(self).__name__}.replace: unknown fields {sorted(unknown)};"
-          f" the fields are {self._fields + self._static_fields}."
+        f"{type(self).__name__}.replace: unknown fields {sorted(unknown)};"
+        f" the fields are {self._fields + self._static_fields}."
       )
-    values = {
-        f: getattr(self, f) for f in self._fields + self._static_fields
-    }
+    values = {f: getattr(self, f) for f in self._fields + self._static_fields}
     return type(self)(**{**values, **changes})
 
   def _set_fields(self, fn: str, **values: Any) -> None:
@@ -112,18 +112,18 @@ class Format(abc.ABC):
         object.__setattr__(self, name, value)
       elif name in self._tuple_fields:
         object.__setattr__(
-            self,
-            name,
-            tuple(_as_factor(fn, f"{name}[{i}]", v) for i, v in enumerate(value)),
+          self,
+          name,
+          tuple(_as_factor(fn, f"{name}[{i}]", v) for i, v in enumerate(value)),
         )
       else:
         object.__setattr__(self, name, _as_factor(fn, name, value))
     self.check(fn)
 
   def __repr__(self) -> str:
-    parts = [
-        f"{f}={_describe(getattr(self, f))}" for f in self._fields
-    ] + [f"{f}={getattr(self, f)!r}" for f in self._static_fields]
+    parts = [f"{f}={_describe(getattr(self, f))}" for f in self._fields] + [
+      f"{f}={getattr(self, f)!r}" for f in self._static_fields
+    ]
     return f"{type(self).__name__}({', '.join(parts)})"
 
   # --- shared properties -----------------------------------------------------
@@ -156,8 +156,10 @@ class Format(abc.ABC):
   def dtype(self) -> Any:
     leaves = jax.tree.leaves(self)
     if not leaves:
-      raise ValueError(f"{type(self).__name__}.dtype: the format has no array"
-                       " leaves (were they mapped to None?).")
+      raise ValueError(
+        f"{type(self).__name__}.dtype: the format has no array"
+        " leaves (were they mapped to None?)."
+      )
     return leaves[0].dtype
 
   @property
@@ -165,7 +167,7 @@ class Format(abc.ABC):
     """Number of stored parameters (the sum of the factors' sizes)."""
     return sum(math.prod(leaf.shape) for leaf in jax.tree.leaves(self))
 
-  # --- behaviour ---------------------------------------------------------------
+  # --- behaviour -------------------------------------------------------------
 
   def check(self, fn: str, *, abstract: bool = False) -> None:
     """Raises unless the factors are floating arrays of one dtype that chain.
@@ -182,8 +184,8 @@ class Format(abc.ABC):
       if name in self._tuple_fields:
         if not isinstance(value, tuple):
           raise TypeError(
-              f"{fn}: `{fmt}.{name}` must be a tuple of arrays, got"
-              f" {type(value).__name__}."
+            f"{fn}: `{fmt}.{name}` must be a tuple of arrays, got"
+            f" {type(value).__name__}."
           )
         named += [(f"{name}[{i}]", v) for i, v in enumerate(value)]
       else:
@@ -233,18 +235,21 @@ class Format(abc.ABC):
     return cls(**dict(zip(cls._fields, cls._children(params))), **static)
 
   @classmethod
-  def abstract(cls, kernel_shape: Sequence[int], rank: Any,
-               dtype: Any) -> Format:
+  def abstract(
+    cls, kernel_shape: Sequence[int], rank: Any, dtype: Any
+  ) -> Format:
     """A format of `jax.ShapeDtypeStruct` leaves (for `cost`, no arrays)."""
-    structs = {name: jax.ShapeDtypeStruct(shape, dtype)
-               for name, shape in cls.param_shapes(kernel_shape, rank).items()}
+    structs = {
+      name: jax.ShapeDtypeStruct(shape, dtype)
+      for name, shape in cls.param_shapes(kernel_shape, rank).items()
+    }
     static = (rank,) if cls._static_fields else ()
     return cls._unflatten(static, cls._children(structs))
 
   @classmethod
   @abc.abstractmethod
   def param_shapes(
-      cls, kernel_shape: Sequence[int], rank: Any
+    cls, kernel_shape: Sequence[int], rank: Any
   ) -> dict[str, tuple[int, ...]]:
     """Shapes of `params()` for a dense kernel shape and a rank (as in
     `jaxfactor.max_rank`: an int, or a tuple for Tucker and
@@ -293,15 +298,13 @@ def _describe(value: Any) -> str:
 
 
 def _to_state_dict(fmt: Format) -> dict[str, Any]:
-  return {
-      f: serialization.to_state_dict(getattr(fmt, f)) for f in fmt._fields
-  }
+  return {f: serialization.to_state_dict(getattr(fmt, f)) for f in fmt._fields}
 
 
 def _from_state_dict(target: Format, state: dict[str, Any]) -> Format:
   children = [
-      serialization.from_state_dict(getattr(target, f), state[f], name=f)
-      for f in target._fields
+    serialization.from_state_dict(getattr(target, f), state[f], name=f)
+    for f in target._fields
   ]
   restored = type(target)._unflatten(target._static(), children)
   restored.check("from_state_dict", abstract=True)
@@ -344,30 +347,31 @@ class DepthwiseSeparable(Format):
 
   def __init__(self, depthwise, pointwise, *, channel_multiplier: int = 1):
     channel_multiplier = _validation.as_int(
-        "DepthwiseSeparable", "channel_multiplier", channel_multiplier)
+      "DepthwiseSeparable", "channel_multiplier", channel_multiplier
+    )
     if channel_multiplier < 1:
       raise ValueError(
-          "DepthwiseSeparable: `channel_multiplier` must be a positive int,"
-          f" got {channel_multiplier!r}."
+        "DepthwiseSeparable: `channel_multiplier` must be a positive int,"
+        f" got {channel_multiplier!r}."
       )
     self._set_fields(
-        "DepthwiseSeparable",
-        channel_multiplier=channel_multiplier,
-        depthwise=depthwise,
-        pointwise=pointwise,
+      "DepthwiseSeparable",
+      channel_multiplier=channel_multiplier,
+      depthwise=depthwise,
+      pointwise=pointwise,
     )
 
   def _check_shapes(self, fn, fmt):
     dw, pw, m = self.depthwise, self.pointwise, self.channel_multiplier
     if dw.ndim < 3 or dw.shape[-2] != 1 or dw.shape[-1] % m:
       raise ValueError(
-          f"{_validation.scope(fn, fmt)} `depthwise` must have shape"
-          " [*window, 1, C*m] with"
-          f" channel_multiplier m={m}, got shape {tuple(dw.shape)}."
+        f"{_validation.scope(fn, fmt)} `depthwise` must have shape"
+        " [*window, 1, C*m] with"
+        f" channel_multiplier m={m}, got shape {tuple(dw.shape)}."
       )
     _check_rank(fn, "pointwise", pw, 2, "[C*m, F]")
     _validation.check_chain(
-        fn, fmt, "depthwise", dw.shape, -1, "pointwise", pw.shape, 0
+      fn, fmt, "depthwise", dw.shape, -1, "pointwise", pw.shape, 0
     )
 
   @property
@@ -390,8 +394,8 @@ class DepthwiseSeparable(Format):
   def stages(self):
     axes = tuple(range(self.num_spatial_dims))
     return [
-        _stages.SpatialConv(self.depthwise, axes, self.in_features),
-        _stages.Pointwise(self.pointwise),
+      _stages.SpatialConv(self.depthwise, axes, self.in_features),
+      _stages.Pointwise(self.pointwise),
     ]
 
   def to_dense(self):
@@ -435,8 +439,8 @@ class SpatiallySeparable(Format):
   def __init__(self, factors: Sequence[jax.typing.ArrayLike]):
     if not isinstance(factors, (tuple, list)) or not factors:
       raise TypeError(
-          "SpatiallySeparable: `factors` must be a non-empty tuple of arrays"
-          f" (one per spatial axis), got {type(factors).__name__}."
+        "SpatiallySeparable: `factors` must be a non-empty tuple of arrays"
+        f" (one per spatial axis), got {type(factors).__name__}."
       )
     self._set_fields("SpatiallySeparable", factors=factors)
 
@@ -445,8 +449,14 @@ class SpatiallySeparable(Format):
       _check_rank(fn, f"factors[{i}]", factor, 3, "[k_i, R_in, R_out]")
     for i in range(1, len(self.factors)):
       _validation.check_chain(
-          fn, fmt, f"factors[{i - 1}]", self.factors[i - 1].shape, 2,
-          f"factors[{i}]", self.factors[i].shape, 1,
+        fn,
+        fmt,
+        f"factors[{i - 1}]",
+        self.factors[i - 1].shape,
+        2,
+        f"factors[{i}]",
+        self.factors[i].shape,
+        1,
       )
 
   @property
@@ -471,14 +481,13 @@ class SpatiallySeparable(Format):
     *window, c, f = kernel_shape
     chain = (c, *rank, f)
     return {
-        f"factors_{i}": (k, chain[i], chain[i + 1])
-        for i, k in enumerate(window)
+      f"factors_{i}": (k, chain[i], chain[i + 1]) for i, k in enumerate(window)
     }
 
   def stages(self):
     return [
-        _stages.SpatialConv(factor, (axis,))
-        for axis, factor in enumerate(self.factors)
+      _stages.SpatialConv(factor, (axis,))
+      for axis, factor in enumerate(self.factors)
     ]
 
   def to_dense(self):
@@ -486,7 +495,7 @@ class SpatiallySeparable(Format):
     kernel = self.factors[0]
     for factor in self.factors[1:]:
       kernel = jnp.einsum(
-          "...cr,wrs->...wcs", kernel, factor, precision=_HIGHEST
+        "...cr,wrs->...wcs", kernel, factor, precision=_HIGHEST
       )
     return kernel
 
@@ -530,14 +539,20 @@ class LowRank(Format):
   def _check_shapes(self, fn, fmt):
     if self.spatial.ndim < 3:
       raise ValueError(
-          f"{_validation.scope(fn, fmt)} `spatial` must have shape"
-          " [*window, C, R] (rank >= 3),"
-          f" got shape {tuple(self.spatial.shape)}."
+        f"{_validation.scope(fn, fmt)} `spatial` must have shape"
+        " [*window, C, R] (rank >= 3),"
+        f" got shape {tuple(self.spatial.shape)}."
       )
     _check_rank(fn, "pointwise", self.pointwise, 2, "[R, F]")
     _validation.check_chain(
-        fn, fmt, "spatial", self.spatial.shape, -1,
-        "pointwise", self.pointwise.shape, 0,
+      fn,
+      fmt,
+      "spatial",
+      self.spatial.shape,
+      -1,
+      "pointwise",
+      self.pointwise.shape,
+      0,
     )
 
   @property
@@ -564,14 +579,14 @@ class LowRank(Format):
   def stages(self):
     axes = tuple(range(self.num_spatial_dims))
     return [
-        _stages.SpatialConv(self.spatial, axes),
-        _stages.Pointwise(self.pointwise),
+      _stages.SpatialConv(self.spatial, axes),
+      _stages.Pointwise(self.pointwise),
     ]
 
   def to_dense(self):
     self.check("to_dense")
     return jnp.einsum(
-        "...cr,rf->...cf", self.spatial, self.pointwise, precision=_HIGHEST
+      "...cr,rf->...cf", self.spatial, self.pointwise, precision=_HIGHEST
     )
 
   def to_dense_flops(self):
@@ -607,25 +622,29 @@ class Tucker(Format):
   out_proj: jax.Array
 
   def __init__(self, in_proj, core, out_proj):
-    self._set_fields(
-        "Tucker", in_proj=in_proj, core=core, out_proj=out_proj
-    )
+    self._set_fields("Tucker", in_proj=in_proj, core=core, out_proj=out_proj)
 
   def _check_shapes(self, fn, fmt):
     _check_rank(fn, "in_proj", self.in_proj, 2, "[C, R_in]")
     if self.core.ndim < 3:
       raise ValueError(
-          f"{_validation.scope(fn, fmt)} `core` must have shape"
-          " [*window, R_in, R_out] (rank"
-          f" >= 3), got shape {tuple(self.core.shape)}."
+        f"{_validation.scope(fn, fmt)} `core` must have shape"
+        " [*window, R_in, R_out] (rank"
+        f" >= 3), got shape {tuple(self.core.shape)}."
       )
     _check_rank(fn, "out_proj", self.out_proj, 2, "[R_out, F]")
     _validation.check_chain(
-        fn, fmt, "in_proj", self.in_proj.shape, 1, "core", self.core.shape, -2
+      fn, fmt, "in_proj", self.in_proj.shape, 1, "core", self.core.shape, -2
     )
     _validation.check_chain(
-        fn, fmt, "core", self.core.shape, -1,
-        "out_proj", self.out_proj.shape, 0,
+      fn,
+      fmt,
+      "core",
+      self.core.shape,
+      -1,
+      "out_proj",
+      self.out_proj.shape,
+      0,
     )
 
   @property
@@ -661,15 +680,20 @@ class Tucker(Format):
   def stages(self):
     axes = tuple(range(self.num_spatial_dims))
     return [
-        _stages.Pointwise(self.in_proj),
-        _stages.SpatialConv(self.core, axes),
-        _stages.Pointwise(self.out_proj),
+      _stages.Pointwise(self.in_proj),
+      _stages.SpatialConv(self.core, axes),
+      _stages.Pointwise(self.out_proj),
     ]
 
   def _out_first(self) -> tuple[bool, int]:
     """Contraction order of `to_dense` with fewer FLOPs, and those FLOPs."""
     k = math.prod(self.window)
-    c, f, a, b = self.in_features, self.out_features, self.in_rank, self.out_rank
+    c, f, a, b = (
+      self.in_features,
+      self.out_features,
+      self.in_rank,
+      self.out_rank,
+    )
     out_first = 2 * k * a * b * f + 2 * k * c * a * f
     in_first = 2 * c * a * k * b + 2 * k * c * b * f
     return out_first <= in_first, min(out_first, in_first)
@@ -678,16 +702,16 @@ class Tucker(Format):
     self.check("to_dense")
     if self._out_first()[0]:
       kernel = jnp.einsum(
-          "...ab,bf->...af", self.core, self.out_proj, precision=_HIGHEST
+        "...ab,bf->...af", self.core, self.out_proj, precision=_HIGHEST
       )
       return jnp.einsum(
-          "ca,...af->...cf", self.in_proj, kernel, precision=_HIGHEST
+        "ca,...af->...cf", self.in_proj, kernel, precision=_HIGHEST
       )
     kernel = jnp.einsum(
-        "ca,...ab->...cb", self.in_proj, self.core, precision=_HIGHEST
+      "ca,...ab->...cb", self.in_proj, self.core, precision=_HIGHEST
     )
     return jnp.einsum(
-        "...cb,bf->...cf", kernel, self.out_proj, precision=_HIGHEST
+      "...cb,bf->...cf", kernel, self.out_proj, precision=_HIGHEST
     )
 
   def to_dense_flops(self):
@@ -725,11 +749,13 @@ class CP(Format):
   spatial: tuple[jax.Array, ...]
   out_proj: jax.Array
 
-  def __init__(self, in_proj, spatial: Sequence[jax.typing.ArrayLike], out_proj):
+  def __init__(
+    self, in_proj, spatial: Sequence[jax.typing.ArrayLike], out_proj
+  ):
     if not isinstance(spatial, (tuple, list)) or not spatial:
       raise TypeError(
-          "CP: `spatial` must be a non-empty tuple of arrays (one per spatial"
-          f" axis), got {type(spatial).__name__}."
+        "CP: `spatial` must be a non-empty tuple of arrays (one per spatial"
+        f" axis), got {type(spatial).__name__}."
       )
     self._set_fields("CP", in_proj=in_proj, spatial=spatial, out_proj=out_proj)
 
@@ -739,12 +765,24 @@ class CP(Format):
     for i, factor in enumerate(self.spatial):
       _check_rank(fn, f"spatial[{i}]", factor, 2, "[k_i, R]")
       _validation.check_chain(
-          fn, fmt, "in_proj", self.in_proj.shape, 1,
-          f"spatial[{i}]", factor.shape, 1,
+        fn,
+        fmt,
+        "in_proj",
+        self.in_proj.shape,
+        1,
+        f"spatial[{i}]",
+        factor.shape,
+        1,
       )
     _validation.check_chain(
-        fn, fmt, "in_proj", self.in_proj.shape, 1,
-        "out_proj", self.out_proj.shape, 0,
+      fn,
+      fmt,
+      "in_proj",
+      self.in_proj.shape,
+      1,
+      "out_proj",
+      self.out_proj.shape,
+      0,
     )
 
   @property
@@ -767,20 +805,20 @@ class CP(Format):
   def param_shapes(cls, kernel_shape, rank):
     *window, c, f = kernel_shape
     return {
-        "in_proj": (c, rank),
-        **{f"spatial_{i}": (k, rank) for i, k in enumerate(window)},
-        "out_proj": (rank, f),
+      "in_proj": (c, rank),
+      **{f"spatial_{i}": (k, rank) for i, k in enumerate(window)},
+      "out_proj": (rank, f),
     }
 
   def stages(self):
     r = self.rank
     return [
-        _stages.Pointwise(self.in_proj),
-        *(
-            _stages.SpatialConv(_reshape(a, (a.shape[0], 1, r)), (axis,), r)
-            for axis, a in enumerate(self.spatial)
-        ),
-        _stages.Pointwise(self.out_proj),
+      _stages.Pointwise(self.in_proj),
+      *(
+        _stages.SpatialConv(_reshape(a, (a.shape[0], 1, r)), (axis,), r)
+        for axis, a in enumerate(self.spatial)
+      ),
+      _stages.Pointwise(self.out_proj),
     ]
 
   def to_dense(self):
@@ -790,7 +828,7 @@ class CP(Format):
       taps = taps[..., None, :] * _lift(a, taps.ndim + 1)  # [k_0..k_i, R]
     weighted = taps[..., None, :] * _lift(self.in_proj, taps.ndim + 1)
     return jnp.einsum(
-        "...cr,rf->...cf", weighted, self.out_proj, precision=_HIGHEST
+      "...cr,rf->...cf", weighted, self.out_proj, precision=_HIGHEST
     )
 
   def to_dense_flops(self):
@@ -799,5 +837,10 @@ class CP(Format):
     for k in self.window[1:]:
       taps *= k
       flops += taps * self.rank
-    k, c, f, r = math.prod(self.window), self.in_features, self.out_features, self.rank
+    k, c, f, r = (
+      math.prod(self.window),
+      self.in_features,
+      self.out_features,
+      self.rank,
+    )
     return flops + k * c * r + 2 * k * c * r * f

@@ -41,20 +41,18 @@ class Geometry:
 
 
 def resolve(
-    fn: str,
-    spatial_shape: Sequence[int],
-    window: Sequence[int],
-    *,
-    strides: Any,
-    padding: Any,
-    dilation: Any,
+  fn: str,
+  spatial_shape: Sequence[int],
+  window: Sequence[int],
+  *,
+  strides: Any,
+  padding: Any,
+  dilation: Any,
 ) -> Geometry:
   """Checks the geometry arguments and resolves them for these shapes."""
   n = len(window)
   strides = _validation.canonicalize_positive_ints(fn, "strides", strides, n)
-  dilation = _validation.canonicalize_positive_ints(
-      fn, "dilation", dilation, n
-  )
+  dilation = _validation.canonicalize_positive_ints(fn, "dilation", dilation, n)
   padding = _validation.canonicalize_padding(fn, padding, n)
   dilated = tuple((k - 1) * d + 1 for k, d in zip(window, dilation))
   fill = "constant"
@@ -73,10 +71,10 @@ def resolve(
     # With symbolic sizes (jax.export) the check is left to the call.
     if all(isinstance(v, int) for v in (size, lo, hi)) and size + lo + hi < k:
       raise ValueError(
-          f"{fn}: spatial axis {axis} of `x` has size {size}, padded to"
-          f" {size + lo + hi} by padding ({lo}, {hi}), which is smaller than"
-          f" the dilated window {k} (window {window[axis]}, dilation"
-          f" {dilation[axis]}); the output would be empty."
+        f"{fn}: spatial axis {axis} of `x` has size {size}, padded to"
+        f" {size + lo + hi} by padding ({lo}, {hi}), which is smaller than"
+        f" the dilated window {k} (window {window[axis]}, dilation"
+        f" {dilation[axis]}); the output would be empty."
       )
   return Geometry(strides, dilation, tuple(pads), fill)
 

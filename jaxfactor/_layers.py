@@ -32,14 +32,22 @@ default_bias_init = jax.nn.initializers.zeros
 # Which format field each factor-initializer argument sets; a tuple field's
 # initializer sets every entry.
 INIT_ARGS: dict[type[formats.Format], dict[str, str]] = {
-    formats.DepthwiseSeparable: {"depthwise": "depthwise_init",
-                                 "pointwise": "pointwise_init"},
-    formats.SpatiallySeparable: {"factors": "factors_init"},
-    formats.LowRank: {"spatial": "spatial_init", "pointwise": "pointwise_init"},
-    formats.Tucker: {"in_proj": "in_proj_init", "core": "core_init",
-                     "out_proj": "out_proj_init"},
-    formats.CP: {"in_proj": "in_proj_init", "spatial": "spatial_init",
-                 "out_proj": "out_proj_init"},
+  formats.DepthwiseSeparable: {
+    "depthwise": "depthwise_init",
+    "pointwise": "pointwise_init",
+  },
+  formats.SpatiallySeparable: {"factors": "factors_init"},
+  formats.LowRank: {"spatial": "spatial_init", "pointwise": "pointwise_init"},
+  formats.Tucker: {
+    "in_proj": "in_proj_init",
+    "core": "core_init",
+    "out_proj": "out_proj_init",
+  },
+  formats.CP: {
+    "in_proj": "in_proj_init",
+    "spatial": "spatial_init",
+    "out_proj": "out_proj_init",
+  },
 }
 
 
@@ -47,52 +55,63 @@ def kernel_size_tuple(layer: str, kernel_size: Any) -> tuple[int, ...]:
   """Flax's rule: an int is a 1-D window; otherwise one size per axis."""
   sizes = (kernel_size,) if isinstance(kernel_size, int) else kernel_size
   if (
-      not isinstance(sizes, Sequence)
-      or not sizes
-      or any(isinstance(k, bool) or not isinstance(k, int) or k < 1
-             for k in sizes)
+    not isinstance(sizes, Sequence)
+    or not sizes
+    or any(
+      isinstance(k, bool) or not isinstance(k, int) or k < 1 for k in sizes
+    )
   ):
     raise ValueError(
-        f"{layer}: `kernel_size` must be a positive int or a non-empty"
-        f" sequence of positive ints, got {kernel_size!r}."
+      f"{layer}: `kernel_size` must be a positive int or a non-empty"
+      f" sequence of positive ints, got {kernel_size!r}."
     )
   return tuple(sizes)
 
 
-def check_geometry(layer: str, window, strides, padding,
-                   kernel_dilation) -> None:
+def check_geometry(
+  layer: str, window, strides, padding, kernel_dilation
+) -> None:
   """Rejects geometry of the wrong length at construction, not first call."""
   n = len(window)
   _validation.canonicalize_positive_ints(layer, "strides", strides, n)
-  _validation.canonicalize_positive_ints(layer, "kernel_dilation",
-                                         kernel_dilation, n)
+  _validation.canonicalize_positive_ints(
+    layer, "kernel_dilation", kernel_dilation, n
+  )
   _validation.canonicalize_padding(layer, padding, n)
 
 
 def check_features(layer: str, name: str, value: Any) -> int:
   if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-    raise ValueError(f"{layer}: `{name}` must be a positive int, got {value!r}.")
+    raise ValueError(
+      f"{layer}: `{name}` must be a positive int, got {value!r}."
+    )
   return value
 
 
-def check_options(layer: str, implementation: str,
-                  preferred_element_type: Any, bias_init: Any) -> None:
+def check_options(
+  layer: str, implementation: str, preferred_element_type: Any, bias_init: Any
+) -> None:
   _validation.check_implementation(layer, implementation)
   if preferred_element_type is not None:
     try:
       jax.numpy.dtype(preferred_element_type)
     except TypeError:
       raise TypeError(
-          f"{layer}: `preferred_element_type` must be a dtype or None, got"
-          f" {preferred_element_type!r}.") from None
+        f"{layer}: `preferred_element_type` must be a dtype or None, got"
+        f" {preferred_element_type!r}."
+      ) from None
   if not callable(bias_init):
-    raise TypeError(f"{layer}: `bias_init` must be an initializer, got"
-                    f" {type(bias_init).__name__}.")
+    raise TypeError(
+      f"{layer}: `bias_init` must be an initializer, got"
+      f" {type(bias_init).__name__}."
+    )
 
 
 def factor_initializers(
-    layer: str, cls: type[formats.Format],
-    given: Mapping[str, Initializer | None], kernel_init: Initializer | None,
+  layer: str,
+  cls: type[formats.Format],
+  given: Mapping[str, Initializer | None],
+  kernel_init: Initializer | None,
 ) -> dict[str, Initializer]:
   """Each field's initializer: the one given, else Flax's default.
 
@@ -102,32 +121,37 @@ def factor_initializers(
   """
   for arg, init in given.items():
     if init is not None and not callable(init):
-      raise TypeError(f"{layer}: `{arg}` must be an initializer, got"
-                      f" {type(init).__name__}.")
+      raise TypeError(
+        f"{layer}: `{arg}` must be an initializer, got {type(init).__name__}."
+      )
   if kernel_init is not None:
     if not callable(kernel_init):
-      raise TypeError(f"{layer}: `kernel_init` must be an initializer, got"
-                      f" {type(kernel_init).__name__}.")
+      raise TypeError(
+        f"{layer}: `kernel_init` must be an initializer, got"
+        f" {type(kernel_init).__name__}."
+      )
     clash = sorted(arg for arg, init in given.items() if init is not None)
     if clash:
       raise ValueError(
-          f"{layer}: give either `kernel_init` (the factors decompose a dense"
-          f" kernel drawn from it) or factor initializers, not both; got"
-          f" kernel_init and {', '.join(clash)}."
+        f"{layer}: give either `kernel_init` (the factors decompose a dense"
+        f" kernel drawn from it) or factor initializers, not both; got"
+        f" kernel_init and {', '.join(clash)}."
       )
-  return {field: given[arg] or default_kernel_init
-          for field, arg in INIT_ARGS[cls].items()}
+  return {
+    field: given[arg] or default_kernel_init
+    for field, arg in INIT_ARGS[cls].items()
+  }
 
 
 def init_factors(
-    layer: str,
-    cls: type[formats.Format],
-    key: jax.Array,
-    kernel_shape: tuple[int, ...],
-    rank: Any,
-    param_dtype: Any,
-    initializers: Mapping[str, Initializer],
-    kernel_init: Initializer | None,
+  layer: str,
+  cls: type[formats.Format],
+  key: jax.Array,
+  kernel_shape: tuple[int, ...],
+  rank: Any,
+  param_dtype: Any,
+  initializers: Mapping[str, Initializer],
+  kernel_init: Initializer | None,
 ) -> dict[str, Any]:
   """Initial values of `cls.param_shapes(kernel_shape, rank)`.
 
@@ -140,15 +164,17 @@ def init_factors(
     dense = kernel_init(key, kernel_shape, param_dtype)
     if not _validation.is_array(dense):
       raise TypeError(
-          f"{layer}: `kernel_init` must return an array, got"
-          f" {type(dense).__name__}; put sharding metadata on the factor"
-          " initializers instead."
+        f"{layer}: `kernel_init` must return an array, got"
+        f" {type(dense).__name__}; put sharding metadata on the factor"
+        " initializers instead."
       )
     return dict(_decompose.decompose(dense, cls, rank=rank).params())
   shapes = cls.param_shapes(kernel_shape, rank)
   keys = jax.random.split(key, len(shapes))
-  return {name: initializers[cls.field_of(name)](k, shape, param_dtype)
-          for (name, shape), k in zip(shapes.items(), keys)}
+  return {
+    name: initializers[cls.field_of(name)](k, shape, param_dtype)
+    for (name, shape), k in zip(shapes.items(), keys)
+  }
 
 
 def resolve_rank(layer: str, cls, kernel_shape, rank: Any):
@@ -158,49 +184,52 @@ def resolve_rank(layer: str, cls, kernel_shape, rank: Any):
 def check_input_channels(layer: str, x: Any, in_features: int, window) -> None:
   if not hasattr(x, "shape") or len(x.shape) < len(window) + 1:
     raise ValueError(
-        f"{layer}: the input must have shape [*batch, *spatial, C] with"
-        f" {len(window)} spatial axes (kernel_size {tuple(window)}), got"
-        f" shape {getattr(x, 'shape', type(x).__name__)}."
+      f"{layer}: the input must have shape [*batch, *spatial, C] with"
+      f" {len(window)} spatial axes (kernel_size {tuple(window)}), got"
+      f" shape {getattr(x, 'shape', type(x).__name__)}."
     )
   if x.shape[-1] != in_features:
     raise ValueError(
-        f"{layer}: the input has {x.shape[-1]} channels (shape"
-        f" {tuple(x.shape)}) but the layer has in_features={in_features}."
+      f"{layer}: the input has {x.shape[-1]} channels (shape"
+      f" {tuple(x.shape)}) but the layer has in_features={in_features}."
     )
 
 
 def apply(
-    x: jax.Array,
-    kernel: Any,
-    bias: jax.Array | None,
-    *,
-    dtype: Any,
-    strides: Any,
-    padding: Any,
-    kernel_dilation: Any,
-    precision: Any,
-    preferred_element_type: Any,
-    implementation: str = "auto",
-    kind: str = "conv",
+  x: jax.Array,
+  kernel: Any,
+  bias: jax.Array | None,
+  *,
+  dtype: Any,
+  strides: Any,
+  padding: Any,
+  kernel_dilation: Any,
+  precision: Any,
+  preferred_element_type: Any,
+  implementation: str = "auto",
+  kind: str = "conv",
 ) -> jax.Array:
   """`conv(x, kernel) + bias` after Flax's dtype promotion."""
   leaves, treedef = jax.tree.flatten(kernel)
   promoted = flax_dtypes.promote_dtype(
-      x, *leaves, *([] if bias is None else [bias]), dtype=dtype
+    x, *leaves, *([] if bias is None else [bias]), dtype=dtype
   )
   x, leaves = promoted[0], promoted[1 : 1 + len(leaves)]
   kernel = jax.tree.unflatten(treedef, leaves)
-  options = dict(precision=precision,
-                 preferred_element_type=preferred_element_type)
+  options = dict(
+    precision=precision, preferred_element_type=preferred_element_type
+  )
   geometry = dict(strides=strides, padding=padding, dilation=kernel_dilation)
   if kind == "depthwise":
     y = _convolution.depthwise_conv(x, kernel, **geometry, **options)
   elif kind == "pointwise":
     y = _convolution.pointwise_conv(x, kernel, **options)
   else:
-    y = _convolution.conv(x, kernel, implementation=implementation,
-                          **geometry, **options)
+    y = _convolution.conv(
+      x, kernel, implementation=implementation, **geometry, **options
+    )
   if bias is not None:
     y = y + promoted[-1].astype(y.dtype).reshape(
-        (1,) * (y.ndim - 1) + bias.shape)
+      (1,) * (y.ndim - 1) + bias.shape
+    )
   return y

@@ -62,8 +62,9 @@ class Plan(NamedTuple):
 
   def signature(self) -> Hashable:
     """What distinguishes two plans' programs (kinds and kernel shapes)."""
-    return tuple((step.kind, tuple(step.stage.kernel.shape))
-                 for step in self.steps)
+    return tuple(
+      (step.kind, tuple(step.stage.kernel.shape)) for step in self.steps
+    )
 
 
 _forced_tap_matmul: list[bool | None] = [None]
@@ -90,8 +91,12 @@ def forced(*, depthwise: str | None = None, tap_matmul: bool | None = None):
     jax.clear_caches()
 
 
-def _kind(stage: _stages.Stage, in_shape: Sequence[Any],
-          geometry: _geometry.Geometry, platform: str) -> str:
+def _kind(
+  stage: _stages.Stage,
+  in_shape: Sequence[Any],
+  geometry: _geometry.Geometry,
+  platform: str,
+) -> str:
   if isinstance(stage, _stages.Pointwise):
     return CONTRACTION
   if _stages.is_strided_pointwise(stage, geometry):
@@ -102,14 +107,22 @@ def _kind(stage: _stages.Stage, in_shape: Sequence[Any],
     force = _forced_tap_matmul[0]
     if force is None and _tap_matmul.applies(stage, in_shape, geometry):
       return TAP_MATMUL
-    if force and isinstance(stage, _stages.SpatialConv) and stage.groups == 1 \
-        and math.prod(stage.kernel.shape[:-2]) > 1:
+    if (
+      force
+      and isinstance(stage, _stages.SpatialConv)
+      and stage.groups == 1
+      and math.prod(stage.kernel.shape[:-2]) > 1
+    ):
       return TAP_MATMUL
   return CONV
 
 
-def plan(stages: Sequence[_stages.Stage], in_shape: Sequence[Any],
-         geometry: _geometry.Geometry, platform: str) -> Plan:
+def plan(
+  stages: Sequence[_stages.Stage],
+  in_shape: Sequence[Any],
+  geometry: _geometry.Geometry,
+  platform: str,
+) -> Plan:
   """The steps that run `stages` on a `[B, *spatial, C]` input there."""
   merge_flops = 0
   if platform != "cpu":
@@ -121,8 +134,9 @@ def plan(stages: Sequence[_stages.Stage], in_shape: Sequence[Any],
   return Plan(tuple(steps), merge_flops)
 
 
-def output_shape(stage: _stages.Stage, in_shape: Sequence[Any],
-                 geometry: _geometry.Geometry) -> tuple[Any, ...]:
+def output_shape(
+  stage: _stages.Stage, in_shape: Sequence[Any], geometry: _geometry.Geometry
+) -> tuple[Any, ...]:
   """A stage's output shape on a `[B, *spatial, C]` input."""
   batch, *spatial, _ = in_shape
   features = stage.kernel.shape[-1]
@@ -131,17 +145,26 @@ def output_shape(stage: _stages.Stage, in_shape: Sequence[Any],
   out = list(spatial)
   for j, axis in enumerate(stage.axes):
     out[axis] = _geometry.output_size(
-        spatial[axis], stage.kernel.shape[j], geometry.strides[axis],
-        geometry.dilation[axis], geometry.padding[axis])
+      spatial[axis],
+      stage.kernel.shape[j],
+      geometry.strides[axis],
+      geometry.dilation[axis],
+      geometry.padding[axis],
+    )
   return (batch, *out, features)
 
 
-# --- running -----------------------------------------------------------------
+# --- running ----------------------------------------------------------------
 
 
-def run(x: jax.Array, steps: Sequence[Step], geometry: _geometry.Geometry, *,
-        precision: Any = None, preferred_element_type: Any = None
-        ) -> jax.Array:
+def run(
+  x: jax.Array,
+  steps: Sequence[Step],
+  geometry: _geometry.Geometry,
+  *,
+  precision: Any = None,
+  preferred_element_type: Any = None,
+) -> jax.Array:
   """Applies `steps` in order to `x [B, *spatial, C]`."""
   preferred = preferred_element_type
   if preferred is not None:
@@ -160,26 +183,35 @@ def run(x: jax.Array, steps: Sequence[Step], geometry: _geometry.Geometry, *,
       # then compute at that (wider) precision too.
       kernel = kernel.astype(x.dtype)
     if kind == CONTRACTION:
-      x = lax.dot_general(x, kernel, (((x.ndim - 1,), (0,)), ((), ())),
-                          precision=precision,
-                          preferred_element_type=preferred)
+      x = lax.dot_general(
+        x,
+        kernel,
+        (((x.ndim - 1,), (0,)), ((), ())),
+        precision=precision,
+        preferred_element_type=preferred,
+      )
     elif kind == STRIDED_CONTRACTION:
-      x = _stages.strided_pointwise(x, kernel, stage.axes, geometry,
-                                    precision, preferred)
+      x = _stages.strided_pointwise(
+        x, kernel, stage.axes, geometry, precision, preferred
+      )
     elif kind == DEPTHWISE:
       x = _depthwise.stage(x, kernel, stage.axes, geometry, preferred)
     elif kind == TAP_MATMUL:
-      x = _tap_matmul.tap_matmul(x, kernel, stage.axes, geometry, precision,
-                                 preferred)
+      x = _tap_matmul.tap_matmul(
+        x, kernel, stage.axes, geometry, precision, preferred
+      )
     else:
-      x = _stages.spatial_conv(x, kernel, stage.axes, stage.groups, geometry,
-                               precision, preferred)
+      x = _stages.spatial_conv(
+        x, kernel, stage.axes, stage.groups, geometry, precision, preferred
+      )
   return x
 
 
-def per_platform(decide: Callable[[str], Hashable],
-                 branch: Callable[[str], Callable[..., Any]], *args: Any
-                 ) -> Any:
+def per_platform(
+  decide: Callable[[str], Hashable],
+  branch: Callable[[str], Callable[..., Any]],
+  *args: Any,
+) -> Any:
   """`branch(platform)(*args)` for the platform the program is lowered for.
 
   `decide(platform)` summarises what that platform's branch would run; where
@@ -195,15 +227,17 @@ def per_platform(decide: Callable[[str], Hashable],
   for platform, decision in decisions.items():
     branches.setdefault(decision, branch(platform))
   cpu, gpu, tpu = (branches[decisions[p]] for p in PLATFORMS)
-  return lax.platform_dependent(*args, cpu=cpu, cuda=gpu, rocm=gpu, tpu=tpu,
-                                default=gpu)
+  return lax.platform_dependent(
+    *args, cpu=cpu, cuda=gpu, rocm=gpu, tpu=tpu, default=gpu
+  )
 
 
-# --- counting ------------------------------------------------------------------
+# --- counting ---------------------------------------------------------------
 
 
-def step_flops(step: Step, in_shape: Sequence[int],
-               geometry: _geometry.Geometry) -> int:
+def step_flops(
+  step: Step, in_shape: Sequence[int], geometry: _geometry.Geometry
+) -> int:
   """FLOPs of one step, as XLA's `HloCostAnalysis` counts its computation.
 
   A multiply-add is 2. A convolution (depthwise included) multiplies only the
@@ -217,32 +251,42 @@ def step_flops(step: Step, in_shape: Sequence[int],
     c, f = stage.kernel.shape
     return 2 * batch * math.prod(spatial) * c * f
   if geometry.fill != "constant":  # the stage's axes padded with data
-    spatial = [size + sum(geometry.padding[axis]) if axis in stage.axes
-               else size for axis, size in enumerate(spatial)]
+    spatial = [
+      size + sum(geometry.padding[axis]) if axis in stage.axes else size
+      for axis, size in enumerate(spatial)
+    ]
     geometry = dataclasses.replace(
-        geometry, padding=tuple((0, 0) for _ in geometry.padding),
-        fill="constant")
+      geometry, padding=tuple((0, 0) for _ in geometry.padding), fill="constant"
+    )
   c_per_group, f = stage.kernel.shape[-2:]
   if kind == TAP_MATMUL:
-    taps = _tap_matmul.taps(stage.kernel.shape[:-2], stage.axes, geometry,
-                            spatial)
+    taps = _tap_matmul.taps(
+      stage.kernel.shape[:-2], stage.axes, geometry, spatial
+    )
     out = output_shape(stage, (batch, *spatial, c_per_group), geometry)
-    return (2 * batch * math.prod(spatial) * c_per_group * taps * f
-            + max(taps - 1, 0) * batch * math.prod(out[1:-1]) * f)
+    return (
+      2 * batch * math.prod(spatial) * c_per_group * taps * f
+      + max(taps - 1, 0) * batch * math.prod(out[1:-1]) * f
+    )
   pairs = 1
   for axis, size in enumerate(spatial):
     if axis in stage.axes:
       k = stage.kernel.shape[stage.axes.index(axis)]
-      pairs *= _geometry.valid_taps(size, k, geometry.strides[axis],
-                                    geometry.dilation[axis],
-                                    geometry.padding[axis])
+      pairs *= _geometry.valid_taps(
+        size,
+        k,
+        geometry.strides[axis],
+        geometry.dilation[axis],
+        geometry.padding[axis],
+      )
     else:
       pairs *= size
   return 2 * batch * pairs * c_per_group * f
 
 
-def flops(chain: Plan, in_shape: Sequence[int],
-          geometry: _geometry.Geometry) -> int:
+def flops(
+  chain: Plan, in_shape: Sequence[int], geometry: _geometry.Geometry
+) -> int:
   """FLOPs of a plan on a `[B, *spatial, C]` input."""
   total, shape = chain.merge_flops, tuple(in_shape)
   for step in chain.steps:
@@ -281,25 +325,35 @@ class Machine(NamedTuple):
 # within 10% of the faster implementation in 44 of 48 cells. Depthwise steps
 # there are XLA's grouped convolution.
 MACHINES = {
-    "cpu": Machine(matmul_flops=120e9, depthwise_flops=20e9, bandwidth=20e9,
-                   overhead=5e-6, taps_exponent=0.5),
-    "gpu": Machine(matmul_flops=50e12, depthwise_flops=2e12, bandwidth=2e12,
-                   overhead=5e-6),
-    "tpu": Machine(matmul_flops=100e12, depthwise_flops=1e12,
-                   bandwidth=1e12, overhead=5e-6),
+  "cpu": Machine(
+    matmul_flops=120e9,
+    depthwise_flops=20e9,
+    bandwidth=20e9,
+    overhead=5e-6,
+    taps_exponent=0.5,
+  ),
+  "gpu": Machine(
+    matmul_flops=50e12, depthwise_flops=2e12, bandwidth=2e12, overhead=5e-6
+  ),
+  "tpu": Machine(
+    matmul_flops=100e12, depthwise_flops=1e12, bandwidth=1e12, overhead=5e-6
+  ),
 }
 
 
-def seconds(chain: Plan, in_shape: Sequence[int],
-            geometry: _geometry.Geometry, machine: Machine,
-            itemsize: int) -> float:
+def seconds(
+  chain: Plan,
+  in_shape: Sequence[int],
+  geometry: _geometry.Geometry,
+  machine: Machine,
+  itemsize: int,
+) -> float:
   """The roofline time of a plan (see `Machine`)."""
   total, shape = chain.merge_flops / machine.matmul_flops, tuple(in_shape)
   for step in chain.steps:
     out = output_shape(step.stage, shape, geometry)
     kernel = step.stage.kernel.shape
-    nbytes = itemsize * (math.prod(shape) + math.prod(out)
-                         + math.prod(kernel))
+    nbytes = itemsize * (math.prod(shape) + math.prod(out) + math.prod(kernel))
     if step.kind == TAP_MATMUL:
       # One matmul to ~k * F columns (the shift-add is in cache).
       columns = math.prod(kernel[:-2]) * kernel[-1]
@@ -310,10 +364,13 @@ def seconds(chain: Plan, in_shape: Sequence[int],
       efficiency = min(1.0, (kernel[-1] / 16) ** 2)
       if step.kind == CONV:
         taps = math.prod(kernel[:-2])
-        efficiency = min(efficiency,
-                         min(1.0, taps / 9) ** machine.taps_exponent)
+        efficiency = min(
+          efficiency, min(1.0, taps / 9) ** machine.taps_exponent
+        )
       rate = machine.matmul_flops * efficiency
-    total += (max(step_flops(step, shape, geometry) / rate,
-                  nbytes / machine.bandwidth) + machine.overhead)
+    total += (
+      max(step_flops(step, shape, geometry) / rate, nbytes / machine.bandwidth)
+      + machine.overhead
+    )
     shape = out
   return total

@@ -17,11 +17,11 @@ import numpy as np
 from jaxfactor import _formats as formats
 
 FORMAT_NAMES: dict[str, type[formats.Format]] = {
-    "depthwise_separable": formats.DepthwiseSeparable,
-    "spatially_separable": formats.SpatiallySeparable,
-    "low_rank": formats.LowRank,
-    "tucker": formats.Tucker,
-    "cp": formats.CP,
+  "depthwise_separable": formats.DepthwiseSeparable,
+  "spatially_separable": formats.SpatiallySeparable,
+  "low_rank": formats.LowRank,
+  "tucker": formats.Tucker,
+  "cp": formats.CP,
 }
 
 Rank = int | tuple[int, ...]
@@ -46,12 +46,12 @@ class Budget:
   def __post_init__(self):
     given = [v for v in (self.flops, self.params) if v is not None]
     if len(given) != 1 or not all(
-        isinstance(v, (int, float)) and not isinstance(v, bool) and 0 < v <= 1
-        for v in given
+      isinstance(v, (int, float)) and not isinstance(v, bool) and 0 < v <= 1
+      for v in given
     ):
       raise ValueError(
-          "Budget: give exactly one of `flops` and `params`, a fraction in"
-          f" (0, 1], got flops={self.flops!r}, params={self.params!r}."
+        "Budget: give exactly one of `flops` and `params`, a fraction in"
+        f" (0, 1], got flops={self.flops!r}, params={self.params!r}."
       )
 
 
@@ -59,26 +59,29 @@ def format_class(fn: str, format: Any) -> type[formats.Format]:
   """A format class from a class or its snake_case name."""
   if isinstance(format, str) and format in FORMAT_NAMES:
     return FORMAT_NAMES[format]
-  if isinstance(format, type) and issubclass(format, formats.Format) and (
-      format in FORMAT_NAMES.values()):
+  if (
+    isinstance(format, type)
+    and issubclass(format, formats.Format)
+    and (format in FORMAT_NAMES.values())
+  ):
     return format
   raise ValueError(
-      f"{fn}: `format` must be one of {tuple(FORMAT_NAMES)} or the matching"
-      f" class, got {format!r}."
+    f"{fn}: `format` must be one of {tuple(FORMAT_NAMES)} or the matching"
+    f" class, got {format!r}."
   )
 
 
 def check_kernel_shape(fn: str, kernel_shape: Sequence[int], cls) -> None:
   if len(kernel_shape) < 3 or any(d < 1 for d in kernel_shape):
     raise ValueError(
-        f"{fn}: the kernel must have shape [*window, C, F] with at least one"
-        f" spatial axis and no empty axis, got shape {tuple(kernel_shape)}."
+      f"{fn}: the kernel must have shape [*window, C, F] with at least one"
+      f" spatial axis and no empty axis, got shape {tuple(kernel_shape)}."
     )
   if cls is formats.SpatiallySeparable and len(kernel_shape) < 4:
     raise ValueError(
-        f"{fn}: SpatiallySeparable needs at least 2 spatial axes to separate;"
-        f" a 1-D kernel (shape {tuple(kernel_shape)}) is already one 1-D"
-        " convolution."
+      f"{fn}: SpatiallySeparable needs at least 2 spatial axes to separate;"
+      f" a 1-D kernel (shape {tuple(kernel_shape)}) is already one 1-D"
+      " convolution."
     )
 
 
@@ -120,8 +123,8 @@ def max_rank(kernel_shape: Sequence[int], format: Any) -> Rank:
   if cls is formats.CP:
     return k * min(c, f)
   return tuple(
-      min(c * math.prod(window[: i + 1]), math.prod(window[i + 1 :]) * f)
-      for i in range(len(window) - 1)
+    min(c * math.prod(window[: i + 1]), math.prod(window[i + 1 :]) * f)
+    for i in range(len(window) - 1)
   )
 
 
@@ -160,23 +163,23 @@ def canonicalize_rank(fn: str, kernel_shape, cls, rank: Any) -> Rank:
     if isinstance(rank, (int, np.integer)) and not isinstance(rank, bool):
       rank = (int(rank),) * len(limit)
     if not (
-        isinstance(rank, (tuple, list))
-        and len(rank) == len(limit)
-        and all(
-            isinstance(r, (int, np.integer)) and not isinstance(r, bool)
-            for r in rank
-        )
+      isinstance(rank, (tuple, list))
+      and len(rank) == len(limit)
+      and all(
+        isinstance(r, (int, np.integer)) and not isinstance(r, bool)
+        for r in rank
+      )
     ):
       raise TypeError(
-          f"{fn}: `rank` for {cls.__name__} must be an int or a tuple of"
-          f" {len(limit)} ints, got {rank!r}."
+        f"{fn}: `rank` for {cls.__name__} must be an int or a tuple of"
+        f" {len(limit)} ints, got {rank!r}."
       )
     rank = tuple(int(r) for r in rank)
     if any(r < 1 for r in rank) or any(r > m for r, m in zip(rank, limit)):
       raise ValueError(
-          f"{fn}: `rank` {rank} is out of range for {cls.__name__} and kernel"
-          f" shape {tuple(kernel_shape)}: each must be >= 1 and at most"
-          f" max_rank = {limit}."
+        f"{fn}: `rank` {rank} is out of range for {cls.__name__} and kernel"
+        f" shape {tuple(kernel_shape)}: each must be >= 1 and at most"
+        f" max_rank = {limit}."
       )
     if cls is formats.SpatiallySeparable:
       # Factor i maps R_{i-1} channels through k_i taps: R_i <= R_{i-1} k_i.
@@ -185,22 +188,22 @@ def canonicalize_rank(fn: str, kernel_shape, cls, rank: Any) -> Rank:
       for i in range(1, len(rank)):
         if rank[i] > chain[i] * window[i]:
           raise ValueError(
-              f"{fn}: `rank` {rank} does not chain for SpatiallySeparable and"
-              f" kernel shape {tuple(kernel_shape)}: rank[{i}] = {rank[i]}"
-              f" exceeds rank[{i - 1}] * window[{i}] ="
-              f" {chain[i] * window[i]}."
+            f"{fn}: `rank` {rank} does not chain for SpatiallySeparable and"
+            f" kernel shape {tuple(kernel_shape)}: rank[{i}] = {rank[i]}"
+            f" exceeds rank[{i - 1}] * window[{i}] ="
+            f" {chain[i] * window[i]}."
           )
     return rank
   if isinstance(rank, bool) or not isinstance(rank, (int, np.integer)):
     raise TypeError(
-        f"{fn}: `rank` for {cls.__name__} must be an int, got {rank!r}."
+      f"{fn}: `rank` for {cls.__name__} must be an int, got {rank!r}."
     )
   rank = int(rank)
   if not 1 <= rank <= limit:
     raise ValueError(
-        f"{fn}: `rank` {rank} is out of range for {cls.__name__} and kernel"
-        f" shape {tuple(kernel_shape)}: it must be >= 1 and at most"
-        f" max_rank = {limit}."
+      f"{fn}: `rank` {rank} is out of range for {cls.__name__} and kernel"
+      f" shape {tuple(kernel_shape)}: it must be >= 1 and at most"
+      f" max_rank = {limit}."
     )
   return rank
 
@@ -223,16 +226,16 @@ def check_rank_type(fn: str, rank: Any, *, allow_vbmf: bool = False) -> None:
   """Rejects a float `rank` (a rank is never a fraction) and other types."""
   if isinstance(rank, (float, np.floating)):
     raise TypeError(
-        f"{fn}: `rank`={rank!r} is a float, but a rank is an int (a tuple"
-        " for Tucker and SpatiallySeparable). For a fraction of the dense"
-        " kernel's parameters write"
-        f" `rank=jaxfactor.Budget(params={rank!r})`."
+      f"{fn}: `rank`={rank!r} is a float, but a rank is an int (a tuple"
+      " for Tucker and SpatiallySeparable). For a fraction of the dense"
+      " kernel's parameters write"
+      f" `rank=jaxfactor.Budget(params={rank!r})`."
     )
   if isinstance(rank, str) and not (allow_vbmf and rank == "vbmf"):
     vbmf = " or 'vbmf'" if allow_vbmf else ""
     raise ValueError(
-        f"{fn}: `rank` must be an int, a tuple of ints or a"
-        f" jaxfactor.Budget(params=...){vbmf}, got {rank!r}."
+      f"{fn}: `rank` must be an int, a tuple of ints or a"
+      f" jaxfactor.Budget(params=...){vbmf}, got {rank!r}."
     )
 
 
@@ -243,9 +246,9 @@ def resolve_rank(fn: str, cls, kernel_shape, rank: Any) -> Rank:
   if isinstance(rank, Budget):
     if rank.params is None:
       raise ValueError(
-          f"{fn}: a `rank` given as a Budget must be Budget(params=...): a"
-          " FLOP fraction depends on the input, so use factorize(...,"
-          f" budget={rank!r}, inputs=...) for it."
+        f"{fn}: a `rank` given as a Budget must be Budget(params=...): a"
+        " FLOP fraction depends on the input, so use factorize(...,"
+        f" budget={rank!r}, inputs=...) for it."
       )
     return rank_for_fraction(fn, kernel_shape, cls, rank.params)
   return canonicalize_rank(fn, kernel_shape, cls, rank)
@@ -255,16 +258,17 @@ def rank_for_fraction(fn: str, kernel_shape, cls, fraction: float) -> Rank:
   """The largest rank whose parameters are at most `fraction` of dense."""
   budget = fraction * math.prod(kernel_shape)
   fitting = [
-      r for r in candidates(kernel_shape, cls)
-      if num_params(kernel_shape, cls, r) <= budget
+    r
+    for r in candidates(kernel_shape, cls)
+    if num_params(kernel_shape, cls, r) <= budget
   ]
   if not fitting:
     smallest = candidates(kernel_shape, cls)[0]
     raise ValueError(
-        f"{fn}: Budget(params={fraction}) leaves no rank: the smallest"
-        f" {cls.__name__} (rank {smallest}) has"
-        f" {num_params(kernel_shape, cls, smallest)} parameters, more than"
-        f" {fraction} of the dense kernel's {math.prod(kernel_shape)}."
+      f"{fn}: Budget(params={fraction}) leaves no rank: the smallest"
+      f" {cls.__name__} (rank {smallest}) has"
+      f" {num_params(kernel_shape, cls, smallest)} parameters, more than"
+      f" {fraction} of the dense kernel's {math.prod(kernel_shape)}."
     )
   return fitting[-1]
 
@@ -290,7 +294,7 @@ def rank_for_energy(curve: np.ndarray, energy: float) -> int:
   return int(np.searchsorted(curve, energy * (1 - 1e-12)) + 1)
 
 
-# --- Empirical variational Bayesian matrix factorization ------------------------
+# --- Empirical variational Bayesian matrix factorization --------------------
 
 
 def _tau(x: np.ndarray, alpha: float) -> np.ndarray:
@@ -304,12 +308,12 @@ def _evb_free_energy(sigma2, l, m, s, residual, x_bar):
   z1, z2 = x[x > x_bar], x[x <= x_bar]
   tau_z1 = _tau(z1, alpha)
   return (
-      np.sum(z2 - np.log(z2))
-      + np.sum(z1 - tau_z1)
-      + np.sum(np.log((tau_z1 + 1) / z1))
-      + alpha * np.sum(np.log(tau_z1 / alpha + 1))
-      + residual / (m * sigma2)
-      + (l - h) * np.log(sigma2)
+    np.sum(z2 - np.log(z2))
+    + np.sum(z1 - tau_z1)
+    + np.sum(np.log((tau_z1 + 1) / z1))
+    + alpha * np.sum(np.log(tau_z1 / alpha + 1))
+    + residual / (m * sigma2)
+    + (l - h) * np.log(sigma2)
   )
 
 
@@ -356,15 +360,15 @@ def vbmf_rank(matrix: np.ndarray) -> int:
   bound_index = min(math.ceil(l / (1 + alpha)) - 1, l) - 1
   tail = s[bound_index + 1 :]
   lower = max(
-      s[bound_index + 1] ** 2 / (m * x_bar) if bound_index + 1 < l else 0.0,
-      np.mean(tail**2) / m if tail.size else 0.0,
+    s[bound_index + 1] ** 2 / (m * x_bar) if bound_index + 1 < l else 0.0,
+    np.mean(tail**2) / m if tail.size else 0.0,
   )
   lower = max(lower, upper * 1e-12)
   if lower >= upper:
     sigma2 = upper
   else:
     sigma2 = _minimize_bounded(
-        lambda v: _evb_free_energy(v, l, m, s, residual, x_bar), lower, upper
+      lambda v: _evb_free_energy(v, l, m, s, residual, x_bar), lower, upper
     )
   threshold = math.sqrt(m * sigma2 * (1 + tau_bar) * (1 + alpha / tau_bar))
   return max(1, int(np.sum(s > threshold)))

@@ -1,4 +1,5 @@
-"""Depthwise convolution as a shift-add: a sum over taps of slices times weights.
+"""Depthwise convolution as a shift-add: a sum over taps of slices times
+weights.
 
 The pure-JAX depthwise lowering (any platform, any dtype, any number of
 spatial axes): tap `t` of a `[*window, C]` filter contributes
@@ -25,6 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+
 class Taps(NamedTuple):
   """The static plan of a shift-add depthwise stage over unpadded input.
 
@@ -43,13 +45,16 @@ class Taps(NamedTuple):
 
   @classmethod
   def make(cls, sizes, window, strides, dilation, pads):
-    out = tuple((n + lo + hi - (k - 1) * d - 1) // s + 1 for n, k, d, s, (lo, hi)
-                in zip(sizes, window, dilation, strides, pads))
+    out = tuple(
+      (n + lo + hi - (k - 1) * d - 1) // s + 1
+      for n, k, d, s, (lo, hi) in zip(sizes, window, dilation, strides, pads)
+    )
     taps = []
     for tap in np.ndindex(*window):
       ranges = []
-      for t, n, o, d, s, (lo, _) in zip(tap, sizes, out, dilation, strides,
-                                         pads):
+      for t, n, o, d, s, (lo, _) in zip(
+        tap, sizes, out, dilation, strides, pads
+      ):
         offset = t * d - lo  # output i reads input i * s + offset
         out_lo = -(offset // s) if offset < 0 else 0  # ceil(-offset / s)
         out_hi = min(o, (n - 1 - offset) // s + 1)
@@ -58,29 +63,47 @@ class Taps(NamedTuple):
         ranges.append((out_lo, out_hi, out_lo * s + offset))
       else:
         taps.append((tap, tuple(ranges)))
-    return cls(out, tuple(strides), tuple(dilation),
-               tuple(tuple(p) for p in pads), tuple(window), tuple(taps))
+    return cls(
+      out,
+      tuple(strides),
+      tuple(dilation),
+      tuple(tuple(p) for p in pads),
+      tuple(window),
+      tuple(taps),
+    )
 
   def input_slice(self, x, ranges):
     """The input positions one tap reads, `[B, *(out_hi - out_lo), C]`."""
     start = [0, *(st for _, _, st in ranges), 0]
-    limit = [x.shape[0],
-             *(st + (hi - lo - 1) * s + 1
-               for (lo, hi, st), s in zip(ranges, self.strides)),
-             x.shape[-1]]
+    limit = [
+      x.shape[0],
+      *(
+        st + (hi - lo - 1) * s + 1
+        for (lo, hi, st), s in zip(ranges, self.strides)
+      ),
+      x.shape[-1],
+    ]
     return lax.slice(x, start, limit, [1, *self.strides, 1])
 
   def output_slice(self, y, ranges):
     """The outputs one tap reaches."""
-    return lax.slice(y, [0, *(lo for lo, _, _ in ranges), 0],
-                     [y.shape[0], *(hi for _, hi, _ in ranges), y.shape[-1]])
+    return lax.slice(
+      y,
+      [0, *(lo for lo, _, _ in ranges), 0],
+      [y.shape[0], *(hi for _, hi, _ in ranges), y.shape[-1]],
+    )
 
   def pad_to_output(self, term, ranges):
     zero = jnp.zeros((), term.dtype)
-    return lax.pad(term, zero, [(0, 0, 0),
-                                *((lo, o - hi, 0) for (lo, hi, _), o
-                                  in zip(ranges, self.out)),
-                                (0, 0, 0)])
+    return lax.pad(
+      term,
+      zero,
+      [
+        (0, 0, 0),
+        *((lo, o - hi, 0) for (lo, hi, _), o in zip(ranges, self.out)),
+        (0, 0, 0),
+      ],
+    )
 
   def sum_to_output(self, term):
     """`sum over taps t of term(t, ranges)`, each padded to the output.
@@ -129,8 +152,13 @@ def materialized(fn, weights, *args):
   """
   out = jax.eval_shape(fn, weights, *args)
   w = weights.ravel()[0]
-  return lax.cond((w == w) | (w != w), fn,
-                  lambda *_: jnp.zeros(out.shape, out.dtype), weights, *args)
+  return lax.cond(
+    (w == w) | (w != w),
+    fn,
+    lambda *_: jnp.zeros(out.shape, out.dtype),
+    weights,
+    *args,
+  )
 
 
 def _forward(plan: Taps, x, weights):
@@ -138,10 +166,15 @@ def _forward(plan: Taps, x, weights):
   if not plan.taps:  # every tap reads only padding
     return jnp.zeros((x.shape[0], *plan.out, x.shape[-1]), x.dtype)
   return materialized(
-      lambda weights, x: plan.sum_to_output(
-          lambda t, ranges: plan.input_slice(x, ranges)
-          * per_channel(weights[plan.taps[t][0]], x.ndim)),
-      weights, x)
+    lambda weights, x: plan.sum_to_output(
+      lambda t, ranges: (
+        plan.input_slice(x, ranges)
+        * per_channel(weights[plan.taps[t][0]], x.ndim)
+      )
+    ),
+    weights,
+    x,
+  )
 
 
 # Bytes of input each step of the weight-gradient loop reduces: small enough
@@ -150,8 +183,9 @@ def _forward(plan: Taps, x, weights):
 CHUNK_BYTES = 1 << 20
 
 
-def chunk_size(batch, per_item: int, devices: int,
-                target_bytes: int | None = None) -> int:
+def chunk_size(
+  batch, per_item: int, devices: int, target_bytes: int | None = None
+) -> int:
   """Images per step of a batch loop: ~`target_bytes` per device.
 
   `target_bytes` defaults to `CHUNK_BYTES`, the weight gradient's.
@@ -187,9 +221,10 @@ def _weight_grad(plan: Taps, x, g):
 
   # Tap `t` reads the padded chunk from `offsets[t]` on (stride 1), then
   # every `stride`-th position.
-  offsets = np.array([[t * d for t, d in zip(tap, plan.dilation)]
-                      for tap, _ in plan.taps], np.int32).reshape(
-                          len(plan.taps), len(plan.window))
+  offsets = np.array(
+    [[t * d for t, d in zip(tap, plan.dilation)] for tap, _ in plan.taps],
+    np.int32,
+  ).reshape(len(plan.taps), len(plan.window))
 
   def partial_sums(xc, gc):
     # Padded, every tap's slice has the output's shape. The taps are a loop
@@ -198,17 +233,21 @@ def _weight_grad(plan: Taps, x, g):
     # kernel count: a 3x3 layer's weight gradient compiled 4x faster, its
     # run time unchanged). Each step reads a slice of the chunk, in cache.
     xc = lax.pad(
-        xc, jnp.zeros((), xc.dtype),
-        [(0, 0, 0), *((lo, hi, 0) for lo, hi in plan.pads), (0, 0, 0)])
-    size = [xc.shape[0],
-            *((o - 1) * s + 1 for o, s in zip(plan.out, plan.strides)),
-            channels]
+      xc,
+      jnp.zeros((), xc.dtype),
+      [(0, 0, 0), *((lo, hi, 0) for lo, hi in plan.pads), (0, 0, 0)],
+    )
+    size = [
+      xc.shape[0],
+      *((o - 1) * s + 1 for o, s in zip(plan.out, plan.strides)),
+      channels,
+    ]
 
     def tap_sum(offset):
       zero = jnp.zeros((), offset.dtype)
       piece = lax.dynamic_slice(
-          xc, [zero, *(offset[i] for i in range(len(plan.window))), zero],
-          size)
+        xc, [zero, *(offset[i] for i in range(len(plan.window))), zero], size
+      )
       piece = lax.slice(piece, [0] * xc.ndim, size, [1, *plan.strides, 1])
       return jnp.sum(piece * gc, axis=tuple(range(xc.ndim - 1)), dtype=acc)
 
@@ -235,23 +274,28 @@ def _weight_grad(plan: Taps, x, g):
       xc = xs.reshape(chunk, steps, *x.shape[1:])
       gc = gs.reshape(chunk, steps, *g.shape[1:])
       return total + partial_sums(
-          lax.dynamic_index_in_dim(xc, j, axis=1, keepdims=False),
-          lax.dynamic_index_in_dim(gc, j, axis=1, keepdims=False))
+        lax.dynamic_index_in_dim(xc, j, axis=1, keepdims=False),
+        lax.dynamic_index_in_dim(gc, j, axis=1, keepdims=False),
+      )
 
-    sums = lax.fori_loop(0, steps, step,
-                         jnp.zeros((len(plan.taps), channels), acc))
+    sums = lax.fori_loop(
+      0, steps, step, jnp.zeros((len(plan.taps), channels), acc)
+    )
     if main < batch:
       sums = sums + partial_sums(x[main:], g[main:])
   sums = sums.astype(x.dtype)
   if len(plan.taps) == math.prod(plan.window):  # every tap reads input
     return sums.reshape(*plan.window, channels)
-  index = tuple(np.array([tap[i] for tap, _ in plan.taps], np.int32)
-                for i in range(len(plan.window)))
+  index = tuple(
+    np.array([tap[i] for tap, _ in plan.taps], np.int32)
+    for i in range(len(plan.window))
+  )
   return jnp.zeros((*plan.window, channels), x.dtype).at[index].set(sums)
 
 
-def plan(spatial: Sequence[int], window: Sequence[int], strides, dilation,
-         pads) -> Taps:
+def plan(
+  spatial: Sequence[int], window: Sequence[int], strides, dilation, pads
+) -> Taps:
   """The taps of a depthwise conv on `spatial` input sizes (zero padding)."""
   return Taps.make(spatial, window, strides, dilation, pads)
 
@@ -272,8 +316,10 @@ def input_grad(g, weights, in_shape, strides, dilation, pads):
     dx = None
     for tap, ranges in taps.taps:
       term = taps.pad_to_input(
-          taps.output_slice(g, ranges) * per_channel(weights[tap], g.ndim),
-          ranges, in_shape[1:-1])
+        taps.output_slice(g, ranges) * per_channel(weights[tap], g.ndim),
+        ranges,
+        in_shape[1:-1],
+      )
       dx = term if dx is None else dx + term
     return dx
 

@@ -56,20 +56,20 @@ def dimension_numbers(num_spatial: int) -> lax.ConvDimensionNumbers:
   n = num_spatial
   channels_last = (0, n + 1, *range(1, n + 1))
   return lax.ConvDimensionNumbers(
-      lhs_spec=channels_last,
-      rhs_spec=(n + 1, n, *range(n)),
-      out_spec=channels_last,
+    lhs_spec=channels_last,
+    rhs_spec=(n + 1, n, *range(n)),
+    out_spec=channels_last,
   )
 
 
 def prepare(
-    fn: str,
-    x: Any,
-    window: Sequence[int],
-    *,
-    strides: Any,
-    padding: Any,
-    dilation: Any,
+  fn: str,
+  x: Any,
+  window: Sequence[int],
+  *,
+  strides: Any,
+  padding: Any,
+  dilation: Any,
 ) -> tuple[jax.Array, tuple[int, ...], _geometry.Geometry]:
   """Flattens `x`'s batch dims to one and resolves the geometry.
 
@@ -80,12 +80,12 @@ def prepare(
   x = jnp.asarray(x)
   batch_shape = tuple(x.shape[: x.ndim - n - 1])
   geometry = _geometry.resolve(
-      fn,
-      x.shape[x.ndim - n - 1 : -1],
-      window,
-      strides=strides,
-      padding=padding,
-      dilation=dilation,
+    fn,
+    x.shape[x.ndim - n - 1 : -1],
+    window,
+    strides=strides,
+    padding=padding,
+    dilation=dilation,
   )
   x = x.reshape((math.prod(batch_shape), *x.shape[x.ndim - n - 1 :]))
   return x, batch_shape, geometry
@@ -97,15 +97,21 @@ def restore_batch(y: jax.Array, batch_shape: tuple[int, ...]) -> jax.Array:
 
 def is_depthwise(stage: Stage) -> bool:
   """A grouped stage with one input channel per group (any multiplier)."""
-  return (isinstance(stage, SpatialConv) and stage.groups > 1
-          and stage.kernel.shape[-2] == 1)
+  return (
+    isinstance(stage, SpatialConv)
+    and stage.groups > 1
+    and stage.kernel.shape[-2] == 1
+  )
 
 
 def is_strided_pointwise(stage: Stage, geometry: _geometry.Geometry) -> bool:
   """A dense 1x1 conv without padding: a strided slice and a contraction."""
-  return (isinstance(stage, SpatialConv) and stage.groups == 1
-          and all(k == 1 for k in stage.kernel.shape[:-2])
-          and all(geometry.padding[a] == (0, 0) for a in stage.axes))
+  return (
+    isinstance(stage, SpatialConv)
+    and stage.groups == 1
+    and all(k == 1 for k in stage.kernel.shape[:-2])
+    and all(geometry.padding[a] == (0, 0) for a in stage.axes)
+  )
 
 
 def strided_pointwise(x, kernel, axes, geometry, precision, preferred):
@@ -116,20 +122,27 @@ def strided_pointwise(x, kernel, axes, geometry, precision, preferred):
   if any(s > 1 for s in strides):
     x = lax.slice(x, [0] * x.ndim, x.shape, strides)
   return lax.dot_general(
-      x, kernel.reshape(kernel.shape[-2:]), (((x.ndim - 1,), (0,)), ((), ())),
-      precision=precision, preferred_element_type=preferred)
+    x,
+    kernel.reshape(kernel.shape[-2:]),
+    (((x.ndim - 1,), (0,)), ((), ())),
+    precision=precision,
+    preferred_element_type=preferred,
+  )
 
 
 def _merges_with(stage: Stage, previous: Stage) -> bool:
   """Two depthwise stages (multiplier 1) over disjoint axes, same channels."""
-  return (is_depthwise(previous) and is_depthwise(stage)
-          and previous.kernel.shape[-1] == previous.groups
-          and stage.kernel.shape[-1] == stage.groups == previous.groups
-          and not set(stage.axes) & set(previous.axes))
+  return (
+    is_depthwise(previous)
+    and is_depthwise(stage)
+    and previous.kernel.shape[-1] == previous.groups
+    and stage.kernel.shape[-1] == stage.groups == previous.groups
+    and not set(stage.axes) & set(previous.axes)
+  )
 
 
 def merge_depthwise_stages(
-    stages: Sequence[Stage],
+  stages: Sequence[Stage],
 ) -> tuple[list[Stage], int]:
   """Consecutive depthwise stages over disjoint axes as one depthwise stage.
 
@@ -156,7 +169,7 @@ def merge_depthwise_stages(
       previous = merged.pop()
       axes = tuple(sorted(previous.axes + stage.axes))
 
-      def lifted(kernel, own_axes):
+      def lifted(kernel, own_axes, axes=axes):
         # [*window over own_axes, 1, R] -> [*window over `axes`, 1, R].
         shape = [1] * len(axes) + list(kernel.shape[-2:])
         for axis, k in zip(own_axes, kernel.shape[:-2]):
@@ -166,9 +179,11 @@ def merge_depthwise_stages(
       a, b = previous.kernel, stage.kernel
       shape_a, shape_b = lifted(a, previous.axes), lifted(b, stage.axes)
       if isinstance(a, jax.ShapeDtypeStruct) or isinstance(
-          b, jax.ShapeDtypeStruct):  # abstract leaves, for `cost`
+        b, jax.ShapeDtypeStruct
+      ):  # abstract leaves, for `cost`
         kernel = jax.ShapeDtypeStruct(
-            jnp.broadcast_shapes(tuple(shape_a), tuple(shape_b)), a.dtype)
+          jnp.broadcast_shapes(tuple(shape_a), tuple(shape_b)), a.dtype
+        )
       else:
         kernel = a.reshape(shape_a) * b.reshape(shape_b)
       flops += math.prod(kernel.shape)
@@ -195,20 +210,21 @@ def stage_geometry(kernel_window, axes, geometry, n):
 def spatial_conv(x, kernel, axes, groups, geometry, precision, preferred):
   """A stage as `lax.conv_general_dilated` (XLA's own convolution)."""
   window, strides, dilation, pads = stage_geometry(
-      kernel.shape[:-2], axes, geometry, x.ndim - 2)
+    kernel.shape[:-2], axes, geometry, x.ndim - 2
+  )
   x, pads = pad_fill(x, pads, geometry)
   if groups == 1:  # XLA does not swap a grouped convolution's operands.
     x, pads = pad_swap_prone_axes(x, window, strides, dilation, pads)
   return lax.conv_general_dilated(
-      x,
-      kernel.reshape((*window, *kernel.shape[-2:])),
-      window_strides=strides,
-      padding=pads,
-      rhs_dilation=dilation,
-      dimension_numbers=dimension_numbers(x.ndim - 2),
-      feature_group_count=groups,
-      precision=precision,
-      preferred_element_type=preferred,
+    x,
+    kernel.reshape((*window, *kernel.shape[-2:])),
+    window_strides=strides,
+    padding=pads,
+    rhs_dilation=dilation,
+    dimension_numbers=dimension_numbers(x.ndim - 2),
+    feature_group_count=groups,
+    precision=precision,
+    preferred_element_type=preferred,
   )
 
 
@@ -235,10 +251,13 @@ def pad_swap_prone_axes(x, window, strides, dilation, pads):
   sizes = x.shape[1:-1]
   static = [isinstance(size, int) for size in sizes]  # else jax.export's
   group = [
-      a for a, (k, s, d, (lo, hi)) in enumerate(
-          zip(window, strides, dilation, pads))
-      if (k, s, d, lo) == (2, 2, 1, 1) and hi in (1, 2)
-      and (not static[a] or sizes[a] % 2 == 0)
+    a
+    for a, (k, s, d, (lo, hi)) in enumerate(
+      zip(window, strides, dilation, pads)
+    )
+    if (k, s, d, lo) == (2, 2, 1, 1)
+    and hi in (1, 2)
+    and (not static[a] or sizes[a] % 2 == 0)
   ]
   prone = [a for a in group if not static[a] or sizes[a] > 2]
   others = [a for a in range(len(sizes)) if a not in group]
@@ -247,8 +266,11 @@ def pad_swap_prone_axes(x, window, strides, dilation, pads):
     # the output positions only can swap more often, never less.
     taps = math.prod(window[a] for a in others)
     positions = math.prod(
-        _geometry.output_size(sizes[a], window[a], strides[a], dilation[a],
-                              pads[a]) for a in others)
+      _geometry.output_size(
+        sizes[a], window[a], strides[a], dilation[a], pads[a]
+      )
+      for a in others
+    )
     if taps <= positions:
       prone = []
   if not prone:
@@ -273,8 +295,10 @@ def pad_fill(x, axes_pads, geometry):
     if all(isinstance(v, int) for pair in axes_pads for v in pair):
       return x, axes_pads
     config = [(0, 0, 0), *((lo, hi, 0) for lo, hi in axes_pads), (0, 0, 0)]
-    return (lax.pad(x, jnp.zeros((), x.dtype), config),
-            [(0, 0)] * len(axes_pads))
+    return (
+      lax.pad(x, jnp.zeros((), x.dtype), config),
+      [(0, 0)] * len(axes_pads),
+    )
   if all(isinstance(d, int) for d in x.shape[1:-1]):
     x = jnp.pad(x, [(0, 0), *axes_pads, (0, 0)], mode=geometry.fill)
   else:

@@ -91,25 +91,32 @@ class FactorizationReport:
   @property
   def ranks(self) -> dict[str, Any]:
     """`{"/".join(path): rank}` of the factorized layers (JSON-ready)."""
-    return {"/".join(map(str, layer.path)): layer.rank
-            for layer in self.factorized}
+    return {
+      "/".join(map(str, layer.path)): layer.rank for layer in self.factorized
+    }
 
   def __str__(self) -> str:
-    rows = [f"{'layer':<24} {'kernel':<18} {'rank':<10} {'params':>17}"
-            f" {'MFLOPs':>17} {'rel.err':>8}"]
+    rows = [
+      f"{'layer':<24} {'kernel':<18} {'rank':<10} {'params':>17}"
+      f" {'MFLOPs':>17} {'rel.err':>8}"
+    ]
     for layer in self.layers:
       name = "/".join(map(str, layer.path))
       shape = str(layer.kernel_shape)
       if layer.skipped:
         rows.append(f"{name:<24} {shape:<18} skipped: {layer.skipped}")
         continue
-      flops = ("-" if layer.flops_before is None else
-               f"{layer.flops_before / 1e6:.2f}->"
-               f"{layer.flops_after / 1e6:.2f}")  # type: ignore[operator]
+      before, after = layer.flops_before, layer.flops_after
+      flops = (
+        "-"
+        if before is None or after is None
+        else f"{before / 1e6:.2f}->{after / 1e6:.2f}"
+      )
       params = f"{layer.params_before}->{layer.params_after}"
       rows.append(
-          f"{name:<24} {shape:<18} {str(layer.rank):<10} {params:>17}"
-          f" {flops:>17} {layer.relative_error:>8.4f}")
+        f"{name:<24} {shape:<18} {str(layer.rank):<10} {params:>17}"
+        f" {flops:>17} {layer.relative_error:>8.4f}"
+      )
     return "\n".join(rows)
 
 
@@ -145,35 +152,49 @@ class Site:
     if shape is None:
       return None
     return _cost.cost(
-        kernel, shape, strides=self.strides or 1,
-        padding=self.padding, dilation=self.kernel_dilation or 1,
-        implementation=implementation).flops
+      kernel,
+      shape,
+      strides=self.strides or 1,
+      padding=self.padding,
+      dilation=self.kernel_dilation or 1,
+      implementation=implementation,
+    ).flops
 
 
-def check_choice(fn: str, rank: Any, energy: Any, budget: Any,
-                 inputs: Any, data_aware: bool) -> None:
+def check_choice(
+  fn: str, rank: Any, energy: Any, budget: Any, inputs: Any, data_aware: bool
+) -> None:
   """Exactly one of `rank`, `energy`, `budget`, each well-formed."""
-  given = [name for name, v in (("rank", rank), ("energy", energy),
-                                ("budget", budget)) if v is not None]
+  given = [
+    name
+    for name, v in (("rank", rank), ("energy", energy), ("budget", budget))
+    if v is not None
+  ]
   if len(given) != 1:
     raise ValueError(
-        f"{fn}: give exactly one of `rank`, `energy` and `budget`, got"
-        f" {', '.join(given) if given else 'none'}."
+      f"{fn}: give exactly one of `rank`, `energy` and `budget`, got"
+      f" {', '.join(given) if given else 'none'}."
     )
   if budget is not None:
     if not isinstance(budget, _ranks.Budget):
-      raise TypeError(f"{fn}: `budget` must be a jaxfactor.Budget, got"
-                      f" {type(budget).__name__}.")
+      raise TypeError(
+        f"{fn}: `budget` must be a jaxfactor.Budget, got"
+        f" {type(budget).__name__}."
+      )
     if budget.flops is not None and inputs is None:
-      raise ValueError(f"{fn}: a FLOP budget needs `inputs` to know each"
-                       " layer's input shape.")
+      raise ValueError(
+        f"{fn}: a FLOP budget needs `inputs` to know each layer's input shape."
+      )
   if rank is not None:
     _ranks.check_rank_type(fn, rank, allow_vbmf=True)
   if energy is not None and (
-      isinstance(energy, bool) or not isinstance(energy, (int, float))
-      or not 0 < energy <= 1):
+    isinstance(energy, bool)
+    or not isinstance(energy, (int, float))
+    or not 0 < energy <= 1
+  ):
     raise ValueError(
-        f"{fn}: `energy` must be a number in (0, 1], got {energy!r}.")
+      f"{fn}: `energy` must be a number in (0, 1], got {energy!r}."
+    )
   if data_aware and inputs is None:
     raise ValueError(f"{fn}: `data_aware=True` needs `inputs`.")
 
@@ -212,16 +233,17 @@ def allocate_budget(fn: str, layers, fraction: float) -> list[int | None]:
   """
   options = []
   for costs, errors, dense in layers:
-    kept = [(c, e, i) for i, (c, e) in enumerate(zip(costs, errors))
-            if c < dense]
+    kept = [
+      (c, e, i) for i, (c, e) in enumerate(zip(costs, errors)) if c < dense
+    ]
     options.append(kept + [(dense, 0.0, None)])
   budget = fraction * sum(dense for *_, dense in layers)
   choice = [0] * len(layers)
   total = sum(opts[0][0] for opts in options)
   if total > budget:
     raise ValueError(
-        f"{fn}: the budget ({fraction} of the dense total, {budget:.0f})"
-        f" is below the cheapest factorization's total ({total})."
+      f"{fn}: the budget ({fraction} of the dense total, {budget:.0f})"
+      f" is below the cheapest factorization's total ({total})."
     )
   while True:
     best, best_gain = None, 0.0
@@ -242,18 +264,18 @@ def allocate_budget(fn: str, layers, fraction: float) -> list[int | None]:
 
 
 def factorize_sites(
-    fn: str,
-    sites: Sequence[Site],
-    cls: type[formats.Format],
-    *,
-    rank: Any = None,
-    energy: float | None = None,
-    budget: _ranks.Budget | None = None,
-    data_aware: bool = False,
-    implementation: str = "factorized",
-    allow_larger: bool = False,
-    progress: bool = False,
-    **decompose_kwargs: Any,
+  fn: str,
+  sites: Sequence[Site],
+  cls: type[formats.Format],
+  *,
+  rank: Any = None,
+  energy: float | None = None,
+  budget: _ranks.Budget | None = None,
+  data_aware: bool = False,
+  implementation: str = "factorized",
+  allow_larger: bool = False,
+  progress: bool = False,
+  **decompose_kwargs: Any,
 ) -> tuple[dict[tuple[Any, ...], formats.Format], list[LayerReport]]:
   """Decomposes each site's kernel at its chosen rank.
 
@@ -269,15 +291,22 @@ def factorize_sites(
   chosen: dict[tuple[Any, ...], Any] = {}
   if budget is not None:
     use_flops = budget.flops is not None
-    fraction = float(budget.flops if use_flops  # type: ignore[arg-type]
-                     else budget.params)
+    fraction = float(
+      budget.flops
+      if use_flops  # type: ignore[arg-type]
+      else budget.params
+    )
     layers, candidates = [], []
     for site in sites:
       ranks = _ranks.candidates(site.shape, cls)
       if use_flops:
         # Each candidate as the new layer will run it.
-        costs = [site.flops(cls.abstract(site.shape, r, site.kernel.dtype),
-                            implementation) for r in ranks]
+        costs = [
+          site.flops(
+            cls.abstract(site.shape, r, site.kernel.dtype), implementation
+          )
+          for r in ranks
+        ]
         dense = site.flops(site.kernel)
       else:
         costs = [_ranks.num_params(site.shape, cls, r) for r in ranks]
@@ -285,12 +314,17 @@ def factorize_sites(
       layers.append((costs, error_curve(cls, site.kernel, ranks), dense))
       candidates.append(ranks)
     for site, ranks, index in zip(
-        sites, candidates, allocate_budget(fn, layers, fraction)):
+      sites, candidates, allocate_budget(fn, layers, fraction)
+    ):
       if index is None:
-        reports.append(LayerReport(
-            path=site.path, kernel_shape=site.shape,
+        reports.append(
+          LayerReport(
+            path=site.path,
+            kernel_shape=site.shape,
             input_shape=site.input_shape,
-            skipped="kept dense: the budget is better spent elsewhere"))
+            skipped="kept dense: the budget is better spent elsewhere",
+          )
+        )
       else:
         chosen[site.path] = dict(rank=ranks[index])
   else:
@@ -299,12 +333,18 @@ def factorize_sites(
         try:  # a rank that does not exist for this layer skips it
           _ranks.resolve_rank(fn, cls, site.shape, rank)
         except ValueError as error:
-          reports.append(LayerReport(
-              path=site.path, kernel_shape=site.shape,
-              input_shape=site.input_shape, skipped=str(error)))
+          reports.append(
+            LayerReport(
+              path=site.path,
+              kernel_shape=site.shape,
+              input_shape=site.input_shape,
+              skipped=str(error),
+            )
+          )
           continue
-      chosen[site.path] = (dict(energy=energy) if energy is not None
-                           else dict(rank=rank))
+      chosen[site.path] = (
+        dict(energy=energy) if energy is not None else dict(rank=rank)
+      )
   factors_by_path = {}
   todo = [site for site in sites if site.path in chosen]
   for number, site in enumerate(todo, 1):
@@ -314,66 +354,90 @@ def factorize_sites(
       # Said in the report instead: the layer is kept dense.
       warnings.filterwarnings("ignore", message=_LARGER_WARNING)
       static_rank = _decompose.choose_rank(
-          site.kernel, cls, inputs=inputs, dilation=site.kernel_dilation or 1,
-          damping=decompose_kwargs.get("damping", 1e-3), **chosen[site.path])
+        site.kernel,
+        cls,
+        inputs=inputs,
+        dilation=site.kernel_dilation or 1,
+        damping=decompose_kwargs.get("damping", 1e-3),
+        **chosen[site.path],
+      )
     abstract = cls.abstract(site.shape, static_rank, site.kernel.dtype)
     larger = _larger(
-        abstract.num_params, math.prod(site.shape),
-        site.flops(abstract, implementation), site.flops(site.kernel))
+      abstract.num_params,
+      math.prod(site.shape),
+      site.flops(abstract, implementation),
+      site.flops(site.kernel),
+    )
     if larger and not allow_larger:
       report = LayerReport(
-          path=site.path, kernel_shape=site.shape,
-          input_shape=site.input_shape,
-          skipped=f"kept dense: rank {static_rank} {larger} (pass"
-          " allow_larger=True to factorize it anyway)")
+        path=site.path,
+        kernel_shape=site.shape,
+        input_shape=site.input_shape,
+        skipped=f"kept dense: rank {static_rank} {larger} (pass"
+        " allow_larger=True to factorize it anyway)",
+      )
     else:
       with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=_LARGER_WARNING)
         factors = _decompose.decompose(
-            site.kernel, cls, inputs=inputs,
-            dilation=site.kernel_dilation or 1, rank=static_rank,
-            **decompose_kwargs)
+          site.kernel,
+          cls,
+          inputs=inputs,
+          dilation=site.kernel_dilation or 1,
+          rank=static_rank,
+          **decompose_kwargs,
+        )
       factors_by_path[site.path] = factors
       report = LayerReport(
-          path=site.path, kernel_shape=site.shape,
-          input_shape=site.input_shape, rank=static_rank,
-          params_before=math.prod(site.shape),
-          params_after=factors.num_params,
-          flops_before=site.flops(site.kernel),
-          flops_after=site.flops(factors, implementation),
-          relative_error=float(_decompose.relative_error(factors,
-                                                         site.kernel)),
+        path=site.path,
+        kernel_shape=site.shape,
+        input_shape=site.input_shape,
+        rank=static_rank,
+        params_before=math.prod(site.shape),
+        params_after=factors.num_params,
+        flops_before=site.flops(site.kernel),
+        flops_after=site.flops(factors, implementation),
+        relative_error=float(_decompose.relative_error(factors, site.kernel)),
       )
     reports.append(report)
     if progress:
       name = "/".join(map(str, site.path))
-      outcome = (report.skipped if report.skipped
-                 else f"rank {report.rank}, relative error"
-                 f" {report.relative_error:.4f}")
-      print(f"{fn}: {number}/{len(todo)} {name} {site.shape}: {outcome}"
-            f" ({time.perf_counter() - start:.1f} s)", file=sys.stderr,
-            flush=True)
+      outcome = (
+        report.skipped
+        if report.skipped
+        else f"rank {report.rank}, relative error {report.relative_error:.4f}"
+      )
+      print(
+        f"{fn}: {number}/{len(todo)} {name} {site.shape}: {outcome}"
+        f" ({time.perf_counter() - start:.1f} s)",
+        file=sys.stderr,
+        flush=True,
+      )
   return factors_by_path, reports
 
 
 _LARGER_WARNING = ".*larger than what it replaces"
 
 
-def _larger(params: int, dense_params: int, flops: int | None,
-            dense_flops: int | None) -> str | None:
+def _larger(
+  params: int, dense_params: int, flops: int | None, dense_flops: int | None
+) -> str | None:
   """Why a factorization is larger or slower than the dense layer, or None."""
   if params > dense_params:
-    return (f"has {params} parameters, more than the dense kernel's"
-            f" {dense_params}")
+    return (
+      f"has {params} parameters, more than the dense kernel's {dense_params}"
+    )
   if flops is not None and dense_flops is not None and flops > dense_flops:
-    return (f"costs {flops} FLOPs, more than the dense conv's {dense_flops}")
+    return f"costs {flops} FLOPs, more than the dense conv's {dense_flops}"
   return None
 
 
-def ordered(fmt: str, reports: Sequence[LayerReport],
-            order: Sequence[tuple[Any, ...]]) -> FactorizationReport:
+def ordered(
+  fmt: str, reports: Sequence[LayerReport], order: Sequence[tuple[Any, ...]]
+) -> FactorizationReport:
   """The report, its layers in the model's order."""
   index = {path: i for i, path in enumerate(order)}
   return FactorizationReport(
-      format=fmt,
-      layers=tuple(sorted(reports, key=lambda r: index.get(r.path, -1))))
+    format=fmt,
+    layers=tuple(sorted(reports, key=lambda r: index.get(r.path, -1))),
+  )

@@ -44,8 +44,9 @@ FEW_TAPS_MIN_CHANNELS = 64
 MAX_FEATURES = 64
 
 
-def applies(stage: _stages.Stage, in_shape: Sequence[Any],
-            geometry: _geometry.Geometry) -> bool:
+def applies(
+  stage: _stages.Stage, in_shape: Sequence[Any], geometry: _geometry.Geometry
+) -> bool:
   """Whether a stage on a `[B, *spatial, C]` CPU input runs as `tap_matmul`.
 
   Only dense (`groups == 1`) stages with more than one tap, static spatial
@@ -55,8 +56,11 @@ def applies(stage: _stages.Stage, in_shape: Sequence[Any],
   but Tucker's 64 -> 64 core at 28x28 gained nothing inside its chain
   forward and lost 17-36% forward+backward: hence MIN_CHANNELS.)
   """
-  if (not isinstance(stage, _stages.SpatialConv) or stage.groups != 1
-      or math.prod(stage.kernel.shape[:-2]) == 1):
+  if (
+    not isinstance(stage, _stages.SpatialConv)
+    or stage.groups != 1
+    or math.prod(stage.kernel.shape[:-2]) == 1
+  ):
     return False
   _, *spatial, channels = in_shape
   if not all(isinstance(d, int) for d in (*spatial, channels)):
@@ -64,13 +68,13 @@ def applies(stage: _stages.Stage, in_shape: Sequence[Any],
   taps, features = math.prod(stage.kernel.shape[:-2]), stage.kernel.shape[-1]
   itemsize = max(jnp.dtype(stage.kernel.dtype).itemsize, 4)  # see `acc`
   few_taps = taps <= FEW_TAPS
-  return (all(geometry.strides[a] == 1 for a in stage.axes)
-          and channels >= (FEW_TAPS_MIN_CHANNELS if few_taps
-                           else MIN_CHANNELS)
-          and math.prod(spatial) >= MIN_POSITIONS
-          and (features <= MAX_FEATURES or few_taps)
-          and math.prod(spatial) * taps * features * itemsize <= MAX_BYTES)
-
+  return (
+    all(geometry.strides[a] == 1 for a in stage.axes)
+    and channels >= (FEW_TAPS_MIN_CHANNELS if few_taps else MIN_CHANNELS)
+    and math.prod(spatial) >= MIN_POSITIONS
+    and (features <= MAX_FEATURES or few_taps)
+    and math.prod(spatial) * taps * features * itemsize <= MAX_BYTES
+  )
 
 
 def _plan(kernel_window, axes, geometry, spatial) -> _shift_add.Taps:
@@ -82,8 +86,9 @@ def _plan(kernel_window, axes, geometry, spatial) -> _shift_add.Taps:
   sees data.
   """
   n = len(spatial)
-  window, strides, dilation, pads = _stages.stage_geometry(kernel_window, axes,
-                                                    geometry, n)
+  window, strides, dilation, pads = _stages.stage_geometry(
+    kernel_window, axes, geometry, n
+  )
   if geometry.fill != "constant":
     spatial = [size + lo + hi for size, (lo, hi) in zip(spatial, pads)]
     pads = [(0, 0)] * n
@@ -102,9 +107,10 @@ def tap_matmul(x, kernel, axes, geometry, precision, preferred):
   `z = x @ W`, `W [C, k' * F]` for the k' taps that reach an output, gives at
   every input position each tap's contribution; output `o` adds up, per tap,
   the contribution at the input position that tap reads (a
-  `_shift_add.Taps` plan, applied to `z`). Equal to the convolution up to summation
-  order, at `2 * B * prod(spatial) * C * k' * F` FLOPs for the matmul (a
-  stride computes positions it skips) plus `(k' - 1) * F` adds per output.
+  `_shift_add.Taps` plan, applied to `z`). Equal to the convolution up to
+  summation order, at `2 * B * prod(spatial) * C * k' * F` FLOPs for the
+  matmul (a stride computes positions it skips) plus `(k' - 1) * F` adds per
+  output.
 
   A loop over batch chunks keeps each chunk's `z` (~`CHUNK_BYTES`) in
   cache. The JVP (`jax.custom_jvp`) is XLA's convolution of the tangents, so
@@ -115,8 +121,9 @@ def tap_matmul(x, kernel, axes, geometry, precision, preferred):
 
 def _forward(x, kernel, axes, geometry, precision, preferred):
   plan = _plan(kernel.shape[:-2], axes, geometry, x.shape[1:-1])
-  _, _, _, pads = _stages.stage_geometry(kernel.shape[:-2], axes, geometry,
-                                         x.ndim - 2)
+  _, _, _, pads = _stages.stage_geometry(
+    kernel.shape[:-2], axes, geometry, x.ndim - 2
+  )
   x, _ = _stages.pad_fill(x, pads, geometry)
   out_dtype = jnp.dtype(preferred or x.dtype)
   # Tap outputs are summed in at least float32, as a convolution accumulates.
@@ -125,22 +132,32 @@ def _forward(x, kernel, axes, geometry, precision, preferred):
   batch, out_spatial = x.shape[0], plan.out
   if not plan.taps:  # every tap reads only padding
     return jnp.zeros((batch, *out_spatial, features), out_dtype)
-  index = np.array([np.ravel_multi_index(tap, plan.window)
-                    for tap, _ in plan.taps])
+  index = np.array(
+    [np.ravel_multi_index(tap, plan.window) for tap, _ in plan.taps]
+  )
   w = kernel.reshape(-1, channels, features)[index]  # [k', C, F]
   w = jnp.moveaxis(w, 0, 1).reshape(channels, len(index) * features)
 
   def chunk_out(xc):
-    z = lax.dot_general(xc, w, (((xc.ndim - 1,), (0,)), ((), ())),
-                        precision=precision, preferred_element_type=acc)
+    z = lax.dot_general(
+      xc,
+      w,
+      (((xc.ndim - 1,), (0,)), ((), ())),
+      precision=precision,
+      preferred_element_type=acc,
+    )
     z = z.reshape(*z.shape[:-1], len(index), features)
     return plan.sum_to_output(
-        lambda t, ranges: plan.input_slice(z[..., t, :], ranges)
+      lambda t, ranges: plan.input_slice(z[..., t, :], ranges)
     ).astype(out_dtype)
 
-  per_item = max(1, math.prod(x.shape[1:-1]) * len(index) * features
-                 * jnp.dtype(acc).itemsize)
-  chunk = _shift_add.chunk_size(batch, per_item, jax.device_count(), CHUNK_BYTES)
+  per_item = max(
+    1,
+    math.prod(x.shape[1:-1]) * len(index) * features * jnp.dtype(acc).itemsize,
+  )
+  chunk = _shift_add.chunk_size(
+    batch, per_item, jax.device_count(), CHUNK_BYTES
+  )
   if not isinstance(batch, int) or batch < 2 * chunk:
     return chunk_out(x)  # a symbolic (exported) batch, or one chunk
   # Step `j` takes images `j, j + steps, ...`, as in the shift-add's weight
@@ -152,20 +169,22 @@ def _forward(x, kernel, axes, geometry, precision, preferred):
   def step(j, y):
     xc = xs.reshape(chunk, steps, *x.shape[1:])
     return lax.dynamic_update_index_in_dim(
-        y, chunk_out(lax.dynamic_index_in_dim(xc, j, axis=1, keepdims=False)),
-        j, axis=1)
+      y,
+      chunk_out(lax.dynamic_index_in_dim(xc, j, axis=1, keepdims=False)),
+      j,
+      axis=1,
+    )
 
   y = lax.fori_loop(
-      0, steps, step,
-      jnp.zeros((chunk, steps, *out_spatial, features), out_dtype))
+    0, steps, step, jnp.zeros((chunk, steps, *out_spatial, features), out_dtype)
+  )
   y = y.reshape(main, *out_spatial, features)
   if main < batch:
     y = jnp.concatenate([y, chunk_out(x[main:])])
   return y
 
 
-def _tangent(axes, geometry, precision, preferred, primals,
-                        tangents):
+def _tangent(axes, geometry, precision, preferred, primals, tangents):
   x, kernel = primals
   dx, dkernel = tangents
   y = tap_matmul(x, kernel, axes, geometry, precision, preferred)
@@ -173,11 +192,13 @@ def _tangent(axes, geometry, precision, preferred, primals,
   zero = jax.custom_derivatives.SymbolicZero
   terms = []
   if not isinstance(dx, zero):
-    terms.append(_stages.spatial_conv(dx, kernel, axes, 1, geometry, precision,
-                               preferred))
+    terms.append(
+      _stages.spatial_conv(dx, kernel, axes, 1, geometry, precision, preferred)
+    )
   if not isinstance(dkernel, zero):
-    terms.append(_stages.spatial_conv(x, dkernel, axes, 1, geometry, precision,
-                               preferred))
+    terms.append(
+      _stages.spatial_conv(x, dkernel, axes, 1, geometry, precision, preferred)
+    )
   return y, functools.reduce(lax.add, terms) if terms else jnp.zeros_like(y)
 
 

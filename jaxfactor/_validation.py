@@ -23,7 +23,12 @@ import numpy as np
 IMPLEMENTATIONS = ("auto", "factorized", "reconstructed")
 PLATFORMS = ("cpu", "gpu", "tpu")
 PADDING_STRINGS = (
-    "SAME", "SAME_LOWER", "VALID", "CIRCULAR", "REFLECT", "CAUSAL"
+  "SAME",
+  "SAME_LOWER",
+  "VALID",
+  "CIRCULAR",
+  "REFLECT",
+  "CAUSAL",
 )
 
 
@@ -40,7 +45,8 @@ def warn(message: str, category: type[Warning] = UserWarning) -> None:
   level = 2
   frame: types.FrameType | None = sys._getframe(1)  # pylint: disable=protected-access
   while frame is not None and os.path.abspath(
-      frame.f_code.co_filename).startswith(_PACKAGE):
+    frame.f_code.co_filename
+  ).startswith(_PACKAGE):
     frame = frame.f_back
     level += 1
   warnings.warn(message, category, stacklevel=level)
@@ -55,8 +61,8 @@ def check_array(fn: str, name: str, value: Any) -> jax.Array | np.ndarray:
   """`value`, which must be a jax or numpy array."""
   if not is_array(value):
     raise TypeError(
-        f"{fn}: `{name}` must be a jax or numpy array, got"
-        f" {type(value).__name__}."
+      f"{fn}: `{name}` must be a jax or numpy array, got"
+      f" {type(value).__name__}."
     )
   return value
 
@@ -64,43 +70,49 @@ def check_array(fn: str, name: str, value: Any) -> jax.Array | np.ndarray:
 def check_floating(fn: str, name: str, value: Any) -> None:
   if not jnp.issubdtype(value.dtype, jnp.floating):
     raise TypeError(
-        f"{fn}: `{name}` must have a floating dtype, got {value.dtype}."
+      f"{fn}: `{name}` must have a floating dtype, got {value.dtype}."
     )
 
 
 def check_ndim(fn: str, name: str, value: Any, ndim: int, layout: str) -> None:
   if value.ndim != ndim:
     raise ValueError(
-        f"{fn}: `{name}` must have shape {layout} (rank {ndim}), got shape"
-        f" {tuple(value.shape)} (rank {value.ndim})."
+      f"{fn}: `{name}` must have shape {layout} (rank {ndim}), got shape"
+      f" {tuple(value.shape)} (rank {value.ndim})."
     )
 
 
 def check_positive_dims(fn: str, name: str, shape: Sequence[int]) -> None:
   if any(d < 1 for d in shape):
     raise ValueError(
-        f"{fn}: every axis of `{name}` must have size >= 1, got shape"
-        f" {tuple(shape)}."
+      f"{fn}: every axis of `{name}` must have size >= 1, got shape"
+      f" {tuple(shape)}."
     )
 
 
 def scope(fn: str, fmt: str) -> str:
-  """Message prefix: "conv: LowRank", or just "LowRank:" from its constructor."""
+  """Message prefix: "conv: LowRank", or "LowRank:" from its constructor."""
   return f"{fn}:" if fn == fmt else f"{fn}: {fmt}"
 
 
 def check_chain(
-    fn: str, fmt: str, left: str, left_shape, left_axis: int,
-    right: str, right_shape, right_axis: int,
+  fn: str,
+  fmt: str,
+  left: str,
+  left_shape,
+  left_axis: int,
+  right: str,
+  right_shape,
+  right_axis: int,
 ) -> None:
   """Checks that two factors meet on an axis of the same size."""
   a, b = left_shape[left_axis], right_shape[right_axis]
   if a != b:
     raise ValueError(
-        f"{scope(fn, fmt)} factors do not chain: `{left}` has shape"
-        f" {tuple(left_shape)} and `{right}` has shape {tuple(right_shape)};"
-        f" {left}.shape[{left_axis}] ({a}) must equal"
-        f" {right}.shape[{right_axis}] ({b})."
+      f"{scope(fn, fmt)} factors do not chain: `{left}` has shape"
+      f" {tuple(left_shape)} and `{right}` has shape {tuple(right_shape)};"
+      f" {left}.shape[{left_axis}] ({a}) must equal"
+      f" {right}.shape[{right_axis}] ({b})."
     )
 
 
@@ -115,9 +127,9 @@ def check_same_dtype(fn: str, named_arrays: Sequence[tuple[str, Any]]) -> None:
   for name, value in named_arrays[1:]:
     if canonical(value.dtype) != canonical(first.dtype):
       raise TypeError(
-          f"{fn}: `{name}` has dtype {canonical(value.dtype)} but"
-          f" `{first_name}` has dtype {canonical(first.dtype)}; jaxfactor does"
-          " not promote dtypes silently, cast one of them explicitly."
+        f"{fn}: `{name}` has dtype {canonical(value.dtype)} but"
+        f" `{first_name}` has dtype {canonical(first.dtype)}; jaxfactor does"
+        " not promote dtypes silently, cast one of them explicitly."
       )
 
 
@@ -134,23 +146,23 @@ def check_preferred_element_type(fn: str, dtype: Any, preferred: Any) -> Any:
     preferred = np.dtype(preferred)
   except TypeError:
     raise TypeError(
-        f"{fn}: `preferred_element_type` must be a dtype, got {preferred!r}."
+      f"{fn}: `preferred_element_type` must be a dtype, got {preferred!r}."
     ) from None
   dtype = jax.dtypes.canonicalize_dtype(dtype)
   widening = preferred == dtype or (
-      preferred in (np.dtype(np.float32), np.dtype(np.float64))
-      and jnp.issubdtype(dtype, jnp.floating)
-      and jnp.finfo(preferred).bits > jnp.finfo(dtype).bits
+    preferred in (np.dtype(np.float32), np.dtype(np.float64))
+    and jnp.issubdtype(dtype, jnp.floating)
+    and jnp.finfo(preferred).bits > jnp.finfo(dtype).bits
   )
   if not widening:
     raise TypeError(
-        f"{fn}: `preferred_element_type` must be the inputs' dtype {dtype}"
-        f" or a wider float32/float64, got {preferred}."
+      f"{fn}: `preferred_element_type` must be the inputs' dtype {dtype}"
+      f" or a wider float32/float64, got {preferred}."
     )
   if jax.dtypes.canonicalize_dtype(preferred) != preferred:
     raise ValueError(
-        f"{fn}: `preferred_element_type`={preferred} needs 64-bit mode: set"
-        " jax.config.update('jax_enable_x64', True) first."
+      f"{fn}: `preferred_element_type`={preferred} needs 64-bit mode: set"
+      " jax.config.update('jax_enable_x64', True) first."
     )
   return preferred
 
@@ -158,8 +170,8 @@ def check_preferred_element_type(fn: str, dtype: Any, preferred: Any) -> Any:
 def check_implementation(fn: str, implementation: Any) -> None:
   if implementation not in IMPLEMENTATIONS:
     raise ValueError(
-        f"{fn}: `implementation` must be one of {IMPLEMENTATIONS}, got"
-        f" {implementation!r}."
+      f"{fn}: `implementation` must be one of {IMPLEMENTATIONS}, got"
+      f" {implementation!r}."
     )
 
 
@@ -170,14 +182,14 @@ def check_platform(fn: str, platform: Any) -> str:
     return backend if backend in ("cpu", "tpu") else "gpu"
   if platform not in PLATFORMS:
     raise ValueError(
-        f"{fn}: `platform` must be one of {PLATFORMS} or None (JAX's default"
-        f" backend), got {platform!r}."
+      f"{fn}: `platform` must be one of {PLATFORMS} or None (JAX's default"
+      f" backend), got {platform!r}."
     )
   return platform
 
 
 def check_kernel(
-    fn: str, kernel: Any, *, abstract: bool = False
+  fn: str, kernel: Any, *, abstract: bool = False
 ) -> tuple[tuple[int, ...], int]:
   """Validates a dense HWIO kernel or a format; returns `(window, C)`.
 
@@ -189,19 +201,21 @@ def check_kernel(
   if isinstance(kernel, _formats.Format):
     kernel.check(fn, abstract=abstract)
     return kernel.window, kernel.in_features
-  if not (abstract and hasattr(kernel, "shape") and hasattr(kernel, "dtype")):
-    if not is_array(kernel):
-      raise TypeError(
-          f"{fn}: `kernel` must be a dense HWIO array or a jaxfactor format"
-          f" (DepthwiseSeparable, SpatiallySeparable, LowRank, Tucker, CP),"
-          f" got {type(kernel).__name__}."
-      )
+  abstract_ok = (
+    abstract and hasattr(kernel, "shape") and hasattr(kernel, "dtype")
+  )
+  if not abstract_ok and not is_array(kernel):
+    raise TypeError(
+      f"{fn}: `kernel` must be a dense HWIO array or a jaxfactor format"
+      f" (DepthwiseSeparable, SpatiallySeparable, LowRank, Tucker, CP),"
+      f" got {type(kernel).__name__}."
+    )
   check_floating(fn, "kernel", kernel)
   if kernel.ndim < 3:
     raise ValueError(
-        f"{fn}: a dense `kernel` must have shape [*window, C, F] with at"
-        f" least one spatial axis (rank >= 3), got shape"
-        f" {tuple(kernel.shape)}."
+      f"{fn}: a dense `kernel` must have shape [*window, C, F] with at"
+      f" least one spatial axis (rank >= 3), got shape"
+      f" {tuple(kernel.shape)}."
     )
   check_positive_dims(fn, "kernel", kernel.shape)
   return tuple(kernel.shape[:-2]), kernel.shape[-2]
@@ -210,24 +224,30 @@ def check_kernel(
 def check_key(fn: str, key: Any) -> None:
   """A PRNG key: a typed key array, or a raw uint32[2] key."""
   if isinstance(key, (jax.Array, np.ndarray)) and (
-      jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key)
-      or (key.dtype == np.uint32 and key.shape == (2,))):
+    jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key)
+    or (key.dtype == np.uint32 and key.shape == (2,))
+  ):
     if jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key) and key.shape:
-      raise ValueError(f"{fn}: `key` must be a single PRNG key, got an array"
-                       f" of {key.shape} keys.")
+      raise ValueError(
+        f"{fn}: `key` must be a single PRNG key, got an array"
+        f" of {key.shape} keys."
+      )
     return
-  described = (f"{type(key).__name__} of dtype {key.dtype} and shape"
-               f" {tuple(key.shape)}" if hasattr(key, "dtype")
-               else type(key).__name__)
-  raise TypeError(f"{fn}: `key` must be a PRNG key (e.g."
-                  f" jax.random.key(0)), got {described}.")
+  described = (
+    f"{type(key).__name__} of dtype {key.dtype} and shape {tuple(key.shape)}"
+    if hasattr(key, "dtype")
+    else type(key).__name__
+  )
+  raise TypeError(
+    f"{fn}: `key` must be a PRNG key (e.g. jax.random.key(0)), got {described}."
+  )
 
 
 def as_int(fn: str, name: str, value: Any) -> int:
   if isinstance(value, jax.core.Tracer):
     raise TypeError(
-        f"{fn}: `{name}` must be a static Python int, got a traced value;"
-        " mark it static (e.g. `jax.jit(..., static_argnames=...)`)."
+      f"{fn}: `{name}` must be a static Python int, got a traced value;"
+      " mark it static (e.g. `jax.jit(..., static_argnames=...)`)."
     )
   if isinstance(value, bool):
     raise TypeError(f"{fn}: `{name}` must be an int, got bool {value!r}.")
@@ -235,19 +255,18 @@ def as_int(fn: str, name: str, value: Any) -> int:
     return operator.index(value)
   except TypeError:
     raise TypeError(
-        f"{fn}: `{name}` must be an int, got {type(value).__name__}"
-        f" {value!r}."
+      f"{fn}: `{name}` must be an int, got {type(value).__name__} {value!r}."
     ) from None
 
 
 def _is_sequence(value: Any) -> bool:
   return (isinstance(value, Sequence) and not isinstance(value, str)) or (
-      isinstance(value, np.ndarray) and value.ndim == 1
+    isinstance(value, np.ndarray) and value.ndim == 1
   )
 
 
 def canonicalize_positive_ints(
-    fn: str, name: str, value: Any, ndim: int
+  fn: str, name: str, value: Any, ndim: int
 ) -> tuple[int, ...]:
   """`strides` / `dilation`: an int or one positive int per spatial axis.
 
@@ -258,49 +277,49 @@ def canonicalize_positive_ints(
   if _is_sequence(value):
     if len(value) != ndim:
       raise ValueError(
-          f"{fn}: `{name}` must be an int or a sequence of {ndim} ints (one"
-          f" per spatial axis), got {tuple(value)!r} of length {len(value)}."
+        f"{fn}: `{name}` must be an int or a sequence of {ndim} ints (one"
+        f" per spatial axis), got {tuple(value)!r} of length {len(value)}."
       )
     values = tuple(as_int(fn, name, v) for v in value)
   else:
     values = (as_int(fn, name, value),) * ndim
   if any(v < 1 for v in values):
     raise ValueError(
-        f"{fn}: `{name}` must be positive on every axis, got {value!r}."
+      f"{fn}: `{name}` must be positive on every axis, got {value!r}."
     )
   return values
 
 
 def canonicalize_padding(
-    fn: str, padding: Any, ndim: int
+  fn: str, padding: Any, ndim: int
 ) -> str | tuple[tuple[int, int], ...]:
-  """Flax's padding forms, checked: a mode string or one (low, high) per axis."""
+  """Flax's padding forms, checked: a mode string or a (low, high) per axis."""
   if isinstance(padding, str):
     padding = padding.upper()  # lax reads padding strings case-insensitively
     if padding not in PADDING_STRINGS:
       raise ValueError(
-          f"{fn}: `padding` must be one of {PADDING_STRINGS}, an int, or one"
-          f" int or (low, high) pair per spatial axis, got {padding!r}."
+        f"{fn}: `padding` must be one of {PADDING_STRINGS}, an int, or one"
+        f" int or (low, high) pair per spatial axis, got {padding!r}."
       )
     if padding == "CAUSAL" and ndim != 1:
       raise ValueError(
-          f"{fn}: `padding`='CAUSAL' needs exactly 1 spatial axis, got a"
-          f" kernel with {ndim} spatial axes."
+        f"{fn}: `padding`='CAUSAL' needs exactly 1 spatial axis, got a"
+        f" kernel with {ndim} spatial axes."
       )
     return padding
   if isinstance(padding, Sequence):
     if len(padding) != ndim:
       raise ValueError(
-          f"{fn}: `padding` must have one int or (low, high) pair per spatial"
-          f" axis ({ndim}), got {padding!r} of length {len(padding)}."
+        f"{fn}: `padding` must have one int or (low, high) pair per spatial"
+        f" axis ({ndim}), got {padding!r} of length {len(padding)}."
       )
     pairs = []
     for p in padding:
       if isinstance(p, Sequence) and not isinstance(p, str):
         if len(p) != 2:
           raise ValueError(
-              f"{fn}: each `padding` entry must be an int or a (low, high)"
-              f" pair, got {p!r} in {padding!r}."
+            f"{fn}: each `padding` entry must be an int or a (low, high)"
+            f" pair, got {p!r} in {padding!r}."
           )
         pair = (as_int(fn, "padding", p[0]), as_int(fn, "padding", p[1]))
       else:
@@ -310,19 +329,17 @@ def canonicalize_padding(
   else:
     pads = ((as_int(fn, "padding", padding),) * 2,) * ndim
   if any(v < 0 for pair in pads for v in pair):
-    raise ValueError(
-        f"{fn}: `padding` must be non-negative, got {padding!r}."
-    )
+    raise ValueError(f"{fn}: `padding` must be non-negative, got {padding!r}.")
   return pads
 
 
 def check_input(
-    fn: str,
-    x: Any,
-    window: Sequence[int],
-    in_features: int | None,
-    *,
-    abstract: bool = False,
+  fn: str,
+  x: Any,
+  window: Sequence[int],
+  in_features: int | None,
+  *,
+  abstract: bool = False,
 ) -> jax.Array | np.ndarray:
   """`x` must be `[*batch, *spatial, C]` with the kernel's N (and C).
 
@@ -334,19 +351,19 @@ def check_input(
   n = len(window)
   if x.ndim < n + 1:
     raise ValueError(
-        f"{fn}: `x` must have shape [*batch, *spatial, C] with {n} spatial"
-        f" axes (rank >= {n + 1}) for a kernel with window {tuple(window)},"
-        f" got shape {tuple(x.shape)}."
+      f"{fn}: `x` must have shape [*batch, *spatial, C] with {n} spatial"
+      f" axes (rank >= {n + 1}) for a kernel with window {tuple(window)},"
+      f" got shape {tuple(x.shape)}."
     )
   if in_features is not None and x.shape[-1] != in_features:
     raise ValueError(
-        f"{fn}: `x` has {x.shape[-1]} channels (shape {tuple(x.shape)}) but"
-        f" the kernel expects in_features={in_features}."
+      f"{fn}: `x` has {x.shape[-1]} channels (shape {tuple(x.shape)}) but"
+      f" the kernel expects in_features={in_features}."
     )
   # Batch axes may be empty; spatial and channel axes may not.
   if any(d < 1 for d in x.shape[x.ndim - n - 1 :]):
     raise ValueError(
-        f"{fn}: every spatial and channel axis of `x` must have size >= 1,"
-        f" got shape {tuple(x.shape)}."
+      f"{fn}: every spatial and channel axis of `x` must have size >= 1,"
+      f" got shape {tuple(x.shape)}."
     )
   return x

@@ -47,17 +47,17 @@ from jaxfactor._surgery import FactorizationReport
 from jaxfactor._surgery import LayerReport
 
 __all__ = (
-    "CPConv",
-    "DepthwiseConv",
-    "DepthwiseSeparableConv",
-    "FactorizationReport",
-    "LayerReport",
-    "LowRankConv",
-    "PointwiseConv",
-    "SpatiallySeparableConv",
-    "TuckerConv",
-    "factorize_variables",
-    "restore_structure",
+  "CPConv",
+  "DepthwiseConv",
+  "DepthwiseSeparableConv",
+  "FactorizationReport",
+  "LayerReport",
+  "LowRankConv",
+  "PointwiseConv",
+  "SpatiallySeparableConv",
+  "TuckerConv",
+  "factorize_variables",
+  "restore_structure",
 )
 
 
@@ -98,11 +98,13 @@ class _FactorizedConv(nn.Module):
     return {}
 
   def _given_initializers(self) -> dict[str, Initializer | None]:
-    return {arg: getattr(self, arg)
-            for arg in _layers.INIT_ARGS[self.format].values()}
+    return {
+      arg: getattr(self, arg) for arg in _layers.INIT_ARGS[self.format].values()
+    }
 
-  def factors(self, params: Mapping[str, Any],
-              in_features: int | None = None) -> formats.Format:
+  def factors(
+    self, params: Mapping[str, Any], in_features: int | None = None
+  ) -> formats.Format:
     """This layer's kernel as a format value, from its params dict.
 
     Args:
@@ -113,7 +115,8 @@ class _FactorizedConv(nn.Module):
     """
     params = {k: v for k, v in meta.unbox(params).items() if k != "bias"}
     return self.format.from_params(
-        params, **self._static_from_params(params, in_features))
+      params, **self._static_from_params(params, in_features)
+    )
 
   def _static_from_params(self, params, in_features):
     del params, in_features
@@ -126,12 +129,15 @@ class _FactorizedConv(nn.Module):
     cls = self.format
     window = _layers.kernel_size_tuple(layer, self.kernel_size)
     _layers.check_features(layer, "features", self.features)
-    _layers.check_geometry(layer, window, self.strides, self.padding,
-                           self.kernel_dilation)
-    _layers.check_options(layer, self.implementation,
-                          self.preferred_element_type, self.bias_init)
+    _layers.check_geometry(
+      layer, window, self.strides, self.padding, self.kernel_dilation
+    )
+    _layers.check_options(
+      layer, self.implementation, self.preferred_element_type, self.bias_init
+    )
     initializers = _layers.factor_initializers(
-        layer, cls, self._given_initializers(), self.kernel_init)
+      layer, cls, self._given_initializers(), self.kernel_init
+    )
     if not hasattr(x, "shape") or len(x.shape) < len(window) + 1:
       _layers.check_input_channels(layer, x, 0, window)
     kernel_shape = (*window, x.shape[-1], self.features)
@@ -144,14 +150,22 @@ class _FactorizedConv(nn.Module):
     elif self._rank_argument() is None:
       raise ValueError(f"{layer}: `rank` is required to initialize the layer.")
     else:
-      rank = _layers.resolve_rank(layer, cls, kernel_shape,
-                                  self._rank_argument())
+      rank = _layers.resolve_rank(
+        layer, cls, kernel_shape, self._rank_argument()
+      )
     shapes = cls.param_shapes(kernel_shape, rank)
     spectral = None
     if self.kernel_init is not None and self.is_initializing():
       spectral = _layers.init_factors(
-          layer, cls, self.make_rng("params"), kernel_shape, rank,
-          self.param_dtype, initializers, self.kernel_init)
+        layer,
+        cls,
+        self.make_rng("params"),
+        kernel_shape,
+        rank,
+        self.param_dtype,
+        initializers,
+        self.kernel_init,
+      )
     params = {}
     for name, shape in shapes.items():
       init = initializers[cls.field_of(name)]
@@ -160,14 +174,20 @@ class _FactorizedConv(nn.Module):
       params[name] = self.param(name, init, shape, self.param_dtype)
     bias = None
     if self.use_bias:
-      bias = self.param("bias", self.bias_init, (self.features,),
-                        self.param_dtype)
+      bias = self.param(
+        "bias", self.bias_init, (self.features,), self.param_dtype
+      )
     return _layers.apply(
-        x, cls.from_params(params, **self._static(rank)), bias,
-        dtype=self.dtype, strides=self.strides, padding=self.padding,
-        kernel_dilation=self.kernel_dilation, precision=self.precision,
-        preferred_element_type=self.preferred_element_type,
-        implementation=self.implementation,
+      x,
+      cls.from_params(params, **self._static(rank)),
+      bias,
+      dtype=self.dtype,
+      strides=self.strides,
+      padding=self.padding,
+      kernel_dilation=self.kernel_dilation,
+      precision=self.precision,
+      preferred_element_type=self.preferred_element_type,
+      implementation=self.implementation,
     )
 
 
@@ -263,8 +283,8 @@ class DepthwiseSeparableConv(_FactorizedConv):
     if isinstance(self.channel_multiplier, int):
       return {"channel_multiplier": self.channel_multiplier}
     raise ValueError(
-        f"{type(self).__name__}.factors: pass `in_features` to tell C from m"
-        f" in the depthwise kernel's C*m = {channels} channels."
+      f"{type(self).__name__}.factors: pass `in_features` to tell C from m"
+      f" in the depthwise kernel's C*m = {channels} channels."
     )
 
 
@@ -296,26 +316,43 @@ class DepthwiseConv(nn.Module):
     layer = type(self).__name__
     window = _layers.kernel_size_tuple(layer, self.kernel_size)
     _layers.check_features(layer, "channel_multiplier", self.channel_multiplier)
-    _layers.check_geometry(layer, window, self.strides, self.padding,
-                           self.kernel_dilation)
-    _layers.check_options(layer, "auto", self.preferred_element_type,
-                          self.bias_init)
-    _layers.check_input_channels(layer, x, getattr(x, "shape", (0,))[-1],
-                                 window)
+    _layers.check_geometry(
+      layer, window, self.strides, self.padding, self.kernel_dilation
+    )
+    _layers.check_options(
+      layer, "auto", self.preferred_element_type, self.bias_init
+    )
+    _layers.check_input_channels(
+      layer, x, getattr(x, "shape", (0,))[-1], window
+    )
     out = x.shape[-1] * self.channel_multiplier
-    kernel = self.param("depthwise", self.depthwise_init, (*window, 1, out),
-                        self.param_dtype)
+    kernel = self.param(
+      "depthwise", self.depthwise_init, (*window, 1, out), self.param_dtype
+    )
     if meta.unbox(kernel).shape[-1] != out:
       _layers.check_input_channels(
-          layer, x, meta.unbox(kernel).shape[-1] // self.channel_multiplier,
-          window)
-    bias = self.param("bias", self.bias_init, (out,),
-                      self.param_dtype) if self.use_bias else None
+        layer,
+        x,
+        meta.unbox(kernel).shape[-1] // self.channel_multiplier,
+        window,
+      )
+    bias = (
+      self.param("bias", self.bias_init, (out,), self.param_dtype)
+      if self.use_bias
+      else None
+    )
     return _layers.apply(
-        x, kernel, bias, dtype=self.dtype, strides=self.strides,
-        padding=self.padding, kernel_dilation=self.kernel_dilation,
-        precision=self.precision,
-        preferred_element_type=self.preferred_element_type, kind="depthwise")
+      x,
+      kernel,
+      bias,
+      dtype=self.dtype,
+      strides=self.strides,
+      padding=self.padding,
+      kernel_dilation=self.kernel_dilation,
+      precision=self.precision,
+      preferred_element_type=self.preferred_element_type,
+      kind="depthwise",
+    )
 
 
 class PointwiseConv(nn.Module):
@@ -339,20 +376,36 @@ class PointwiseConv(nn.Module):
     """Applies the layer to `x [..., C]`."""
     layer = type(self).__name__
     _layers.check_features(layer, "features", self.features)
-    _layers.check_options(layer, "auto", self.preferred_element_type,
-                          self.bias_init)
+    _layers.check_options(
+      layer, "auto", self.preferred_element_type, self.bias_init
+    )
     _layers.check_input_channels(layer, x, getattr(x, "shape", (0,))[-1], ())
     if self.has_variable("params", "pointwise"):
       stored = self.variables["params"]["pointwise"]
       _layers.check_input_channels(layer, x, meta.unbox(stored).shape[0], ())
-    kernel = self.param("pointwise", self.pointwise_init,
-                        (x.shape[-1], self.features), self.param_dtype)
-    bias = self.param("bias", self.bias_init, (self.features,),
-                      self.param_dtype) if self.use_bias else None
+    kernel = self.param(
+      "pointwise",
+      self.pointwise_init,
+      (x.shape[-1], self.features),
+      self.param_dtype,
+    )
+    bias = (
+      self.param("bias", self.bias_init, (self.features,), self.param_dtype)
+      if self.use_bias
+      else None
+    )
     return _layers.apply(
-        x, kernel, bias, dtype=self.dtype, strides=1, padding="SAME",
-        kernel_dilation=1, precision=self.precision,
-        preferred_element_type=self.preferred_element_type, kind="pointwise")
+      x,
+      kernel,
+      bias,
+      dtype=self.dtype,
+      strides=1,
+      padding="SAME",
+      kernel_dilation=1,
+      precision=self.precision,
+      preferred_element_type=self.preferred_element_type,
+      kind="pointwise",
+    )
 
 
 def _dense_convs(model: nn.Module, variables, inputs):
@@ -374,8 +427,12 @@ def _dense_convs(model: nn.Module, variables, inputs):
       scope = module.scope
       path = () if scope is None else tuple(scope.path)
       found[path] = dict(
-          reason=reason, strides=module.strides, padding=module.padding,
-          kernel_dilation=module.kernel_dilation, inputs=args[0])
+        reason=reason,
+        strides=module.strides,
+        padding=module.padding,
+        kernel_dilation=module.kernel_dilation,
+        inputs=args[0],
+      )
     return next_fun(*args, **kwargs)
 
   with nn.intercept_methods(record):
@@ -384,20 +441,20 @@ def _dense_convs(model: nn.Module, variables, inputs):
 
 
 def factorize_variables(
-    variables: Mapping[str, Any],
-    format: Any,
-    *,
-    rank: Any = None,
-    energy: float | None = None,
-    budget: Budget | None = None,
-    model: nn.Module | None = None,
-    inputs: Any = None,
-    filter: Callable[[tuple, Any], bool] | None = None,
-    data_aware: bool = False,
-    implementation: str = "factorized",
-    allow_larger: bool = False,
-    progress: bool = False,
-    **decompose_kwargs: Any,
+  variables: Mapping[str, Any],
+  format: Any,
+  *,
+  rank: Any = None,
+  energy: float | None = None,
+  budget: Budget | None = None,
+  model: nn.Module | None = None,
+  inputs: Any = None,
+  filter: Callable[[tuple, Any], bool] | None = None,
+  data_aware: bool = False,
+  implementation: str = "factorized",
+  allow_larger: bool = False,
+  progress: bool = False,
+  **decompose_kwargs: Any,
 ) -> tuple[dict[str, Any], FactorizationReport]:
   """Turns a dense model's variables into the factorized model's.
 
@@ -470,12 +527,18 @@ def factorize_variables(
       elif cls is formats.SpatiallySeparable and len(shape) < 4:
         reason = "1-D kernel: nothing to separate"
       if reason is not None:
-        skipped.append(LayerReport(path=path, kernel_shape=shape,
-                                   skipped=reason))
+        skipped.append(
+          LayerReport(path=path, kernel_shape=shape, skipped=reason)
+        )
       else:
-        geometry = ({} if found is None else
-                    {k: found[k] for k in ("strides", "padding",
-                                           "kernel_dilation", "inputs")})
+        geometry = (
+          {}
+          if found is None
+          else {
+            k: found[k]
+            for k in ("strides", "padding", "kernel_dilation", "inputs")
+          }
+        )
         sites.append(_surgery.Site(path=path, kernel=kernel, **geometry))
       return
     for key, value in tree.items():
@@ -484,9 +547,18 @@ def factorize_variables(
   params = variables.get("params", {})
   visit((), params)
   factors, reports = _surgery.factorize_sites(
-      fn, sites, cls, rank=rank, energy=energy, budget=budget,
-      data_aware=data_aware, implementation=implementation,
-      allow_larger=allow_larger, progress=progress, **decompose_kwargs)
+    fn,
+    sites,
+    cls,
+    rank=rank,
+    energy=energy,
+    budget=budget,
+    data_aware=data_aware,
+    implementation=implementation,
+    allow_larger=allow_larger,
+    progress=progress,
+    **decompose_kwargs,
+  )
 
   def convert(path, tree):
     if not isinstance(tree, Mapping):
@@ -497,15 +569,16 @@ def factorize_variables(
       return out
     return {k: convert((*path, k), v) for k, v in tree.items()}
 
-  new = {k: (convert((), v) if k == "params" else v)
-         for k, v in variables.items()}
+  new = {
+    k: (convert((), v) if k == "params" else v) for k, v in variables.items()
+  }
   return new, _surgery.ordered(cls.__name__, [*skipped, *reports], order)
 
 
 def restore_structure(
-    variables: Mapping[str, Any],
-    format: Any,
-    ranks: Mapping[str, Any],
+  variables: Mapping[str, Any],
+  format: Any,
+  ranks: Mapping[str, Any],
 ) -> dict[str, Any]:
   """A factorized model's variables with placeholder factors, decomposing
   nothing.
@@ -536,9 +609,11 @@ def restore_structure(
   fn = "restore_structure"
   cls = _ranks.format_class(fn, format)
   if not isinstance(ranks, Mapping):
-    raise TypeError(f"{fn}: `ranks` must be a mapping from layer paths to"
-                    f" ranks (FactorizationReport.ranks), got"
-                    f" {type(ranks).__name__}.")
+    raise TypeError(
+      f"{fn}: `ranks` must be a mapping from layer paths to"
+      f" ranks (FactorizationReport.ranks), got"
+      f" {type(ranks).__name__}."
+    )
   found: list[str] = []
 
   def convert(path, tree):
@@ -555,15 +630,21 @@ def restore_structure(
         abstract = isinstance(kernel, jax.ShapeDtypeStruct)
         out = {k: v for k, v in tree.items() if k != "kernel"}
         for param, shape in cls.param_shapes(kernel.shape, rank).items():
-          out[param] = (jax.ShapeDtypeStruct(shape, kernel.dtype) if abstract
-                        else jnp.zeros(shape, kernel.dtype))
+          out[param] = (
+            jax.ShapeDtypeStruct(shape, kernel.dtype)
+            if abstract
+            else jnp.zeros(shape, kernel.dtype)
+          )
         return out
     return {k: convert((*path, k), v) for k, v in tree.items()}
 
-  new = {k: (convert((), v) if k == "params" else v)
-         for k, v in variables.items()}
+  new = {
+    k: (convert((), v) if k == "params" else v) for k, v in variables.items()
+  }
   unknown = sorted(set(ranks) - set(found))
   if unknown:
-    raise ValueError(f"{fn}: `ranks` names {unknown}, which hold no kernel;"
-                     f" the kernels are at {sorted(found)}.")
+    raise ValueError(
+      f"{fn}: `ranks` names {unknown}, which hold no kernel;"
+      f" the kernels are at {sorted(found)}."
+    )
   return new

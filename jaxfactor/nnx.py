@@ -36,18 +36,18 @@ from jaxfactor._surgery import FactorizationReport
 from jaxfactor._surgery import LayerReport
 
 __all__ = (
-    "CPConv",
-    "DepthwiseConv",
-    "DepthwiseSeparableConv",
-    "FactorizationReport",
-    "LayerReport",
-    "LowRankConv",
-    "PointwiseConv",
-    "SpatiallySeparableConv",
-    "TuckerConv",
-    "factorize",
-    "from_factors",
-    "restore_structure",
+  "CPConv",
+  "DepthwiseConv",
+  "DepthwiseSeparableConv",
+  "FactorizationReport",
+  "LayerReport",
+  "LowRankConv",
+  "PointwiseConv",
+  "SpatiallySeparableConv",
+  "TuckerConv",
+  "factorize",
+  "from_factors",
+  "restore_structure",
 )
 
 Initializer = _layers.Initializer
@@ -61,25 +61,25 @@ class _FactorizedConv(nnx.Module):
   format: ClassVar[type[formats.Format]]
 
   def __init__(
-      self,
-      in_features: int,
-      out_features: int,
-      kernel_size: int | Sequence[int],
-      strides: int | Sequence[int],
-      *,
-      rank: Any,
-      padding: Any,
-      kernel_dilation: int | Sequence[int],
-      use_bias: bool,
-      dtype: Any,
-      param_dtype: Any,
-      precision: Any,
-      preferred_element_type: Any,
-      implementation: str,
-      kernel_init: Initializer | None,
-      bias_init: Initializer,
-      initializers: Mapping[str, Initializer | None],
-      rngs: nnx.Rngs,
+    self,
+    in_features: int,
+    out_features: int,
+    kernel_size: int | Sequence[int],
+    strides: int | Sequence[int],
+    *,
+    rank: Any,
+    padding: Any,
+    kernel_dilation: int | Sequence[int],
+    use_bias: bool,
+    dtype: Any,
+    param_dtype: Any,
+    precision: Any,
+    preferred_element_type: Any,
+    implementation: str,
+    kernel_init: Initializer | None,
+    bias_init: Initializer,
+    initializers: Mapping[str, Initializer | None],
+    rngs: nnx.Rngs,
   ):
     layer = type(self).__name__
     cls = self.format
@@ -87,23 +87,31 @@ class _FactorizedConv(nnx.Module):
     _layers.check_features(layer, "in_features", in_features)
     _layers.check_features(layer, "out_features", out_features)
     _layers.check_geometry(layer, window, strides, padding, kernel_dilation)
-    _layers.check_options(layer, implementation, preferred_element_type,
-                          bias_init)
+    _layers.check_options(
+      layer, implementation, preferred_element_type, bias_init
+    )
     kernel_shape = (*window, in_features, out_features)
     _ranks.check_kernel_shape(layer, kernel_shape, cls)
     self.rank = _layers.resolve_rank(layer, cls, kernel_shape, rank)
     inits = _layers.factor_initializers(layer, cls, initializers, kernel_init)
     values = _layers.init_factors(
-        layer, cls, rngs.params(), kernel_shape, self.rank, param_dtype,
-        inits, kernel_init,
+      layer,
+      cls,
+      rngs.params(),
+      kernel_shape,
+      self.rank,
+      param_dtype,
+      inits,
+      kernel_init,
     )
     self.param_names = tuple(values)
     for name, value in values.items():
       setattr(self, name, nnx.Param(value))
     self.bias: nnx.Param | None
     if use_bias:
-      self.bias = nnx.Param(bias_init(rngs.params(), (out_features,),
-                                      param_dtype))
+      self.bias = nnx.Param(
+        bias_init(rngs.params(), (out_features,), param_dtype)
+      )
     else:
       self.bias = nnx.data(None)
     self.in_features = in_features
@@ -126,20 +134,26 @@ class _FactorizedConv(nnx.Module):
   def factors(self) -> formats.Format:
     """The layer's kernel as a format value (its current parameters)."""
     return self.format.from_params(
-        {name: getattr(self, name)[...] for name in self.param_names},
-        **self._static(),
+      {name: getattr(self, name)[...] for name in self.param_names},
+      **self._static(),
     )
 
   def __call__(self, x: jax.Array) -> jax.Array:
     """Applies the layer to `x [*batch, *spatial, in_features]`."""
     _layers.check_input_channels(
-        type(self).__name__, x, self.in_features, self.kernel_size)
+      type(self).__name__, x, self.in_features, self.kernel_size
+    )
     return _layers.apply(
-        x, self.factors, None if self.bias is None else self.bias[...],
-        dtype=self.dtype, strides=self.strides, padding=self.padding,
-        kernel_dilation=self.kernel_dilation, precision=self.precision,
-        preferred_element_type=self.preferred_element_type,
-        implementation=self.implementation,
+      x,
+      self.factors,
+      None if self.bias is None else self.bias[...],
+      dtype=self.dtype,
+      strides=self.strides,
+      padding=self.padding,
+      kernel_dilation=self.kernel_dilation,
+      precision=self.precision,
+      preferred_element_type=self.preferred_element_type,
+      implementation=self.implementation,
     )
 
 
@@ -170,25 +184,48 @@ class LowRankConv(_FactorizedConv):
   format = formats.LowRank
 
   def __init__(
-      self, in_features: int, out_features: int,
-      kernel_size: int | Sequence[int], strides: int | Sequence[int] = 1, *,
-      rank: int | Budget, padding: Any = "SAME",
-      kernel_dilation: int | Sequence[int] = 1, use_bias: bool = True,
-      dtype: Any = None, param_dtype: Any = jnp.float32,
-      precision: Any = None, preferred_element_type: Any = None,
-      implementation: str = "auto", kernel_init: Initializer | None = None,
-      spatial_init: Initializer | None = None,
-      pointwise_init: Initializer | None = None,
-      bias_init: Initializer = _bias_init, rngs: nnx.Rngs):
+    self,
+    in_features: int,
+    out_features: int,
+    kernel_size: int | Sequence[int],
+    strides: int | Sequence[int] = 1,
+    *,
+    rank: int | Budget,
+    padding: Any = "SAME",
+    kernel_dilation: int | Sequence[int] = 1,
+    use_bias: bool = True,
+    dtype: Any = None,
+    param_dtype: Any = jnp.float32,
+    precision: Any = None,
+    preferred_element_type: Any = None,
+    implementation: str = "auto",
+    kernel_init: Initializer | None = None,
+    spatial_init: Initializer | None = None,
+    pointwise_init: Initializer | None = None,
+    bias_init: Initializer = _bias_init,
+    rngs: nnx.Rngs,
+  ):
     super().__init__(
-        in_features, out_features, kernel_size, strides, rank=rank,
-        padding=padding, kernel_dilation=kernel_dilation, use_bias=use_bias,
-        dtype=dtype, param_dtype=param_dtype, precision=precision,
-        preferred_element_type=preferred_element_type,
-        implementation=implementation, kernel_init=kernel_init,
-        bias_init=bias_init, rngs=rngs,
-        initializers=dict(spatial_init=spatial_init,
-                          pointwise_init=pointwise_init))
+      in_features,
+      out_features,
+      kernel_size,
+      strides,
+      rank=rank,
+      padding=padding,
+      kernel_dilation=kernel_dilation,
+      use_bias=use_bias,
+      dtype=dtype,
+      param_dtype=param_dtype,
+      precision=precision,
+      preferred_element_type=preferred_element_type,
+      implementation=implementation,
+      kernel_init=kernel_init,
+      bias_init=bias_init,
+      rngs=rngs,
+      initializers=dict(
+        spatial_init=spatial_init, pointwise_init=pointwise_init
+      ),
+    )
 
 
 class TuckerConv(_FactorizedConv):
@@ -219,26 +256,51 @@ class TuckerConv(_FactorizedConv):
   format = formats.Tucker
 
   def __init__(
-      self, in_features: int, out_features: int,
-      kernel_size: int | Sequence[int], strides: int | Sequence[int] = 1, *,
-      rank: int | tuple[int, int] | Budget, padding: Any = "SAME",
-      kernel_dilation: int | Sequence[int] = 1, use_bias: bool = True,
-      dtype: Any = None, param_dtype: Any = jnp.float32,
-      precision: Any = None, preferred_element_type: Any = None,
-      implementation: str = "auto", kernel_init: Initializer | None = None,
-      in_proj_init: Initializer | None = None,
-      core_init: Initializer | None = None,
-      out_proj_init: Initializer | None = None,
-      bias_init: Initializer = _bias_init, rngs: nnx.Rngs):
+    self,
+    in_features: int,
+    out_features: int,
+    kernel_size: int | Sequence[int],
+    strides: int | Sequence[int] = 1,
+    *,
+    rank: int | tuple[int, int] | Budget,
+    padding: Any = "SAME",
+    kernel_dilation: int | Sequence[int] = 1,
+    use_bias: bool = True,
+    dtype: Any = None,
+    param_dtype: Any = jnp.float32,
+    precision: Any = None,
+    preferred_element_type: Any = None,
+    implementation: str = "auto",
+    kernel_init: Initializer | None = None,
+    in_proj_init: Initializer | None = None,
+    core_init: Initializer | None = None,
+    out_proj_init: Initializer | None = None,
+    bias_init: Initializer = _bias_init,
+    rngs: nnx.Rngs,
+  ):
     super().__init__(
-        in_features, out_features, kernel_size, strides, rank=rank,
-        padding=padding, kernel_dilation=kernel_dilation, use_bias=use_bias,
-        dtype=dtype, param_dtype=param_dtype, precision=precision,
-        preferred_element_type=preferred_element_type,
-        implementation=implementation, kernel_init=kernel_init,
-        bias_init=bias_init, rngs=rngs,
-        initializers=dict(in_proj_init=in_proj_init, core_init=core_init,
-                          out_proj_init=out_proj_init))
+      in_features,
+      out_features,
+      kernel_size,
+      strides,
+      rank=rank,
+      padding=padding,
+      kernel_dilation=kernel_dilation,
+      use_bias=use_bias,
+      dtype=dtype,
+      param_dtype=param_dtype,
+      precision=precision,
+      preferred_element_type=preferred_element_type,
+      implementation=implementation,
+      kernel_init=kernel_init,
+      bias_init=bias_init,
+      rngs=rngs,
+      initializers=dict(
+        in_proj_init=in_proj_init,
+        core_init=core_init,
+        out_proj_init=out_proj_init,
+      ),
+    )
 
 
 class CPConv(_FactorizedConv):
@@ -269,26 +331,51 @@ class CPConv(_FactorizedConv):
   format = formats.CP
 
   def __init__(
-      self, in_features: int, out_features: int,
-      kernel_size: int | Sequence[int], strides: int | Sequence[int] = 1, *,
-      rank: int | Budget, padding: Any = "SAME",
-      kernel_dilation: int | Sequence[int] = 1, use_bias: bool = True,
-      dtype: Any = None, param_dtype: Any = jnp.float32,
-      precision: Any = None, preferred_element_type: Any = None,
-      implementation: str = "auto", kernel_init: Initializer | None = None,
-      in_proj_init: Initializer | None = None,
-      spatial_init: Initializer | None = None,
-      out_proj_init: Initializer | None = None,
-      bias_init: Initializer = _bias_init, rngs: nnx.Rngs):
+    self,
+    in_features: int,
+    out_features: int,
+    kernel_size: int | Sequence[int],
+    strides: int | Sequence[int] = 1,
+    *,
+    rank: int | Budget,
+    padding: Any = "SAME",
+    kernel_dilation: int | Sequence[int] = 1,
+    use_bias: bool = True,
+    dtype: Any = None,
+    param_dtype: Any = jnp.float32,
+    precision: Any = None,
+    preferred_element_type: Any = None,
+    implementation: str = "auto",
+    kernel_init: Initializer | None = None,
+    in_proj_init: Initializer | None = None,
+    spatial_init: Initializer | None = None,
+    out_proj_init: Initializer | None = None,
+    bias_init: Initializer = _bias_init,
+    rngs: nnx.Rngs,
+  ):
     super().__init__(
-        in_features, out_features, kernel_size, strides, rank=rank,
-        padding=padding, kernel_dilation=kernel_dilation, use_bias=use_bias,
-        dtype=dtype, param_dtype=param_dtype, precision=precision,
-        preferred_element_type=preferred_element_type,
-        implementation=implementation, kernel_init=kernel_init,
-        bias_init=bias_init, rngs=rngs,
-        initializers=dict(in_proj_init=in_proj_init, spatial_init=spatial_init,
-                          out_proj_init=out_proj_init))
+      in_features,
+      out_features,
+      kernel_size,
+      strides,
+      rank=rank,
+      padding=padding,
+      kernel_dilation=kernel_dilation,
+      use_bias=use_bias,
+      dtype=dtype,
+      param_dtype=param_dtype,
+      precision=precision,
+      preferred_element_type=preferred_element_type,
+      implementation=implementation,
+      kernel_init=kernel_init,
+      bias_init=bias_init,
+      rngs=rngs,
+      initializers=dict(
+        in_proj_init=in_proj_init,
+        spatial_init=spatial_init,
+        out_proj_init=out_proj_init,
+      ),
+    )
 
 
 class SpatiallySeparableConv(_FactorizedConv):
@@ -317,23 +404,45 @@ class SpatiallySeparableConv(_FactorizedConv):
   format = formats.SpatiallySeparable
 
   def __init__(
-      self, in_features: int, out_features: int,
-      kernel_size: int | Sequence[int], strides: int | Sequence[int] = 1, *,
-      rank: int | tuple[int, ...] | Budget, padding: Any = "SAME",
-      kernel_dilation: int | Sequence[int] = 1, use_bias: bool = True,
-      dtype: Any = None, param_dtype: Any = jnp.float32,
-      precision: Any = None, preferred_element_type: Any = None,
-      implementation: str = "auto", kernel_init: Initializer | None = None,
-      factors_init: Initializer | None = None,
-      bias_init: Initializer = _bias_init, rngs: nnx.Rngs):
+    self,
+    in_features: int,
+    out_features: int,
+    kernel_size: int | Sequence[int],
+    strides: int | Sequence[int] = 1,
+    *,
+    rank: int | tuple[int, ...] | Budget,
+    padding: Any = "SAME",
+    kernel_dilation: int | Sequence[int] = 1,
+    use_bias: bool = True,
+    dtype: Any = None,
+    param_dtype: Any = jnp.float32,
+    precision: Any = None,
+    preferred_element_type: Any = None,
+    implementation: str = "auto",
+    kernel_init: Initializer | None = None,
+    factors_init: Initializer | None = None,
+    bias_init: Initializer = _bias_init,
+    rngs: nnx.Rngs,
+  ):
     super().__init__(
-        in_features, out_features, kernel_size, strides, rank=rank,
-        padding=padding, kernel_dilation=kernel_dilation, use_bias=use_bias,
-        dtype=dtype, param_dtype=param_dtype, precision=precision,
-        preferred_element_type=preferred_element_type,
-        implementation=implementation, kernel_init=kernel_init,
-        bias_init=bias_init, rngs=rngs,
-        initializers=dict(factors_init=factors_init))
+      in_features,
+      out_features,
+      kernel_size,
+      strides,
+      rank=rank,
+      padding=padding,
+      kernel_dilation=kernel_dilation,
+      use_bias=use_bias,
+      dtype=dtype,
+      param_dtype=param_dtype,
+      precision=precision,
+      preferred_element_type=preferred_element_type,
+      implementation=implementation,
+      kernel_init=kernel_init,
+      bias_init=bias_init,
+      rngs=rngs,
+      initializers=dict(factors_init=factors_init),
+    )
 
 
 class DepthwiseSeparableConv(_FactorizedConv):
@@ -363,26 +472,48 @@ class DepthwiseSeparableConv(_FactorizedConv):
   format = formats.DepthwiseSeparable
 
   def __init__(
-      self, in_features: int, out_features: int,
-      kernel_size: int | Sequence[int], strides: int | Sequence[int] = 1, *,
-      channel_multiplier: int | Budget = 1, padding: Any = "SAME",
-      kernel_dilation: int | Sequence[int] = 1, use_bias: bool = True,
-      dtype: Any = None, param_dtype: Any = jnp.float32,
-      precision: Any = None, preferred_element_type: Any = None,
-      implementation: str = "auto", kernel_init: Initializer | None = None,
-      depthwise_init: Initializer | None = None,
-      pointwise_init: Initializer | None = None,
-      bias_init: Initializer = _bias_init, rngs: nnx.Rngs):
+    self,
+    in_features: int,
+    out_features: int,
+    kernel_size: int | Sequence[int],
+    strides: int | Sequence[int] = 1,
+    *,
+    channel_multiplier: int | Budget = 1,
+    padding: Any = "SAME",
+    kernel_dilation: int | Sequence[int] = 1,
+    use_bias: bool = True,
+    dtype: Any = None,
+    param_dtype: Any = jnp.float32,
+    precision: Any = None,
+    preferred_element_type: Any = None,
+    implementation: str = "auto",
+    kernel_init: Initializer | None = None,
+    depthwise_init: Initializer | None = None,
+    pointwise_init: Initializer | None = None,
+    bias_init: Initializer = _bias_init,
+    rngs: nnx.Rngs,
+  ):
     super().__init__(
-        in_features, out_features, kernel_size, strides,
-        rank=channel_multiplier, padding=padding,
-        kernel_dilation=kernel_dilation, use_bias=use_bias, dtype=dtype,
-        param_dtype=param_dtype, precision=precision,
-        preferred_element_type=preferred_element_type,
-        implementation=implementation, kernel_init=kernel_init,
-        bias_init=bias_init, rngs=rngs,
-        initializers=dict(depthwise_init=depthwise_init,
-                          pointwise_init=pointwise_init))
+      in_features,
+      out_features,
+      kernel_size,
+      strides,
+      rank=channel_multiplier,
+      padding=padding,
+      kernel_dilation=kernel_dilation,
+      use_bias=use_bias,
+      dtype=dtype,
+      param_dtype=param_dtype,
+      precision=precision,
+      preferred_element_type=preferred_element_type,
+      implementation=implementation,
+      kernel_init=kernel_init,
+      bias_init=bias_init,
+      rngs=rngs,
+      initializers=dict(
+        depthwise_init=depthwise_init, pointwise_init=pointwise_init
+      ),
+    )
 
   def _static(self):
     return {"channel_multiplier": self.rank}
@@ -404,14 +535,23 @@ class DepthwiseConv(nnx.Module):
   """
 
   def __init__(
-      self, in_features: int, kernel_size: int | Sequence[int],
-      strides: int | Sequence[int] = 1, *, channel_multiplier: int = 1,
-      padding: Any = "SAME", kernel_dilation: int | Sequence[int] = 1,
-      use_bias: bool = True, dtype: Any = None,
-      param_dtype: Any = jnp.float32, precision: Any = None,
-      preferred_element_type: Any = None,
-      depthwise_init: Initializer = _kernel_init,
-      bias_init: Initializer = _bias_init, rngs: nnx.Rngs):
+    self,
+    in_features: int,
+    kernel_size: int | Sequence[int],
+    strides: int | Sequence[int] = 1,
+    *,
+    channel_multiplier: int = 1,
+    padding: Any = "SAME",
+    kernel_dilation: int | Sequence[int] = 1,
+    use_bias: bool = True,
+    dtype: Any = None,
+    param_dtype: Any = jnp.float32,
+    precision: Any = None,
+    preferred_element_type: Any = None,
+    depthwise_init: Initializer = _kernel_init,
+    bias_init: Initializer = _bias_init,
+    rngs: nnx.Rngs,
+  ):
     layer = type(self).__name__
     window = _layers.kernel_size_tuple(layer, kernel_size)
     _layers.check_features(layer, "in_features", in_features)
@@ -420,9 +560,13 @@ class DepthwiseConv(nnx.Module):
     _layers.check_options(layer, "auto", preferred_element_type, bias_init)
     out = in_features * channel_multiplier
     self.depthwise = nnx.Param(
-        depthwise_init(rngs.params(), (*window, 1, out), param_dtype))
-    self.bias = (nnx.Param(bias_init(rngs.params(), (out,), param_dtype))
-                 if use_bias else nnx.data(None))
+      depthwise_init(rngs.params(), (*window, 1, out), param_dtype)
+    )
+    self.bias = (
+      nnx.Param(bias_init(rngs.params(), (out,), param_dtype))
+      if use_bias
+      else nnx.data(None)
+    )
     self.in_features, self.kernel_size = in_features, window
     self.channel_multiplier = channel_multiplier
     self.strides, self.padding = strides, padding
@@ -433,13 +577,21 @@ class DepthwiseConv(nnx.Module):
 
   def __call__(self, x: jax.Array) -> jax.Array:
     """Applies the layer to `x [*batch, *spatial, in_features]`."""
-    _layers.check_input_channels(type(self).__name__, x, self.in_features,
-                                 self.kernel_size)
+    _layers.check_input_channels(
+      type(self).__name__, x, self.in_features, self.kernel_size
+    )
     return _layers.apply(
-        x, self.depthwise[...], None if self.bias is None else self.bias[...],
-        dtype=self.dtype, strides=self.strides, padding=self.padding,
-        kernel_dilation=self.kernel_dilation, precision=self.precision,
-        preferred_element_type=self.preferred_element_type, kind="depthwise")
+      x,
+      self.depthwise[...],
+      None if self.bias is None else self.bias[...],
+      dtype=self.dtype,
+      strides=self.strides,
+      padding=self.padding,
+      kernel_dilation=self.kernel_dilation,
+      precision=self.precision,
+      preferred_element_type=self.preferred_element_type,
+      kind="depthwise",
+    )
 
 
 class PointwiseConv(nnx.Module):
@@ -454,20 +606,31 @@ class PointwiseConv(nnx.Module):
   """
 
   def __init__(
-      self, in_features: int, out_features: int, *, use_bias: bool = True,
-      dtype: Any = None, param_dtype: Any = jnp.float32,
-      precision: Any = None, preferred_element_type: Any = None,
-      pointwise_init: Initializer = _kernel_init,
-      bias_init: Initializer = _bias_init, rngs: nnx.Rngs):
+    self,
+    in_features: int,
+    out_features: int,
+    *,
+    use_bias: bool = True,
+    dtype: Any = None,
+    param_dtype: Any = jnp.float32,
+    precision: Any = None,
+    preferred_element_type: Any = None,
+    pointwise_init: Initializer = _kernel_init,
+    bias_init: Initializer = _bias_init,
+    rngs: nnx.Rngs,
+  ):
     layer = type(self).__name__
     _layers.check_features(layer, "in_features", in_features)
     _layers.check_features(layer, "out_features", out_features)
     _layers.check_options(layer, "auto", preferred_element_type, bias_init)
     self.pointwise = nnx.Param(
-        pointwise_init(rngs.params(), (in_features, out_features), param_dtype))
-    self.bias = (nnx.Param(bias_init(rngs.params(), (out_features,),
-                                     param_dtype))
-                 if use_bias else nnx.data(None))
+      pointwise_init(rngs.params(), (in_features, out_features), param_dtype)
+    )
+    self.bias = (
+      nnx.Param(bias_init(rngs.params(), (out_features,), param_dtype))
+      if use_bias
+      else nnx.data(None)
+    )
     self.in_features, self.out_features = in_features, out_features
     self.use_bias, self.dtype, self.param_dtype = use_bias, dtype, param_dtype
     self.precision = precision
@@ -477,18 +640,25 @@ class PointwiseConv(nnx.Module):
     """Applies the layer to `x [..., in_features]`."""
     _layers.check_input_channels(type(self).__name__, x, self.in_features, ())
     return _layers.apply(
-        x, self.pointwise[...], None if self.bias is None else self.bias[...],
-        dtype=self.dtype, strides=1, padding="SAME", kernel_dilation=1,
-        precision=self.precision,
-        preferred_element_type=self.preferred_element_type, kind="pointwise")
+      x,
+      self.pointwise[...],
+      None if self.bias is None else self.bias[...],
+      dtype=self.dtype,
+      strides=1,
+      padding="SAME",
+      kernel_dilation=1,
+      precision=self.precision,
+      preferred_element_type=self.preferred_element_type,
+      kind="pointwise",
+    )
 
 
 _LAYERS: dict[type[formats.Format], type[_FactorizedConv]] = {
-    formats.LowRank: LowRankConv,
-    formats.Tucker: TuckerConv,
-    formats.CP: CPConv,
-    formats.SpatiallySeparable: SpatiallySeparableConv,
-    formats.DepthwiseSeparable: DepthwiseSeparableConv,
+  formats.LowRank: LowRankConv,
+  formats.Tucker: TuckerConv,
+  formats.CP: CPConv,
+  formats.SpatiallySeparable: SpatiallySeparableConv,
+  formats.DepthwiseSeparable: DepthwiseSeparableConv,
 }
 
 
@@ -502,21 +672,30 @@ def _default_filter(path, conv) -> bool:
 
 def _unsupported(conv: nnx.Conv) -> str | None:
   if conv.kernel.ndim != len(conv.kernel_size) + 2:
-    return (f"kernel of shape {tuple(conv.kernel.shape)} for a"
-            f" {len(conv.kernel_size)}-D window (stacked by nnx.vmap/scan?)")
+    return (
+      f"kernel of shape {tuple(conv.kernel.shape)} for a"
+      f" {len(conv.kernel_size)}-D window (stacked by nnx.vmap/scan?)"
+    )
   if conv.feature_group_count != 1:
     return f"feature_group_count={conv.feature_group_count} (grouped conv)"
   if conv.input_dilation not in (None, 1) and any(
-      d != 1 for d in np.atleast_1d(conv.input_dilation)):
+    d != 1 for d in np.atleast_1d(conv.input_dilation)
+  ):
     return f"input_dilation={conv.input_dilation} (transposed conv)"
   if conv.mask is not None:
     return "masked kernel"
   if not callable(conv.conv_general_dilated) or (
-      conv.conv_general_dilated is not jax.lax.conv_general_dilated):
+    conv.conv_general_dilated is not jax.lax.conv_general_dilated
+  ):
     return "custom conv_general_dilated"
   padding = conv.padding
   if isinstance(padding, str) and padding not in (
-      "SAME", "VALID", "CIRCULAR", "REFLECT", "CAUSAL"):
+    "SAME",
+    "VALID",
+    "CIRCULAR",
+    "REFLECT",
+    "CAUSAL",
+  ):
     return f"padding={padding!r}"
   return None
 
@@ -561,19 +740,19 @@ def _record_inputs(model, paths, inputs):
 
 
 def factorize(
-    model: nnx.Module,
-    format: Any,
-    *,
-    rank: Any = None,
-    energy: float | None = None,
-    budget: Budget | None = None,
-    inputs: jax.Array | None = None,
-    filter: Callable[[tuple, nnx.Conv], bool] | None = None,
-    data_aware: bool = False,
-    implementation: str = "factorized",
-    allow_larger: bool = False,
-    progress: bool = False,
-    **decompose_kwargs: Any,
+  model: nnx.Module,
+  format: Any,
+  *,
+  rank: Any = None,
+  energy: float | None = None,
+  budget: Budget | None = None,
+  inputs: jax.Array | None = None,
+  filter: Callable[[tuple, nnx.Conv], bool] | None = None,
+  data_aware: bool = False,
+  implementation: str = "factorized",
+  allow_larger: bool = False,
+  progress: bool = False,
+  **decompose_kwargs: Any,
 ) -> FactorizationReport:
   """Replaces, in place, a trained model's convs by factorized layers.
 
@@ -630,8 +809,10 @@ def factorize(
   cls = _ranks.format_class(fn, format)
   _surgery.check_choice(fn, rank, energy, budget, inputs, data_aware)
   if isinstance(model, nnx.Conv):
-    raise TypeError(f"{fn}: `model` is a bare nnx.Conv; factorize works in"
-                    " place on the model that holds it.")
+    raise TypeError(
+      f"{fn}: `model` is a bare nnx.Conv; factorize works in"
+      " place on the model that holds it."
+    )
   select = filter or _default_filter
   skipped, targets = [], []
   for path, module in nnx.iter_modules(model):
@@ -644,54 +825,111 @@ def factorize(
     if reason is None and cls is formats.SpatiallySeparable and len(shape) < 4:
       reason = "1-D kernel: nothing to separate"
     if reason is not None:
-      skipped.append(LayerReport(path=path, kernel_shape=shape,
-                                 skipped=reason))
+      skipped.append(LayerReport(path=path, kernel_shape=shape, skipped=reason))
     else:
       targets.append(path)
   # Record on a copy: the forward pass must not touch the model's state
   # (BatchNorm statistics, RNG counters).
-  recorded = (_record_inputs(nnx.clone(model), targets, inputs)
-              if inputs is not None else {})
+  recorded = (
+    _record_inputs(nnx.clone(model), targets, inputs)
+    if inputs is not None
+    else {}
+  )
   sites = []
   for path in targets:
     conv = _get(model, path)
     if isinstance(conv.kernel.get_value(), jax.ShapeDtypeStruct):
       raise ValueError(
-          f"{fn}: the model is abstract (from nnx.eval_shape?): its kernels"
-          " have no values to decompose. To rebuild a factorized model's"
-          " structure for a checkpoint, use"
-          " jaxfactor.nnx.restore_structure.")
-    sites.append(_surgery.Site(
-        path=path, kernel=conv.kernel[...], strides=conv.strides,
-        padding=conv.padding, kernel_dilation=conv.kernel_dilation,
-        inputs=recorded.get(path)))
+        f"{fn}: the model is abstract (from nnx.eval_shape?): its kernels"
+        " have no values to decompose. To rebuild a factorized model's"
+        " structure for a checkpoint, use"
+        " jaxfactor.nnx.restore_structure."
+      )
+    sites.append(
+      _surgery.Site(
+        path=path,
+        kernel=conv.kernel[...],
+        strides=conv.strides,
+        padding=conv.padding,
+        kernel_dilation=conv.kernel_dilation,
+        inputs=recorded.get(path),
+      )
+    )
   factors, reports = _surgery.factorize_sites(
-      fn, sites, cls, rank=rank, energy=energy, budget=budget,
-      data_aware=data_aware, implementation=implementation,
-      allow_larger=allow_larger, progress=progress, **decompose_kwargs)
+    fn,
+    sites,
+    cls,
+    rank=rank,
+    energy=energy,
+    budget=budget,
+    data_aware=data_aware,
+    implementation=implementation,
+    allow_larger=allow_larger,
+    progress=progress,
+    **decompose_kwargs,
+  )
   for path, value in factors.items():
-    _set(model, path, _replacement(
-        cls, _get(model, path), _ranks.rank_of(value),
-        {name: param.astype(_get(model, path).param_dtype)
-         for name, param in value.params().items()}, implementation))
+    _set(
+      model,
+      path,
+      _replacement(
+        cls,
+        _get(model, path),
+        _ranks.rank_of(value),
+        {
+          name: param.astype(_get(model, path).param_dtype)
+          for name, param in value.params().items()
+        },
+        implementation,
+      ),
+    )
   order = [path for path, _ in nnx.iter_modules(model)]
   return _surgery.ordered(cls.__name__, [*skipped, *reports], order)
 
 
-def _layer(cls, rank, values: Mapping[str, Any], bias: Any, *,
-           in_features: int, out_features: int, kernel_size, strides,
-           padding, kernel_dilation, dtype, param_dtype, precision,
-           preferred_element_type, implementation) -> _FactorizedConv:
+def _layer(
+  cls,
+  rank,
+  values: Mapping[str, Any],
+  bias: Any,
+  *,
+  in_features: int,
+  out_features: int,
+  kernel_size,
+  strides,
+  padding,
+  kernel_dilation,
+  dtype,
+  param_dtype,
+  precision,
+  preferred_element_type,
+  implementation,
+) -> _FactorizedConv:
   """A jaxfactor layer of `rank` holding `values` (arrays or abstract) and
   `bias` (an `nnx.Param`, or None), built without initializing anything."""
-  rank_arg = ({"channel_multiplier": rank} if cls is formats.DepthwiseSeparable
-              else {"rank": rank})
-  layer = nnx.eval_shape(lambda: _LAYERS[cls](
-      in_features, out_features, kernel_size, strides, padding=padding,
-      kernel_dilation=kernel_dilation, use_bias=bias is not None,
-      dtype=dtype, param_dtype=param_dtype, precision=precision,
+  rank_arg = (
+    {"channel_multiplier": rank}
+    if cls is formats.DepthwiseSeparable
+    else {"rank": rank}
+  )
+  layer = nnx.eval_shape(
+    lambda: _LAYERS[cls](
+      in_features,
+      out_features,
+      kernel_size,
+      strides,
+      padding=padding,
+      kernel_dilation=kernel_dilation,
+      use_bias=bias is not None,
+      dtype=dtype,
+      param_dtype=param_dtype,
+      precision=precision,
       preferred_element_type=preferred_element_type,
-      implementation=implementation, rngs=nnx.Rngs(0), **rank_arg))
+      implementation=implementation,
+      rngs=nnx.Rngs(0),
+      **rank_arg,
+    )
+  )
   for name, value in values.items():
     setattr(layer, name, nnx.Param(value))
   # The bias Param itself, metadata (e.g. sharding) included.
@@ -701,30 +939,40 @@ def _layer(cls, rank, values: Mapping[str, Any], bias: Any, *,
   return layer
 
 
-def _replacement(cls, conv: nnx.Conv, rank, values: Mapping[str, Any],
-                 implementation: str) -> _FactorizedConv:
+def _replacement(
+  cls, conv: nnx.Conv, rank, values: Mapping[str, Any], implementation: str
+) -> _FactorizedConv:
   """The jaxfactor layer standing in for `conv`: its bias and settings."""
   return _layer(
-      cls, rank, values, conv.bias, in_features=conv.in_features,
-      out_features=conv.out_features, kernel_size=conv.kernel_size,
-      strides=conv.strides or 1, padding=conv.padding,
-      kernel_dilation=conv.kernel_dilation or 1, dtype=conv.dtype,
-      param_dtype=conv.param_dtype, precision=conv.precision,
-      preferred_element_type=conv.preferred_element_type,
-      implementation=implementation)
+    cls,
+    rank,
+    values,
+    conv.bias,
+    in_features=conv.in_features,
+    out_features=conv.out_features,
+    kernel_size=conv.kernel_size,
+    strides=conv.strides or 1,
+    padding=conv.padding,
+    kernel_dilation=conv.kernel_dilation or 1,
+    dtype=conv.dtype,
+    param_dtype=conv.param_dtype,
+    precision=conv.precision,
+    preferred_element_type=conv.preferred_element_type,
+    implementation=implementation,
+  )
 
 
 def from_factors(
-    factors: formats.Format,
-    strides: int | Sequence[int] = 1,
-    *,
-    bias: jax.typing.ArrayLike | None = None,
-    padding: Any = "SAME",
-    kernel_dilation: int | Sequence[int] = 1,
-    dtype: Any = None,
-    precision: Any = None,
-    preferred_element_type: Any = None,
-    implementation: str = "auto",
+  factors: formats.Format,
+  strides: int | Sequence[int] = 1,
+  *,
+  bias: jax.typing.ArrayLike | None = None,
+  padding: Any = "SAME",
+  kernel_dilation: int | Sequence[int] = 1,
+  dtype: Any = None,
+  precision: Any = None,
+  preferred_element_type: Any = None,
+  implementation: str = "auto",
 ) -> _FactorizedConv:
   """The nnx layer of a format value: `LowRankConv` for a `LowRank`, etc.
 
@@ -756,33 +1004,45 @@ def from_factors(
   """
   fn = "from_factors"
   if not isinstance(factors, formats.Format):
-    raise TypeError(f"{fn}: `factors` must be a jaxfactor format, got"
-                    f" {type(factors).__name__}.")
+    raise TypeError(
+      f"{fn}: `factors` must be a jaxfactor format, got"
+      f" {type(factors).__name__}."
+    )
   factors.check(fn)
   if bias is not None:
     bias = _validation.check_array(fn, "bias", bias)
     if tuple(bias.shape) != (factors.out_features,):
       raise ValueError(
-          f"{fn}: `bias` must have shape ({factors.out_features},) for"
-          f" factors with {factors.out_features} output features, got"
-          f" {tuple(bias.shape)}.")
+        f"{fn}: `bias` must have shape ({factors.out_features},) for"
+        f" factors with {factors.out_features} output features, got"
+        f" {tuple(bias.shape)}."
+      )
   cls = type(factors)
   return _layer(
-      cls, _ranks.rank_of(factors), factors.params(),
-      None if bias is None else nnx.Param(jnp.asarray(bias, factors.dtype)),
-      in_features=factors.in_features, out_features=factors.out_features,
-      kernel_size=factors.window, strides=strides, padding=padding,
-      kernel_dilation=kernel_dilation, dtype=dtype, param_dtype=factors.dtype,
-      precision=precision, preferred_element_type=preferred_element_type,
-      implementation=implementation)
+    cls,
+    _ranks.rank_of(factors),
+    factors.params(),
+    None if bias is None else nnx.Param(jnp.asarray(bias, factors.dtype)),
+    in_features=factors.in_features,
+    out_features=factors.out_features,
+    kernel_size=factors.window,
+    strides=strides,
+    padding=padding,
+    kernel_dilation=kernel_dilation,
+    dtype=dtype,
+    param_dtype=factors.dtype,
+    precision=precision,
+    preferred_element_type=preferred_element_type,
+    implementation=implementation,
+  )
 
 
 def restore_structure(
-    model: nnx.Module,
-    format: Any,
-    ranks: Mapping[str, Any],
-    *,
-    implementation: str = "factorized",
+  model: nnx.Module,
+  format: Any,
+  ranks: Mapping[str, Any],
+  *,
+  implementation: str = "factorized",
 ) -> None:
   """Rebuilds, in place, a factorized model's structure, decomposing nothing.
 
@@ -811,16 +1071,22 @@ def restore_structure(
   fn = "restore_structure"
   cls = _ranks.format_class(fn, format)
   if not isinstance(ranks, Mapping):
-    raise TypeError(f"{fn}: `ranks` must be a mapping from layer paths to"
-                    f" ranks (FactorizationReport.ranks), got"
-                    f" {type(ranks).__name__}.")
-  convs = {"/".join(map(str, path)): path
-           for path, module in nnx.iter_modules(model)
-           if isinstance(module, nnx.Conv)}
+    raise TypeError(
+      f"{fn}: `ranks` must be a mapping from layer paths to"
+      f" ranks (FactorizationReport.ranks), got"
+      f" {type(ranks).__name__}."
+    )
+  convs = {
+    "/".join(map(str, path)): path
+    for path, module in nnx.iter_modules(model)
+    if isinstance(module, nnx.Conv)
+  }
   unknown = sorted(set(ranks) - set(convs))
   if unknown:
-    raise ValueError(f"{fn}: `ranks` names {unknown}, which are not nnx.Conv"
-                     f" layers of the model; its convs are {sorted(convs)}.")
+    raise ValueError(
+      f"{fn}: `ranks` names {unknown}, which are not nnx.Conv"
+      f" layers of the model; its convs are {sorted(convs)}."
+    )
   for name, rank in ranks.items():
     path = convs[name]
     conv = _get(model, path)
@@ -829,7 +1095,11 @@ def restore_structure(
     rank = _ranks.resolve_rank(fn, cls, shape, rank)
     abstract = isinstance(conv.kernel.get_value(), jax.ShapeDtypeStruct)
     values = {
-        name: (jax.ShapeDtypeStruct(param_shape, conv.param_dtype) if abstract
-               else jnp.zeros(param_shape, conv.param_dtype))
-        for name, param_shape in cls.param_shapes(shape, rank).items()}
+      name: (
+        jax.ShapeDtypeStruct(param_shape, conv.param_dtype)
+        if abstract
+        else jnp.zeros(param_shape, conv.param_dtype)
+      )
+      for name, param_shape in cls.param_shapes(shape, rank).items()
+    }
     _set(model, path, _replacement(cls, conv, rank, values, implementation))

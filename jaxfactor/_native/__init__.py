@@ -42,19 +42,30 @@ import jax
 
 _SOURCE = os.path.join(os.path.dirname(__file__), "depthwise.cc")
 _TARGETS = {
-    "jaxfactor_depthwise_forward": "JaxfactorDepthwiseForward",
-    "jaxfactor_depthwise_input_grad": "JaxfactorDepthwiseInputGrad",
-    "jaxfactor_depthwise_weight_grad": "JaxfactorDepthwiseWeightGrad",
+  "jaxfactor_depthwise_forward": "JaxfactorDepthwiseForward",
+  "jaxfactor_depthwise_input_grad": "JaxfactorDepthwiseInputGrad",
+  "jaxfactor_depthwise_weight_grad": "JaxfactorDepthwiseWeightGrad",
 }
 # jaxlib's headers come in with -isystem: -Wall -Wextra speak of ours only.
-_FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC",
-          "-Wall", "-Wextra")
+_FLAGS = (
+  "-O3",
+  "-march=native",
+  "-std=c++17",
+  "-shared",
+  "-fPIC",
+  "-Wall",
+  "-Wextra",
+)
 # With $JAXFACTOR_NATIVE_SANITIZE=1 (tools/sanitize.sh): AddressSanitizer and
 # UndefinedBehaviorSanitizer, every finding fatal. Such a build loads only in
 # a process that preloads the ASan runtime.
-_SANITIZE_FLAGS = ("-fsanitize=address,undefined",
-                   "-fno-sanitize-recover=all", "-fno-omit-frame-pointer",
-                   "-g", "-O1")
+_SANITIZE_FLAGS = (
+  "-fsanitize=address,undefined",
+  "-fno-sanitize-recover=all",
+  "-fno-omit-frame-pointer",
+  "-g",
+  "-O1",
+)
 
 
 def _sanitize() -> bool:
@@ -75,7 +86,8 @@ def cache_dir() -> str:
   if os.environ.get("JAXFACTOR_CACHE_DIR"):
     return os.environ["JAXFACTOR_CACHE_DIR"]
   base = os.environ.get("XDG_CACHE_HOME") or os.path.join(
-      os.path.expanduser("~"), ".cache")
+    os.path.expanduser("~"), ".cache"
+  )
   return os.path.join(base, "jaxfactor", "native")
 
 
@@ -110,19 +122,24 @@ def _library_path(compiler: str | None) -> str | None:
   with open(_SOURCE, "rb") as f:
     source = f.read().decode()
   key = hashlib.sha256()
-  for part in (source, " ".join(_flags()),
-               _jaxlib_version(), platform.machine(), _cpu_fingerprint(),
-               sys.platform):
+  for part in (
+    source,
+    " ".join(_flags()),
+    _jaxlib_version(),
+    platform.machine(),
+    _cpu_fingerprint(),
+    sys.platform,
+  ):
     key.update(part.encode())
     key.update(b"\0")
   kind = "depthwise-asan" if _sanitize() else "depthwise"
   stem = os.path.join(cache_dir(), f"{kind}-{key.hexdigest()[:16]}")
   if compiler is None:
-    built = sorted(glob.glob(glob.escape(stem) + "-*.so"),
-                   key=os.path.getmtime)
+    built = sorted(glob.glob(glob.escape(stem) + "-*.so"), key=os.path.getmtime)
     return built[-1] if built else None
-  version = subprocess.run([compiler, "--version"], capture_output=True,
-                           text=True, check=False).stdout
+  version = subprocess.run(
+    [compiler, "--version"], capture_output=True, text=True, check=False
+  ).stdout
   return f"{stem}-{hashlib.sha256(version.encode()).hexdigest()[:8]}.so"
 
 
@@ -133,9 +150,20 @@ def _build(compiler: str, path: str) -> None:
   os.close(fd)
   try:
     result = subprocess.run(
-        [compiler, *_flags(), "-isystem", jax.ffi.include_dir(), _SOURCE,
-         "-o", tmp],
-        capture_output=True, text=True, check=False, timeout=600)
+      [
+        compiler,
+        *_flags(),
+        "-isystem",
+        jax.ffi.include_dir(),
+        _SOURCE,
+        "-o",
+        tmp,
+      ],
+      capture_output=True,
+      text=True,
+      check=False,
+      timeout=600,
+    )
     if result.returncode != 0:
       raise RuntimeError(f"{compiler} failed:\n{result.stderr[-4000:]}")
     umask = os.umask(0)
@@ -161,8 +189,9 @@ def _load() -> None:
       path = _library_path(compiler)
       if path is None:
         raise RuntimeError(
-            f"no C++ compiler ({os.environ.get('CXX', 'c++')!r} not on PATH;"
-            f" set $CXX) and no prebuilt library in {cache_dir()}")
+          f"no C++ compiler ({os.environ.get('CXX', 'c++')!r} not on PATH;"
+          f" set $CXX) and no prebuilt library in {cache_dir()}"
+        )
       if compiler is not None and not os.path.exists(path):
         _build(compiler, path)
       try:
@@ -170,8 +199,8 @@ def _load() -> None:
       except OSError as e:
         if _sanitize():  # not damaged: the ASan runtime is not preloaded
           raise RuntimeError(
-              f"{e} (a JAXFACTOR_NATIVE_SANITIZE=1 build loads only with"
-              " the ASan runtime in LD_PRELOAD: see tools/sanitize.sh)"
+            f"{e} (a JAXFACTOR_NATIVE_SANITIZE=1 build loads only with"
+            " the ASan runtime in LD_PRELOAD: see tools/sanitize.sh)"
           ) from e
         if compiler is None:  # a prebuilt library: nothing can rebuild it
           raise
@@ -180,8 +209,8 @@ def _load() -> None:
         library = ctypes.cdll.LoadLibrary(path)
       for target, symbol in _TARGETS.items():
         jax.ffi.register_ffi_target(
-            target, jax.ffi.pycapsule(getattr(library, symbol)),
-            platform="cpu")
+          target, jax.ffi.pycapsule(getattr(library, symbol)), platform="cpu"
+        )
       _state["library"] = library
       _state["path"] = path
     except Exception as e:  # pylint: disable=broad-except
@@ -194,12 +223,14 @@ def _load() -> None:
     failure = None if "library" in _state or chosen else _state["error"]
   if failure is not None:  # outside the lock: a filter may make it raise
     warnings.warn(
-        "jaxfactor: the compiled CPU depthwise convolution is unavailable"
-        f" ({failure}). Depthwise convolutions on CPU run as a pure-JAX"
-        " shift-add instead, which is slower to compile and to train. To"
-        " fix this, install a C++ compiler or point $CXX at one; to use the"
-        " shift-add without this warning, set JAXFACTOR_NATIVE=0.",
-        RuntimeWarning, stacklevel=3)
+      "jaxfactor: the compiled CPU depthwise convolution is unavailable"
+      f" ({failure}). Depthwise convolutions on CPU run as a pure-JAX"
+      " shift-add instead, which is slower to compile and to train. To"
+      " fix this, install a C++ compiler or point $CXX at one; to use the"
+      " shift-add without this warning, set JAXFACTOR_NATIVE=0.",
+      RuntimeWarning,
+      stacklevel=3,
+    )
 
 
 def available() -> bool:
