@@ -52,14 +52,14 @@ from jaxfactor import _lowering
 from jaxfactor import _native
 
 SHAPES = {  # name: (H=W, C, F, stride)
-    "mb56": (56, 128, 128, 1),
-    "mb28": (28, 256, 256, 1),
-    "mb14": (14, 512, 512, 1),
-    "mb7": (7, 1024, 1024, 1),
-    "s2_56": (56, 128, 256, 2),
-    # Few channels: memory- and narrow-GEMM-bound, where "auto" should
-    # reconstruct the low-rank formats (their rank-4 stages run slowly).
-    "c16_56": (56, 16, 16, 1),
+  "mb56": (56, 128, 128, 1),
+  "mb28": (28, 256, 256, 1),
+  "mb14": (14, 512, 512, 1),
+  "mb7": (7, 1024, 1024, 1),
+  "s2_56": (56, 128, 256, 2),
+  # Few channels: memory- and narrow-GEMM-bound, where "auto" should
+  # reconstruct the low-rank formats (their rank-4 stages run slowly).
+  "c16_56": (56, 16, 16, 1),
 }
 QUICK = {"tiny16": (16, 32, 32, 1), "tiny_s2": (16, 32, 64, 2)}
 DN = ("NHWC", "HWIO", "NHWC")
@@ -72,22 +72,30 @@ def _normal(key, shape, fan_in):
 def kernels(c, f, key):
   k = iter(jax.random.split(key, 16))
   return {
-      "dense": _normal(next(k), (3, 3, c, f), 9 * c),
-      "depthwise_separable": jaxfactor.DepthwiseSeparable(
-          _normal(next(k), (3, 3, 1, c), 9), _normal(next(k), (c, f), c)),
-      "low_rank": jaxfactor.LowRank(_normal(next(k), (3, 3, c, f // 4), 9 * c),
-                                    _normal(next(k), (f // 4, f), f // 4)),
-      "tucker": jaxfactor.Tucker(
-          _normal(next(k), (c, c // 4), c),
-          _normal(next(k), (3, 3, c // 4, f // 4), 9 * c // 4),
-          _normal(next(k), (f // 4, f), f // 4)),
-      "spatially_separable": jaxfactor.SpatiallySeparable(
-          (_normal(next(k), (3, c, f // 2), 3 * c),
-           _normal(next(k), (3, f // 2, f), 3 * f // 2))),
-      "cp": jaxfactor.CP(_normal(next(k), (c, f // 2), c),
-                         (_normal(next(k), (3, f // 2), 3),
-                          _normal(next(k), (3, f // 2), 3)),
-                         _normal(next(k), (f // 2, f), f // 2)),
+    "dense": _normal(next(k), (3, 3, c, f), 9 * c),
+    "depthwise_separable": jaxfactor.DepthwiseSeparable(
+      _normal(next(k), (3, 3, 1, c), 9), _normal(next(k), (c, f), c)
+    ),
+    "low_rank": jaxfactor.LowRank(
+      _normal(next(k), (3, 3, c, f // 4), 9 * c),
+      _normal(next(k), (f // 4, f), f // 4),
+    ),
+    "tucker": jaxfactor.Tucker(
+      _normal(next(k), (c, c // 4), c),
+      _normal(next(k), (3, 3, c // 4, f // 4), 9 * c // 4),
+      _normal(next(k), (f // 4, f), f // 4),
+    ),
+    "spatially_separable": jaxfactor.SpatiallySeparable(
+      (
+        _normal(next(k), (3, c, f // 2), 3 * c),
+        _normal(next(k), (3, f // 2, f), 3 * f // 2),
+      )
+    ),
+    "cp": jaxfactor.CP(
+      _normal(next(k), (c, f // 2), c),
+      (_normal(next(k), (3, f // 2), 3), _normal(next(k), (3, f // 2), 3)),
+      _normal(next(k), (f // 2, f), f // 2),
+    ),
   }
 
 
@@ -117,36 +125,79 @@ def ops(c, f, stride, key):
   def add(name, fn, params, kernel, implementation="auto", lowering=None):
     out[name] = Op(fn, params, kernel, implementation, lowering)
 
-  add("dense | lax conv",
-      lambda x, k: jaxfactor.conv(x, k, strides=stride), ks["dense"],
-      ks["dense"])
+  add(
+    "dense | lax conv",
+    lambda x, k: jaxfactor.conv(x, k, strides=stride),
+    ks["dense"],
+    ks["dense"],
+  )
   dw = ks["depthwise_separable"].depthwise
-  add("depthwise | jaxfactor.depthwise_conv",
-      lambda x, k: jaxfactor.depthwise_conv(x, k, strides=stride), dw, None)
+  add(
+    "depthwise | jaxfactor.depthwise_conv",
+    lambda x, k: jaxfactor.depthwise_conv(x, k, strides=stride),
+    dw,
+    None,
+  )
   if depthwise_default() == "native":
     # The CPU's other depthwise lowering, beside the compiled kernel.
-    add("depthwise | jaxfactor shift_add",
-        lambda x, k: jaxfactor.depthwise_conv(x, k, strides=stride), dw, None,
-        lowering=dict(depthwise="shift_add"))
-  add("depthwise | lax grouped (=Flax/Keras/Haiku)",
-      lambda x, k: lax.conv_general_dilated(
-          x, k, (stride, stride), "SAME", dimension_numbers=DN,
-          feature_group_count=c), dw, None)
+    add(
+      "depthwise | jaxfactor shift_add",
+      lambda x, k: jaxfactor.depthwise_conv(x, k, strides=stride),
+      dw,
+      None,
+      lowering=dict(depthwise="shift_add"),
+    )
+  add(
+    "depthwise | lax grouped (=Flax/Keras/Haiku)",
+    lambda x, k: lax.conv_general_dilated(
+      x,
+      k,
+      (stride, stride),
+      "SAME",
+      dimension_numbers=DN,
+      feature_group_count=c,
+    ),
+    dw,
+    None,
+  )
   sep = ks["depthwise_separable"]
-  add("separable | naive grouped + 1x1 conv",
-      lambda x, f_: lax.conv_general_dilated(
-          lax.conv_general_dilated(x, f_.depthwise, (stride, stride), "SAME",
-                                   dimension_numbers=DN,
-                                   feature_group_count=c),
-          f_.pointwise[None, None], (1, 1), "SAME", dimension_numbers=DN),
-      sep, sep, "factorized")
-  for name in ("depthwise_separable", "low_rank", "tucker",
-               "spatially_separable", "cp"):
+  add(
+    "separable | naive grouped + 1x1 conv",
+    lambda x, f_: lax.conv_general_dilated(
+      lax.conv_general_dilated(
+        x,
+        f_.depthwise,
+        (stride, stride),
+        "SAME",
+        dimension_numbers=DN,
+        feature_group_count=c,
+      ),
+      f_.pointwise[None, None],
+      (1, 1),
+      "SAME",
+      dimension_numbers=DN,
+    ),
+    sep,
+    sep,
+    "factorized",
+  )
+  for name in (
+    "depthwise_separable",
+    "low_rank",
+    "tucker",
+    "spatially_separable",
+    "cp",
+  ):
     for impl in ("factorized", "reconstructed", "auto"):
-      add(f"{name} | {impl}",
-          lambda x, f_, impl=impl: jaxfactor.conv(
-              x, f_, strides=stride, implementation=impl),
-          ks[name], ks[name], impl)
+      add(
+        f"{name} | {impl}",
+        lambda x, f_, impl=impl: jaxfactor.conv(
+          x, f_, strides=stride, implementation=impl
+        ),
+        ks[name],
+        ks[name],
+        impl,
+      )
   return out
 
 
@@ -183,28 +234,33 @@ def compile_for(fns, args, lowering=None):
   and exit, and a compiled executable keeps the lowering it was compiled
   with.
   """
-  context = (_lowering.forced(**lowering) if lowering
-             else contextlib.nullcontext())
+  context = (
+    _lowering.forced(**lowering) if lowering else contextlib.nullcontext()
+  )
   with context:
-    return {key: jax.jit(fn).lower(*args).compile()
-            for key, fn in fns.items()}
+    return {key: jax.jit(fn).lower(*args).compile() for key, fn in fns.items()}
 
 
 def time_compiled(compiled, args, rounds):
   """`{key: compiled}`, each called as `f(*args)` -> `{key: [ms per call]}`,
   interleaved (`_interleaved`)."""
-  calls = {key: lambda fn=fn: jax.block_until_ready(fn(*args))
-           for key, fn in compiled.items()}
-  return {key: [1e3 * t for t in times]
-          for key, times in _interleaved(calls, rounds).items()}
+  calls = {
+    key: lambda fn=fn: jax.block_until_ready(fn(*args))
+    for key, fn in compiled.items()
+  }
+  return {
+    key: [1e3 * t for t in times]
+    for key, times in _interleaved(calls, rounds).items()
+  }
 
 
 def depthwise_operands(x_shape, out_shape, seed=0):
   """Random float32 `(x, 3x3 depthwise kernel, cotangent)`."""
   rng = np.random.default_rng(seed)
   x = jnp.asarray(rng.standard_normal(x_shape), jnp.float32)
-  kernel = jnp.asarray(rng.standard_normal((3, 3, 1, x_shape[-1])),
-                       jnp.float32) / 3
+  kernel = (
+    jnp.asarray(rng.standard_normal((3, 3, 1, x_shape[-1])), jnp.float32) / 3
+  )
   cotangent = jnp.asarray(rng.standard_normal(out_shape), jnp.float32)
   return x, kernel, cotangent
 
@@ -225,6 +281,7 @@ def torch_ops(batch, size, c, f, stride):
   if device is None:
     return {}
   import torch
+
   if device == "cpu":
     torch.set_num_threads(os.cpu_count() or 1)
     sync = lambda: None
@@ -235,11 +292,13 @@ def torch_ops(batch, size, c, f, stride):
 
   def tensor(*shape):
     return torch.randn(*shape, device=device).to(
-        memory_format=torch.channels_last)
+      memory_format=torch.channels_last
+    )
 
   def layer(*args, **kwargs):
     return torch.nn.Conv2d(*args, bias=False, **kwargs).to(
-        device=device, memory_format=torch.channels_last)
+      device=device, memory_format=torch.channels_last
+    )
 
   x = tensor(batch, c, size, size)
   dense = layer(c, f, 3, stride, 1)
@@ -257,13 +316,13 @@ def torch_ops(batch, size, c, f, stride):
         y.backward(cot[y.shape[1]])
       sync()
       return y
+
     return call
 
   return {
-      "dense | torch channels-last": lambda b: run(dense, b),
-      "depthwise | torch channels-last": lambda b: run(dw, b),
-      "separable | torch channels-last": lambda b: run(
-          lambda t: pw(dw(t)), b),
+    "dense | torch channels-last": lambda b: run(dense, b),
+    "depthwise | torch channels-last": lambda b: run(dw, b),
+    "separable | torch channels-last": lambda b: run(lambda t: pw(dw(t)), b),
   }
 
 
@@ -289,18 +348,24 @@ def measure_peaks(n=8192, copy_size=1 << 28, repeats=10):
       times.append(time.perf_counter() - start)
     return statistics.median(times)
 
-  gflops = 2 * n ** 3 / median_seconds(matmul, a, b) / 1e9
+  gflops = 2 * n**3 / median_seconds(matmul, a, b) / 1e9
   gbs = 2 * v.nbytes / median_seconds(copy, v) / 1e9
   return gflops, gbs
 
 
 def _auto_choice(kernel, shape, stride):
   """What `implementation="auto"` runs for this format and input."""
-  counts = {impl: jaxfactor.cost(kernel, shape, strides=stride,
-                                 implementation=impl).flops
-            for impl in ("auto", "factorized", "reconstructed")}
-  return "factorized" if counts["auto"] == counts["factorized"] else (
-      "reconstructed")
+  counts = {
+    impl: jaxfactor.cost(
+      kernel, shape, strides=stride, implementation=impl
+    ).flops
+    for impl in ("auto", "factorized", "reconstructed")
+  }
+  return (
+    "factorized"
+    if counts["auto"] == counts["factorized"]
+    else ("reconstructed")
+  )
 
 
 def _forward_backward(fn, x, params, cotangent):
@@ -320,8 +385,11 @@ def _forward_backward(fn, x, params, cotangent):
 def _program_text(compiled):
   """A compiled program's HLO without its name and debug information
   (source locations, op names), so that programs compare by content."""
-  lines = [line for line in compiled.as_text().splitlines()
-           if line.startswith(("%", "ENTRY", " ", "}"))]
+  lines = [
+    line
+    for line in compiled.as_text().splitlines()
+    if line.startswith(("%", "ENTRY", " ", "}"))
+  ]
   return re.sub(r", metadata=\{[^}]*\}", "", "\n".join(lines))
 
 
@@ -329,11 +397,17 @@ def _compile(op, x, cotangent):
   """`(fwd, fwd+bwd)` compiled for `op` (under `op.lowering`, if any), and
   their HLO texts."""
   compiled = compile_for(
-      {"fwd": lambda x, p, t: op.fn(x, p),
-       "fwdbwd": functools.partial(_forward_backward, op.fn)},
-      (x, op.params, cotangent), op.lowering)
-  return ((compiled["fwd"], compiled["fwdbwd"]),
-          tuple(_program_text(c) for c in compiled.values()))
+    {
+      "fwd": lambda x, p, t: op.fn(x, p),
+      "fwdbwd": functools.partial(_forward_backward, op.fn),
+    },
+    (x, op.params, cotangent),
+    op.lowering,
+  )
+  return (
+    (compiled["fwd"], compiled["fwdbwd"]),
+    tuple(_program_text(c) for c in compiled.values()),
+  )
 
 
 def _flops(table, choices, x_shape, c, stride):
@@ -349,23 +423,29 @@ def _flops(table, choices, x_shape, c, stride):
     for name, op in table.items():
       if op.kernel is None:  # a depthwise kernel alone
         flops[name] = jaxfactor.cost(
-            jaxfactor.DepthwiseSeparable(op.params, jnp.eye(c)), x_shape,
-            strides=stride, implementation="factorized").flops - (
-                2 * batch * out ** 2 * c * c)
+          jaxfactor.DepthwiseSeparable(op.params, jnp.eye(c)),
+          x_shape,
+          strides=stride,
+          implementation="factorized",
+        ).flops - (2 * batch * out**2 * c * c)
       else:
         flops[name] = jaxfactor.cost(
-            op.kernel, x_shape, strides=stride,
-            implementation=choices.get(name) or op.implementation).flops
+          op.kernel,
+          x_shape,
+          strides=stride,
+          implementation=choices.get(name) or op.implementation,
+        ).flops
   return flops
 
 
 def run_shape(shape_name, size, c, f, stride, batch, repeats, args):
   x = jax.random.normal(jax.random.key(0), (batch, size, size, c))
   table = ops(c, f, stride, jax.random.key(1))
-  choices = {name: _auto_choice(op.kernel, x.shape, stride)
-             for name, op in table.items()
-             if op.implementation == "auto"
-             and isinstance(op.kernel, jaxfactor.Format)}
+  choices = {
+    name: _auto_choice(op.kernel, x.shape, stride)
+    for name, op in table.items()
+    if op.implementation == "auto" and isinstance(op.kernel, jaxfactor.Format)
+  }
   flops = _flops(table, choices, x.shape, c, stride)
   dense_flops = flops["dense | lax conv"]
   out = -(-size // stride)
@@ -374,12 +454,17 @@ def run_shape(shape_name, size, c, f, stride, batch, repeats, args):
     features = c if name.startswith("depthwise |") else f
     cot = jax.random.normal(jax.random.key(2), (batch, out, out, features))
     (fwd, grad), programs[name] = _compile(op, x, cot)
-    calls[name, "fwd"] = (lambda fwd=fwd, p=op.params, t=cot:
-                          jax.block_until_ready(fwd(x, p, t)))
-    calls[name, "fwdbwd"] = (lambda grad=grad, p=op.params, t=cot:
-                             jax.block_until_ready(grad(x, p, t)))
-    nbytes = 4 * (x.size + batch * out * out * features + sum(
-        l.size for l in jax.tree.leaves(op.params)))
+    calls[name, "fwd"] = lambda fwd=fwd, p=op.params, t=cot: (
+      jax.block_until_ready(fwd(x, p, t))
+    )
+    calls[name, "fwdbwd"] = lambda grad=grad, p=op.params, t=cot: (
+      jax.block_until_ready(grad(x, p, t))
+    )
+    nbytes = 4 * (
+      x.size
+      + batch * out * out * features
+      + sum(l.size for l in jax.tree.leaves(op.params))
+    )
     choice = choices.get(name)
     same = None
     if choice is not None:
@@ -388,29 +473,45 @@ def run_shape(shape_name, size, c, f, stride, batch, repeats, args):
       # rows time one program twice.
       chosen = name.replace("| auto", f"| {choice}")
       same = programs[name] == programs[chosen]
-    meta[name] = dict(flops=flops[name], bytes=nbytes, auto=choice,
-                      same_program=same)
+    meta[name] = dict(
+      flops=flops[name], bytes=nbytes, auto=choice, same_program=same
+    )
   for name, make in torch_ops(batch, size, c, f, stride).items():
     calls[name, "fwd"] = make(False)
     calls[name, "fwdbwd"] = make(True)
     op = name.split(" | ")[0]
-    meta[name] = dict(flops={"dense": dense_flops}.get(op), bytes=None,
-                      auto=None, same_program=None)
+    meta[name] = dict(
+      flops={"dense": dense_flops}.get(op),
+      bytes=None,
+      auto=None,
+      same_program=None,
+    )
   times = _interleaved(calls, repeats)
   med = {key: statistics.median(t) for key, t in times.items()}
   rows = []
   for name, m in meta.items():
     op, impl = name.split(" | ")
-    base = "dense | torch channels-last" if "torch" in impl else (
-        "dense | lax conv")
+    base = (
+      "dense | torch channels-last" if "torch" in impl else ("dense | lax conv")
+    )
     fwd, fwdbwd = med[name, "fwd"], med[name, "fwdbwd"]
-    roofline = None if m["flops"] is None or m["bytes"] is None else max(
+    roofline = (
+      None
+      if m["flops"] is None or m["bytes"] is None
+      else max(
         m["flops"] / (args.peak_gflops * 1e9),
-        m["bytes"] / (args.bandwidth_gbs * 1e9))
-    rows.append(dict(
-        shape=shape_name, op=op, impl=impl, auto_runs=m["auto"],
+        m["bytes"] / (args.bandwidth_gbs * 1e9),
+      )
+    )
+    rows.append(
+      dict(
+        shape=shape_name,
+        op=op,
+        impl=impl,
+        auto_runs=m["auto"],
         auto_same_program=m["same_program"],
-        fwd_median_ms=1e3 * fwd, fwd_min_ms=1e3 * min(times[name, "fwd"]),
+        fwd_median_ms=1e3 * fwd,
+        fwd_min_ms=1e3 * min(times[name, "fwd"]),
         fwdbwd_median_ms=1e3 * fwdbwd,
         fwdbwd_min_ms=1e3 * min(times[name, "fwdbwd"]),
         flops=m["flops"],
@@ -418,11 +519,15 @@ def run_shape(shape_name, size, c, f, stride, batch, repeats, args):
         fwd_speedup=med[base, "fwd"] / fwd,
         fwdbwd_speedup=med[base, "fwdbwd"] / fwdbwd,
         over_roofline=None if roofline is None else fwd / roofline,
-    ))
+      )
+    )
     r = rows[-1]
-    print(f"{shape_name:7} {op:20} {impl:36} fwd {r['fwd_median_ms']:8.2f} ms"
-          f"  fwd+bwd {r['fwdbwd_median_ms']:8.2f} ms  speedup"
-          f" {r['fwd_speedup']:6.2f}/{r['fwdbwd_speedup']:6.2f}", flush=True)
+    print(
+      f"{shape_name:7} {op:20} {impl:36} fwd {r['fwd_median_ms']:8.2f} ms"
+      f"  fwd+bwd {r['fwdbwd_median_ms']:8.2f} ms  speedup"
+      f" {r['fwd_speedup']:6.2f}/{r['fwdbwd_speedup']:6.2f}",
+      flush=True,
+    )
   return rows
 
 
@@ -447,25 +552,38 @@ def targets(rows):
     grouped = get[s, "depthwise", "lax grouped (=Flax/Keras/Haiku)"]
     for key, label in (("fwd", "fwd"), ("fwdbwd", "fwd+bwd")):
       ratio = grouped[f"{key}_median_ms"] / ours[f"{key}_median_ms"]
-      check(ratio >= 5, f"{s}: depthwise {label} {ratio:.1f}x faster than"
-                        " the grouped conv (>= 5x)")
+      check(
+        ratio >= 5,
+        f"{s}: depthwise {label} {ratio:.1f}x faster than"
+        " the grouped conv (>= 5x)",
+      )
     sep = get[s, "depthwise_separable", "auto"]
     for key, label in (("fwd", "fwd"), ("fwdbwd", "fwd+bwd")):
-      check(sep[f"{key}_speedup"] >= 2.5,
-            f"{s}: depthwise-separable {label} {sep[f'{key}_speedup']:.2f}x"
-            " faster than dense (>= 2.5x)")
+      check(
+        sep[f"{key}_speedup"] >= 2.5,
+        f"{s}: depthwise-separable {label} {sep[f'{key}_speedup']:.2f}x"
+        " faster than dense (>= 2.5x)",
+      )
     need = {"mb56": 0.45, "mb14": 0.9, "mb7": 0.9}.get(s)
     if need:
       for fmt in ("low_rank", "tucker"):
         r = get[s, fmt, "auto"]
         for key, label in (("fwd", "fwd"), ("fwdbwd", "fwd+bwd")):
           share = r[f"{key}_speedup"] / r["theoretical"]
-          check(share >= need, f"{s}: {fmt} {label} reaches {share:.0%} of"
-                               f" its {r['theoretical']:.1f}x FLOP speedup"
-                               f" (>= {need:.0%})")
+          check(
+            share >= need,
+            f"{s}: {fmt} {label} reaches {share:.0%} of"
+            f" its {r['theoretical']:.1f}x FLOP speedup"
+            f" (>= {need:.0%})",
+          )
   for s in shapes:
-    for fmt in ("depthwise_separable", "low_rank", "tucker",
-                "spatially_separable", "cp"):
+    for fmt in (
+      "depthwise_separable",
+      "low_rank",
+      "tucker",
+      "spatially_separable",
+      "cp",
+    ):
       if (s, fmt, "auto") not in get:
         continue
       auto = get[s, fmt, "auto"]
@@ -474,33 +592,45 @@ def targets(rows):
       # right choice scores exactly 1.00; timing one program twice only adds
       # noise (identical programs differed by up to 27% in medians). The
       # other targets use auto's own rows, what users of the default get.
-      timed = (get[s, fmt, auto["auto_runs"]] if auto["auto_same_program"]
-               else auto)
+      timed = (
+        get[s, fmt, auto["auto_runs"]] if auto["auto_same_program"] else auto
+      )
       for key, label in (("fwd", "fwd"), ("fwdbwd", "fwd+bwd")):
-        best = min(get[s, fmt, i][f"{key}_median_ms"]
-                   for i in ("factorized", "reconstructed"))
+        best = min(
+          get[s, fmt, i][f"{key}_median_ms"]
+          for i in ("factorized", "reconstructed")
+        )
         ratio = timed[f"{key}_median_ms"] / best
-        same = (", the same program" if auto["auto_same_program"]
-                else ", its own row")
-        check(ratio <= 1.1,
-              f"{s}: {fmt} auto ({auto['auto_runs']}{same}) {label}"
-              f" {ratio:.2f}x the better of factorized and reconstructed"
-              " (<= 1.1x)")
+        same = (
+          ", the same program" if auto["auto_same_program"] else ", its own row"
+        )
+        check(
+          ratio <= 1.1,
+          f"{s}: {fmt} auto ({auto['auto_runs']}{same}) {label}"
+          f" {ratio:.2f}x the better of factorized and reconstructed"
+          " (<= 1.1x)",
+        )
   torch_lines = []
   for s in shapes:
-    for op, ours_impl in (("depthwise", "jaxfactor.depthwise_conv"),
-                          ("separable", None)):
+    for op, ours_impl in (
+      ("depthwise", "jaxfactor.depthwise_conv"),
+      ("separable", None),
+    ):
       t = get.get((s, op, "torch channels-last"))
       if t is None:
         continue
-      ours = (get[s, op, ours_impl] if ours_impl
-              else get[s, "depthwise_separable", "auto"])
+      ours = (
+        get[s, op, ours_impl]
+        if ours_impl
+        else get[s, "depthwise_separable", "auto"]
+      )
       torch_lines.append(
-          f"| {s} | {op} | {_ms(ours['fwd_median_ms'])} /"
-          f" {_ms(t['fwd_median_ms'])} ="
-          f" {ours['fwd_median_ms'] / t['fwd_median_ms']:.2f}x |"
-          f" {_ms(ours['fwdbwd_median_ms'])} / {_ms(t['fwdbwd_median_ms'])} ="
-          f" {ours['fwdbwd_median_ms'] / t['fwdbwd_median_ms']:.2f}x |")
+        f"| {s} | {op} | {_ms(ours['fwd_median_ms'])} /"
+        f" {_ms(t['fwd_median_ms'])} ="
+        f" {ours['fwd_median_ms'] / t['fwd_median_ms']:.2f}x |"
+        f" {_ms(ours['fwdbwd_median_ms'])} / {_ms(t['fwdbwd_median_ms'])} ="
+        f" {ours['fwdbwd_median_ms'] / t['fwdbwd_median_ms']:.2f}x |"
+      )
   return lines, torch_lines
 
 
@@ -531,23 +661,38 @@ def compile_times(repeats=9):
       c = 3
       for w in widths:
         if kind in ("separable", "without_depthwise"):
-          depthwise = ([jnnx.DepthwiseConv(c, (3, 3), rngs=rngs)]
-                       if kind == "separable" else [])
-          self.blocks.append(nnx.List([
-              *depthwise,
-              nnx.BatchNorm(c, rngs=rngs),
-              jnnx.PointwiseConv(c, w, rngs=rngs),
-              nnx.BatchNorm(w, rngs=rngs)]))
+          depthwise = (
+            [jnnx.DepthwiseConv(c, (3, 3), rngs=rngs)]
+            if kind == "separable"
+            else []
+          )
+          self.blocks.append(
+            nnx.List(
+              [
+                *depthwise,
+                nnx.BatchNorm(c, rngs=rngs),
+                jnnx.PointwiseConv(c, w, rngs=rngs),
+                nnx.BatchNorm(w, rngs=rngs),
+              ]
+            )
+          )
         elif kind == "flax_separable":
-          self.blocks.append(nnx.List([
-              nnx.Conv(c, c, (3, 3), feature_group_count=c, rngs=rngs),
-              nnx.BatchNorm(c, rngs=rngs),
-              nnx.Conv(c, w, (1, 1), rngs=rngs),
-              nnx.BatchNorm(w, rngs=rngs)]))
+          self.blocks.append(
+            nnx.List(
+              [
+                nnx.Conv(c, c, (3, 3), feature_group_count=c, rngs=rngs),
+                nnx.BatchNorm(c, rngs=rngs),
+                nnx.Conv(c, w, (1, 1), rngs=rngs),
+                nnx.BatchNorm(w, rngs=rngs),
+              ]
+            )
+          )
         else:
-          self.blocks.append(nnx.List([
-              nnx.Conv(c, w, (3, 3), rngs=rngs),
-              nnx.BatchNorm(w, rngs=rngs)]))
+          self.blocks.append(
+            nnx.List(
+              [nnx.Conv(c, w, (3, 3), rngs=rngs), nnx.BatchNorm(w, rngs=rngs)]
+            )
+          )
         c = w
       self.head = nnx.Linear(c, 10, rngs=rngs)
 
@@ -567,7 +712,9 @@ def compile_times(repeats=9):
     def step(model, optimizer, x, y):
       def loss(model):
         return optax.softmax_cross_entropy_with_integer_labels(
-            model(x), y).mean()
+          model(x), y
+        ).mean()
+
       value, grads = nnx.value_and_grad(loss)(model)
       optimizer.update(model, grads)
       return value
@@ -583,8 +730,13 @@ def compile_times(repeats=9):
     jax.block_until_ready(step(model, optimizer, x, y))
     return first - (time.perf_counter() - start)
 
-  kinds = ("dense", "separable", "flax_separable", "without_depthwise",
-           "separable_shift_add")
+  kinds = (
+    "dense",
+    "separable",
+    "flax_separable",
+    "without_depthwise",
+    "separable_shift_add",
+  )
   times = {kind: [] for kind in kinds}
   for seed in range(repeats):  # interleaved: drifts hit every network alike
     for kind in kinds:
@@ -604,43 +756,61 @@ def report(rows, compiled, machine):
     return "-" if v is None else format(v, spec)
 
   target_lines, torch_lines = targets(rows)
-  lines = [machine, "",
-           "| shape | op | impl | fwd ms med (min) | theo. | fwd speedup |"
-           " fwd+bwd ms med (min) | fwd+bwd speedup | fwd / roofline |",
-           "|---|---|---|---|---|---|---|---|---|"]
+  lines = [
+    machine,
+    "",
+    "| shape | op | impl | fwd ms med (min) | theo. | fwd speedup |"
+    " fwd+bwd ms med (min) | fwd+bwd speedup | fwd / roofline |",
+    "|---|---|---|---|---|---|---|---|---|",
+  ]
   for r in rows:
     impl = r["impl"] + (f" ({r['auto_runs']})" if r["auto_runs"] else "")
     lines.append(
-        f"| {r['shape']} | {r['op']} | {impl} |"
-        f" {_ms(r['fwd_median_ms'])} ({_ms(r['fwd_min_ms'])}) |"
-        f" {fmt(r['theoretical'], '.1f')} | {r['fwd_speedup']:.2f} |"
-        f" {_ms(r['fwdbwd_median_ms'])} ({_ms(r['fwdbwd_min_ms'])}) |"
-        f" {r['fwdbwd_speedup']:.2f} | {fmt(r['over_roofline'], '.1f')} |")
-  lines += ["", "**Targets** (same run, medians)", "",
-            "| met | measured |", "|---|---|", *target_lines]
+      f"| {r['shape']} | {r['op']} | {impl} |"
+      f" {_ms(r['fwd_median_ms'])} ({_ms(r['fwd_min_ms'])}) |"
+      f" {fmt(r['theoretical'], '.1f')} | {r['fwd_speedup']:.2f} |"
+      f" {_ms(r['fwdbwd_median_ms'])} ({_ms(r['fwdbwd_min_ms'])}) |"
+      f" {r['fwdbwd_speedup']:.2f} | {fmt(r['over_roofline'], '.1f')} |"
+    )
+  lines += [
+    "",
+    "**Targets** (same run, medians)",
+    "",
+    "| met | measured |",
+    "|---|---|",
+    *target_lines,
+  ]
   if compiled is None:
     lines += ["", "| - | compile time: not measured |"]
   else:
     ratio = compiled["separable"] / compiled["dense"]
-    lines += ["", f"| {'yes' if ratio <= 1.5 else '**no**'} | compile time"
-              f" of a 4-block MobileNet-style train step: separable"
-              f" {compiled['separable']:.2f} s vs dense"
-              f" {compiled['dense']:.2f} s = {ratio:.2f}x (<= 1.5x); the same"
-              f" network from Flax's own layers (grouped conv + 1x1 conv):"
-              f" {compiled['flax_separable']:.2f} s ="
-              f" {compiled['flax_separable'] / compiled['dense']:.2f}x;"
-              f" jaxfactor's without its depthwise convs:"
-              f" {compiled['without_depthwise']:.2f} s ="
-              f" {compiled['without_depthwise'] / compiled['dense']:.2f}x;"
-              f" jaxfactor's with shift-add depthwise convs (\"auto\""
-              f" without a C++ compiler or on several CPU devices):"
-              f" {compiled['separable_shift_add']:.2f} s ="
-              f" {compiled['separable_shift_add'] / compiled['dense']:.2f}x |"]
+    lines += [
+      "",
+      f"| {'yes' if ratio <= 1.5 else '**no**'} | compile time"
+      f" of a 4-block MobileNet-style train step: separable"
+      f" {compiled['separable']:.2f} s vs dense"
+      f" {compiled['dense']:.2f} s = {ratio:.2f}x (<= 1.5x); the same"
+      f" network from Flax's own layers (grouped conv + 1x1 conv):"
+      f" {compiled['flax_separable']:.2f} s ="
+      f" {compiled['flax_separable'] / compiled['dense']:.2f}x;"
+      f" jaxfactor's without its depthwise convs:"
+      f" {compiled['without_depthwise']:.2f} s ="
+      f" {compiled['without_depthwise'] / compiled['dense']:.2f}x;"
+      f' jaxfactor\'s with shift-add depthwise convs ("auto"'
+      f" without a C++ compiler or on several CPU devices):"
+      f" {compiled['separable_shift_add']:.2f} s ="
+      f" {compiled['separable_shift_add'] / compiled['dense']:.2f}x |",
+    ]
   if torch_lines:
-    lines += ["", f"**Against PyTorch {torch_device().upper()} channels-last**"
-              " (jaxfactor / torch, ms; below 1 = jaxfactor faster)", "",
-              "| shape | op | fwd | fwd+bwd |", "|---|---|---|---|",
-              *torch_lines]
+    lines += [
+      "",
+      f"**Against PyTorch {torch_device().upper()} channels-last**"
+      " (jaxfactor / torch, ms; below 1 = jaxfactor faster)",
+      "",
+      "| shape | op | fwd | fwd+bwd |",
+      "|---|---|---|---|",
+      *torch_lines,
+    ]
   return lines
 
 
@@ -650,20 +820,37 @@ def main():
   parser.add_argument("--batch", type=int, default=32)
   parser.add_argument("--repeats", type=int, default=20)
   parser.add_argument("--shapes", nargs="*", default=None)
-  parser.add_argument("--compile-repeats", type=int, default=None,
-                      help="compilations per network for the compile time"
-                           " (default: 9, 1 with --quick; 0: not measured)")
-  parser.add_argument("--peak-gflops", type=float, default=None,
-                      help="the roofline's FLOP rate (default: 190, this"
-                           " project's CPU, on the CPU; measured in this run"
-                           " on other backends)")
-  parser.add_argument("--bandwidth-gbs", type=float, default=None,
-                      help="the roofline's bandwidth (default: 36, likewise)")
-  parser.add_argument("--tag", default="",
-                      help="suffix for the output files, e.g. for a run"
-                           " under other XLA_FLAGS")
-  parser.add_argument("--out", type=pathlib.Path,
-                      default=pathlib.Path(__file__).parent / "results")
+  parser.add_argument(
+    "--compile-repeats",
+    type=int,
+    default=None,
+    help="compilations per network for the compile time"
+    " (default: 9, 1 with --quick; 0: not measured)",
+  )
+  parser.add_argument(
+    "--peak-gflops",
+    type=float,
+    default=None,
+    help="the roofline's FLOP rate (default: 190, this"
+    " project's CPU, on the CPU; measured in this run"
+    " on other backends)",
+  )
+  parser.add_argument(
+    "--bandwidth-gbs",
+    type=float,
+    default=None,
+    help="the roofline's bandwidth (default: 36, likewise)",
+  )
+  parser.add_argument(
+    "--tag",
+    default="",
+    help="suffix for the output files, e.g. for a run under other XLA_FLAGS",
+  )
+  parser.add_argument(
+    "--out",
+    type=pathlib.Path,
+    default=pathlib.Path(__file__).parent / "results",
+  )
   args = parser.parse_args()
   compile_repeats = args.compile_repeats
   if compile_repeats is None:
@@ -680,8 +867,10 @@ def main():
   # Build (or load) the native depthwise kernel before anything is timed.
   build_start = time.perf_counter()
   if _native.available():
-    native = (f"native depthwise kernel built or loaded in"
-              f" {time.perf_counter() - build_start:.1f} s")
+    native = (
+      f"native depthwise kernel built or loaded in"
+      f" {time.perf_counter() - build_start:.1f} s"
+    )
   else:
     native = f"native depthwise kernel unavailable ({_native.error()})"
   peaks = "this project's CPU"
@@ -701,32 +890,40 @@ def main():
     torch_version = ", torch not installed"
   else:
     import torch
+
     torch_version = f", torch {torch.__version__} " + (
-        f"({torch.get_num_threads()} threads)" if device == "cpu" else
-        "(CUDA, cuDNN benchmark mode)")
+      f"({torch.get_num_threads()} threads)"
+      if device == "cpu"
+      else "(CUDA, cuDNN benchmark mode)"
+    )
 
   def machine():
-    return (f"{platform.machine()}, {os.cpu_count()} cores,"
-            f" {jax.default_backend()} ({jax.devices()[0].device_kind}),"
-            f" jax {jax.__version__}{torch_version}, batch {batch}, float32"
-            f" (default precision), {repeats} interleaved runs, medians,"
-            f" roofline {args.peak_gflops:.0f} GFLOP/s and"
-            f" {args.bandwidth_gbs:.0f} GB/s ({peaks}), XLA_FLAGS="
-            f"{os.environ.get('XLA_FLAGS', '')!r}, GLIBC_TUNABLES="
-            f"{os.environ.get('GLIBC_TUNABLES', '')!r}, depthwise convs run"
-            f" as {depthwise_default()!r} ({native}),"
-            f" {time.time() - started:.0f} s")
+    return (
+      f"{platform.machine()}, {os.cpu_count()} cores,"
+      f" {jax.default_backend()} ({jax.devices()[0].device_kind}),"
+      f" jax {jax.__version__}{torch_version}, batch {batch}, float32"
+      f" (default precision), {repeats} interleaved runs, medians,"
+      f" roofline {args.peak_gflops:.0f} GFLOP/s and"
+      f" {args.bandwidth_gbs:.0f} GB/s ({peaks}), XLA_FLAGS="
+      f"{os.environ.get('XLA_FLAGS', '')!r}, GLIBC_TUNABLES="
+      f"{os.environ.get('GLIBC_TUNABLES', '')!r}, depthwise convs run"
+      f" as {depthwise_default()!r} ({native}),"
+      f" {time.time() - started:.0f} s"
+    )
 
   args.out.mkdir(parents=True, exist_ok=True)
   suffix = ("_quick" if args.quick else "") + (
-      f"_{args.tag}" if args.tag else "")
+    f"_{args.tag}" if args.tag else ""
+  )
 
   def write(rows, compiled):
     lines = report(rows, compiled, machine())
     (args.out / f"conv{suffix}.md").write_text("\n".join(lines) + "\n")
-    (args.out / f"conv{suffix}.json").write_text(json.dumps(
-        dict(machine=machine(), rows=rows, compile_seconds=compiled),
-        indent=1))
+    (args.out / f"conv{suffix}.json").write_text(
+      json.dumps(
+        dict(machine=machine(), rows=rows, compile_seconds=compiled), indent=1
+      )
+    )
     return lines
 
   rows = []

@@ -47,8 +47,9 @@ def per_axis_grouped(x, cp, stride):
     k = a.shape[0]
     window = a.reshape((k, 1, 1, r) if axis == 0 else (1, k, 1, r))
     strides = (stride, 1) if axis == 0 else (1, stride)
-    y = lax.conv_general_dilated(y, window, strides, "SAME",
-                                 dimension_numbers=DN, feature_group_count=r)
+    y = lax.conv_general_dilated(
+      y, window, strides, "SAME", dimension_numbers=DN, feature_group_count=r
+    )
   return y @ cp.out_proj
 
 
@@ -56,28 +57,39 @@ def merged_grouped(x, cp, stride):
   """CP with its per-axis filters merged into one grouped k x k conv."""
   a0, a1 = cp.spatial
   window = (a0[:, None, :] * a1[None, :, :])[:, :, None, :]
-  y = lax.conv_general_dilated(x @ cp.in_proj, window, (stride, stride),
-                               "SAME", dimension_numbers=DN,
-                               feature_group_count=cp.rank)
+  y = lax.conv_general_dilated(
+    x @ cp.in_proj,
+    window,
+    (stride, stride),
+    "SAME",
+    dimension_numbers=DN,
+    feature_group_count=cp.rank,
+  )
   return y @ cp.out_proj
 
 
 def variants(stride):
   """`{label: (fn(x, cp), lowering)}`: `lowering`, if not None, is what to
   compile `fn` under (`conv.compile_for`)."""
-  factorized = functools.partial(jaxfactor.conv, strides=stride,
-                                 implementation="factorized")
+  factorized = functools.partial(
+    jaxfactor.conv, strides=stride, implementation="factorized"
+  )
   out = {
-      "per_axis_grouped": (functools.partial(per_axis_grouped, stride=stride),
-                           None),
-      "merged_grouped": (functools.partial(merged_grouped, stride=stride),
-                         None),
-      "factorized": (factorized, None),
+    "per_axis_grouped": (
+      functools.partial(per_axis_grouped, stride=stride),
+      None,
+    ),
+    "merged_grouped": (functools.partial(merged_grouped, stride=stride), None),
+    "factorized": (factorized, None),
   }
   if jax.default_backend() == "cpu":
     out["per_axis_shift_add"] = (factorized, dict(depthwise="shift_add"))
-  out["reconstructed"] = (functools.partial(
-      jaxfactor.conv, strides=stride, implementation="reconstructed"), None)
+  out["reconstructed"] = (
+    functools.partial(
+      jaxfactor.conv, strides=stride, implementation="reconstructed"
+    ),
+    None,
+  )
   return out
 
 
@@ -86,9 +98,13 @@ def programs(x, cp, cotangent, stride):
   out = {}
   for label, (fn, lowering) in variants(stride).items():
     compiled = compile_for(
-        {"fwd": lambda x, cp, t, fn=fn: fn(x, cp),
-         "fwdbwd": functools.partial(_forward_backward, fn)},
-        (x, cp, cotangent), lowering)
+      {
+        "fwd": lambda x, cp, t, fn=fn: fn(x, cp),
+        "fwdbwd": functools.partial(_forward_backward, fn),
+      },
+      (x, cp, cotangent),
+      lowering,
+    )
     out.update({(label, p): c for p, c in compiled.items()})
   return out
 
@@ -101,8 +117,9 @@ def operands(size, c, f, stride, batch, seed=0):
     return jax.random.normal(next(keys), shape) / np.sqrt(fan_in)
 
   r = f // 2
-  cp = jaxfactor.CP(normal((c, r), c), (normal((3, r), 3), normal((3, r), 3)),
-                    normal((r, f), r))
+  cp = jaxfactor.CP(
+    normal((c, r), c), (normal((3, r), 3), normal((3, r), 3)), normal((r, f), r)
+  )
   x = normal((batch, size, size, c), 1)
   out = -(-size // stride)
   return x, cp, normal((batch, out, out, f), 1)
@@ -116,19 +133,25 @@ def main():
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--batch", type=int, default=32)
   parser.add_argument("--repeats", type=int, default=20)
-  parser.add_argument("--shapes", nargs="*", default=["mb56", "mb28",
-                                                      "s2_56"],
-                      help=f"any of {', '.join({**SHAPES, **QUICK})}"
-                      " (conv.py's)")
+  parser.add_argument(
+    "--shapes",
+    nargs="*",
+    default=["mb56", "mb28", "s2_56"],
+    help=f"any of {', '.join({**SHAPES, **QUICK})} (conv.py's)",
+  )
   args = parser.parse_args()
-  print(f"{jax.devices()[0].device_kind}, jax {jax.__version__}, batch"
-        f" {args.batch}, float32, {args.repeats} interleaved runs, medians")
+  print(
+    f"{jax.devices()[0].device_kind}, jax {jax.__version__}, batch"
+    f" {args.batch}, float32, {args.repeats} interleaved runs, medians"
+  )
   print("\n| shape | lowering | fwd ms | fwd+bwd ms |\n|---|---|---|---|")
   for name in args.shapes:
     size, c, f, stride = {**SHAPES, **QUICK}[name]
     operands_ = operands(size, c, f, stride, args.batch)
-    calls = {key: functools.partial(_block, fn, operands_)
-             for key, fn in programs(*operands_, stride).items()}
+    calls = {
+      key: functools.partial(_block, fn, operands_)
+      for key, fn in programs(*operands_, stride).items()
+    }
     times = _interleaved(calls, args.repeats)
     for label in variants(stride):
       fwd = 1e3 * statistics.median(times[label, "fwd"])

@@ -40,7 +40,8 @@ def decaying_kernel(shape, rate, seed=0):
   kernel = rng.standard_normal(shape)
   for mode, size in enumerate(shape):
     kernel = np.moveaxis(
-        np.moveaxis(kernel, mode, -1) * rate ** np.arange(size), -1, mode)
+      np.moveaxis(kernel, mode, -1) * rate ** np.arange(size), -1, mode
+    )
   return kernel
 
 
@@ -55,7 +56,6 @@ def trained_kernels(epochs, seed=0):
   labels = digits.target
 
   class Net(nnx.Module):
-
     def __init__(self, rngs):
       self.conv1 = nnx.Conv(1, 32, (3, 3), rngs=rngs)
       self.conv2 = nnx.Conv(32, 64, (3, 3), rngs=rngs)
@@ -77,6 +77,7 @@ def trained_kernels(epochs, seed=0):
     def loss(model):
       logits = model(x)
       return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+
     grads = nnx.grad(loss)(model)
     optimizer.update(model, grads)
 
@@ -85,15 +86,15 @@ def trained_kernels(epochs, seed=0):
     order = rng.permutation(len(images))
     for i in range(0, len(order) - 63, 64):
       batch = order[i : i + 64]
-      step(model, optimizer, jnp.asarray(images[batch]),
-           jnp.asarray(labels[batch]))
-  accuracy = float(np.mean(
-      np.asarray(model(jnp.asarray(images))).argmax(-1) == labels))
+      step(
+        model, optimizer, jnp.asarray(images[batch]), jnp.asarray(labels[batch])
+      )
+  accuracy = float(
+    np.mean(np.asarray(model(jnp.asarray(images))).argmax(-1) == labels)
+  )
   return {
-      "digits/conv2 (3x3x32x64)": np.asarray(model.conv2.kernel[...],
-                                             np.float64),
-      "digits/conv3 (3x3x64x64)": np.asarray(model.conv3.kernel[...],
-                                             np.float64),
+    "digits/conv2 (3x3x32x64)": np.asarray(model.conv2.kernel[...], np.float64),
+    "digits/conv3 (3x3x64x64)": np.asarray(model.conv3.kernel[...], np.float64),
   }, accuracy
 
 
@@ -126,52 +127,90 @@ def run_ours(kernel, dtype, repeats, **decompose_kwargs):
 
 def bench_tucker(kernel, ranks, iterations, dtype, repeats):
   from tensorly.decomposition import partial_tucker
+
   ours_err, ours_s, compile_s = run_ours(
-      kernel, dtype, repeats, format="tucker", rank=ranks,
-      iterations=iterations)
+    kernel, dtype, repeats, format="tucker", rank=ranks, iterations=iterations
+  )
 
   def theirs():
     (core, (u, v)), _ = partial_tucker(
-        kernel, rank=list(ranks), modes=[2, 3], n_iter_max=iterations,
-        init="svd", tol=0)
+      kernel,
+      rank=list(ranks),
+      modes=[2, 3],
+      n_iter_max=iterations,
+      init="svd",
+      tol=0,
+    )
     return np.einsum("hwab,ca,fb->hwcf", core, u, v)
 
   approx, theirs_s = timed(theirs, repeats)
-  return dict(ours=ours_err, theirs=rel_error(approx, kernel), ours_s=ours_s,
-              theirs_s=theirs_s, compile_s=compile_s)
+  return dict(
+    ours=ours_err,
+    theirs=rel_error(approx, kernel),
+    ours_s=ours_s,
+    theirs_s=theirs_s,
+    compile_s=compile_s,
+  )
 
 
 def bench_cp(kernel, rank, iterations, dtype, repeats, seeds=5):
   import tensorly as tl
   from tensorly.decomposition import parafac
+
   ours_err, ours_s, compile_s = run_ours(
-      kernel, dtype, repeats, format="cp", rank=rank, iterations=iterations)
+    kernel, dtype, repeats, format="cp", rank=rank, iterations=iterations
+  )
 
   def theirs(seed):
-    cp = parafac(kernel, rank=rank, n_iter_max=iterations, init="svd", tol=0,
-                 random_state=seed)
+    cp = parafac(
+      kernel,
+      rank=rank,
+      n_iter_max=iterations,
+      init="svd",
+      tol=0,
+      random_state=seed,
+    )
     return tl.cp_to_tensor(cp)
 
   approx, theirs_s = timed(lambda: theirs(0), max(1, repeats // 2))
   errors = [rel_error(approx, kernel)]
   errors += [rel_error(theirs(s), kernel) for s in range(1, seeds)]
-  return dict(ours=ours_err, theirs=errors[0], theirs_best=min(errors),
-              ours_s=ours_s, theirs_s=theirs_s, compile_s=compile_s)
+  return dict(
+    ours=ours_err,
+    theirs=errors[0],
+    theirs_best=min(errors),
+    ours_s=ours_s,
+    theirs_s=theirs_s,
+    compile_s=compile_s,
+  )
 
 
 def main():
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--quick", action="store_true",
-                      help="small kernels, few repeats (a smoke run)")
-  parser.add_argument("--float64", action="store_true",
-                      help="run jaxfactor in float64 (TensorLy always is)")
+  parser.add_argument(
+    "--quick",
+    action="store_true",
+    help="small kernels, few repeats (a smoke run)",
+  )
+  parser.add_argument(
+    "--float64",
+    action="store_true",
+    help="run jaxfactor in float64 (TensorLy always is)",
+  )
   parser.add_argument("--repeats", type=int, default=5)
-  parser.add_argument("--kernels", nargs="+", choices=("decay", "digits"),
-                      default=["decay", "digits"],
-                      help="the kernels: decaying spectra, and those of a"
-                      " CNN trained on digits (default: both)")
-  parser.add_argument("--out", type=pathlib.Path,
-                      default=pathlib.Path(__file__).parent / "results")
+  parser.add_argument(
+    "--kernels",
+    nargs="+",
+    choices=("decay", "digits"),
+    default=["decay", "digits"],
+    help="the kernels: decaying spectra, and those of a"
+    " CNN trained on digits (default: both)",
+  )
+  parser.add_argument(
+    "--out",
+    type=pathlib.Path,
+    default=pathlib.Path(__file__).parent / "results",
+  )
   args = parser.parse_args()
   if args.float64:
     jax.config.update("jax_enable_x64", True)
@@ -182,8 +221,9 @@ def main():
   kernels = {}
   accuracy = None
   if "decay" in args.kernels:
-    shapes = ([(3, 3, 16, 16)] if args.quick
-              else [(3, 3, 64, 64), (3, 3, 128, 128)])
+    shapes = (
+      [(3, 3, 16, 16)] if args.quick else [(3, 3, 64, 64), (3, 3, 128, 128)]
+    )
     for shape in shapes:
       name = f"decay0.9 {'x'.join(map(str, shape))}"
       kernels[name] = decaying_kernel(shape, 0.9)
@@ -197,30 +237,50 @@ def main():
     for frac in (4, 2):
       ranks = (max(1, c // frac), max(1, f // frac))
       r = bench_tucker(kernel, ranks, 10, dtype, repeats)
-      rows.append(dict(kernel=name, method="Tucker-2 HOOI", rank=str(ranks),
-                       iterations=10, **r))
+      rows.append(
+        dict(
+          kernel=name,
+          method="Tucker-2 HOOI",
+          rank=str(ranks),
+          iterations=10,
+          **r,
+        )
+      )
     for rank, iterations in ((max(2, f // 4), 50), (max(2, f // 2), 50)):
       r = bench_cp(kernel, rank, iterations, dtype, repeats)
-      rows.append(dict(kernel=name, method="CP ALS", rank=str(rank),
-                       iterations=iterations, **r))
+      rows.append(
+        dict(
+          kernel=name,
+          method="CP ALS",
+          rank=str(rank),
+          iterations=iterations,
+          **r,
+        )
+      )
 
-  header = ("| kernel | method | rank | iters | jaxfactor error |"
-            " TensorLy error | TensorLy best of 5 seeds | jaxfactor ms |"
-            " TensorLy ms | time ratio (TensorLy / jaxfactor) |"
-            " jaxfactor compile s |")
+  header = (
+    "| kernel | method | rank | iters | jaxfactor error |"
+    " TensorLy error | TensorLy best of 5 seeds | jaxfactor ms |"
+    " TensorLy ms | time ratio (TensorLy / jaxfactor) |"
+    " jaxfactor compile s |"
+  )
   lines = [header, "|" + "---|" * 11]
   for r in rows:
     best = f"{r['theirs_best']:.4f}" if "theirs_best" in r else "-"
     lines.append(
-        f"| {r['kernel']} | {r['method']} | {r['rank']} | {r['iterations']} |"
-        f" {r['ours']:.4f} | {r['theirs']:.4f} | {best} |"
-        f" {1e3 * r['ours_s']:.1f} | {1e3 * r['theirs_s']:.1f} |"
-        f" {r['theirs_s'] / r['ours_s']:.2f} | {r['compile_s']:.1f} |")
+      f"| {r['kernel']} | {r['method']} | {r['rank']} | {r['iterations']} |"
+      f" {r['ours']:.4f} | {r['theirs']:.4f} | {best} |"
+      f" {1e3 * r['ours_s']:.1f} | {1e3 * r['theirs_s']:.1f} |"
+      f" {r['theirs_s'] / r['ours_s']:.2f} | {r['compile_s']:.1f} |"
+    )
   import tensorly
-  machine = (f"{platform.processor() or platform.machine()}, "
-             f"{jax.device_count()} {jax.default_backend()} device(s), "
-             f"jax {jax.__version__}, tensorly {tensorly.__version__}, "
-             f"jaxfactor dtype {jnp.dtype(dtype).name}")
+
+  machine = (
+    f"{platform.processor() or platform.machine()}, "
+    f"{jax.device_count()} {jax.default_backend()} device(s), "
+    f"jax {jax.__version__}, tensorly {tensorly.__version__}, "
+    f"jaxfactor dtype {jnp.dtype(dtype).name}"
+  )
   if accuracy is not None:
     machine += f"; trained net accuracy on digits (train set) {accuracy:.3f}"
   table = "\n".join(lines)
@@ -229,9 +289,11 @@ def main():
   args.out.mkdir(parents=True, exist_ok=True)
   suffix = "_quick" if args.quick else ""
   (args.out / f"decompose{suffix}.md").write_text(
-      machine + "\n\n" + table + "\n")
+    machine + "\n\n" + table + "\n"
+  )
   (args.out / f"decompose{suffix}.json").write_text(
-      json.dumps(dict(machine=machine, rows=rows), indent=1))
+    json.dumps(dict(machine=machine, rows=rows), indent=1)
+  )
 
 
 if __name__ == "__main__":

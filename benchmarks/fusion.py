@@ -39,8 +39,11 @@ from jaxfactor import _native
 
 CONSUMERS = ("out", "mean", "bn_block")
 # The native kernel (the CPU default) where it builds.
-LOWERINGS = ("shift_add", "grouped",
-             *(("native",) if _native.available() else ()))
+LOWERINGS = (
+  "shift_add",
+  "grouped",
+  *(("native",) if _native.available() else ()),
+)
 
 
 def _bn_relu(y):
@@ -55,14 +58,16 @@ def _block_loss(x, kernel, t):
 
 def programs(x, kernel, cotangent):
   """`{(lowering, consumer): compiled}`, each called as `f(x, kernel, t)`."""
-  fns = {"out": lambda x, k, t: jaxfactor.depthwise_conv(x, k),
-         "mean": lambda x, k, t: jaxfactor.depthwise_conv(x, k).mean(
-             axis=(0, 1, 2)),
-         "bn_block": jax.value_and_grad(_block_loss, (0, 1))}
+  fns = {
+    "out": lambda x, k, t: jaxfactor.depthwise_conv(x, k),
+    "mean": lambda x, k, t: jaxfactor.depthwise_conv(x, k).mean(axis=(0, 1, 2)),
+    "bn_block": jax.value_and_grad(_block_loss, (0, 1)),
+  }
   out = {}
   for lowering in LOWERINGS:
-    compiled = conv.compile_for(fns, (x, kernel, cotangent),
-                                dict(depthwise=lowering))
+    compiled = conv.compile_for(
+      fns, (x, kernel, cotangent), dict(depthwise=lowering)
+    )
     out.update({(lowering, consumer): c for consumer, c in compiled.items()})
   return out
 
@@ -70,38 +75,59 @@ def programs(x, kernel, cotangent):
 def time_shape(shape, rounds, seed=0):
   """`{(lowering, consumer): [ms per call]}` for one input shape."""
   x, kernel, cotangent = conv.depthwise_operands(shape, shape, seed)
-  return conv.time_compiled(programs(x, kernel, cotangent),
-                            (x, kernel, cotangent), rounds)
+  return conv.time_compiled(
+    programs(x, kernel, cotangent), (x, kernel, cotangent), rounds
+  )
 
 
 def main():
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--shapes", type=int, nargs="+",
-                      default=[32, 56, 56, 128, 32, 14, 14, 512],
-                      help="B H W C, repeated for several shapes")
+  parser.add_argument(
+    "--shapes",
+    type=int,
+    nargs="+",
+    default=[32, 56, 56, 128, 32, 14, 14, 512],
+    help="B H W C, repeated for several shapes",
+  )
   parser.add_argument("--rounds", type=int, default=9)
-  parser.add_argument("--out", type=pathlib.Path,
-                      default=pathlib.Path(__file__).parent / "results")
+  parser.add_argument(
+    "--out",
+    type=pathlib.Path,
+    default=pathlib.Path(__file__).parent / "results",
+  )
   args = parser.parse_args()
   if len(args.shapes) % 4:
     parser.error(f"--shapes takes B H W C per shape, got {args.shapes}")
   if jax.default_backend() != "cpu":
-    parser.error("compares the CPU's depthwise lowerings: needs the CPU"
-                 " backend (e.g. JAX_PLATFORMS=cpu)")
-  shapes = [tuple(args.shapes[i:i + 4]) for i in range(0, len(args.shapes), 4)]
-  lines = [f"{platform.machine()}, jax {jax.__version__},"
-           f" {jax.default_backend()}, 3x3 depthwise, float32, {args.rounds}"
-           " rounds in random order, ms median (min)", ""]
+    parser.error(
+      "compares the CPU's depthwise lowerings: needs the CPU"
+      " backend (e.g. JAX_PLATFORMS=cpu)"
+    )
+  shapes = [
+    tuple(args.shapes[i : i + 4]) for i in range(0, len(args.shapes), 4)
+  ]
+  lines = [
+    f"{platform.machine()}, jax {jax.__version__},"
+    f" {jax.default_backend()}, 3x3 depthwise, float32, {args.rounds}"
+    " rounds in random order, ms median (min)",
+    "",
+  ]
   for shape in shapes:
     times = time_shape(shape, args.rounds)
     first = len(lines)
-    lines += [f"input {shape}:", "",
-              "| consumer | shift_add (jaxfactor) | grouped (Flax) |"
-              + (" native (jaxfactor) |" if "native" in LOWERINGS else ""),
-              "|---|---|---|" + ("---|" if "native" in LOWERINGS else "")]
+    lines += [
+      f"input {shape}:",
+      "",
+      "| consumer | shift_add (jaxfactor) | grouped (Flax) |"
+      + (" native (jaxfactor) |" if "native" in LOWERINGS else ""),
+      "|---|---|---|" + ("---|" if "native" in LOWERINGS else ""),
+    ]
     for consumer in CONSUMERS:
-      cells = [f"{statistics.median(times[low, consumer]):.1f}"
-               f" ({min(times[low, consumer]):.1f})" for low in LOWERINGS]
+      cells = [
+        f"{statistics.median(times[low, consumer]):.1f}"
+        f" ({min(times[low, consumer]):.1f})"
+        for low in LOWERINGS
+      ]
       lines.append(f"| {consumer} | {' | '.join(cells)} |")
     lines.append("")
     print("\n".join(lines[first:]), flush=True)

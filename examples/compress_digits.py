@@ -48,23 +48,43 @@ matplotlib.use("Agg")  # Files only: no display needed.
 import matplotlib.pyplot as plt
 import matplotlib.ticker
 
-FORMATS = {cls.__name__: cls for cls in (
-    jaxfactor.DepthwiseSeparable, jaxfactor.SpatiallySeparable,
-    jaxfactor.LowRank, jaxfactor.Tucker, jaxfactor.CP)}
+FORMATS = {
+  cls.__name__: cls
+  for cls in (
+    jaxfactor.DepthwiseSeparable,
+    jaxfactor.SpatiallySeparable,
+    jaxfactor.LowRank,
+    jaxfactor.Tucker,
+    jaxfactor.CP,
+  )
+}
 # The data-aware decomposition (output error on recorded activations instead
 # of weight error) exists for these two.
 DATA_AWARE = (jaxfactor.LowRank, jaxfactor.Tucker)
 SPLIT_SEED = 0  # The train/test split never changes, whatever `--seed` is.
-COLUMNS = ("format", "budget", "params", "conv_flops", "flop_fraction",
-           "acc_factorized", "acc_finetuned", "infer_ms", "ranks", "note")
+COLUMNS = (
+  "format",
+  "budget",
+  "params",
+  "conv_flops",
+  "flop_fraction",
+  "acc_factorized",
+  "acc_finetuned",
+  "infer_ms",
+  "ranks",
+  "note",
+)
 
 
 class Net(nnx.Module):
   """Three 3x3 convs and a linear head, for 8x8 single-channel images."""
 
   # Each conv's input shape for one image: what `jaxfactor.cost` counts.
-  CONV_INPUT_SHAPES = {"conv1": (1, 8, 8, 1), "conv2": (1, 8, 8, 32),
-                       "conv3": (1, 4, 4, 64)}
+  CONV_INPUT_SHAPES = {
+    "conv1": (1, 8, 8, 1),
+    "conv2": (1, 8, 8, 32),
+    "conv3": (1, 4, 4, 64),
+  }
 
   def __init__(self, rngs: nnx.Rngs):
     self.conv1 = nnx.Conv(1, 32, (3, 3), rngs=rngs)
@@ -73,12 +93,12 @@ class Net(nnx.Module):
     self.head = nnx.Linear(2 * 2 * 64, 10, rngs=rngs)
 
   def __call__(self, x: jax.Array) -> jax.Array:
-    x = nnx.relu(self.conv1(x))                    # [B, 8, 8, 32]
-    x = nnx.relu(self.conv2(x))                    # [B, 8, 8, 64]
-    x = nnx.avg_pool(x, (2, 2), (2, 2))            # [B, 4, 4, 64]
-    x = nnx.relu(self.conv3(x))                    # [B, 4, 4, 64]
-    x = nnx.avg_pool(x, (2, 2), (2, 2))            # [B, 2, 2, 64]
-    return self.head(x.reshape(x.shape[0], -1))    # [B, 10]
+    x = nnx.relu(self.conv1(x))  # [B, 8, 8, 32]
+    x = nnx.relu(self.conv2(x))  # [B, 8, 8, 64]
+    x = nnx.avg_pool(x, (2, 2), (2, 2))  # [B, 4, 4, 64]
+    x = nnx.relu(self.conv3(x))  # [B, 4, 4, 64]
+    x = nnx.avg_pool(x, (2, 2), (2, 2))  # [B, 2, 2, 64]
+    return self.head(x.reshape(x.shape[0], -1))  # [B, 10]
 
 
 def load_data(train_size=None):
@@ -87,7 +107,8 @@ def load_data(train_size=None):
   images = (digits.images[..., None] / 16.0).astype(np.float32)
   labels = digits.target.astype(np.int32)
   x_train, x_test, y_train, y_test = train_test_split(
-      images, labels, test_size=0.25, random_state=SPLIT_SEED, stratify=labels)
+    images, labels, test_size=0.25, random_state=SPLIT_SEED, stratify=labels
+  )
   if train_size is not None:
     x_train, y_train = x_train[:train_size], y_train[:train_size]
   return x_train, y_train, x_test, y_test
@@ -102,8 +123,9 @@ def conv_cost(model: Net) -> jaxfactor.Cost:
       kernel, implementation = layer.kernel[...], "auto"
     else:
       kernel, implementation = layer.factors, layer.implementation
-    c = jaxfactor.cost(kernel, shape, padding=layer.padding,
-                       implementation=implementation)
+    c = jaxfactor.cost(
+      kernel, shape, padding=layer.padding, implementation=implementation
+    )
     params, flops = params + c.params, flops + c.flops
   return jaxfactor.Cost(params=params, flops=flops)
 
@@ -118,8 +140,9 @@ def layer_ranks(model: Net) -> str:
   for name in Net.CONV_INPUT_SHAPES:
     layer = getattr(model, name)
     rank = "-" if isinstance(layer, nnx.Conv) else layer.rank
-    out.append("x".join(map(str, rank)) if isinstance(rank, tuple)
-               else str(rank))
+    out.append(
+      "x".join(map(str, rank)) if isinstance(rank, tuple) else str(rank)
+    )
   return " ".join(out)
 
 
@@ -143,8 +166,18 @@ def accuracy(model, images, labels) -> float:
   return float(np.mean(np.asarray(predict(model, images)) == labels))
 
 
-def train(model, data, *, epochs, learning_rate, batch_size, seed, desc,
-          progress, evaluate=accuracy):
+def train(
+  model,
+  data,
+  *,
+  epochs,
+  learning_rate,
+  batch_size,
+  seed,
+  desc,
+  progress,
+  evaluate=accuracy,
+):
   """Adam with a cosine-decayed learning rate.
 
   Every epoch visits the training set in a new order (from `seed`), in full
@@ -155,18 +188,20 @@ def train(model, data, *, epochs, learning_rate, batch_size, seed, desc,
   x_train, y_train, x_test, y_test = data
   steps = len(x_train) // batch_size
   if steps == 0:
-    raise SystemExit(f"--batch-size {batch_size} exceeds the"
-                     f" {len(x_train)} training images.")
+    raise SystemExit(
+      f"--batch-size {batch_size} exceeds the {len(x_train)} training images."
+    )
   schedule = optax.cosine_decay_schedule(learning_rate, epochs * steps)
   optimizer = nnx.Optimizer(model, optax.adam(schedule), wrt=nnx.Param)
   rng = np.random.default_rng(seed)
   history = []
-  bar = tqdm(range(epochs), desc=desc, disable=not progress, leave=False,
-             unit="epoch")
+  bar = tqdm(
+    range(epochs), desc=desc, disable=not progress, leave=False, unit="epoch"
+  )
   for _ in bar:
     order = rng.permutation(len(x_train))
     for i in range(steps):
-      batch = order[i * batch_size:(i + 1) * batch_size]
+      batch = order[i * batch_size : (i + 1) * batch_size]
       loss = train_step(model, optimizer, x_train[batch], y_train[batch])
     history.append(evaluate(model, x_test, y_test))
     bar.set_postfix(loss=f"{float(loss):.4f}", test_acc=f"{history[-1]:.4f}")
@@ -203,11 +238,15 @@ def factorize(model, cls, budget, sample, data_aware, implementation):
   Returns:
     A note: empty, or why the budget was not met.
   """
-  kwargs = dict(inputs=sample, data_aware=data_aware and cls in DATA_AWARE,
-                implementation=implementation)
+  kwargs = dict(
+    inputs=sample,
+    data_aware=data_aware and cls in DATA_AWARE,
+    implementation=implementation,
+  )
   try:
-    jaxfactor.nnx.factorize(model, cls, budget=jaxfactor.Budget(flops=budget),
-                            **kwargs)
+    jaxfactor.nnx.factorize(
+      model, cls, budget=jaxfactor.Budget(flops=budget), **kwargs
+    )
     return ""
   except ValueError as error:
     if "below the cheapest factorization" not in str(error):
@@ -224,26 +263,46 @@ def write_plot(rows, path, budgets):
   fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), sharex=True)
   dense = rows[0]
   dense_mflops = dense["conv_flops"] / 1e6
-  for ax, key, title in ((axes[0], "acc_finetuned", "after fine-tuning"),
-                         (axes[1], "acc_factorized", "right after factorize")):
+  for ax, key, title in (
+    (axes[0], "acc_finetuned", "after fine-tuning"),
+    (axes[1], "acc_factorized", "right after factorize"),
+  ):
     for i, name in enumerate(FORMATS):
-      points = sorted((r["conv_flops"] / 1e6, r[key], bool(r["note"]))
-                      for r in rows[1:] if r["format"] == name)
+      points = sorted(
+        (r["conv_flops"] / 1e6, r[key], bool(r["note"]))
+        for r in rows[1:]
+        if r["format"] == name
+      )
       if not points:
         continue
       x, y, _ = zip(*points)
       ax.plot(x, y, color=f"C{i}", label=name)
       for xi, yi, m in points:
-        ax.plot(xi, yi, marker="o", color=f"C{i}",
-                markerfacecolor="white" if m else f"C{i}")
-    ax.plot(dense_mflops, dense["acc_finetuned"], marker="*", markersize=14,
-            color="black", linestyle="none", label="dense")
-    ax.axhline(dense["acc_finetuned"], color="black", linewidth=0.6,
-               linestyle=":")
+        ax.plot(
+          xi,
+          yi,
+          marker="o",
+          color=f"C{i}",
+          markerfacecolor="white" if m else f"C{i}",
+        )
+    ax.plot(
+      dense_mflops,
+      dense["acc_finetuned"],
+      marker="*",
+      markersize=14,
+      color="black",
+      linestyle="none",
+      label="dense",
+    )
+    ax.axhline(
+      dense["acc_finetuned"], color="black", linewidth=0.6, linestyle=":"
+    )
     ax.set_xscale("log")
     ticks = sorted({1.0, *budgets})
-    ax.set_xticks([dense_mflops * t for t in ticks],
-                  [f"{dense_mflops * t:.2f}\n{t:.0%}" for t in ticks])
+    ax.set_xticks(
+      [dense_mflops * t for t in ticks],
+      [f"{dense_mflops * t:.2f}\n{t:.0%}" for t in ticks],
+    )
     ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
     ax.set_xlabel("conv MFLOPs per image (and fraction of dense)")
     ax.set_ylabel("test accuracy")
@@ -256,67 +315,125 @@ def write_plot(rows, path, budgets):
 
 
 def print_table(rows):
-  header = (f"{'format':<19} {'budget':>6} {'params':>7} {'MFLOPs':>7}"
-            f" {'FLOP frac':>9} {'acc fact.':>9} {'acc tuned':>9}"
-            f" {'infer ms':>8}  ranks (conv1 conv2 conv3)")
+  header = (
+    f"{'format':<19} {'budget':>6} {'params':>7} {'MFLOPs':>7}"
+    f" {'FLOP frac':>9} {'acc fact.':>9} {'acc tuned':>9}"
+    f" {'infer ms':>8}  ranks (conv1 conv2 conv3)"
+  )
   print(header)
   print("-" * len(header))
   for r in rows:
     budget = "-" if r["budget"] is None else f"{r['budget']:.2f}"
-    acc_factorized = ("-" if r["acc_factorized"] is None
-                      else f"{r['acc_factorized']:.4f}")
+    acc_factorized = (
+      "-" if r["acc_factorized"] is None else f"{r['acc_factorized']:.4f}"
+    )
     note = "  *" if r["note"] else ""
-    print(f"{r['format']:<19} {budget:>6} {r['params']:>7,}"
-          f" {r['conv_flops'] / 1e6:>7.3f} {r['flop_fraction']:>9.3f}"
-          f" {acc_factorized:>9} {r['acc_finetuned']:>9.4f}"
-          f" {r['infer_ms']:>8.2f}  {r['ranks']}{note}")
+    print(
+      f"{r['format']:<19} {budget:>6} {r['params']:>7,}"
+      f" {r['conv_flops'] / 1e6:>7.3f} {r['flop_fraction']:>9.3f}"
+      f" {acc_factorized:>9} {r['acc_finetuned']:>9.4f}"
+      f" {r['infer_ms']:>8.2f}  {r['ranks']}{note}"
+    )
   if any(r["note"] for r in rows):
-    print("* the budget is below the cheapest factorization: the row holds"
-          " rank 1 in every layer, at the FLOP fraction shown.")
+    print(
+      "* the budget is below the cheapest factorization: the row holds"
+      " rank 1 in every layer, at the FLOP fraction shown."
+    )
 
 
 def main():
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   default = " (default: %(default)s)"
-  parser.add_argument("--budgets", type=float, nargs="+",
-                      default=[0.5, 0.25, 0.1],
-                      help="fractions of the dense conv FLOPs" + default)
-  parser.add_argument("--formats", nargs="+", choices=list(FORMATS),
-                      default=list(FORMATS), metavar="FORMAT",
-                      help=f"any of {', '.join(FORMATS)} (default: all)")
-  parser.add_argument("--epochs", type=int, default=30,
-                      help="dense training epochs" + default)
-  parser.add_argument("--finetune-epochs", type=int, default=5,
-                      help="fine-tuning epochs per factorized model" + default)
-  parser.add_argument("--learning-rate", type=float, default=3e-3,
-                      help="dense training, peak of the cosine schedule"
-                      + default)
-  parser.add_argument("--finetune-learning-rate", type=float, default=1e-3,
-                      help="fine-tuning, peak of the cosine schedule" + default)
-  parser.add_argument("--batch-size", type=int, default=64,
-                      help="training batch" + default)
-  parser.add_argument("--train-size", type=int, default=None,
-                      help="use only the first N training images (smoke runs)")
-  parser.add_argument("--weight-only", action="store_true",
-                      help="decompose LowRank and Tucker against the weights"
-                      " only, not the recorded activations")
-  parser.add_argument("--implementation", default="factorized",
-                      choices=("factorized", "auto"),
-                      help="how the factorized layers run (jaxfactor.conv);"
-                      " FLOPs and budgets count what runs" + default)
-  parser.add_argument("--timing-runs", type=int, default=50,
-                      help="timed inference rounds, every model once per"
-                      " round; the median is reported" + default)
-  parser.add_argument("--timing-batch", type=int, default=256,
-                      help="images per timed inference batch" + default)
-  parser.add_argument("--seed", type=int, default=0,
-                      help="model initialization and data order" + default)
-  parser.add_argument("--out", type=pathlib.Path,
-                      default=pathlib.Path(__file__).parent / "results",
-                      help="directory for compress_digits.csv and .png"
-                      " (default: examples/results)")
-  parser.add_argument("--no-progress", dest="progress", action="store_false",
-                      help="no progress bars")
+  parser.add_argument(
+    "--budgets",
+    type=float,
+    nargs="+",
+    default=[0.5, 0.25, 0.1],
+    help="fractions of the dense conv FLOPs" + default,
+  )
+  parser.add_argument(
+    "--formats",
+    nargs="+",
+    choices=list(FORMATS),
+    default=list(FORMATS),
+    metavar="FORMAT",
+    help=f"any of {', '.join(FORMATS)} (default: all)",
+  )
+  parser.add_argument(
+    "--epochs", type=int, default=30, help="dense training epochs" + default
+  )
+  parser.add_argument(
+    "--finetune-epochs",
+    type=int,
+    default=5,
+    help="fine-tuning epochs per factorized model" + default,
+  )
+  parser.add_argument(
+    "--learning-rate",
+    type=float,
+    default=3e-3,
+    help="dense training, peak of the cosine schedule" + default,
+  )
+  parser.add_argument(
+    "--finetune-learning-rate",
+    type=float,
+    default=1e-3,
+    help="fine-tuning, peak of the cosine schedule" + default,
+  )
+  parser.add_argument(
+    "--batch-size", type=int, default=64, help="training batch" + default
+  )
+  parser.add_argument(
+    "--train-size",
+    type=int,
+    default=None,
+    help="use only the first N training images (smoke runs)",
+  )
+  parser.add_argument(
+    "--weight-only",
+    action="store_true",
+    help="decompose LowRank and Tucker against the weights"
+    " only, not the recorded activations",
+  )
+  parser.add_argument(
+    "--implementation",
+    default="factorized",
+    choices=("factorized", "auto"),
+    help="how the factorized layers run (jaxfactor.conv);"
+    " FLOPs and budgets count what runs" + default,
+  )
+  parser.add_argument(
+    "--timing-runs",
+    type=int,
+    default=50,
+    help="timed inference rounds, every model once per"
+    " round; the median is reported" + default,
+  )
+  parser.add_argument(
+    "--timing-batch",
+    type=int,
+    default=256,
+    help="images per timed inference batch" + default,
+  )
+  parser.add_argument(
+    "--seed",
+    type=int,
+    default=0,
+    help="model initialization and data order" + default,
+  )
+  parser.add_argument(
+    "--out",
+    type=pathlib.Path,
+    default=pathlib.Path(__file__).parent / "results",
+    help="directory for compress_digits.csv and .png"
+    " (default: examples/results)",
+  )
+  parser.add_argument(
+    "--no-progress",
+    dest="progress",
+    action="store_false",
+    help="no progress bars",
+  )
   args = parser.parse_args()
   if not all(0 < b <= 1 for b in args.budgets):
     parser.error(f"--budgets must be fractions in (0, 1], got {args.budgets}")
@@ -324,71 +441,125 @@ def main():
   start = time.perf_counter()
   data = load_data(args.train_size)
   x_train, y_train, x_test, y_test = data
-  print(f"digits: {len(x_train)} training and {len(x_test)} test images,"
-        f" 8x8; backend {jax.default_backend()}, seed {args.seed}")
+  print(
+    f"digits: {len(x_train)} training and {len(x_test)} test images,"
+    f" 8x8; backend {jax.default_backend()}, seed {args.seed}"
+  )
   timing_batch = np.resize(x_test, (args.timing_batch, *x_test.shape[1:]))
-  train_args = dict(batch_size=args.batch_size, seed=args.seed,
-                    progress=args.progress)
+  train_args = dict(
+    batch_size=args.batch_size, seed=args.seed, progress=args.progress
+  )
 
   dense = Net(nnx.Rngs(args.seed))
-  history, _ = train(dense, data, epochs=args.epochs,
-                     learning_rate=args.learning_rate, desc="dense",
-                     **train_args)
+  history, _ = train(
+    dense,
+    data,
+    epochs=args.epochs,
+    learning_rate=args.learning_rate,
+    desc="dense",
+    **train_args,
+  )
   dense_cost = conv_cost(dense)
-  print(f"dense CNN after {args.epochs} epochs: test accuracy"
-        f" {history[-1]:.4f} (best epoch {max(history):.4f}),"
-        f" {num_params(dense):,} params, {dense_cost.flops / 1e6:.3f} conv"
-        f" MFLOPs per image")
+  print(
+    f"dense CNN after {args.epochs} epochs: test accuracy"
+    f" {history[-1]:.4f} (best epoch {max(history):.4f}),"
+    f" {num_params(dense):,} params, {dense_cost.flops / 1e6:.3f} conv"
+    f" MFLOPs per image"
+  )
   forwards = [compiled_forward(dense, timing_batch)]
-  rows = [dict(format="dense", budget=None, params=num_params(dense),
-               conv_flops=dense_cost.flops, flop_fraction=1.0,
-               acc_factorized=None, acc_finetuned=history[-1],
-               infer_ms=None,
-               ranks=layer_ranks(dense), note="")]
+  rows = [
+    dict(
+      format="dense",
+      budget=None,
+      params=num_params(dense),
+      conv_flops=dense_cost.flops,
+      flop_fraction=1.0,
+      acc_factorized=None,
+      acc_finetuned=history[-1],
+      infer_ms=None,
+      ranks=layer_ranks(dense),
+      note="",
+    )
+  ]
 
   # The recorded inputs give each conv's input shape (for FLOP budgets) and
   # its activations (for the data-aware decomposition).
   sample = x_train[:256]
   runs = [(name, b) for name in args.formats for b in args.budgets]
-  for name, budget in tqdm(runs, desc="factorize + fine-tune",
-                           disable=not args.progress, unit="model"):
+  for name, budget in tqdm(
+    runs, desc="factorize + fine-tune", disable=not args.progress, unit="model"
+  ):
     model = nnx.clone(dense)
-    note = factorize(model, FORMATS[name], budget, sample,
-                     not args.weight_only, args.implementation)
+    note = factorize(
+      model,
+      FORMATS[name],
+      budget,
+      sample,
+      not args.weight_only,
+      args.implementation,
+    )
     acc_factorized = accuracy(model, x_test, y_test)
-    tuned = train(model, data, epochs=args.finetune_epochs,
-                  learning_rate=args.finetune_learning_rate,
-                  desc=f"{name} {budget}",
-                  **train_args)[0] if args.finetune_epochs else []
+    tuned = (
+      train(
+        model,
+        data,
+        epochs=args.finetune_epochs,
+        learning_rate=args.finetune_learning_rate,
+        desc=f"{name} {budget}",
+        **train_args,
+      )[0]
+      if args.finetune_epochs
+      else []
+    )
     cost = conv_cost(model)
-    rows.append(dict(
-        format=name, budget=budget, params=num_params(model),
-        conv_flops=cost.flops, flop_fraction=cost.flops / dense_cost.flops,
+    rows.append(
+      dict(
+        format=name,
+        budget=budget,
+        params=num_params(model),
+        conv_flops=cost.flops,
+        flop_fraction=cost.flops / dense_cost.flops,
         acc_factorized=acc_factorized,
         acc_finetuned=tuned[-1] if tuned else acc_factorized,
         infer_ms=None,
-        ranks=layer_ranks(model), note=note))
+        ranks=layer_ranks(model),
+        note=note,
+      )
+    )
     forwards.append(compiled_forward(model, timing_batch))
   for row, ms in zip(rows, median_ms(forwards, args.timing_runs)):
     row["infer_ms"] = ms
 
-  print(f"\nconv FLOPs per 8x8 image (jaxfactor.cost, implementation"
-        f" {args.implementation!r}); inference: median of {args.timing_runs}"
-        f" jitted forward passes on {args.timing_batch} images, the models"
-        f" taking turns; fine-tune: {args.finetune_epochs} epochs\n")
+  print(
+    f"\nconv FLOPs per 8x8 image (jaxfactor.cost, implementation"
+    f" {args.implementation!r}); inference: median of {args.timing_runs}"
+    f" jitted forward passes on {args.timing_batch} images, the models"
+    f" taking turns; fine-tune: {args.finetune_epochs} epochs\n"
+  )
   print_table(rows)
   args.out.mkdir(parents=True, exist_ok=True)
   with open(args.out / "compress_digits.csv", "w", newline="") as f:
     writer = csv.DictWriter(f, fieldnames=COLUMNS)
     writer.writeheader()
     for r in rows:
-      writer.writerow({k: ("" if r[k] is None else
-                           f"{r[k]:.4f}" if isinstance(r[k], float) else r[k])
-                       for k in COLUMNS})
+      writer.writerow(
+        {
+          k: (
+            ""
+            if r[k] is None
+            else f"{r[k]:.4f}"
+            if isinstance(r[k], float)
+            else r[k]
+          )
+          for k in COLUMNS
+        }
+      )
   write_plot(rows, args.out / "compress_digits.png", args.budgets)
-  print(f"\nwrote {args.out / 'compress_digits.csv'} and"
-        f" {args.out / 'compress_digits.png'}"
-        f" ({time.perf_counter() - start:.0f} s)")
+  print(
+    f"\nwrote {args.out / 'compress_digits.csv'} and"
+    f" {args.out / 'compress_digits.png'}"
+    f" ({time.perf_counter() - start:.0f} s)"
+  )
 
 
 if __name__ == "__main__":

@@ -42,10 +42,12 @@ class SeparableBlock(nnx.Module):
 
   def __init__(self, in_features, out_features, stride, *, rngs):
     self.depthwise = jaxfactor.nnx.DepthwiseConv(
-        in_features, (3, 3), stride, use_bias=False, rngs=rngs)
+      in_features, (3, 3), stride, use_bias=False, rngs=rngs
+    )
     self.norm1 = nnx.BatchNorm(in_features, momentum=BN_MOMENTUM, rngs=rngs)
     self.pointwise = jaxfactor.nnx.PointwiseConv(
-        in_features, out_features, use_bias=False, rngs=rngs)
+      in_features, out_features, use_bias=False, rngs=rngs
+    )
     self.norm2 = nnx.BatchNorm(out_features, momentum=BN_MOMENTUM, rngs=rngs)
     self.stride = stride
 
@@ -56,18 +58,21 @@ class SeparableBlock(nnx.Module):
   def cost(self, input_shape):
     # The two convs are one DepthwiseSeparable kernel with a BN in between;
     # the BN does not change their FLOPs.
-    kernel = jaxfactor.DepthwiseSeparable(self.depthwise.depthwise[...],
-                                          self.pointwise.pointwise[...])
-    return jaxfactor.cost(kernel, input_shape, strides=self.stride,
-                          implementation="factorized")
+    kernel = jaxfactor.DepthwiseSeparable(
+      self.depthwise.depthwise[...], self.pointwise.pointwise[...]
+    )
+    return jaxfactor.cost(
+      kernel, input_shape, strides=self.stride, implementation="factorized"
+    )
 
 
 class DenseBlock(nnx.Module):
   """A dense 3x3 conv, BN, ReLU: the block MobileNet replaces."""
 
   def __init__(self, in_features, out_features, stride, *, rngs):
-    self.conv = nnx.Conv(in_features, out_features, (3, 3), stride,
-                         use_bias=False, rngs=rngs)
+    self.conv = nnx.Conv(
+      in_features, out_features, (3, 3), stride, use_bias=False, rngs=rngs
+    )
     self.norm = nnx.BatchNorm(out_features, momentum=BN_MOMENTUM, rngs=rngs)
     self.stride = stride
 
@@ -75,8 +80,9 @@ class DenseBlock(nnx.Module):
     return nnx.relu(self.norm(self.conv(x)))
 
   def cost(self, input_shape):
-    return jaxfactor.cost(self.conv.kernel[...], input_shape,
-                          strides=self.stride)
+    return jaxfactor.cost(
+      self.conv.kernel[...], input_shape, strides=self.stride
+    )
 
 
 class Net(nnx.Module):
@@ -126,61 +132,104 @@ def step_ms(trained, x, y, runs):
     model, optimizer = nnx.clone(pair)
     for _ in range(2):  # Warm up.
       jax.block_until_ready(train_step(model, optimizer, x, y))
-    steps.append(lambda model=model, optimizer=optimizer: (
-        jax.block_until_ready(train_step(model, optimizer, x, y))))
+    steps.append(
+      lambda model=model, optimizer=optimizer: jax.block_until_ready(
+        train_step(model, optimizer, x, y)
+      )
+    )
   return median_ms(steps, runs)
 
 
 def main():
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   default = " (default: %(default)s)"
-  parser.add_argument("--epochs", type=int, default=30,
-                      help="training epochs, each network" + default)
-  parser.add_argument("--learning-rate", type=float, default=3e-3,
-                      help="peak of the cosine schedule" + default)
-  parser.add_argument("--batch-size", type=int, default=64,
-                      help="training batch" + default)
-  parser.add_argument("--train-size", type=int, default=None,
-                      help="use only the first N training images (smoke runs)")
-  parser.add_argument("--timing-runs", type=int, default=30,
-                      help="timed training steps per network, taking turns;"
-                      " the median is reported" + default)
-  parser.add_argument("--seed", type=int, default=0,
-                      help="model initialization and data order" + default)
-  parser.add_argument("--no-progress", dest="progress", action="store_false",
-                      help="no progress bars")
+  parser.add_argument(
+    "--epochs",
+    type=int,
+    default=30,
+    help="training epochs, each network" + default,
+  )
+  parser.add_argument(
+    "--learning-rate",
+    type=float,
+    default=3e-3,
+    help="peak of the cosine schedule" + default,
+  )
+  parser.add_argument(
+    "--batch-size", type=int, default=64, help="training batch" + default
+  )
+  parser.add_argument(
+    "--train-size",
+    type=int,
+    default=None,
+    help="use only the first N training images (smoke runs)",
+  )
+  parser.add_argument(
+    "--timing-runs",
+    type=int,
+    default=30,
+    help="timed training steps per network, taking turns;"
+    " the median is reported" + default,
+  )
+  parser.add_argument(
+    "--seed",
+    type=int,
+    default=0,
+    help="model initialization and data order" + default,
+  )
+  parser.add_argument(
+    "--no-progress",
+    dest="progress",
+    action="store_false",
+    help="no progress bars",
+  )
   args = parser.parse_args()
 
   data = load_data(args.train_size)
   x_train, y_train, x_test, y_test = data
-  print(f"digits: {len(x_train)} training and {len(x_test)} test images,"
-        f" 8x8; backend {jax.default_backend()}, {args.epochs} epochs,"
-        f" batch {args.batch_size}, seed {args.seed}\n")
-  header = (f"{'network':<28} {'params':>8} {'conv MFLOPs':>11}"
-            f" {'test acc':>8} {'step ms':>8}")
+  print(
+    f"digits: {len(x_train)} training and {len(x_test)} test images,"
+    f" 8x8; backend {jax.default_backend()}, {args.epochs} epochs,"
+    f" batch {args.batch_size}, seed {args.seed}\n"
+  )
+  header = (
+    f"{'network':<28} {'params':>8} {'conv MFLOPs':>11}"
+    f" {'test acc':>8} {'step ms':>8}"
+  )
   lines = [header, "-" * len(header)]
   names = ("dense convs", "MobileNet (depthwise-sep.)")
   trained = []
   for name, block in zip(names, (DenseBlock, SeparableBlock)):
     model = Net(block, rngs=nnx.Rngs(args.seed))
     _, optimizer = train(
-        model, data, epochs=args.epochs, learning_rate=args.learning_rate,
-        batch_size=args.batch_size, seed=args.seed, desc=name,
-        progress=args.progress, evaluate=accuracy)
+      model,
+      data,
+      epochs=args.epochs,
+      learning_rate=args.learning_rate,
+      batch_size=args.batch_size,
+      seed=args.seed,
+      desc=name,
+      progress=args.progress,
+      evaluate=accuracy,
+    )
     trained.append((model, optimizer))
   batch = slice(0, args.batch_size)
   times = step_ms(trained, x_train[batch], y_train[batch], args.timing_runs)
   for name, (model, _), ms in zip(names, trained, times):
     params = sum(p.size for p in jax.tree.leaves(nnx.state(model, nnx.Param)))
     cost = model.conv_cost(x_train.shape[1:])
-    lines.append(f"{name:<28} {params:>8,} {cost.flops / 1e6:>11.3f}"
-                 f" {accuracy(model, x_test, y_test):>8.4f} {ms:>8.2f}")
+    lines.append(
+      f"{name:<28} {params:>8,} {cost.flops / 1e6:>11.3f}"
+      f" {accuracy(model, x_test, y_test):>8.4f} {ms:>8.2f}"
+    )
   print("\n".join(lines))
-  print("\nparams: trainable (BatchNorm statistics excluded); conv FLOPs per"
-        " image from jaxfactor.cost; step ms: median of"
-        f" {args.timing_runs} jitted training steps on {args.batch_size}"
-        " images (forward, backward and Adam update), the networks taking"
-        " turns.")
+  print(
+    "\nparams: trainable (BatchNorm statistics excluded); conv FLOPs per"
+    " image from jaxfactor.cost; step ms: median of"
+    f" {args.timing_runs} jitted training steps on {args.batch_size}"
+    " images (forward, backward and Adam update), the networks taking"
+    " turns."
+  )
 
 
 if __name__ == "__main__":

@@ -22,14 +22,17 @@ def pairwise(options, valid=None):
     next case is the first one that covers the most pairs not yet covered.
   """
   names = list(options)
-  grid = [dict(zip(names, values))
-          for values in itertools.product(*options.values())]
+  grid = [
+    dict(zip(names, values)) for values in itertools.product(*options.values())
+  ]
   if valid is not None:
     grid = [case for case in grid if valid(case)]
 
   def pairs(case):
-    return {((a, repr(case[a])), (b, repr(case[b])))
-            for a, b in itertools.combinations(names, 2)}
+    return {
+      ((a, repr(case[a])), (b, repr(case[b])))
+      for a, b in itertools.combinations(names, 2)
+    }
 
   uncovered = set().union(*(pairs(case) for case in grid))
   cases = []

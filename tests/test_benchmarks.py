@@ -25,8 +25,9 @@ from jaxfactor import _native
 
 BENCHMARKS = pathlib.Path(__file__).resolve().parent.parent / "benchmarks"
 native = pytest.mark.skipif(
-    not _native.available(),
-    reason=f"native kernel unavailable: {_native.error()}")
+  not _native.available(),
+  reason=f"native kernel unavailable: {_native.error()}",
+)
 
 
 def _load(name):
@@ -45,10 +46,13 @@ def _run(script, *args):
   module = _load(script.removesuffix(".py"))
   argv = [str(BENCHMARKS / script), *map(str, args)]
   stdout = io.StringIO()
-  with (mock.patch.object(sys, "argv", argv),
-        contextlib.redirect_stdout(stdout), jax.enable_x64(False),
-        jax.numpy_dtype_promotion("standard"),
-        jax.numpy_rank_promotion("allow")):
+  with (
+    mock.patch.object(sys, "argv", argv),
+    contextlib.redirect_stdout(stdout),
+    jax.enable_x64(False),
+    jax.numpy_dtype_promotion("standard"),
+    jax.numpy_rank_promotion("allow"),
+  ):
     module.main()
   return stdout.getvalue()
 
@@ -66,32 +70,50 @@ def test_conv_forward_backward_times_forward_and_gradients():
   rng = np.random.default_rng(0)
   x = jnp.asarray(rng.standard_normal((2, 5, 5, 3)))
   kernel = jaxfactor.DepthwiseSeparable(
-      jnp.asarray(rng.standard_normal((3, 3, 1, 3))),
-      jnp.asarray(rng.standard_normal((3, 4))))
+    jnp.asarray(rng.standard_normal((3, 3, 1, 3))),
+    jnp.asarray(rng.standard_normal((3, 4))),
+  )
   t = jnp.asarray(rng.standard_normal((2, 5, 5, 4)))
   fn = jaxfactor.conv
   y, (dx, dk) = jax.jit(functools.partial(conv._forward_backward, fn))(
-      x, kernel, t)
-  want_dx, want_dk = jax.grad(lambda x, k: jnp.vdot(fn(x, k), t),
-                              argnums=(0, 1))(x, kernel)
+    x, kernel, t
+  )
+  want_dx, want_dk = jax.grad(
+    lambda x, k: jnp.vdot(fn(x, k), t), argnums=(0, 1)
+  )(x, kernel)
   # float64 throughout (conftest): only summation order differs.
   _allclose(y, fn(x, kernel), 1e-12)
   _allclose((dx, dk), (want_dx, want_dk), 1e-12)
 
 
 def test_conv_script_writes_its_tables(tmp_path):
-  stdout = _run("conv.py", "--quick", "--shapes", "tiny16",
-                "--compile-repeats", 0, "--out", tmp_path)
+  stdout = _run(
+    "conv.py",
+    "--quick",
+    "--shapes",
+    "tiny16",
+    "--compile-repeats",
+    0,
+    "--out",
+    tmp_path,
+  )
   assert "compile time: not measured" in stdout
   result = json.loads((tmp_path / "conv_quick.json").read_text())
   rows = {(r["op"], r["impl"]): r for r in result["rows"]}
-  formats = ("depthwise_separable", "low_rank", "tucker",
-             "spatially_separable", "cp")
-  expected = {("dense", "lax conv"), ("depthwise", "jaxfactor.depthwise_conv"),
-              ("depthwise", "lax grouped (=Flax/Keras/Haiku)"),
-              ("separable", "naive grouped + 1x1 conv"),
-              *((f, i) for f in formats
-                for i in ("factorized", "reconstructed", "auto"))}
+  formats = (
+    "depthwise_separable",
+    "low_rank",
+    "tucker",
+    "spatially_separable",
+    "cp",
+  )
+  expected = {
+    ("dense", "lax conv"),
+    ("depthwise", "jaxfactor.depthwise_conv"),
+    ("depthwise", "lax grouped (=Flax/Keras/Haiku)"),
+    ("separable", "naive grouped + 1x1 conv"),
+    *((f, i) for f in formats for i in ("factorized", "reconstructed", "auto")),
+  }
   if _native.available():  # the CPU's other depthwise lowering beside it
     expected.add(("depthwise", "jaxfactor shift_add"))
     assert "depthwise convs run as 'native'" in result["machine"]
@@ -118,9 +140,11 @@ def test_fusion_programs_agree_across_lowerings():
   kernel = jnp.asarray(rng.standard_normal((3, 3, 1, 4)), jnp.float32)
   t = jnp.asarray(rng.standard_normal((2, 6, 6, 4)), jnp.float32)
   compiled = fusion.programs(x, kernel, t)
-  assert set(compiled) == {(lowering, consumer)
-                           for lowering in fusion.LOWERINGS
-                           for consumer in fusion.CONSUMERS}
+  assert set(compiled) == {
+    (lowering, consumer)
+    for lowering in fusion.LOWERINGS
+    for consumer in fusion.CONSUMERS
+  }
   for consumer in fusion.CONSUMERS:
     want = compiled["grouped", consumer](x, kernel, t)
     for lowering in fusion.LOWERINGS:  # "native" too where it builds
@@ -129,10 +153,27 @@ def test_fusion_programs_agree_across_lowerings():
 
 
 def test_fusion_script_writes_its_tables(tmp_path):
-  _run("fusion.py", "--shapes", 2, 6, 6, 4, 1, 5, 5, 2, "--rounds", 1,
-       "--out", tmp_path)
-  rows = [line for line in (tmp_path / "fusion.md").read_text().splitlines()
-          if line.startswith(("| out", "| mean", "| bn_block"))]
+  _run(
+    "fusion.py",
+    "--shapes",
+    2,
+    6,
+    6,
+    4,
+    1,
+    5,
+    5,
+    2,
+    "--rounds",
+    1,
+    "--out",
+    tmp_path,
+  )
+  rows = [
+    line
+    for line in (tmp_path / "fusion.md").read_text().splitlines()
+    if line.startswith(("| out", "| mean", "| bn_block"))
+  ]
   assert len(rows) == 6
   columns = 3 if _native.available() else 2
   assert all(line.count("|") == columns + 2 for line in rows)
@@ -150,23 +191,46 @@ def test_depthwise_script_times_agreeing_programs(tmp_path):
   t = jnp.asarray(rng.standard_normal((2, 4, 4, 3)), jnp.float32)
   compiled = depthwise.programs(x, kernel, t, 2)
   for p in ("fwd", "fwd+bwd"):
-    _allclose(compiled["native", p](x, kernel, t),
-              compiled["shift_add", p](x, kernel, t), 1e-4)
+    _allclose(
+      compiled["native", p](x, kernel, t),
+      compiled["shift_add", p](x, kernel, t),
+      1e-4,
+    )
   # The two are different programs: the native one calls the kernel.
   assert "jaxfactor_depthwise" in compiled["native", "fwd"].as_text()
   assert "jaxfactor_depthwise" not in compiled["shift_add", "fwd"].as_text()
-  _run("depthwise.py", "--shapes", 2, 6, 6, 4, 1, 1, 5, 5, 2, 2,
-       "--rounds", 1, "--out", tmp_path)
+  _run(
+    "depthwise.py",
+    "--shapes",
+    2,
+    6,
+    6,
+    4,
+    1,
+    1,
+    5,
+    5,
+    2,
+    2,
+    "--rounds",
+    1,
+    "--out",
+    tmp_path,
+  )
   rows = (tmp_path / "depthwise.md").read_text().splitlines()
-  assert [r.split(" |")[0] for r in rows[4:]] == ["| 2 6 6 4, 1",
-                                                 "| 1 5 5 2, 2"]
+  assert [r.split(" |")[0] for r in rows[4:]] == [
+    "| 2 6 6 4, 1",
+    "| 1 5 5 2, 2",
+  ]
 
 
 def test_spatial_script_writes_its_table(tmp_path):
   _run("spatial.py", "--quick", "--out", tmp_path)
-  rows = [line.split(" | ") for line in
-          (tmp_path / "spatial.md").read_text().splitlines()
-          if line.startswith("| LowRank")]
+  rows = [
+    line.split(" | ")
+    for line in (tmp_path / "spatial.md").read_text().splitlines()
+    if line.startswith("| LowRank")
+  ]
   assert len(rows) == 2
   # Both lowerings timed, and the rule's choice shown: at these small
   # sizes (8x8, 4x4) XLA's convolution.
@@ -187,15 +251,17 @@ def test_cp_lowering_variants_compute_cp():
     out = jaxfactor.conv(x, cp, strides=stride).shape
     compiled = bench.programs(x, cp, r(*out), stride)
     labels = list(bench.variants(stride))
-    assert set(compiled) == {(label, p) for label in labels
-                             for p in ("fwd", "fwdbwd")}
+    assert set(compiled) == {
+      (label, p) for label in labels for p in ("fwd", "fwdbwd")
+    }
     t = r(*out)
     for p in ("fwd", "fwdbwd"):
       want = compiled["reconstructed", p](x, cp, t)
       for label in labels:
         _allclose(compiled[label, p](x, cp, t), want, 1e-10)
-  stdout = _run("cp_lowering.py", "--batch", 1, "--repeats", 1, "--shapes",
-                "tiny_s2")
+  stdout = _run(
+    "cp_lowering.py", "--batch", 1, "--repeats", 1, "--shapes", "tiny_s2"
+  )
   rows = [line for line in stdout.splitlines() if line.startswith("| tiny")]
   assert [row.split(" | ")[1] for row in rows] == labels
 
@@ -205,14 +271,20 @@ def test_decompose_measures_jaxfactor():
   decomposition, exact for a kernel of that Tucker rank."""
   bench = _load("decompose")
   rng = np.random.default_rng(0)
-  exact = np.einsum("hwab,ca,fb->hwcf", rng.standard_normal((3, 3, 2, 2)),
-                    rng.standard_normal((8, 2)), rng.standard_normal((8, 2)))
+  exact = np.einsum(
+    "hwab,ca,fb->hwcf",
+    rng.standard_normal((3, 3, 2, 2)),
+    rng.standard_normal((8, 2)),
+    rng.standard_normal((8, 2)),
+  )
   error, seconds, compile_s = bench.run_ours(
-      exact, jnp.float32, 1, format="tucker", rank=(2, 2), iterations=2)
+    exact, jnp.float32, 1, format="tucker", rank=(2, 2), iterations=2
+  )
   assert error < 1e-5 and seconds > 0 and compile_s > 0
   decaying = bench.decaying_kernel((3, 3, 8, 8), 0.9)
-  error = bench.run_ours(decaying, jnp.float32, 1, format="tucker",
-                         rank=(2, 2), iterations=2)[0]
+  error = bench.run_ours(
+    decaying, jnp.float32, 1, format="tucker", rank=(2, 2), iterations=2
+  )[0]
   assert 0.1 < error < 1
 
 
@@ -221,7 +293,8 @@ def test_decompose_script_runs(tmp_path):
   _run("decompose.py", "--quick", "--kernels", "decay", "--out", tmp_path)
   result = json.loads((tmp_path / "decompose_quick.json").read_text())
   assert [r["method"] for r in result["rows"]] == ["Tucker-2 HOOI"] * 2 + [
-      "CP ALS"] * 2
+    "CP ALS"
+  ] * 2
   for r in result["rows"]:
     # The same algorithm from the same start: errors agree; jaxfactor's CP
     # keeps the best of its starts, TensorLy's best of 5 seeds is close.

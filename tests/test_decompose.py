@@ -21,8 +21,10 @@ DTYPES = [jnp.float64, jnp.float32]
 SHAPES = {1: (3, 4, 6), 2: (3, 3, 4, 6), 3: (2, 3, 2, 3, 5)}
 
 # The function under test, jitted: the rank and the sweep counts are static.
-decompose = jax.jit(jaxfactor.decompose, static_argnames=(
-    "format", "rank", "iterations", "restarts", "compute_dtype"))
+decompose = jax.jit(
+  jaxfactor.decompose,
+  static_argnames=("format", "rank", "iterations", "restarts", "compute_dtype"),
+)
 
 
 def decaying_kernel(shape, *, rate=0.8, seed=0, dtype=jnp.float64):
@@ -32,14 +34,14 @@ def decaying_kernel(shape, *, rate=0.8, seed=0, dtype=jnp.float64):
   kernel = rng.standard_normal(shape)
   for mode, size in enumerate(shape):
     kernel = np.moveaxis(
-        np.moveaxis(kernel, mode, -1) * rate ** np.arange(size), -1, mode)
+      np.moveaxis(kernel, mode, -1) * rate ** np.arange(size), -1, mode
+    )
   return jnp.asarray(kernel, dtype)
 
 
 def truncate(matrix, rank):
   """The best rank-`rank` approximation (Eckart-Young), in float64."""
-  u, s, vt = np.linalg.svd(np.asarray(matrix, np.float64),
-                           full_matrices=False)
+  u, s, vt = np.linalg.svd(np.asarray(matrix, np.float64), full_matrices=False)
   return (u[..., :rank] * s[..., None, :rank]) @ vt[..., :rank, :]
 
 
@@ -79,15 +81,21 @@ def test_low_rank_is_the_truncated_svd(case):
   # and row r of the pointwise factor both have norm sqrt(s_r).
   s = np.linalg.svd(matrix, compute_uv=False)[:rank]
   spatial = np.asarray(f.spatial, np.float64).reshape(-1, rank)
-  np.testing.assert_allclose(np.linalg.norm(spatial, axis=0), np.sqrt(s),
-                             rtol=100 * TOL[dtype])
   np.testing.assert_allclose(
-      np.linalg.norm(np.asarray(f.pointwise, np.float64), axis=1),
-      np.sqrt(s), rtol=100 * TOL[dtype])
+    np.linalg.norm(spatial, axis=0), np.sqrt(s), rtol=100 * TOL[dtype]
+  )
+  np.testing.assert_allclose(
+    np.linalg.norm(np.asarray(f.pointwise, np.float64), axis=1),
+    np.sqrt(s),
+    rtol=100 * TOL[dtype],
+  )
 
 
-@pytest.mark.parametrize("case", pairwise(dict(dtype=DTYPES, rank=[1, 5])),
-                         ids=ids(pairwise(dict(dtype=DTYPES, rank=[1, 5]))))
+@pytest.mark.parametrize(
+  "case",
+  pairwise(dict(dtype=DTYPES, rank=[1, 5])),
+  ids=ids(pairwise(dict(dtype=DTYPES, rank=[1, 5]))),
+)
 def test_spatially_separable_2d_is_the_svd_of_the_rearrangement(case):
   dtype, rank = case["dtype"], case["rank"]
   kernel = decaying_kernel((3, 5, 4, 6), dtype=dtype)
@@ -110,8 +118,10 @@ def test_spatially_separable_3d_is_within_the_tt_svd_bounds(ranks):
   bests = []
   for i, r in enumerate(ranks):
     unfolding = tensor.reshape(4 * math.prod(shape[: i + 1]), -1)
-    bests.append(np.linalg.norm(unfolding - truncate(unfolding, r))
-                 / np.linalg.norm(tensor))
+    bests.append(
+      np.linalg.norm(unfolding - truncate(unfolding, r))
+      / np.linalg.norm(tensor)
+    )
   e = error(f, kernel)
   assert max(bests) - 1e-12 <= e <= math.sqrt(sum(b**2 for b in bests)) + 1e-12
 
@@ -164,8 +174,9 @@ def test_tucker_in_rank_beyond_the_projected_columns():
 
 
 FULL_RANK_CASES = pairwise(
-    dict(name=FORMATS, n=[1, 2, 3], dtype=DTYPES),
-    valid=lambda c: c["name"] != "spatially_separable" or c["n"] > 1)
+  dict(name=FORMATS, n=[1, 2, 3], dtype=DTYPES),
+  valid=lambda c: c["name"] != "spatially_separable" or c["n"] > 1,
+)
 
 
 @pytest.mark.parametrize("case", FULL_RANK_CASES, ids=ids(FULL_RANK_CASES))
@@ -187,8 +198,10 @@ def test_cp_als_converges_to_an_exact_cp_kernel_and_restarts_never_hurt():
   rng = np.random.default_rng(0)
   u, a, b, v = (rng.standard_normal((n, 3)) for n in (4, 3, 3, 5))
   kernel = jnp.asarray(np.einsum("cr,hr,wr,fr->hwcf", u, a, b, v))
-  errors = [error(decompose(kernel, "cp", rank=3, iterations=i, restarts=0),
-                  kernel) for i in (0, 16, 100)]
+  errors = [
+    error(decompose(kernel, "cp", rank=3, iterations=i, restarts=0), kernel)
+    for i in (0, 16, 100)
+  ]
   assert errors[0] > errors[1] > errors[2] and errors[2] < 1e-8
   # Start i is the same whatever `restarts` is: more can only help.
   key = jax.random.key(3)
@@ -199,32 +212,48 @@ def test_cp_als_converges_to_an_exact_cp_kernel_and_restarts_never_hurt():
 
 # --- jit, vmap and dtypes -----------------------------------------------------
 
-RANKS = {"depthwise_separable": 2, "spatially_separable": 4, "low_rank": 3,
-         "tucker": (2, 3), "cp": 4}
+RANKS = {
+  "depthwise_separable": 2,
+  "spatially_separable": 4,
+  "low_rank": 3,
+  "tucker": (2, 3),
+  "cp": 4,
+}
 
 
 @pytest.mark.parametrize("name", FORMATS)
 def test_vmap_over_a_stack_of_kernels_equals_one_at_a_time(name):
   stack = jnp.stack([decaying_kernel(CP_SHAPE, seed=s) for s in range(3)])
-  batched = jax.jit(jax.vmap(lambda k: jaxfactor.decompose(
-      k, name, rank=RANKS[name], iterations=4, restarts=0)))(stack)
+  batched = jax.jit(
+    jax.vmap(
+      lambda k: jaxfactor.decompose(
+        k, name, rank=RANKS[name], iterations=4, restarts=0
+      )
+    )
+  )(stack)
   assert jax.tree.leaves(batched)[0].shape[0] == 3
   for i in range(3):
-    single = decompose(stack[i], name, rank=RANKS[name], iterations=4,
-                       restarts=0)
+    single = decompose(
+      stack[i], name, rank=RANKS[name], iterations=4, restarts=0
+    )
     np.testing.assert_allclose(
-        jax.tree.map(lambda a, i=i: a[i], batched).to_dense(),
-        single.to_dense(),
-        rtol=1e-9, atol=1e-9)
+      jax.tree.map(lambda a, i=i: a[i], batched).to_dense(),
+      single.to_dense(),
+      rtol=1e-9,
+      atol=1e-9,
+    )
 
 
 @pytest.mark.parametrize("name", FORMATS)
 def test_factor_dtype_is_the_kernel_dtype(name):
   shape = (3, 3, 4, 5)
   for dtype in (jnp.float32, jnp.bfloat16):
-    f = jax.eval_shape(lambda k: jaxfactor.decompose(
-        k, name, rank=RANKS[name], iterations=1, restarts=0),
-        jax.ShapeDtypeStruct(shape, dtype))
+    f = jax.eval_shape(
+      lambda k: jaxfactor.decompose(
+        k, name, rank=RANKS[name], iterations=1, restarts=0
+      ),
+      jax.ShapeDtypeStruct(shape, dtype),
+    )
     assert {leaf.dtype for leaf in jax.tree.leaves(f)} == {jnp.dtype(dtype)}
 
 
@@ -236,8 +265,10 @@ def test_compute_dtype_float64_computes_in_float64():
   for a, b in zip(jax.tree.leaves(double), jax.tree.leaves(expected)):
     np.testing.assert_array_equal(a, b.astype(jnp.float32))
   single = decompose(kernel, "tucker", rank=2)
-  assert any(bool(jnp.any(a != b)) for a, b in zip(jax.tree.leaves(single),
-                                                    jax.tree.leaves(double)))
+  assert any(
+    bool(jnp.any(a != b))
+    for a, b in zip(jax.tree.leaves(single), jax.tree.leaves(double))
+  )
 
 
 def test_non_finite_kernel_under_jit_gives_nan_factors():
@@ -258,28 +289,40 @@ def test_scaled_kernels_decompose_as_well():
 
 # --- rank selection -----------------------------------------------------------
 
+
 @pytest.mark.parametrize("name", FORMATS)
 def test_budget_rank_is_the_largest_within_the_fraction(name):
   shape = (3, 3, 8, 12)
   cls = _ranks.format_class("test", name)
   path = _ranks.candidates(shape, cls)
   for fraction in (0.2, 0.4, 1.0):
-    f = quiet(jax.eval_shape, lambda k, fraction=fraction: jaxfactor.decompose(
-        k, name, rank=jaxfactor.Budget(params=fraction), iterations=1,
-        restarts=0), jax.ShapeDtypeStruct(shape, jnp.float32))
+    f = quiet(
+      jax.eval_shape,
+      lambda k, fraction=fraction: jaxfactor.decompose(
+        k,
+        name,
+        rank=jaxfactor.Budget(params=fraction),
+        iterations=1,
+        restarts=0,
+      ),
+      jax.ShapeDtypeStruct(shape, jnp.float32),
+    )
     rank = _ranks.rank_of(f)
     assert f.num_params <= fraction * math.prod(shape)
-    following = path[path.index(rank) + 1:]
+    following = path[path.index(rank) + 1 :]
     if following:
       assert _ranks.num_params(shape, cls, following[0]) > (
-          fraction * math.prod(shape))
+        fraction * math.prod(shape)
+      )
 
 
 def test_budget_path_does_not_starve_the_smaller_tucker_mode():
   f = jax.eval_shape(
-      lambda k: jaxfactor.decompose(k, "tucker",
-                                    rank=jaxfactor.Budget(params=0.1)),
-      jax.ShapeDtypeStruct((3, 3, 64, 8), jnp.float32))
+    lambda k: jaxfactor.decompose(
+      k, "tucker", rank=jaxfactor.Budget(params=0.1)
+    ),
+    jax.ShapeDtypeStruct((3, 3, 64, 8), jnp.float32),
+  )
   # One rank for both modes, clipped to each mode's maximum: a path keeping
   # R_in / R_out = C / F would end at (k, 1) here.
   assert f.ranks == (4, 4)
@@ -300,8 +343,13 @@ def squared_spectra(name, kernel):
   if name == "depthwise_separable":  # per channel, summed at each rank
     slices = np.moveaxis(k.reshape(-1, c, f), 1, 0)
     return [(np.linalg.svd(slices, compute_uv=False) ** 2).sum(axis=0)]
-  return [np.linalg.svd(np.moveaxis(k, mode, 0).reshape(k.shape[mode], -1),
-                        compute_uv=False) ** 2 for mode in (-2, -1)]
+  return [
+    np.linalg.svd(
+      np.moveaxis(k, mode, 0).reshape(k.shape[mode], -1), compute_uv=False
+    )
+    ** 2
+    for mode in (-2, -1)
+  ]
 
 
 def smallest_rank(squares, energy):
@@ -313,8 +361,9 @@ def smallest_rank(squares, energy):
 def test_energy_is_the_smallest_rank_keeping_that_fraction(name):
   energy = ENERGIES[name]
   kernel = decaying_kernel((3, 3, 6, 8))
-  f = quiet(jaxfactor.decompose, kernel, name, energy=energy, iterations=4,
-            restarts=0)
+  f = quiet(
+    jaxfactor.decompose, kernel, name, energy=energy, iterations=4, restarts=0
+  )
   if name != "tucker":  # whose energy is per mode
     # CP's ALS only improves on its start, which keeps `energy`.
     assert 1 - error(f, kernel) ** 2 >= energy - 1e-9
@@ -335,15 +384,17 @@ def planted(name, rng):
   if name == "low_rank":
     kernel, rank = (normal((3, 3, 16, 5)) @ normal((5, 24))), 5
   elif name == "tucker":
-    kernel = np.einsum("ca,hwab,bf->hwcf", normal((16, 4)),
-                       normal((3, 3, 4, 6)), normal((6, 24)))
+    kernel = np.einsum(
+      "ca,hwab,bf->hwcf", normal((16, 4)), normal((3, 3, 4, 6)), normal((6, 24))
+    )
     rank = (4, 6)
   elif name == "spatially_separable":
     kernel = np.einsum("hcr,wrf->hwcf", normal((3, 8, 3)), normal((3, 3, 12)))
     rank = (3,)
   else:
-    kernel = np.einsum("hwcj,cjf->hwcf", normal((3, 3, 8, 2)),
-                       normal((8, 2, 24)))
+    kernel = np.einsum(
+      "hwcj,cjf->hwcf", normal((3, 3, 8, 2)), normal((8, 2, 24))
+    )
     rank = 2
   kernel += 0.01 * np.std(kernel) * normal(kernel.shape)
   return jnp.asarray(kernel), rank
@@ -359,11 +410,20 @@ def test_vbmf_finds_a_planted_rank(name):
 def test_vbmf_for_cp_pools_the_per_tap_ranks():
   rng = np.random.default_rng(0)
   # Every tap's 4 x 5 slice has rank 2: the pooled start needs 9 * 2 terms.
-  kernel = np.einsum("hwcr,hwrf->hwcf", rng.standard_normal((3, 3, 4, 2)),
-                     rng.standard_normal((3, 3, 2, 5)))
+  kernel = np.einsum(
+    "hwcr,hwrf->hwcf",
+    rng.standard_normal((3, 3, 4, 2)),
+    rng.standard_normal((3, 3, 2, 5)),
+  )
   kernel += 1e-3 * rng.standard_normal(kernel.shape)
-  f = quiet(jaxfactor.decompose, jnp.asarray(kernel), "cp", rank="vbmf",
-            iterations=1, restarts=0)
+  f = quiet(
+    jaxfactor.decompose,
+    jnp.asarray(kernel),
+    "cp",
+    rank="vbmf",
+    iterations=1,
+    restarts=0,
+  )
   assert f.rank == 9 * 2
 
 
@@ -397,14 +457,16 @@ def test_max_rank():
 
 # --- data-aware ---------------------------------------------------------------
 
+
 def correlated_inputs(channels, *, batch=16, seed=0):
   """Inputs whose channels are strongly correlated: a fixed rank-2 mixing
   of independent latents, plus a little noise."""
   mixing = np.random.default_rng(100).standard_normal((2, channels))
   rng = np.random.default_rng(seed)
   latent = rng.standard_normal((batch, 8, 8, 2))
-  return jnp.asarray(latent @ mixing
-                     + 0.05 * rng.standard_normal((batch, 8, 8, channels)))
+  return jnp.asarray(
+    latent @ mixing + 0.05 * rng.standard_normal((batch, 8, 8, channels))
+  )
 
 
 @pytest.mark.parametrize("name,rank", [("low_rank", 4), ("tucker", (2, 4))])
@@ -429,11 +491,19 @@ def test_data_aware_low_rank_is_the_whitened_optimum():
   the Eckart-Young optimum of the whitened filter matrix."""
   kernel = decaying_kernel((3, 3, 4, 6), rate=0.9)
   x = correlated_inputs(4, batch=4)
-  f = jaxfactor.decompose(kernel, "low_rank", rank=2, inputs=x, damping=0.0,
-                          dilation=2)
-  patches = np.asarray(jax.lax.conv_general_dilated_patches(
-      x, (3, 3), (1, 1), "VALID", rhs_dilation=(2, 2),
-      dimension_numbers=("NHWC", "HWIO", "NHWC")))  # [..., C*k], C major
+  f = jaxfactor.decompose(
+    kernel, "low_rank", rank=2, inputs=x, damping=0.0, dilation=2
+  )
+  patches = np.asarray(
+    jax.lax.conv_general_dilated_patches(
+      x,
+      (3, 3),
+      (1, 1),
+      "VALID",
+      rhs_dilation=(2, 2),
+      dimension_numbers=("NHWC", "HWIO", "NHWC"),
+    )
+  )  # [..., C*k], C major
   patches = patches.reshape(-1, 4, 9).transpose(0, 2, 1).reshape(-1, 36)
   k = np.asarray(kernel).reshape(36, 6)
   residual = patches @ (k - np.asarray(f.to_dense()).reshape(36, 6))
@@ -445,6 +515,7 @@ def test_data_aware_low_rank_is_the_whitened_optimum():
 
 
 # --- relative_error -----------------------------------------------------------
+
 
 def test_relative_error_is_the_frobenius_ratio():
   kernel = decaying_kernel((3, 3, 4, 6), seed=1)

@@ -14,19 +14,33 @@ import jaxfactor.linen
 import jaxfactor.nnx
 
 PUBLIC = (jaxfactor, jaxfactor.nnx, jaxfactor.linen)
-WITH_EXAMPLES = ("jaxfactor._convolution", "jaxfactor._cost",
-                 "jaxfactor._decompose", "jaxfactor._formats",
-                 "jaxfactor._ranks", "jaxfactor.linen", "jaxfactor.nnx")
+WITH_EXAMPLES = (
+  "jaxfactor._convolution",
+  "jaxfactor._cost",
+  "jaxfactor._decompose",
+  "jaxfactor._formats",
+  "jaxfactor._ranks",
+  "jaxfactor.linen",
+  "jaxfactor.nnx",
+)
 # Arguments that no longer exist: a public signature naming one is stale.
-REMOVED = {"depthwise_lowering", "spatial_lowering", "partitioning", "init",
-           "initialization"}
+REMOVED = {
+  "depthwise_lowering",
+  "spatial_lowering",
+  "partitioning",
+  "init",
+  "initialization",
+}
 
 
 def test_every_module_with_examples_is_doctested():
   root = pathlib.Path(jaxfactor.__file__).parent
-  found = {f"jaxfactor.{m.name}" for m in pkgutil.iter_modules([str(root)])
-           if (root / f"{m.name}.py").is_file()
-           and ">>>" in (root / f"{m.name}.py").read_text()}
+  found = {
+    f"jaxfactor.{m.name}"
+    for m in pkgutil.iter_modules([str(root)])
+    if (root / f"{m.name}.py").is_file()
+    and ">>>" in (root / f"{m.name}.py").read_text()
+  }
   assert found == set(WITH_EXAMPLES)
 
 
@@ -46,8 +60,9 @@ def _public_names():
       yield module, name
 
 
-@pytest.mark.parametrize("module,name", list(_public_names()),
-                         ids=lambda v: getattr(v, "__name__", v))
+@pytest.mark.parametrize(
+  "module,name", list(_public_names()), ids=lambda v: getattr(v, "__name__", v)
+)
 def test_public_name_has_a_docstring_and_no_removed_argument(module, name):
   obj = getattr(module, name)
   assert inspect.getdoc(obj), f"{module.__name__}.{name} has no docstring"
@@ -68,11 +83,13 @@ def test_public_name_has_a_docstring_and_no_removed_argument(module, name):
     assert not removed & set(signature.parameters), (name, signature)
   if layer:
     assert "kernel_dilation" in signatures[0].parameters or name == (
-        "PointwiseConv")
+      "PointwiseConv"
+    )
 
 
-@pytest.mark.parametrize("module", [jaxfactor.nnx, jaxfactor.linen],
-                         ids=lambda m: m.__name__)
+@pytest.mark.parametrize(
+  "module", [jaxfactor.nnx, jaxfactor.linen], ids=lambda m: m.__name__
+)
 def test_reports_are_the_top_level_classes(module):
   for name in ("FactorizationReport", "LayerReport"):
     assert name in module.__all__

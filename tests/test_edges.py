@@ -18,11 +18,11 @@ import jaxfactor.linen
 import jaxfactor.nnx
 
 FORMATS = {
-    "low_rank": 3,
-    "tucker": (2, 3),
-    "cp": 4,
-    "spatially_separable": 3,
-    "depthwise_separable": 2,
+  "low_rank": 3,
+  "tucker": (2, 3),
+  "cp": 4,
+  "spatially_separable": 3,
+  "depthwise_separable": 2,
 }
 
 
@@ -30,23 +30,23 @@ def _kernel(shape=(3, 3, 4, 6), seed=0, dtype=jnp.float32):
   return jax.random.normal(jax.random.key(seed), shape, dtype)
 
 
-# --- serving: jax.export with symbolic shapes ----------------------------------
+# --- serving: jax.export with symbolic shapes ---------------------------------
 
 
 def _nnx_layers():
   rngs = nnx.Rngs(0)
   return [
-      jaxfactor.nnx.LowRankConv(4, 6, (3, 3), rank=2, rngs=rngs),
-      jaxfactor.nnx.TuckerConv(4, 6, (3, 3), 2, rank=(2, 3), rngs=rngs),
-      jaxfactor.nnx.CPConv(4, 6, (3, 3), rank=3, padding="CIRCULAR",
-                           rngs=rngs),
-      jaxfactor.nnx.SpatiallySeparableConv(4, 6, (3, 3), rank=3,
-                                           padding="REFLECT", rngs=rngs),
-      jaxfactor.nnx.DepthwiseSeparableConv(4, 6, (3, 3), 2,
-                                           kernel_dilation=2, rngs=rngs),
-      jaxfactor.nnx.DepthwiseConv(4, (3, 3), 2, channel_multiplier=2,
-                                  rngs=rngs),
-      jaxfactor.nnx.PointwiseConv(4, 6, rngs=rngs),
+    jaxfactor.nnx.LowRankConv(4, 6, (3, 3), rank=2, rngs=rngs),
+    jaxfactor.nnx.TuckerConv(4, 6, (3, 3), 2, rank=(2, 3), rngs=rngs),
+    jaxfactor.nnx.CPConv(4, 6, (3, 3), rank=3, padding="CIRCULAR", rngs=rngs),
+    jaxfactor.nnx.SpatiallySeparableConv(
+      4, 6, (3, 3), rank=3, padding="REFLECT", rngs=rngs
+    ),
+    jaxfactor.nnx.DepthwiseSeparableConv(
+      4, 6, (3, 3), 2, kernel_dilation=2, rngs=rngs
+    ),
+    jaxfactor.nnx.DepthwiseConv(4, (3, 3), 2, channel_multiplier=2, rngs=rngs),
+    jaxfactor.nnx.PointwiseConv(4, 6, rngs=rngs),
   ]
 
 
@@ -57,14 +57,13 @@ def test_layers_export_with_symbolic_batch_height_width(index):
   expected = layer(x)
   b, h, w = export.symbolic_shape("b, h, w")
   exported = export.export(jax.jit(lambda x: layer(x)))(
-      jax.ShapeDtypeStruct((b, h, w, 4), jnp.float32))
+    jax.ShapeDtypeStruct((b, h, w, 4), jnp.float32)
+  )
   restored = export.deserialize(exported.serialize())
-  np.testing.assert_allclose(restored.call(x), expected, rtol=1e-5,
-                             atol=1e-5)
+  np.testing.assert_allclose(restored.call(x), expected, rtol=1e-5, atol=1e-5)
   # Another batch and size through the same exported program.
   x2 = jax.random.normal(jax.random.key(2), (1, 8, 9, 4), jnp.float32)
-  np.testing.assert_allclose(restored.call(x2), layer(x2), rtol=1e-5,
-                             atol=1e-5)
+  np.testing.assert_allclose(restored.call(x2), layer(x2), rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("name", sorted(FORMATS))
@@ -73,31 +72,37 @@ def test_conv_exports_with_a_symbolic_batch_and_format_arguments(name):
   x = jax.random.normal(jax.random.key(1), (2, 9, 9, 4), jnp.float32)
   (b,) = export.symbolic_shape("b")
   fn = jax.jit(lambda x, f: jaxfactor.conv(x, f, strides=2))
-  exported = export.export(fn)(jax.ShapeDtypeStruct((b, 9, 9, 4),
-                                                    jnp.float32), factors)
+  exported = export.export(fn)(
+    jax.ShapeDtypeStruct((b, 9, 9, 4), jnp.float32), factors
+  )
   restored = export.deserialize(exported.serialize())
-  np.testing.assert_allclose(restored.call(x, factors), fn(x, factors),
-                             rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(
+    restored.call(x, factors), fn(x, factors), rtol=1e-5, atol=1e-5
+  )
 
 
 def test_cost_counts_a_symbolic_batch_and_refuses_symbolic_sizes():
   factors = jaxfactor.decompose(_kernel(), "tucker", rank=(2, 3))
   b, h = export.symbolic_shape("b, h")
-  per_image = jaxfactor.cost(factors, (1, 10, 10, 4),
-                             implementation="factorized").flops
-  symbolic = jaxfactor.cost(factors, (b, 10, 10, 4),
-                            implementation="factorized").flops
+  per_image = jaxfactor.cost(
+    factors, (1, 10, 10, 4), implementation="factorized"
+  ).flops
+  symbolic = jaxfactor.cost(
+    factors, (b, 10, 10, 4), implementation="factorized"
+  ).flops
   assert symbolic == b * per_image
-  with pytest.raises(ValueError, match=r"cost: the spatial and channel sizes"
-                     r" of `input_shape` must be static"):
+  with pytest.raises(
+    ValueError,
+    match=r"cost: the spatial and channel sizes"
+    r" of `input_shape` must be static",
+  ):
     jaxfactor.cost(factors, (b, h, 10, 4))
 
 
-# --- checkpoints without decomposition -------------------------------------------
+# --- checkpoints without decomposition ----------------------------------------
 
 
 class _Net(nnx.Module):
-
   def __init__(self, rngs):
     self.conv1 = nnx.Conv(3, 8, (3, 3), rngs=rngs)
     self.conv2 = nnx.Conv(8, 8, (3, 3), rngs=rngs)
@@ -120,9 +125,9 @@ def test_orbax_restores_a_factorized_nnx_model_into_an_abstract_one(tmp_path):
   abstract = nnx.eval_shape(lambda: _Net(nnx.Rngs(0)))
   jaxfactor.nnx.restore_structure(abstract, "tucker", ranks)
   graphdef, abstract_state = nnx.split(abstract)
-  restored = nnx.merge(graphdef,
-                       checkpointer.restore(tmp_path / "state",
-                                            abstract_state))
+  restored = nnx.merge(
+    graphdef, checkpointer.restore(tmp_path / "state", abstract_state)
+  )
   assert isinstance(restored.conv2, jaxfactor.nnx.TuckerConv)
   np.testing.assert_array_equal(restored(x), expected)
 
@@ -134,8 +139,11 @@ def test_restore_structure_on_a_concrete_model_decomposes_nothing():
   assert model.conv1.rank == 5
   assert all(not np.any(a) for a in jax.tree.leaves(model.conv1.factors))
   assert isinstance(model.conv2, nnx.Conv)
-  with pytest.raises(ValueError, match=r"restore_structure: `ranks` names"
-                     r" \['head'\], which are not nnx.Conv layers"):
+  with pytest.raises(
+    ValueError,
+    match=r"restore_structure: `ranks` names"
+    r" \['head'\], which are not nnx.Conv layers",
+  ):
     jaxfactor.nnx.restore_structure(model, "cp", {"head": 2})
 
 
@@ -158,7 +166,8 @@ def test_orbax_restores_factorized_linen_variables(tmp_path):
   x = jax.random.normal(jax.random.key(1), (2, 8, 8, 4), jnp.float32)
   dense = _LinenNet().init(jax.random.key(0), x)
   variables, report = jaxfactor.linen.factorize_variables(
-      dense, "tucker", rank=(2, 4), model=_LinenNet(), inputs=x)
+    dense, "tucker", rank=(2, 4), model=_LinenNet(), inputs=x
+  )
   factorized = _LinenNet(conv=jaxfactor.linen.TuckerConv)
   expected = factorized.apply(variables, x)
   checkpointer = ocp.StandardCheckpointer()
@@ -167,7 +176,8 @@ def test_orbax_restores_factorized_linen_variables(tmp_path):
 
   abstract = jax.eval_shape(_LinenNet().init, jax.random.key(0), x)
   target = jaxfactor.linen.restore_structure(
-      abstract, "tucker", json.loads(json.dumps(report.ranks)))
+    abstract, "tucker", json.loads(json.dumps(report.ranks))
+  )
   restored = checkpointer.restore(tmp_path / "variables", target)
   np.testing.assert_array_equal(factorized.apply(restored, x), expected)
 
@@ -178,55 +188,75 @@ def test_from_factors_builds_the_layer_of_a_format_value():
   layer = jaxfactor.nnx.from_factors(factors, 2, bias=bias, padding="VALID")
   assert isinstance(layer, jaxfactor.nnx.LowRankConv)
   x = jax.random.normal(jax.random.key(1), (2, 9, 9, 4), jnp.float32)
-  expected = jaxfactor.conv(x, factors, strides=2, padding="VALID") + bias[None, None, None]
+  expected = (
+    jaxfactor.conv(x, factors, strides=2, padding="VALID")
+    + bias[None, None, None]
+  )
   np.testing.assert_allclose(layer(x), expected, rtol=1e-6, atol=1e-6)
-  with pytest.raises(ValueError, match=r"from_factors: `bias` must have"
-                     r" shape \(6,\)"):
+  with pytest.raises(
+    ValueError,
+    match=r"from_factors: `bias` must have"
+    r" shape \(6,\)",
+  ):
     jaxfactor.nnx.from_factors(factors, bias=jnp.zeros(5))
 
 
-# --- non-finite values -----------------------------------------------------------
+# --- non-finite values --------------------------------------------------------
 
 
 @pytest.mark.parametrize("bad", [np.inf, -np.inf, np.nan])
 @pytest.mark.parametrize("name", sorted(FORMATS))
 def test_decompose_under_jit_gives_nan_factors_for_non_finite_kernels(
-    name, bad):
+  name, bad
+):
   kernel = _kernel().at[1, 2, 0, 3].set(bad)
   factors = jax.jit(
-      lambda k: jaxfactor.decompose(k, name, rank=FORMATS[name],
-                                    iterations=3))(kernel)
-  assert all(bool(jnp.all(jnp.isnan(leaf)))
-             for leaf in jax.tree.leaves(factors))
-  with pytest.raises(ValueError, match="decompose: `kernel` .* has"
-                     " non-finite values"):
+    lambda k: jaxfactor.decompose(k, name, rank=FORMATS[name], iterations=3)
+  )(kernel)
+  assert all(
+    bool(jnp.all(jnp.isnan(leaf))) for leaf in jax.tree.leaves(factors)
+  )
+  with pytest.raises(
+    ValueError, match="decompose: `kernel` .* has non-finite values"
+  ):
     jaxfactor.decompose(kernel, name, rank=FORMATS[name])
 
 
 def test_data_aware_decomposition_rejects_what_would_give_nan_factors():
   kernel = _kernel()
-  few = jax.random.normal(jax.random.key(1), (1, 3, 3, 4), jnp.float32)  # 1 patch < 36
-  with pytest.raises(ValueError, match=r"decompose: the covariance of"
-                     r" `inputs` \(36 x 36, from 1 samples\) is singular"):
+  few = jax.random.normal(
+    jax.random.key(1), (1, 3, 3, 4), jnp.float32
+  )  # 1 patch < 36
+  with pytest.raises(
+    ValueError,
+    match=r"decompose: the covariance of"
+    r" `inputs` \(36 x 36, from 1 samples\) is singular",
+  ):
     jaxfactor.decompose(kernel, "low_rank", rank=2, inputs=few, damping=0)
   # Under jit the same call gives NaN factors, never silently wrong ones.
-  factors = jax.jit(lambda k, x: jaxfactor.decompose(
-      k, "low_rank", rank=2, inputs=x, damping=0))(kernel, few)
+  factors = jax.jit(
+    lambda k, x: jaxfactor.decompose(k, "low_rank", rank=2, inputs=x, damping=0)
+  )(kernel, few)
   assert all(bool(jnp.all(jnp.isnan(a))) for a in jax.tree.leaves(factors))
   # The default damping makes it well posed.
   factors = jaxfactor.decompose(kernel, "low_rank", rank=2, inputs=few)
   assert all(bool(jnp.all(jnp.isfinite(a))) for a in jax.tree.leaves(factors))
   inputs = jax.random.normal(jax.random.key(2), (4, 6, 6, 4), jnp.float32)
   for bad in (np.nan, np.inf):
-    with pytest.raises(ValueError, match=r"decompose: `inputs` \(shape"
-                       r" \(4, 6, 6, 4\)\) has non-finite values"):
-      jaxfactor.decompose(kernel, "tucker", rank=2,
-                          inputs=inputs.at[0, 1, 2, 3].set(bad))
+    with pytest.raises(
+      ValueError,
+      match=r"decompose: `inputs` \(shape"
+      r" \(4, 6, 6, 4\)\) has non-finite values",
+    ):
+      jaxfactor.decompose(
+        kernel, "tucker", rank=2, inputs=inputs.at[0, 1, 2, 3].set(bad)
+      )
 
 
 @pytest.mark.parametrize("lowering", ["native", "shift_add", "grouped"])
 def test_a_non_finite_depthwise_weight_reaches_every_output_that_reads_it(
-    lowering):
+  lowering,
+):
   """The documented contract: every output that reads the weight with real
   input is non-finite; on CPU, products with zero padding are skipped, so
   outputs whose every read of it lands in padding stay finite."""
@@ -243,14 +273,17 @@ def test_a_non_finite_depthwise_weight_reaches_every_output_that_reads_it(
     assert bool(jnp.all(y[0, 0, :, 0] == 0))
 
 
-# --- scale -----------------------------------------------------------------------
+# --- scale --------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("name", sorted(FORMATS))
 def test_decompose_is_scale_invariant_in_float32(name):
   kernel = _kernel()
-  base = float(jaxfactor.relative_error(
-      jaxfactor.decompose(kernel, name, rank=FORMATS[name]), kernel))
+  base = float(
+    jaxfactor.relative_error(
+      jaxfactor.decompose(kernel, name, rank=FORMATS[name]), kernel
+    )
+  )
   for scale in (1e20, 1e-20):
     scaled = kernel * scale
     factors = jaxfactor.decompose(scaled, name, rank=FORMATS[name])
@@ -258,11 +291,10 @@ def test_decompose_is_scale_invariant_in_float32(name):
     assert error == pytest.approx(base, rel=1e-3, abs=1e-5), scale
 
 
-# --- arguments that take effect or raise --------------------------------------------
+# --- arguments that take effect or raise --------------------------------------
 
 
-def test_a_long_cp_decomposition_warns_first_at_the_callers_line(
-    monkeypatch):
+def test_a_long_cp_decomposition_warns_first_at_the_callers_line(monkeypatch):
   from jaxfactor import _decompose  # pylint: disable=import-outside-toplevel
 
   class Started(Exception):
@@ -273,34 +305,46 @@ def test_a_long_cp_decomposition_warns_first_at_the_callers_line(
 
   monkeypatch.setattr(_decompose, "_cp", started)  # the warning comes first
   warnings.filterwarnings("ignore", message=".*larger than what it replaces")
-  with pytest.warns(RuntimeWarning, match=r"decompose: CP of rank 576 for a"
-                    r" kernel of shape \(3, 3, 64, 64\) is a long"
-                    r" decomposition: ~3.9e\+12 FLOPs \(100 ALS sweeps from"
-                    r" 5 starts\); the rank exceeds the kernel's largest"
-                    r" mode \(64\)") as record:
-    with pytest.raises(Started):
-      jaxfactor.decompose(jnp.ones((3, 3, 64, 64), jnp.float32), "cp",
-                          rank=576)
-  assert pathlib.Path(record[0].filename).resolve() == pathlib.Path(
-      __file__).resolve()
+  with (
+    pytest.warns(
+      RuntimeWarning,
+      match=r"decompose: CP of rank 576 for a"
+      r" kernel of shape \(3, 3, 64, 64\) is a long"
+      r" decomposition: ~3.9e\+12 FLOPs \(100 ALS sweeps from"
+      r" 5 starts\); the rank exceeds the kernel's largest"
+      r" mode \(64\)",
+    ) as record,
+    pytest.raises(Started),
+  ):
+    jaxfactor.decompose(jnp.ones((3, 3, 64, 64), jnp.float32), "cp", rank=576)
+  assert (
+    pathlib.Path(record[0].filename).resolve()
+    == pathlib.Path(__file__).resolve()
+  )
   # A short one is silent.
   with warnings.catch_warnings():
     warnings.simplefilter("error")
     with pytest.raises(Started):
-      jaxfactor.decompose(jnp.ones((3, 3, 64, 64), jnp.float32), "cp",
-                          rank=73)
+      jaxfactor.decompose(jnp.ones((3, 3, 64, 64), jnp.float32), "cp", rank=73)
 
 
 def test_decompose_checks_its_key():
-  with pytest.raises(TypeError, match=r"decompose: `key` must be a PRNG key"
-                     r" \(e.g. jax.random.key\(0\)\), got int"):
+  with pytest.raises(
+    TypeError,
+    match=r"decompose: `key` must be a PRNG key"
+    r" \(e.g. jax.random.key\(0\)\), got int",
+  ):
     jaxfactor.decompose(_kernel(), "cp", rank=2, key=3)
   keys = jax.random.split(jax.random.key(0), 2)
-  with pytest.raises(ValueError, match=r"decompose: `key` must be a single"
-                     r" PRNG key"):
+  with pytest.raises(
+    ValueError,
+    match=r"decompose: `key` must be a single"
+    r" PRNG key",
+  ):
     jaxfactor.decompose(_kernel(), "cp", rank=2, key=keys)
-  jaxfactor.decompose(_kernel(), "cp", rank=2, key=jax.random.PRNGKey(1),
-                      iterations=1)
+  jaxfactor.decompose(
+    _kernel(), "cp", rank=2, key=jax.random.PRNGKey(1), iterations=1
+  )
 
 
 def test_a_missing_rank_names_the_public_layer():
@@ -313,24 +357,24 @@ def test_factorize_keeps_a_layer_dense_rather_than_make_it_larger():
   x = jnp.ones((1, 6, 6, 3), jnp.float32)
   with warnings.catch_warnings():
     warnings.simplefilter("error")  # no warning: the report says it
-    report = jaxfactor.nnx.factorize(model, "low_rank", energy=1.0,
-                                     inputs=x)
+    report = jaxfactor.nnx.factorize(model, "low_rank", energy=1.0, inputs=x)
   (conv1, conv2) = report.layers
   # conv1 (27 x 8): full rank 8 costs 27*8 + 8*8 > 27*8 parameters.
-  assert conv1.skipped.startswith("kept dense: rank 8 has 280 parameters,"
-                                  " more than the dense kernel's 216")
+  assert conv1.skipped.startswith(
+    "kept dense: rank 8 has 280 parameters, more than the dense kernel's 216"
+  )
   assert isinstance(model.conv1, nnx.Conv)
   assert conv2.skipped is not None and isinstance(model.conv2, nnx.Conv)
   model = _Net(nnx.Rngs(0))
-  report = jaxfactor.nnx.factorize(model, "low_rank", energy=1.0,
-                                   allow_larger=True)
+  report = jaxfactor.nnx.factorize(
+    model, "low_rank", energy=1.0, allow_larger=True
+  )
   assert [layer.skipped for layer in report.layers] == [None, None]
   assert isinstance(model.conv1, jaxfactor.nnx.LowRankConv)
 
 
 def test_factorize_progress_prints_a_line_per_layer(capsys):
-  jaxfactor.nnx.factorize(_Net(nnx.Rngs(0)), "tucker", rank=2,
-                          progress=True)
+  jaxfactor.nnx.factorize(_Net(nnx.Rngs(0)), "tucker", rank=2, progress=True)
   lines = capsys.readouterr().err.splitlines()
   assert len(lines) == 2
   assert lines[0].startswith("factorize: 1/2 conv1 (3, 3, 3, 8): rank (2, 2)")

@@ -14,8 +14,13 @@ import jax
 import pytest
 
 EXAMPLES = pathlib.Path(__file__).resolve().parent.parent / "examples"
-FORMATS = ("DepthwiseSeparable", "SpatiallySeparable", "LowRank", "Tucker",
-           "CP")
+FORMATS = (
+  "DepthwiseSeparable",
+  "SpatiallySeparable",
+  "LowRank",
+  "Tucker",
+  "CP",
+)
 
 
 def _env():
@@ -25,23 +30,39 @@ def _env():
   env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
   cache = jax.config.jax_compilation_cache_dir
   if cache:
-    env.update(JAX_COMPILATION_CACHE_DIR=cache,
-               JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
-               JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
+    env.update(
+      JAX_COMPILATION_CACHE_DIR=cache,
+      JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+      JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0",
+    )
   return env
 
 
 def _run(script, *args):
   result = subprocess.run(
-      [sys.executable, str(EXAMPLES / script), *map(str, args)],
-      capture_output=True, text=True, timeout=600, check=False, env=_env())
+    [sys.executable, str(EXAMPLES / script), *map(str, args)],
+    capture_output=True,
+    text=True,
+    timeout=600,
+    check=False,
+    env=_env(),
+  )
   assert result.returncode == 0, result.stdout + result.stderr
   return result.stdout
 
 
 def test_layer_costs_counts_what_xla_counts():
-  stdout = _run("layer_costs.py", "--channels", 8, "--features", 8,
-                "--size", 6, "--batch", 2)
+  stdout = _run(
+    "layer_costs.py",
+    "--channels",
+    8,
+    "--features",
+    8,
+    "--size",
+    6,
+    "--batch",
+    2,
+  )
   assert "All formats agree with their dense kernels" in stdout
   rows = {}
   for line in stdout.splitlines():
@@ -61,16 +82,42 @@ def test_layer_costs_counts_what_xla_counts():
 
 
 def test_compress_digits_runs(tmp_path):
-  stdout = _run("compress_digits.py", "--epochs", 1, "--finetune-epochs", 1,
-                "--budgets", 0.1, "--formats", "DepthwiseSeparable", "LowRank",
-                "--train-size", 128, "--timing-runs", 2, "--timing-batch", 16,
-                "--no-progress", "--out", tmp_path)
+  stdout = _run(
+    "compress_digits.py",
+    "--epochs",
+    1,
+    "--finetune-epochs",
+    1,
+    "--budgets",
+    0.1,
+    "--formats",
+    "DepthwiseSeparable",
+    "LowRank",
+    "--train-size",
+    128,
+    "--timing-runs",
+    2,
+    "--timing-batch",
+    16,
+    "--no-progress",
+    "--out",
+    tmp_path,
+  )
   assert "compress_digits.csv" in stdout
   with open(tmp_path / "compress_digits.csv", newline="") as f:
     reader = csv.DictReader(f)
     assert tuple(reader.fieldnames) == (
-        "format", "budget", "params", "conv_flops", "flop_fraction",
-        "acc_factorized", "acc_finetuned", "infer_ms", "ranks", "note")
+      "format",
+      "budget",
+      "params",
+      "conv_flops",
+      "flop_fraction",
+      "acc_factorized",
+      "acc_finetuned",
+      "infer_ms",
+      "ranks",
+      "note",
+    )
     rows = {row["format"]: row for row in reader}
   assert list(rows) == ["dense", "DepthwiseSeparable", "LowRank"]
   dense = rows.pop("dense")
@@ -84,7 +131,8 @@ def test_compress_digits_runs(tmp_path):
     assert float(row["infer_ms"]) > 0
     assert int(row["params"]) < int(dense["params"])
     assert float(row["flop_fraction"]) == pytest.approx(
-        int(row["conv_flops"]) / int(dense["conv_flops"]), abs=1e-4)
+      int(row["conv_flops"]) / int(dense["conv_flops"]), abs=1e-4
+    )
   # LowRank meets the budget; DepthwiseSeparable's cheapest (channel
   # multiplier 1 everywhere) costs more, and the row says so.
   assert float(rows["LowRank"]["flop_fraction"]) <= 0.1
@@ -97,15 +145,27 @@ def test_compress_digits_runs(tmp_path):
 
 
 def test_mobilenet_digits_runs():
-  stdout = _run("mobilenet_digits.py", "--epochs", 1, "--train-size", 128,
-                "--timing-runs", 2, "--no-progress")
+  stdout = _run(
+    "mobilenet_digits.py",
+    "--epochs",
+    1,
+    "--train-size",
+    128,
+    "--timing-runs",
+    2,
+    "--no-progress",
+  )
   rows = {}
   for line in stdout.splitlines():
     for name in ("dense convs", "MobileNet (depthwise-sep.)"):
       if line.startswith(name):
-        params, mflops, acc, step_ms = line[len(name):].split()
-        rows[name] = (int(params.replace(",", "")), float(mflops),
-                      float(acc), float(step_ms))
+        params, mflops, acc, step_ms = line[len(name) :].split()
+        rows[name] = (
+          int(params.replace(",", "")),
+          float(mflops),
+          float(acc),
+          float(step_ms),
+        )
   dense, mobilenet = rows["dense convs"], rows["MobileNet (depthwise-sep.)"]
   assert mobilenet[0] < dense[0] / 4 and mobilenet[1] < dense[1] / 4
   assert all(0 <= row[2] <= 1 and row[3] > 0 for row in rows.values())
@@ -116,17 +176,23 @@ def test_sharded_training_equals_single_device():
   assert "8 cpu devices, mesh {'data': 4, 'model': 2}" in stdout
   # Each factor's inner rank axis is split over "model", as its
   # initializer's `nnx.with_partitioning` names say.
-  for line in ("conv2.in_proj    (32, 16)         P(None, 'model')",
-               "conv2.core       (3, 3, 16, 16)   P(None, None, None, 'model')",
-               "conv3.spatial_0  (3, 32)          P(None, 'model')",
-               "conv3.out_proj   (32, 64)         P('model', None)"):
+  for line in (
+    "conv2.in_proj    (32, 16)         P(None, 'model')",
+    "conv2.core       (3, 3, 16, 16)   P(None, None, None, 'model')",
+    "conv3.spatial_0  (3, 32)          P(None, 'model')",
+    "conv3.out_proj   (32, 64)         P('model', None)",
+  ):
     assert f"{line} over 8 devices" in stdout
-  assert "Adam's first moment of conv2.in_proj follows it: P(None, 'model')" \
-      in stdout
+  assert (
+    "Adam's first moment of conv2.in_proj follows it: P(None, 'model')"
+    in stdout
+  )
   assert "identical initial parameters: True" in stdout
-  accuracy = {line.split(", ")[1].split(":")[0]: float(line.split()[-1])
-              for line in stdout.splitlines()
-              if line.startswith("test accuracy")}
+  accuracy = {
+    line.split(", ")[1].split(":")[0]: float(line.split()[-1])
+    for line in stdout.splitlines()
+    if line.startswith("test accuracy")
+  }
   assert set(accuracy) == {"sharded", "single-device"}
   assert 0 <= accuracy["sharded"] <= 1
   assert accuracy["sharded"] == accuracy["single-device"]
@@ -140,11 +206,20 @@ def test_readme_factorize_your_own_model(tmp_path):
   code = section.split("```python\n", 1)[1].split("```", 1)[0]
   script = tmp_path / "snippet.py"
   script.write_text(code)
-  result = subprocess.run([sys.executable, str(script)], capture_output=True,
-                          text=True, timeout=600, check=False, cwd=tmp_path,
-                          env=_env())
+  result = subprocess.run(
+    [sys.executable, str(script)],
+    capture_output=True,
+    text=True,
+    timeout=600,
+    check=False,
+    cwd=tmp_path,
+    env=_env(),
+  )
   assert result.returncode == 0, result.stdout + result.stderr
-  accuracy = {line.split(":")[0]: line.split(":")[1]
-              for line in result.stdout.splitlines() if "accuracy" in line}
+  accuracy = {
+    line.split(":")[0]: line.split(":")[1]
+    for line in result.stdout.splitlines()
+    if "accuracy" in line
+  }
   assert accuracy["restored accuracy"] == accuracy["accuracy after fine-tuning"]
   assert (tmp_path / "model.msgpack").exists()

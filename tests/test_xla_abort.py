@@ -24,11 +24,11 @@ from jaxfactor import _stages
 # (input spatial shape, window, strides, padding): with `lax`'s convolution
 # each aborted under `jax.jit(jax.grad(...))` on jaxlib 0.10.2.
 CASES = {
-    "reproducer": ((4, 4), (2, 3), (2, 1), ((1, 1), (0, 0))),
-    "unread_high_pad": ((6, 4), (2, 3), (2, 1), ((1, 2), (0, 0))),
-    "second_axis": ((4, 4), (3, 2), (1, 2), ((0, 0), (1, 1))),
-    "int_padding": ((4, 2), (2, 3), (2, 1), 1),
-    "3d": ((4, 4, 4), (2, 3, 3), (2, 1, 1), ((1, 1), (0, 0), (0, 0))),
+  "reproducer": ((4, 4), (2, 3), (2, 1), ((1, 1), (0, 0))),
+  "unread_high_pad": ((6, 4), (2, 3), (2, 1), ((1, 2), (0, 0))),
+  "second_axis": ((4, 4), (3, 2), (1, 2), ((0, 0), (1, 1))),
+  "int_padding": ((4, 2), (2, 3), (2, 1), 1),
+  "3d": ((4, 4, 4), (2, 3, 3), (2, 1, 1), ((1, 1), (0, 0), (0, 0))),
 }
 C, F = 3, 4
 
@@ -44,9 +44,15 @@ def _taps(xp_shape, window, strides):
   n = len(window)
   out = [(xp_shape[1 + a] - window[a]) // strides[a] + 1 for a in range(n)]
   for tap in np.ndindex(*window):
-    yield tap, (slice(None), *(
-        slice(t, t + (o - 1) * s + 1, s)
-        for t, o, s in zip(tap, out, strides)))
+    yield (
+      tap,
+      (
+        slice(None),
+        *(
+          slice(t, t + (o - 1) * s + 1, s) for t, o, s in zip(tap, out, strides)
+        ),
+      ),
+    )
 
 
 def numpy_conv_and_grads(x, w, strides, padding, r):
@@ -61,8 +67,9 @@ def numpy_conv_and_grads(x, w, strides, padding, r):
     y += xp[sl] @ w[tap]
     gxp[sl] += r @ w[tap].T
     gw[tap] = np.tensordot(xp[sl], r, (lead, lead))
-  crop = tuple(slice(lo, lo + size)
-               for (lo, _), size in zip(pads, x.shape[1:-1]))
+  crop = tuple(
+    slice(lo, lo + size) for (lo, _), size in zip(pads, x.shape[1:-1])
+  )
   return y, gxp[(slice(None), *crop)], gw
 
 
@@ -81,10 +88,13 @@ def _kernel(kind, window, rng):
 # stage has the same geometry) on two, to keep compilations few. A format's
 # "reconstructed" convolution is the dense one with `to_dense()`.
 RUNS = (
-    [(case, "dense", "auto") for case in CASES]
-    + [(case, kind, "factorized") for case in ("reproducer", "3d")
-       for kind in ("low_rank", "tucker")]
-    + [("reproducer", "tucker", "reconstructed")]
+  [(case, "dense", "auto") for case in CASES]
+  + [
+    (case, kind, "factorized")
+    for case in ("reproducer", "3d")
+    for kind in ("low_rank", "tucker")
+  ]
+  + [("reproducer", "tucker", "reconstructed")]
 )
 
 
@@ -96,20 +106,26 @@ def test_grad_does_not_abort(case, kind, implementation):
   x = jnp.asarray(rng.standard_normal((2, *spatial, C)), jnp.float64)
 
   def conv(x, kernel):
-    return jaxfactor.conv(x, kernel, strides=strides, padding=padding,
-                          implementation=implementation)
+    return jaxfactor.conv(
+      x, kernel, strides=strides, padding=padding, implementation=implementation
+    )
 
-  r = jnp.asarray(rng.standard_normal(jax.eval_shape(conv, x, kernel).shape),
-                  jnp.float64)
+  r = jnp.asarray(
+    rng.standard_normal(jax.eval_shape(conv, x, kernel).shape), jnp.float64
+  )
   grad = jax.grad(lambda x, k: jnp.sum(r * conv(x, k)), argnums=(0, 1))
   # One compilation for the forward pass and both gradients.
   y, (gx, gk) = jax.jit(lambda x, k: (conv(x, k), grad(x, k)))(x, kernel)
 
   dense = kernel if kind == "dense" else kernel.to_dense()
   y_ref, gx_ref, gw_ref = numpy_conv_and_grads(
-      np.asarray(x), np.asarray(dense), strides, padding, np.asarray(r))
-  gk_ref = (gw_ref if kind == "dense" else
-            jax.vjp(lambda k: k.to_dense(), kernel)[1](jnp.asarray(gw_ref))[0])
+    np.asarray(x), np.asarray(dense), strides, padding, np.asarray(r)
+  )
+  gk_ref = (
+    gw_ref
+    if kind == "dense"
+    else jax.vjp(lambda k: k.to_dense(), kernel)[1](jnp.asarray(gw_ref))[0]
+  )
   tol = dict(rtol=1e-12, atol=1e-12)
   np.testing.assert_allclose(y, y_ref, **tol)
   np.testing.assert_allclose(gx, gx_ref, **tol)
@@ -123,14 +139,12 @@ def test_only_prone_axes_are_padded():
   window, strides, dilation = (2, 2, 3), (2, 2, 1), (1, 1, 1)
   pads = [(1, 1), (1, 1), (0, 0)]
   x = jnp.zeros((1, 4, 5, 3, 1))
-  padded, left = _stages.pad_swap_prone_axes(x, window, strides, dilation,
-                                             pads)
+  padded, left = _stages.pad_swap_prone_axes(x, window, strides, dilation, pads)
   assert padded.shape == (1, 6, 5, 3, 1)
   assert left == [(0, 0), (1, 1), (0, 0)]
   # Not where XLA keeps the operands (outputs 3 x 6 positions) or where the
   # axis's output size is 2 (size 2).
   for shape in ((1, 4, 5, 8, 1), (1, 2, 5, 3, 1)):
     x = jnp.zeros(shape)
-    same, kept = _stages.pad_swap_prone_axes(x, window, strides, dilation,
-                                             pads)
+    same, kept = _stages.pad_swap_prone_axes(x, window, strides, dilation, pads)
     assert same is x and kept == pads
