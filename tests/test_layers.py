@@ -49,6 +49,14 @@ FORMAT_NAMES = {"low_rank": "low_rank", "tucker": "tucker", "cp": "cp",
                 "depthwise_separable": "depthwise_separable"}
 
 
+@pytest.fixture(autouse=True)
+def float32_arithmetic():
+  """Comparisons to float32 rounding need float32 arithmetic: on GPUs, JAX's
+  default precision runs float32 convs and matmuls in TF32."""
+  with jax.default_matmul_precision("float32"):
+    yield
+
+
 def _x(shape=(2, 9, 8, C), dtype=jnp.float32, seed=1):
   return jax.random.normal(jax.random.key(seed), shape, dtype)
 
