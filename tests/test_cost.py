@@ -559,6 +559,31 @@ def test_auto_prices_bytes_and_narrow_gemms_not_just_flops():
   assert count(separable, "auto") == count(separable, "factorized")
 
 
+def test_auto_prices_one_dimensional_convs_below_square_ones():
+  """Measured on the CPU: 3x1 and 1x3 convs run at ~0.6x the rate of 3x3
+  convs, so a stride-2 SpatiallySeparable layer with 2/3 of the dense FLOPs
+  is slower factorized (benchmark shape s2_56: 1.6x forward), while at
+  stride 1 with 1/3 of the FLOPs it is faster (mb56: ~1.25x)."""
+  shape = (32, 56, 56, 128)
+
+  def choice(features, rank, stride):
+    fmt = jaxfactor.SpatiallySeparable(
+      (jnp.ones((3, 128, rank)), jnp.ones((3, rank, features)))
+    )
+    count = functools.partial(
+      jaxfactor.cost, fmt, shape, strides=stride, platform="cpu"
+    )
+    flops = {
+      i: count(implementation=i).flops for i in ("factorized", "reconstructed")
+    }
+    return next(i for i, f in flops.items() if f == count().flops), flops
+
+  chosen, flops = choice(256, 128, 2)
+  assert flops["factorized"] < 0.7 * flops["reconstructed"]
+  assert chosen == "reconstructed"
+  assert choice(128, 64, 1)[0] == "factorized"
+
+
 # --- canaries: XLA's own count ------------------------------------------------
 #
 # Canaries against jaxlib changes, not specifications: XLA:CPU's
