@@ -442,8 +442,9 @@ AUTO_CASES = [  # (format, channels, ranks, input shape)
 ]
 
 
-def test_overflow_tells_the_implementations_apart():
-  fmt = random_format("tucker", (3, 3), 4, 4, dtype=jnp.float32)
+@pytest.mark.parametrize("name", FORMATS)
+def test_overflow_tells_the_implementations_apart(name):
+  fmt = random_format(name, (3, 3), 4, 4, dtype=jnp.float32)
   x = reference.random_input((1, 6, 6, 4), dtype=jnp.float32)
   for implementation in ("factorized", "reconstructed"):
     fn = functools.partial(jaxfactor.conv, implementation=implementation)
