@@ -465,6 +465,13 @@ def _whitening(
   ridge = damping * jnp.trace(cov) / cov.shape[0]
   ridge = jnp.maximum(ridge, jnp.finfo(dtype).tiny)
   factor = jnp.linalg.cholesky(cov + ridge * jnp.eye(cov.shape[0], dtype=dtype))
+  if damping == 0:
+    # Undamped, a (numerically) singular covariance can still factor, with
+    # a vanishing pivot, and whitening then blows the factors up: treated as
+    # no factor at all.
+    pivots = jnp.diagonal(factor)
+    tiny = jnp.sqrt(jnp.finfo(dtype).eps) * jnp.max(pivots)
+    factor = jnp.where(jnp.min(pivots) > tiny, factor, jnp.nan)
   if eager and not bool(jnp.all(jnp.isfinite(factor))):
     raise ValueError(
       f"{fn}: the covariance of `inputs` ({cov.shape[0]} x {cov.shape[0]},"

@@ -350,6 +350,17 @@ def factorize_sites(
   for number, site in enumerate(todo, 1):
     start = time.perf_counter()
     inputs = site.inputs if data_aware else None
+    short = _too_short(site) if data_aware else None
+    if short:
+      reports.append(
+        LayerReport(
+          path=site.path,
+          kernel_shape=site.shape,
+          input_shape=site.input_shape,
+          skipped=short,
+        )
+      )
+      continue
     with warnings.catch_warnings():
       # Said in the report instead: the layer is kept dense.
       warnings.filterwarnings("ignore", message=_LARGER_WARNING)
@@ -417,6 +428,23 @@ def factorize_sites(
 
 
 _LARGER_WARNING = ".*larger than what it replaces"
+
+
+def _too_short(site: Site) -> str | None:
+  """Why a site's recorded input has no patches for data-aware decomposition
+  (an axis shorter than the dilated window), or None."""
+  window = site.shape[:-2]
+  n = len(window)
+  dilation = site.kernel_dilation or 1
+  dilation = (dilation,) * n if isinstance(dilation, int) else tuple(dilation)
+  dilated = tuple((k - 1) * d + 1 for k, d in zip(window, dilation))
+  spatial = tuple(site.inputs.shape[-n - 1 : -1])
+  if all(s >= k for s, k in zip(spatial, dilated)):
+    return None
+  return (
+    f"data-aware: its input {spatial} is smaller than the dilated window"
+    f" {dilated}, so it has no patches to decompose against"
+  )
 
 
 def _larger(

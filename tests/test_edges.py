@@ -378,3 +378,41 @@ def test_factorize_progress_prints_a_line_per_layer(capsys):
   lines = capsys.readouterr().err.splitlines()
   assert len(lines) == 2
   assert lines[0].startswith("factorize: 1/2 conv1 (3, 3, 3, 8): rank (2, 2)")
+
+
+def test_an_undamped_covariance_with_a_dead_channel_is_singular():
+  kernel = _kernel()
+  x = jax.random.normal(jax.random.key(1), (2, 8, 8, 4), jnp.float32)
+  x = x.at[..., 0].set(0.0)  # factors, with a vanishing pivot
+  with pytest.raises(
+    ValueError,
+    match=r"decompose: the covariance of"
+    r" `inputs` \(4 x 4, from 128 samples\) is singular",
+  ):
+    jaxfactor.decompose(kernel, "tucker", rank=2, inputs=x, damping=0)
+  factors = jaxfactor.decompose(kernel, "tucker", rank=2, inputs=x)
+  assert float(jaxfactor.relative_error(factors, kernel)) < 1
+
+
+def test_data_aware_factorize_skips_a_layer_without_patches():
+  class Net(nnx.Module):
+    def __init__(self, rngs):
+      self.down = nnx.Conv(3, 8, (3, 3), strides=2, rngs=rngs)
+      self.dilated = nnx.Conv(8, 8, (3, 3), kernel_dilation=2, rngs=rngs)
+
+    def __call__(self, x):
+      return self.dilated(self.down(x))
+
+  model = Net(nnx.Rngs(0))
+  x = jnp.ones((2, 8, 8, 3), jnp.float32)
+  report = jaxfactor.nnx.factorize(
+    model, "low_rank", rank=2, inputs=x, data_aware=True
+  )
+  layers = {layer.path: layer for layer in report.layers}
+  down, dilated = layers[("down",)], layers[("dilated",)]
+  assert down.skipped is None
+  assert dilated.skipped == (
+    "data-aware: its input (4, 4) is smaller than the dilated window"
+    " (5, 5), so it has no patches to decompose against"
+  )
+  assert isinstance(model.dilated, nnx.Conv)
