@@ -254,10 +254,15 @@ def _cpu_lowering(name):
       raise RuntimeError(
         f"the native depthwise kernel is not available: {_native.error()}"
       )
-    if forced_cpu[0] is not None:
-      maps = {"native": _NATIVE, "shift_add": _SHIFT_ADD}[forced_cpu[0]]
+    num_spatial = len(ctx.avals_in[0].shape) - 2
+    if forced_cpu[0] == "shift_add" or (
+      forced_cpu[0] == "native" and num_spatial > _NATIVE_AXES
+    ):
+      maps = _SHIFT_ADD  # the kernel takes at most 3 spatial axes
+    elif forced_cpu[0] == "native":
+      maps = _NATIVE
     else:
-      maps = _cpu_implementation(ctx, len(ctx.avals_in[0].shape) - 2)
+      maps = _cpu_implementation(ctx, num_spatial)
     fn = _computed_in_float32(maps[name])
     return mlir.lower_fun(fn, multiple_results=False)(ctx, a, b, **params)
 
