@@ -14,9 +14,11 @@ import math
 import sys
 import time
 import warnings
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 
 from jaxfactor import _cost
@@ -159,6 +161,32 @@ class Site:
       dilation=self.kernel_dilation or 1,
       implementation=implementation,
     ).flops
+
+
+def check_ranks(fn: str, ranks: Any) -> None:
+  """`ranks` must map layer paths to ranks (`FactorizationReport.ranks`)."""
+  if not isinstance(ranks, Mapping):
+    raise TypeError(
+      f"{fn}: `ranks` must be a mapping from layer paths to"
+      f" ranks (FactorizationReport.ranks), got"
+      f" {type(ranks).__name__}."
+    )
+
+
+def placeholders(
+  fn: str, cls, kernel_shape, dtype, rank: Any, *, abstract: bool
+) -> tuple[Any, dict[str, Any]]:
+  """A saved rank (JSON lists read as tuples), checked, and factor params of
+  that rank for a checkpoint to fill: zeros, or abstract."""
+  rank = tuple(rank) if isinstance(rank, list) else rank
+  rank = _ranks.resolve_rank(fn, cls, kernel_shape, rank)
+  shapes = cls.param_shapes(kernel_shape, rank)
+  return rank, {
+    name: jax.ShapeDtypeStruct(shape, dtype)
+    if abstract
+    else jnp.zeros(shape, dtype)
+    for name, shape in shapes.items()
+  }
 
 
 def check_choice(

@@ -608,12 +608,7 @@ def restore_structure(
   """
   fn = "restore_structure"
   cls = _ranks.format_class(fn, format)
-  if not isinstance(ranks, Mapping):
-    raise TypeError(
-      f"{fn}: `ranks` must be a mapping from layer paths to"
-      f" ranks (FactorizationReport.ranks), got"
-      f" {type(ranks).__name__}."
-    )
+  _surgery.check_ranks(fn, ranks)
   found: list[str] = []
 
   def convert(path, tree):
@@ -624,18 +619,15 @@ def restore_structure(
       found.append(name)
       if name in ranks:
         kernel = meta.unbox(tree["kernel"])
-        rank = ranks[name]
-        rank = tuple(rank) if isinstance(rank, list) else rank
-        rank = _ranks.resolve_rank(fn, cls, tuple(kernel.shape), rank)
-        abstract = isinstance(kernel, jax.ShapeDtypeStruct)
-        out = {k: v for k, v in tree.items() if k != "kernel"}
-        for param, shape in cls.param_shapes(kernel.shape, rank).items():
-          out[param] = (
-            jax.ShapeDtypeStruct(shape, kernel.dtype)
-            if abstract
-            else jnp.zeros(shape, kernel.dtype)
-          )
-        return out
+        _, values = _surgery.placeholders(
+          fn,
+          cls,
+          tuple(kernel.shape),
+          kernel.dtype,
+          ranks[name],
+          abstract=isinstance(kernel, jax.ShapeDtypeStruct),
+        )
+        return {**{k: v for k, v in tree.items() if k != "kernel"}, **values}
     return {k: convert((*path, k), v) for k, v in tree.items()}
 
   new = {

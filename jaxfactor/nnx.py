@@ -1070,12 +1070,7 @@ def restore_structure(
   """
   fn = "restore_structure"
   cls = _ranks.format_class(fn, format)
-  if not isinstance(ranks, Mapping):
-    raise TypeError(
-      f"{fn}: `ranks` must be a mapping from layer paths to"
-      f" ranks (FactorizationReport.ranks), got"
-      f" {type(ranks).__name__}."
-    )
+  _surgery.check_ranks(fn, ranks)
   convs = {
     "/".join(map(str, path)): path
     for path, module in nnx.iter_modules(model)
@@ -1090,16 +1085,12 @@ def restore_structure(
   for name, rank in ranks.items():
     path = convs[name]
     conv = _get(model, path)
-    rank = tuple(rank) if isinstance(rank, list) else rank
-    shape = tuple(conv.kernel.shape)
-    rank = _ranks.resolve_rank(fn, cls, shape, rank)
-    abstract = isinstance(conv.kernel.get_value(), jax.ShapeDtypeStruct)
-    values = {
-      name: (
-        jax.ShapeDtypeStruct(param_shape, conv.param_dtype)
-        if abstract
-        else jnp.zeros(param_shape, conv.param_dtype)
-      )
-      for name, param_shape in cls.param_shapes(shape, rank).items()
-    }
+    rank, values = _surgery.placeholders(
+      fn,
+      cls,
+      tuple(conv.kernel.shape),
+      conv.param_dtype,
+      rank,
+      abstract=isinstance(conv.kernel.get_value(), jax.ShapeDtypeStruct),
+    )
     _set(model, path, _replacement(cls, conv, rank, values, implementation))
