@@ -167,8 +167,9 @@ def cost(
       lowering to count; default: JAX's default backend.
 
   Returns:
-    `Cost(params, flops)`, Python ints; with a symbolic batch size
-    (`input_shape` from inside `jax.export`) the FLOPs are symbolic too.
+    `Cost(params, flops)`, Python ints; with symbolic batch or spatial
+    sizes (`input_shape` from inside `jax.export`) the FLOPs are a symbolic
+    expression in them, exact for every size they take.
 
   Raises:
     TypeError, ValueError: the same checks as `conv`.
@@ -192,8 +193,14 @@ def cost(
     )
   input_shape = tuple(_dimension(fn, d, input_shape) for d in input_shape)
   n = len(window)
-  # Checked with symbolic sizes read as 1, then required static where the
-  # FLOPs depend on them.
+  if not isinstance(input_shape[-1], int):
+    raise ValueError(
+      f"{fn}: the channel size of `input_shape` must be static (it is the"
+      f" kernel's {in_features} input features), got {input_shape}; batch"
+      " and spatial sizes may be symbolic."
+    )
+  # Checked with symbolic sizes read as 1 (a size too small for the window
+  # is then the caller's to avoid, as with `conv` under `jax.export`).
   _validation.check_input(
     fn,
     jax.ShapeDtypeStruct(
@@ -204,12 +211,6 @@ def cost(
     abstract=True,
   )
   spatial = input_shape[-n - 1 :]
-  if not _static(spatial):
-    raise ValueError(
-      f"{fn}: the spatial and channel sizes of `input_shape` must be static"
-      f" (padding makes the FLOPs depend on them), got {input_shape}; only"
-      " batch axes may be symbolic."
-    )
   geometry = _geometry.resolve(
     fn,
     spatial[:-1],

@@ -14,6 +14,7 @@ import dataclasses
 from collections.abc import Sequence
 from typing import Any
 
+from jax import core
 from jax import lax
 
 from jaxfactor import _validation
@@ -93,18 +94,19 @@ def output_size(size: int, k: int, stride: int, dilation: int, pad) -> int:
   return (size + pad[0] + pad[1] - dilated) // stride + 1
 
 
-def valid_taps(size: int, k: int, stride: int, dilation: int, pad) -> int:
+def valid_taps(size: Any, k: int, stride: int, dilation: int, pad) -> Any:
   """Number of (output, tap) pairs along one axis that read real input.
 
   A tap that lands in zero padding does no arithmetic, and XLA's cost model
-  does not count it either.
+  does not count it either. With a symbolic size or padding (`jax.export`)
+  the count is a symbolic expression, exact for every size it takes.
   """
   out = output_size(size, k, stride, dilation, pad)
   count = 0
   for tap in range(k):
     offset = tap * dilation - pad[0]
     # Outputs o with 0 <= o * stride + offset < size.
-    first = max(0, -(offset // stride))
-    last = min(out - 1, (size - 1 - offset) // stride)
-    count += max(0, last - first + 1)
+    first = core.max_dim(0, -(offset // stride))
+    last = core.min_dim(out - 1, (size - 1 - offset) // stride)
+    count += core.max_dim(0, last - first + 1)
   return count

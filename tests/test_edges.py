@@ -81,22 +81,54 @@ def test_conv_exports_with_a_symbolic_batch_and_format_arguments(name):
   )
 
 
-def test_cost_counts_a_symbolic_batch_and_refuses_symbolic_sizes():
-  factors = jaxfactor.decompose(_kernel(), "tucker", rank=(2, 3))
-  b, h = export.symbolic_shape("b, h")
-  per_image = jaxfactor.cost(
-    factors, (1, 10, 10, 4), implementation="factorized"
-  ).flops
-  symbolic = jaxfactor.cost(
-    factors, (b, 10, 10, 4), implementation="factorized"
-  ).flops
-  assert symbolic == b * per_image
+@pytest.mark.parametrize(
+  "name,implementation,geometry",
+  [
+    ("tucker", "factorized", dict(padding="SAME", strides=2)),
+    ("cp", "auto", dict(padding="VALID", dilation=(2, 1))),
+    ("low_rank", "reconstructed", dict(padding=((2, 0), (1, 3)), strides=3)),
+    ("depthwise_separable", "factorized", dict(padding="REFLECT")),
+    ("spatially_separable", "factorized", dict(padding="CIRCULAR")),
+    ("dense", "auto", dict(padding="SAME_LOWER", strides=(1, 2))),
+  ],
+)
+def test_cost_counts_symbolic_batch_and_spatial_sizes(
+  name, implementation, geometry
+):
+  """The FLOPs of a symbolic `input_shape` are an expression that equals the
+  count for each concrete shape: evaluated by an exported program (a
+  symbolic dimension becomes a value there) at several sizes."""
+  kernel = _kernel()
+  if name != "dense":
+    kernel = jaxfactor.decompose(kernel, name, rank=FORMATS[name])
+
+  def flops(x, kernel):
+    count = jaxfactor.cost(
+      kernel, x.shape, implementation=implementation, **geometry
+    ).flops
+    return jnp.asarray(count, jnp.int64)
+
+  b, h, w = export.symbolic_shape("b, h, w")
+  exported = export.export(jax.jit(flops))(
+    jax.ShapeDtypeStruct((b, h, w, 4), jnp.float32), kernel
+  )
+  # Without concrete sizes "auto" runs a format factorized (as `conv` does).
+  concrete = "factorized" if implementation == "auto" else implementation
+  for shape in [(1, 7, 7, 4), (3, 10, 9, 4), (2, 16, 5, 4)]:
+    expected = jaxfactor.cost(
+      kernel, shape, implementation=concrete, **geometry
+    ).flops
+    got = exported.call(np.zeros(shape, np.float32), kernel)
+    assert int(got) == expected, shape
+
+
+def test_cost_refuses_a_symbolic_channel_size():
+  (c,) = export.symbolic_shape("c")
   with pytest.raises(
     ValueError,
-    match=r"cost: the spatial and channel sizes"
-    r" of `input_shape` must be static",
+    match=r"cost: the channel size of `input_shape` must be static",
   ):
-    jaxfactor.cost(factors, (b, h, 10, 4))
+    jaxfactor.cost(_kernel(), (2, 10, 10, c))
 
 
 # --- checkpoints without decomposition ----------------------------------------

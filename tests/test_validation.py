@@ -759,15 +759,15 @@ def test_cost_input_shape():
     LOW_RANK,
     (2, 8, 8, 3),
   )
-  (height,) = jax.export.symbolic_shape("h")
+  (channels,) = jax.export.symbolic_shape("c")
   _raises(
     ValueError,
-    r"cost: the spatial and channel sizes of `input_shape`"
-    r" must be static \(padding makes the FLOPs depend on them\), got"
-    r" \(2, h, 8, 4\); only batch axes may be symbolic",
+    r"cost: the channel size of `input_shape` must be static \(it is the"
+    r" kernel's 4 input features\), got \(2, 8, 8, c\); batch and spatial"
+    r" sizes may be symbolic",
     jaxfactor.cost,
     LOW_RANK,
-    (2, height, 8, 4),
+    (2, 8, 8, channels),
   )
 
 
