@@ -16,12 +16,15 @@ PYTEST_ARGS ?= -n auto
 
 .PHONY: demo test lint typecheck docs sanitize clean
 
+# uv installs the same packages as pip, from PyPI, in a fifth of the time.
 $(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)
-	$(VENV)/bin/python -m pip install --quiet --upgrade pip
 
-$(VENV)/.installed-%: pyproject.toml | $(VENV)/bin/python
-	$(VENV)/bin/python -m pip install --quiet -e ".[$*]"
+$(VENV)/bin/uv: | $(VENV)/bin/python
+	$(VENV)/bin/python -m pip install --quiet uv
+
+$(VENV)/.installed-%: pyproject.toml | $(VENV)/bin/uv
+	$(VENV)/bin/uv pip install --quiet --python $(VENV)/bin/python -e ".[$*]"
 	touch $@
 
 demo: $(VENV)/.installed-examples

@@ -9,6 +9,14 @@
   `~/.cache/jaxfactor/jax-compilation`). It and the compiled native kernel
   (`jaxfactor._native.cache_dir()`) are the only files the tests write
   outside pytest's temporary directories; delete them at will.
+* XLA compiles with LLVM's optimizer turned down
+  (`--xla_backend_optimization_level=0`,
+  `--xla_llvm_disable_expensive_passes`), appended to any `XLA_FLAGS` given:
+  the tests check values, not speed, and this halves a cold run's compile
+  time. (It also runs XLA's naive float64 convolutions about ten times
+  slower: large float64 references are computed in numpy.) XLA's HLO passes,
+  where the XLA:CPU abort of `tests/test_xla_abort.py` lives, run as usual.
+  The example and sharding subprocesses inherit the flags.
 * Hypothesis (the property-based tests) keeps no example database; its
   cache of the literals in the code under test goes to
   `$HYPOTHESIS_STORAGE_DIRECTORY`, default `<tmp>/jaxfactor-hypothesis`,
@@ -31,9 +39,18 @@ import os
 import pathlib
 import tempfile
 
-import hypothesis
-import hypothesis.configuration
-import jax
+# Before JAX creates its CPU client, which reads XLA_FLAGS once.
+FAST_COMPILE_FLAGS = (
+  "--xla_backend_optimization_level=0",
+  "--xla_llvm_disable_expensive_passes=true",
+)
+os.environ["XLA_FLAGS"] = " ".join(
+  [os.environ.get("XLA_FLAGS", ""), *FAST_COMPILE_FLAGS]
+).strip()
+
+import hypothesis  # noqa: E402
+import hypothesis.configuration  # noqa: E402
+import jax  # noqa: E402
 
 jax.config.update("jax_enable_x64", True)
 jax.config.update("jax_numpy_dtype_promotion", "strict")

@@ -7,6 +7,7 @@ numpy, and brute-force counts of the (output, tap) pairs that read input.
 """
 
 import itertools
+import os
 
 import jax
 import jax.numpy as jnp
@@ -291,17 +292,28 @@ def numpy_depthwise(x, w, cotangent, *, strides, pads, dilation):
 
   `x [B, *spatial, C]`, `w [*window, C]`; returns `(y, dx, dw)` in float64
   numpy, tap by tap: `y` sums `w[tap] * x[the positions tap reads]`, and
-  the gradients are that sum's transposes at `cotangent`.
+  the gradients are that sum's transposes at `cotangent`. A negative pad
+  crops, as in `lax`.
   """
   x, w, cotangent = (np.asarray(a, np.float64) for a in (x, w, cotangent))
   n = x.ndim - 2
-  padded = np.pad(x, [(0, 0), *pads, (0, 0)])
+  grown = [(max(lo, 0), max(hi, 0)) for lo, hi in pads]
+  padded = np.pad(x, [(0, 0), *grown, (0, 0)])
+  dx = np.zeros_like(padded)
+  crop = (
+    slice(None),
+    *(
+      slice(max(-lo, 0), size - max(-hi, 0))
+      for (lo, hi), size in zip(pads, padded.shape[1:-1])
+    ),
+  )
+  padded, dx_view = padded[crop], dx[crop]  # views: dx_view writes into dx
   out = [
     (padded.shape[i + 1] - (w.shape[i] - 1) * dilation[i] - 1) // strides[i] + 1
     for i in range(n)
   ]
   y = np.zeros((x.shape[0], *out, x.shape[-1]))
-  dx, dw = np.zeros_like(padded), np.zeros_like(w)
+  dw = np.zeros_like(w)
   for tap in np.ndindex(*w.shape[:-1]):
     read = (
       slice(None),
@@ -311,11 +323,11 @@ def numpy_depthwise(x, w, cotangent, *, strides, pads, dilation):
       ),
     )
     y += padded[read] * w[tap]
-    dx[read] += cotangent * w[tap]
+    dx_view[read] += cotangent * w[tap]
     dw[tap] = np.sum(padded[read] * cotangent, axis=tuple(range(n + 1)))
   inside = (
     slice(None),
-    *(slice(lo, lo + size) for (lo, _), size in zip(pads, x.shape[1:-1])),
+    *(slice(lo, lo + size) for (lo, _), size in zip(grown, x.shape[1:-1])),
   )
   return y, dx[inside], dw
 
@@ -385,6 +397,26 @@ def reading_taps(size, k, stride, dilation, pad):
   out = np.arange(output_size(size, k, stride, dilation, pad))[:, None]
   position = out * stride + np.arange(k)[None, :] * dilation - pad[0]
   return int(np.count_nonzero(((position >= 0) & (position < size)).any(0)))
+
+
+def subprocess_env():
+  """The environment for a Python subprocess run as a user runs it: the
+  suite's XLA_FLAGS (conftest.py) without a simulated device count, which a
+  script sets itself, and the suite's persistent compilation cache."""
+  env = dict(os.environ)
+  env["XLA_FLAGS"] = " ".join(
+    flag
+    for flag in env.get("XLA_FLAGS", "").split()
+    if not flag.startswith("--xla_force_host_platform_device_count")
+  )
+  cache = jax.config.jax_compilation_cache_dir
+  if cache:
+    env.update(
+      JAX_COMPILATION_CACHE_DIR=cache,
+      JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+      JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0",
+    )
+  return env
 
 
 def xla_flops(fn, *args):

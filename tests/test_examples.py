@@ -5,13 +5,12 @@ default dtype rules), sharing the tests' persistent compilation cache.
 """
 
 import csv
-import os
 import pathlib
 import subprocess
 import sys
 
-import jax
 import pytest
+from reference import subprocess_env
 
 EXAMPLES = pathlib.Path(__file__).resolve().parent.parent / "examples"
 FORMATS = (
@@ -23,21 +22,6 @@ FORMATS = (
 )
 
 
-def _env():
-  """The environment for a script: the tests' compilation cache, and no
-  XLA_FLAGS (the sharded example sets its own device count; an inherited
-  count would override it)."""
-  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-  cache = jax.config.jax_compilation_cache_dir
-  if cache:
-    env.update(
-      JAX_COMPILATION_CACHE_DIR=cache,
-      JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
-      JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0",
-    )
-  return env
-
-
 def _run(script, *args):
   result = subprocess.run(
     [sys.executable, str(EXAMPLES / script), *map(str, args)],
@@ -45,7 +29,7 @@ def _run(script, *args):
     text=True,
     timeout=600,
     check=False,
-    env=_env(),
+    env=subprocess_env(),
   )
   assert result.returncode == 0, result.stdout + result.stderr
   return result.stdout
@@ -213,7 +197,7 @@ def test_readme_factorize_your_own_model(tmp_path):
     timeout=600,
     check=False,
     cwd=tmp_path,
-    env=_env(),
+    env=subprocess_env(),
   )
   assert result.returncode == 0, result.stdout + result.stderr
   accuracy = {

@@ -1,7 +1,7 @@
 """The compiled depthwise kernel, called directly through its FFI targets.
 
-The three handlers (forward, input gradient, weight gradient) against `lax`'s
-grouped convolution on random geometries, the FFI boundary's checks, and
+The three handlers (forward, input gradient, weight gradient) against a
+float64 numpy reference on random geometries, the FFI boundary's checks, and
 failures inside the kernel's thread pool. The tests call the registered
 targets with `jax.ffi.ffi_call` (layout [batch, 3 spatial axes, channels],
 weights [3 spatial axes, channels], attributes `stride`, `dilation` and the
@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import reference
 from jax import lax
 
 from jaxfactor import _native
@@ -165,31 +166,17 @@ def operands(case, channels, dtype, rng):
   return x, w, rng.standard_normal(y_shape).astype(dtype)
 
 
-def reference(case, triples):
-  """Per (x, w, dy): y, dx and dw from `lax`, and bounds on their sums of
-  absolute products (the same maps of |x|, |w| and |dy|). Channels of a
-  depthwise conv are independent, so one grouped conv (and its VJP) over
-  every triple's channels, then their absolute values', computes it all:
-  compiling it dominates these tests."""
-
-  @jax.jit
-  def run(triples):
-    x, w, dy = (
-      jnp.concatenate([*parts, *map(jnp.abs, parts)], axis=-1)
-      for parts in zip(*triples)
-    )
-    y, pullback = jax.vjp(lambda x, w: grouped(case, x, w), x, w)
-    return (y, *pullback(dy))
-
-  split = np.cumsum([t[0].shape[-1] for t in triples] * 2)[:-1]
-  outs = [np.split(np.asarray(a), split, axis=-1) for a in run(triples)]
-  n = len(triples)
+def expected(case, triples):
+  """Per (x, w, dy): y, dx and dw in float64 numpy
+  (`reference.numpy_depthwise`), and bounds on their sums of absolute
+  products (the same maps of |x|, |w| and |dy|)."""
+  geometry = dict(strides=case.stride, pads=case.pads, dilation=case.dilation)
   return [
     (
-      (outs[0][i], outs[1][i], outs[2][i]),
-      (outs[0][n + i], outs[1][n + i], outs[2][n + i]),
+      reference.numpy_depthwise(x, w, dy, **geometry),
+      reference.numpy_depthwise(*map(np.abs, (x, w, dy)), **geometry),
     )
-    for i in range(n)
+    for x, w, dy in triples
   ]
 
 
@@ -227,12 +214,12 @@ def assert_close(name, got, want, bound, dtype):
 @pytest.mark.parametrize(
   "case", CASES, ids=[f"case{i}" for i in range(len(CASES))]
 )
-def test_kernel_equals_grouped_conv(case, dtype):
+def test_kernel_equals_the_definition(case, dtype):
   """Forward, input and weight gradient, for every channel count."""
   rng = np.random.default_rng(0)
   triples = [operands(case, c, dtype, rng) for c in CHANNELS]
   for channels, gots, (wants, bounds) in zip(
-    CHANNELS, kernel(case, triples), reference(case, triples)
+    CHANNELS, kernel(case, triples), expected(case, triples)
   ):
     for name, got, want, bound in zip(TARGETS, gots, wants, bounds):
       assert_close(
@@ -565,6 +552,6 @@ def test_exception_in_kernel_is_an_error(
   ):
     np.asarray(call(a, b, **attrs))
   monkeypatch.delenv("JAXFACTOR_NATIVE_FAULT")
-  [(wants, bounds)] = reference(case, [(x, w, dy)])
+  [(wants, bounds)] = expected(case, [(x, w, dy)])
   index = list(TARGETS).index(name)
   assert_close(name, call(a, b, **attrs), wants[index], bounds[index], dtype)

@@ -4,15 +4,16 @@ Runs `_sharded_run.py` in a subprocess: the device count is fixed when JAX
 starts, and the rest of the suite must keep its single device.
 """
 
-import os
 import pathlib
 import subprocess
 import sys
 
+from reference import subprocess_env
+
 
 def test_sharded_forward_and_grad_equal_single_device():
   script = pathlib.Path(__file__).with_name("_sharded_run.py")
-  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+  env = subprocess_env()
   env["JAX_PLATFORMS"] = "cpu"  # simulated CPU devices, also beside a GPU
   result = subprocess.run(
     [sys.executable, str(script)],
