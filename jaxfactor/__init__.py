@@ -17,6 +17,7 @@ from jaxfactor._formats import DepthwiseSeparable as DepthwiseSeparable
 from jaxfactor._formats import Format as Format
 from jaxfactor._formats import LowRank as LowRank
 from jaxfactor._formats import SpatiallySeparable as SpatiallySeparable
+from jaxfactor._formats import TensorTrain as TensorTrain
 from jaxfactor._formats import Tucker as Tucker
 from jaxfactor._ranks import Budget as Budget
 from jaxfactor._ranks import max_rank as max_rank
@@ -35,6 +36,7 @@ __all__ = (
   "LayerReport",
   "LowRank",
   "SpatiallySeparable",
+  "TensorTrain",
   "Tucker",
   "conv",
   "cost",

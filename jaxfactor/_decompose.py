@@ -25,6 +25,7 @@ from jaxfactor import _validation
 
 _HIGHEST = lax.Precision.HIGHEST
 DEFAULT_ITERATIONS = {formats.Tucker: 10, formats.CP: 100}
+_CLIPPED_BY_CHAIN = (formats.SpatiallySeparable, formats.TensorTrain)
 
 
 def relative_error(
@@ -81,6 +82,8 @@ def decompose(
   damping: float = 1e-3,
   dilation: int | tuple[int, ...] = 1,
   compute_dtype: Any = None,
+  in_modes: tuple[int, ...] | None = None,
+  out_modes: tuple[int, ...] | None = None,
 ) -> formats.Format:
   """Factorizes a dense HWIO kernel into `format`, optimally where possible.
 
@@ -104,13 +107,21 @@ def decompose(
     each mode unfolding, filled with uniform random columns from `key` where
     a mode is smaller than the rank, as TensorLy's "svd" start); the best fit
     is kept (Lebedev et al. 2015).
+  * `TensorTrain`: TT-SVD (Oseledets 2011) of the kernel read as the tensor
+    `[w, (c_1 f_1), ..., (c_d f_d)]`: sequential truncated SVDs, left to
+    right. Exact at `max_rank`; otherwise quasi-optimal,
+    `||K - K_TT||_F <= sqrt(sum_i eps_i^2)` for `eps_i` the best error of
+    the `i`-th unfolding `[k n_1..n_i] x [n_{i+1}..n_d]` at rank `R_i`
+    (Oseledets 2011, Thm 2.2).
 
   Args:
     kernel: dense `[*window, C, F]`, e.g. a trained Flax `nn.Conv` kernel.
     format: a format class or its name: "depthwise_separable",
-      "spatially_separable", "low_rank", "tucker", "cp".
+      "spatially_separable", "low_rank", "tucker", "cp", "tensor_train".
     rank: an int (for `Tucker` an int or `(R_in, R_out)`; for
       `SpatiallySeparable` an int or one inner rank per split; for
+      `TensorTrain` an int (every TT rank, clipped to its maximum) or one
+      rank per core `(R_0, ..., R_{d-1})`; for
       `DepthwiseSeparable` the channel multiplier); a
       `jaxfactor.Budget(params=f)`: the largest rank whose parameters are at
       most the fraction `f` of the dense kernel's; or "vbmf": analytic
@@ -119,7 +130,8 @@ def decompose(
       `TypeError`: it would read as a rank.
     energy: instead of `rank`, a fraction in (0, 1]: the smallest rank keeping
       that fraction of the squared singular values of the matrices truncated
-      (per mode for `Tucker`; for `CP`, of the pooled per-tap SVD start).
+      (per mode for `Tucker`; per unfolding for `SpatiallySeparable` and
+      `TensorTrain`; for `CP`, of the pooled per-tap SVD start).
     inputs: optional sample of the layer's inputs `[*batch, *spatial, C]`
       (`LowRank` and `Tucker` only). The *output* error on these inputs is
       minimised instead of the weight error, in closed form: whiten with the
@@ -137,6 +149,11 @@ def decompose(
     dilation: the layer's kernel dilation, for the patches of `inputs`.
     compute_dtype: dtype of the computation; default: the kernel's (float32
       for lower-precision kernels). float64 requires `jax_enable_x64`.
+    in_modes: `TensorTrain` only: the input channels as `(c_1, ..., c_d)`,
+      product `C`. Default: `C` split as evenly as its prime factors allow
+      into as many modes as `out_modes` or a tuple `rank` has, else 2.
+    out_modes: `TensorTrain` only: `(f_1, ..., f_d)`, product `F`; the same
+      default.
 
   Returns:
     A format of the kernel's dtype, `to_dense()` of shape `kernel.shape`.
@@ -161,7 +178,8 @@ def decompose(
   p = _prepare(fn, kernel, format, inputs, damping, dilation, compute_dtype)
   cls, kernel, work, whitening = p.cls, p.kernel, p.work, p.whitening
   concrete, finite, scale = p.concrete, p.finite, p.scale
-  rank = _select_rank(fn, work, cls, rank, energy, whitening, concrete)
+  modes = _ranks.check_modes(fn, kernel.shape, cls, rank, in_modes, out_modes)
+  rank = _select_rank(fn, work, cls, rank, energy, whitening, concrete, modes)
   if iterations is None:
     iterations = DEFAULT_ITERATIONS.get(cls, 0)
   if (
@@ -180,6 +198,8 @@ def decompose(
     result = _depthwise_separable(work, rank)
   elif cls is formats.Tucker:
     result = _tucker(work, rank, iterations, whitening)
+  elif cls is formats.TensorTrain:
+    result = _tensor_train(work, rank, modes)
   else:
     if (
       isinstance(restarts, bool)
@@ -265,11 +285,18 @@ def choose_rank(
   inputs: jax.typing.ArrayLike | None = None,
   damping: float = 1e-3,
   dilation: int | tuple[int, ...] = 1,
+  in_modes: tuple[int, ...] | None = None,
+  out_modes: tuple[int, ...] | None = None,
 ) -> Any:
   """The static rank `decompose` would use for these arguments."""
   fn = "decompose"
   p = _prepare(fn, kernel, format, inputs, damping, dilation, None)
-  return _select_rank(fn, p.work, p.cls, rank, energy, p.whitening, p.concrete)
+  modes = _ranks.check_modes(
+    fn, p.kernel.shape, p.cls, rank, in_modes, out_modes
+  )
+  return _select_rank(
+    fn, p.work, p.cls, rank, energy, p.whitening, p.concrete, modes
+  )
 
 
 # --- arguments ---------------------------------------------------------------
@@ -296,7 +323,9 @@ def _compute_dtype(fn, kernel_dtype, compute_dtype):
   return compute_dtype
 
 
-def _select_rank(fn, kernel, cls, rank, energy, whitening, concrete):
+def _select_rank(
+  fn, kernel, cls, rank, energy, whitening, concrete, modes=None
+):
   if (rank is None) == (energy is None):
     raise ValueError(
       f"{fn}: give exactly one of `rank` and `energy`, got rank={rank!r},"
@@ -318,7 +347,7 @@ def _select_rank(fn, kernel, cls, rank, energy, whitening, concrete):
     mode = "vbmf"
   else:
     return _warn_if_larger(
-      fn, shape, cls, _ranks.resolve_rank(fn, cls, shape, rank)
+      fn, shape, cls, _ranks.resolve_rank(fn, cls, shape, rank, modes), modes
     )
   if not concrete:
     raise ValueError(
@@ -326,8 +355,8 @@ def _select_rank(fn, kernel, cls, rank, energy, whitening, concrete):
       " shape, which is impossible under jit/vmap; choose the rank eagerly"
       " (or pass an int rank)."
     )
-  values = spectra(cls, np.asarray(kernel, np.float64), whitening)
-  limit = _ranks.max_rank(shape, cls)
+  values = spectra(cls, np.asarray(kernel, np.float64), whitening, modes)
+  limit = _ranks.limits(shape, cls, modes)
   if mode == "energy":
     chosen = [
       _ranks.rank_for_energy(_ranks.energy_curve(s), energy) for s, _ in values
@@ -336,16 +365,25 @@ def _select_rank(fn, kernel, cls, rank, energy, whitening, concrete):
     chosen = [rule(matrices) for _, (rule, matrices) in values]
   if isinstance(limit, tuple):
     clipped = [min(r, m) for r, m in zip(chosen, limit)]
-    if cls is formats.SpatiallySeparable:
-      # Factor i maps R_{i-1} channels through k_i taps: R_i <= R_{i-1} k_i.
+    if cls in _CLIPPED_BY_CHAIN:
+      # Factor i maps R_{i-1} channels through k_i taps (SpatiallySeparable)
+      # or core i through c_i f_i modes (TensorTrain): R_i <= R_{i-1} k_i.
+      sizes = (
+        shape if cls is formats.SpatiallySeparable else (0, *_sizes(modes))
+      )
       for i in range(1, len(clipped)):
-        clipped[i] = min(clipped[i], clipped[i - 1] * shape[i])
-    return _warn_if_larger(fn, shape, cls, tuple(clipped))
+        clipped[i] = min(clipped[i], clipped[i - 1] * sizes[i])
+    return _warn_if_larger(fn, shape, cls, tuple(clipped), modes)
   return _warn_if_larger(fn, shape, cls, min(chosen[0], limit))
 
 
-def _warn_if_larger(fn, shape, cls, rank):
-  params = _ranks.num_params(shape, cls, rank)
+def _sizes(modes):
+  """`(c_1 f_1, ..., c_d f_d)` of TensorTrain modes."""
+  return tuple(a * b for a, b in zip(*modes))
+
+
+def _warn_if_larger(fn, shape, cls, rank, modes=None):
+  params = _ranks.num_params(shape, cls, rank, modes)
   if params > math.prod(shape):
     _validation.warn(
       f"{fn}: {cls.__name__} of rank {rank} has {params} parameters, more"
@@ -385,13 +423,21 @@ def _warn_if_long(fn, shape, rank, iterations, starts):
     )
 
 
-def spectra(cls, kernel, whitening):
+def spectra(cls, kernel, whitening, modes=None):
   """Per truncated matrix: its singular values and its VBMF rule."""
   *window, c, f = kernel.shape
   k = math.prod(window)
 
   def single(matrix):
     return (np.linalg.svd(matrix, compute_uv=False), (_ranks.vbmf_rank, matrix))
+
+  if cls is formats.TensorTrain:
+    modes = _ranks.tt_modes(kernel.shape, _ranks.DEFAULT_TT_CORES, modes)
+    train = _train_tensor(kernel, modes)
+    return [
+      single(train.reshape(k * math.prod(_sizes(modes)[:i]), -1))
+      for i in range(len(modes[0]))
+    ]
 
   if cls is formats.LowRank:
     matrix = kernel.reshape(k * c, f)
@@ -557,6 +603,51 @@ def _spatially_separable(kernel, ranks):
     r_prev = r
   factors.append(jnp.moveaxis(rest.reshape(r_prev, window[-1], f), 1, 0))
   return formats.SpatiallySeparable(tuple(factors))
+
+
+def _train_tensor(kernel, modes):
+  """`[*window, C, F]` -> `[k, c_1, f_1, ..., c_d, f_d]` (numpy or jax)."""
+  in_modes, out_modes = modes
+  d = len(in_modes)
+  k = math.prod(kernel.shape[:-2])
+  tensor = kernel.reshape(k, *in_modes, *out_modes)
+  pairs = [axis for i in range(d) for axis in (1 + i, 1 + d + i)]
+  return tensor.transpose(0, *pairs)
+
+
+def _tensor_train(kernel, ranks, modes):
+  """TT-SVD, left to right; the last two cores share the last singular
+  values' square roots (the others are orthonormal)."""
+  *window, _, _ = kernel.shape
+  k = math.prod(window)
+  sizes = _sizes(modes)
+  chain = (*ranks, 1)
+  u, s, vt = _truncated_svd(
+    _train_tensor(kernel, modes).reshape(k, -1), chain[0]
+  )
+  spatial, rest = u, s[:, None] * vt
+  if len(ranks) == 1:
+    root = jnp.sqrt(s)
+    spatial, rest = u * root[None, :], root[:, None] * vt
+  cores = []
+  for i in range(len(ranks) - 1):
+    u, s, vt = _truncated_svd(
+      rest.reshape(chain[i] * sizes[i], -1), chain[i + 1]
+    )
+    if i == len(ranks) - 2:
+      root = jnp.sqrt(s)
+      u, rest = u * root[None, :], root[:, None] * vt
+    else:
+      rest = s[:, None] * vt
+    cores.append(u)
+  cores.append(rest)
+  return formats.TensorTrain(
+    spatial.reshape(*window, chain[0]),
+    tuple(
+      core.reshape(chain[i], a, b, chain[i + 1])
+      for i, (core, a, b) in enumerate(zip(cores, *modes))
+    ),
+  )
 
 
 def _tucker(kernel, ranks, iterations, whitening):

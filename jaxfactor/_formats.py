@@ -844,3 +844,183 @@ class CP(Format):
       self.rank,
     )
     return flops + k * c * r + 2 * k * c * r * f
+
+
+def tt_modes(size: int, d: int) -> tuple[int, ...]:
+  """`size` as a product of `d` modes, as balanced as its primes allow.
+
+  Primes, largest first, each go to the mode with the smallest product so
+  far; modes in decreasing order (64 -> (8, 8), 48 -> (8, 6), 3 -> (3, 1)).
+  """
+  primes, rest, p = [], size, 2
+  while p * p <= rest:
+    while rest % p == 0:
+      primes.append(p)
+      rest //= p
+    p += 1
+  if rest > 1:
+    primes.append(rest)
+  modes = [1] * d
+  for prime in sorted(primes, reverse=True):
+    modes[modes.index(min(modes))] *= prime
+  return tuple(sorted(modes, reverse=True))
+
+
+class TensorTrain(Format):
+  """Tensor-train kernel: the window and d channel-mode pairs in one train.
+
+  The input and output channels are read as `d`-way tensors, `C = c_1 ...
+  c_d` and `F = f_1 ... f_d` (row-major: `c = ravel(c_1, ..., c_d)`), and
+  `K[w, c, f] = sum S[w, r_0] G_1[r_0, c_1, f_1, r_1] ... G_d[r_{d-1}, c_d,
+  f_d, 1]`: a tensor train over the modes `(w, (c_1, f_1), ..., (c_d,
+  f_d))`, with `k * R_0 + sum_i R_{i-1} c_i f_i R_i` parameters (`R_d = 1`).
+
+  It runs as Garipov et al. do: the spatial core first, as a depthwise conv
+  with multiplier `R_0` (the same `R_0` filters for every input channel),
+  then one 1x1 contraction per core (`_stages.CoreContraction`), which takes
+  the channels `(c_i, ..., c_d, f_1, ..., f_{i-1}, R_{i-1})` to `(c_{i+1},
+  ..., c_d, f_1, ..., f_i, R_i)`. At `P` output positions (valid taps aside)
+  that is `2 P (k C R_0 + sum_i M_i R_{i-1} c_i f_i R_i)` FLOPs for `M_i =
+  c_{i+1} ... c_d f_1 ... f_{i-1}`.
+
+  Attributes:
+    spatial: `S`, `[*window, R_0]`.
+    cores: d arrays, `G_i` of shape `[R_{i-1}, c_i, f_i, R_i]`, the last
+      with `R_d = 1`.
+
+  References:
+    Garipov et al., 2016, Ultimate tensorization: compressing convolutional
+    and FC layers alike, https://arxiv.org/abs/1611.03214; Oseledets, 2011,
+    Tensor-Train Decomposition, SIAM J. Sci. Comput. 33(5).
+
+  >>> import jax.numpy as jnp
+  >>> import jaxfactor
+  >>> f = jaxfactor.TensorTrain(
+  ...     jnp.ones((3, 3, 4)),
+  ...     (jnp.ones((4, 4, 4, 5)), jnp.ones((5, 2, 4, 1))))
+  >>> f.shape, f.ranks, f.in_modes, f.out_modes, f.num_params
+  ((3, 3, 8, 16), (4, 5), (4, 2), (4, 4), 396)
+  """
+
+  _fields = ("spatial", "cores")
+  _tuple_fields = ("cores",)
+  spatial: jax.Array
+  cores: tuple[jax.Array, ...]
+
+  def __init__(self, spatial, cores: Sequence[jax.typing.ArrayLike]):
+    if not isinstance(cores, (tuple, list)) or not cores:
+      raise TypeError(
+        "TensorTrain: `cores` must be a non-empty tuple of arrays (one per"
+        f" channel-mode pair), got {type(cores).__name__}."
+      )
+    self._set_fields("TensorTrain", spatial=spatial, cores=cores)
+
+  def _check_shapes(self, fn, fmt):
+    if self.spatial.ndim < 2:
+      raise ValueError(
+        f"{_validation.scope(fn, fmt)} `spatial` must have shape"
+        " [*window, R_0] (rank >= 2),"
+        f" got shape {tuple(self.spatial.shape)}."
+      )
+    for i, core in enumerate(self.cores):
+      _check_rank(fn, f"cores[{i}]", core, 4, "[R_in, c_i, f_i, R_out]")
+    first = self.cores[0].shape
+    _validation.check_chain(
+      fn, fmt, "spatial", self.spatial.shape, -1, "cores[0]", first, 0
+    )
+    for i in range(1, len(self.cores)):
+      _validation.check_chain(
+        fn,
+        fmt,
+        f"cores[{i - 1}]",
+        self.cores[i - 1].shape,
+        3,
+        f"cores[{i}]",
+        self.cores[i].shape,
+        0,
+      )
+    last = self.cores[-1].shape
+    if last[3] != 1:
+      raise ValueError(
+        f"{_validation.scope(fn, fmt)} the last core"
+        f" `cores[{len(self.cores) - 1}]` must end the train with rank 1"
+        f" (shape [R_in, c_d, f_d, 1]), got shape {tuple(last)}."
+      )
+
+  @property
+  def window(self):
+    return tuple(self.spatial.shape[:-1])
+
+  @property
+  def in_modes(self) -> tuple[int, ...]:
+    """`(c_1, ..., c_d)`, the input channels as a d-way tensor."""
+    return tuple(core.shape[1] for core in self.cores)
+
+  @property
+  def out_modes(self) -> tuple[int, ...]:
+    """`(f_1, ..., f_d)`, the output channels as a d-way tensor."""
+    return tuple(core.shape[2] for core in self.cores)
+
+  @property
+  def in_features(self):
+    return math.prod(self.in_modes)
+
+  @property
+  def out_features(self):
+    return math.prod(self.out_modes)
+
+  @property
+  def ranks(self) -> tuple[int, ...]:
+    """The TT ranks `(R_0, ..., R_{d-1})` (`R_d = 1` is not listed)."""
+    return tuple(core.shape[0] for core in self.cores)
+
+  @classmethod
+  def param_shapes(cls, kernel_shape, rank):
+    *window, c, f = kernel_shape
+    d = len(rank)
+    chain = (*rank, 1)
+    return {
+      "spatial": (*window, rank[0]),
+      **{
+        f"cores_{i}": (chain[i], ci, fi, chain[i + 1])
+        for i, (ci, fi) in enumerate(zip(tt_modes(c, d), tt_modes(f, d)))
+      },
+    }
+
+  def stages(self):
+    window, c, r0 = self.window, self.in_features, self.ranks[0]
+    shape = (*window, 1, c * r0)
+    if isinstance(self.spatial, jax.ShapeDtypeStruct):
+      depthwise = jax.ShapeDtypeStruct(shape, self.spatial.dtype)
+    else:  # the same R_0 filters for every input channel: a broadcast
+      depthwise = jnp.broadcast_to(
+        self.spatial[..., None, None, :], (*window, 1, c, r0)
+      ).reshape(shape)
+    axes = tuple(range(self.num_spatial_dims))
+    return [
+      _stages.SpatialConv(depthwise, axes, c),
+      *(_stages.CoreContraction(core) for core in self.cores),
+    ]
+
+  def to_dense(self):
+    self.check("to_dense")
+    k = math.prod(self.window)
+    train = self.spatial.reshape(k, 1, self.ranks[0])  # [k, P, R]
+    for core in self.cores:
+      train = jnp.einsum("kpr,rcfs->kpcfs", train, core, precision=_HIGHEST)
+      train = train.reshape(k, -1, core.shape[3])
+    # [k, c_1, f_1, ..., c_d, f_d] -> [k, c_1..c_d, f_1..f_d]
+    d = len(self.cores)
+    pairs = [m for pair in zip(self.in_modes, self.out_modes) for m in pair]
+    train = train.reshape(k, *pairs).transpose(
+      0, *range(1, 2 * d, 2), *range(2, 2 * d + 1, 2)
+    )
+    return train.reshape(self.shape)
+
+  def to_dense_flops(self):
+    flops, k, prefix = 0, math.prod(self.window), 1
+    for core in self.cores:
+      r_in, c, f, r_out = core.shape
+      flops += 2 * k * prefix * r_in * c * f * r_out
+      prefix *= c * f
+    return flops

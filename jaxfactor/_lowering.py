@@ -4,6 +4,8 @@
 steps, each a stage and the kind of computation that runs it there:
 
 * `CONTRACTION`: a `Pointwise` stage, `lax.dot_general` over the channels.
+* `CORE_CONTRACTION`: a `CoreContraction` stage (a tensor-train core),
+  `lax.dot_general` over two modes of the channels.
 * `STRIDED_CONTRACTION`: a dense 1x1 `SpatialConv` without padding: a strided
   slice, then a contraction (~3x faster than a 1x1 convolution on CPU).
 * `DEPTHWISE`: the depthwise primitives (`jaxfactor._depthwise`), which pick
@@ -41,6 +43,7 @@ from jaxfactor import _tap_matmul
 PLATFORMS = ("cpu", "gpu", "tpu")
 
 CONTRACTION = "contraction"
+CORE_CONTRACTION = "core_contraction"
 STRIDED_CONTRACTION = "strided_contraction"
 DEPTHWISE = "depthwise"
 TAP_MATMUL = "tap_matmul"
@@ -99,6 +102,8 @@ def _kind(
 ) -> str:
   if isinstance(stage, _stages.Pointwise):
     return CONTRACTION
+  if isinstance(stage, _stages.CoreContraction):
+    return CORE_CONTRACTION
   if _stages.is_strided_pointwise(stage, geometry):
     return STRIDED_CONTRACTION
   if _stages.is_depthwise(stage):
@@ -142,6 +147,9 @@ def output_shape(
   features = stage.kernel.shape[-1]
   if isinstance(stage, _stages.Pointwise):
     return (batch, *spatial, features)
+  if isinstance(stage, _stages.CoreContraction):
+    r_in, c, f, r_out = stage.kernel.shape
+    return (batch, *spatial, in_shape[-1] // (c * r_in) * f * r_out)
   out = list(spatial)
   for j, axis in enumerate(stage.axes):
     out[axis] = _geometry.output_size(
@@ -190,6 +198,8 @@ def run(
         precision=precision,
         preferred_element_type=preferred,
       )
+    elif kind == CORE_CONTRACTION:
+      x = _stages.core_contraction(x, kernel, precision, preferred)
     elif kind == STRIDED_CONTRACTION:
       x = _stages.strided_pointwise(
         x, kernel, stage.axes, geometry, precision, preferred
@@ -250,6 +260,10 @@ def step_flops(
   if kind == CONTRACTION:
     c, f = stage.kernel.shape
     return 2 * batch * math.prod(spatial) * c * f
+  if kind == CORE_CONTRACTION:
+    # Every input channel meets `f * R_out` weights.
+    _, _, f, r_out = stage.kernel.shape
+    return 2 * batch * math.prod(spatial) * in_shape[-1] * f * r_out
   if geometry.fill != "constant":  # the stage's axes padded with data
     spatial = [
       size + sum(geometry.padding[axis]) if axis in stage.axes else size
@@ -360,6 +374,9 @@ def seconds(
       rate = machine.matmul_flops * min(1.0, (columns / 16) ** 2)
     elif step.kind == DEPTHWISE:
       rate = machine.depthwise_flops
+    elif step.kind == CORE_CONTRACTION:
+      columns = kernel[-2] * kernel[-1]  # f * R_out per row of the matmul
+      rate = machine.matmul_flops * min(1.0, (columns / 16) ** 2)
     else:
       efficiency = min(1.0, (kernel[-1] / 16) ** 2)
       if step.kind == CONV:

@@ -22,9 +22,15 @@ FORMAT_NAMES: dict[str, type[formats.Format]] = {
   "low_rank": formats.LowRank,
   "tucker": formats.Tucker,
   "cp": formats.CP,
+  "tensor_train": formats.TensorTrain,
 }
 
 Rank = int | tuple[int, ...]
+# Channel modes of a TensorTrain: `(in_modes, out_modes)`.
+Modes = tuple[tuple[int, ...], tuple[int, ...]]
+
+# Cores of a TensorTrain when neither its rank nor its modes say.
+DEFAULT_TT_CORES = 2
 
 
 @dataclasses.dataclass(frozen=True)
@@ -96,13 +102,17 @@ def max_rank(kernel_shape: Sequence[int], format: Any) -> Rank:
     k_i, k_{i+1} ... k_N * F)` (the ranks of the kernel's unfoldings).
   * `Tucker`: `(min(C, k*F), min(F, k*C))`.
   * `CP`: `k * min(C, F)`: one rank-1 term per tap and singular value.
+  * `TensorTrain` (two cores, default modes): one TT rank per bond, `R_i =
+    min(k n_1 ... n_i, n_{i+1} ... n_d)` for `n_i = c_i f_i` (the ranks of
+    the unfoldings of the train's tensor `[w, (c_1 f_1), ..., (c_d f_d)]`).
 
   Args:
     kernel_shape: `(*window, C, F)`.
     format: a format class or its name ("low_rank", "tucker", ...).
 
   Returns:
-    An int, or a tuple for `Tucker` and `SpatiallySeparable`.
+    An int, or a tuple for `Tucker`, `SpatiallySeparable` and
+    `TensorTrain`.
 
   >>> import jaxfactor
   >>> jaxfactor.max_rank((3, 3, 64, 128), "tucker")
@@ -112,8 +122,30 @@ def max_rank(kernel_shape: Sequence[int], format: Any) -> Rank:
   cls = format_class(fn, format)
   kernel_shape = tuple(int(d) for d in kernel_shape)
   check_kernel_shape(fn, kernel_shape, cls)
+  return limits(kernel_shape, cls)
+
+
+def tt_modes(
+  kernel_shape: Sequence[int], d: int, modes: Modes | None = None
+) -> Modes:
+  """The given TT modes, or each channel count's default split in `d`."""
+  if modes is not None:
+    return modes
+  c, f = kernel_shape[-2:]
+  return formats.tt_modes(c, d), formats.tt_modes(f, d)
+
+
+def limits(kernel_shape, cls, modes: Modes | None = None) -> Rank:
+  """`max_rank` (no checks), for a TensorTrain with these modes."""
   *window, c, f = kernel_shape
   k = math.prod(window)
+  if cls is formats.TensorTrain:
+    in_modes, out_modes = tt_modes(kernel_shape, DEFAULT_TT_CORES, modes)
+    sizes = [a * b for a, b in zip(in_modes, out_modes)]
+    return tuple(
+      min(k * math.prod(sizes[:i]), math.prod(sizes[i:]))
+      for i in range(len(sizes))
+    )
   if cls is formats.LowRank:
     return min(k * c, f)
   if cls is formats.DepthwiseSeparable:
@@ -128,10 +160,19 @@ def max_rank(kernel_shape: Sequence[int], format: Any) -> Rank:
   )
 
 
-def num_params(kernel_shape: Sequence[int], cls, rank: Any) -> int:
+def num_params(
+  kernel_shape: Sequence[int], cls, rank: Any, modes: Modes | None = None
+) -> int:
   """Parameters of `cls` at `rank` for a kernel of `kernel_shape`."""
   *window, c, f = kernel_shape
   k = math.prod(window)
+  if cls is formats.TensorTrain:
+    in_modes, out_modes = tt_modes(kernel_shape, len(rank), modes)
+    chain = (*rank, 1)
+    return k * rank[0] + sum(
+      chain[i] * a * b * chain[i + 1]
+      for i, (a, b) in enumerate(zip(in_modes, out_modes))
+    )
   if cls is formats.LowRank:
     return k * c * rank + rank * f
   if cls is formats.DepthwiseSeparable:
@@ -149,16 +190,30 @@ def rank_of(factors: formats.Format) -> Rank:
   """The rank of a format value, as `max_rank` and `decompose` take it."""
   if isinstance(factors, formats.DepthwiseSeparable):
     return factors.channel_multiplier
-  if isinstance(factors, (formats.Tucker, formats.SpatiallySeparable)):
+  if isinstance(
+    factors, (formats.Tucker, formats.SpatiallySeparable, formats.TensorTrain)
+  ):
     return factors.ranks
   if isinstance(factors, (formats.LowRank, formats.CP)):
     return factors.rank
   raise TypeError(f"rank_of: not a jaxfactor format: {type(factors).__name__}")
 
 
-def canonicalize_rank(fn: str, kernel_shape, cls, rank: Any) -> Rank:
-  """Checks an explicit int/tuple rank against `max_rank`; returns it."""
-  limit = max_rank(kernel_shape, cls)
+def canonicalize_rank(
+  fn: str, kernel_shape, cls, rank: Any, modes: Modes | None = None
+) -> Rank:
+  """Checks an explicit int/tuple rank against `max_rank`; returns it.
+
+  A TensorTrain has one core per entry of a tuple rank (and per mode given
+  in `modes`); an int rank gives every bond that rank, clipped to its limit.
+  """
+  limit = limits(kernel_shape, cls, modes)
+  if cls is formats.TensorTrain:
+    if modes is None and isinstance(rank, (tuple, list)) and rank:
+      modes = tt_modes(kernel_shape, len(rank))
+      limit = limits(kernel_shape, cls, modes)
+    if isinstance(rank, (int, np.integer)) and not isinstance(rank, bool):
+      rank = tuple(min(int(rank), m) for m in limit) if rank >= 1 else rank
   if isinstance(limit, tuple):
     if isinstance(rank, (int, np.integer)) and not isinstance(rank, bool):
       rank = (int(rank),) * len(limit)
@@ -193,6 +248,17 @@ def canonicalize_rank(fn: str, kernel_shape, cls, rank: Any) -> Rank:
             f" exceeds rank[{i - 1}] * window[{i}] ="
             f" {chain[i] * window[i]}."
           )
+    if cls is formats.TensorTrain:
+      # Core i maps R_{i-1} ranks and c_i f_i modes to R_i.
+      in_modes, out_modes = tt_modes(kernel_shape, len(rank), modes)
+      for i in range(1, len(rank)):
+        size = in_modes[i - 1] * out_modes[i - 1]
+        if rank[i] > rank[i - 1] * size:
+          raise ValueError(
+            f"{fn}: `rank` {rank} does not chain for TensorTrain with modes"
+            f" {in_modes} x {out_modes}: rank[{i}] = {rank[i]} exceeds"
+            f" rank[{i - 1}] * c_{i} * f_{i} = {rank[i - 1] * size}."
+          )
     return rank
   if isinstance(rank, bool) or not isinstance(rank, (int, np.integer)):
     raise TypeError(
@@ -208,7 +274,7 @@ def canonicalize_rank(fn: str, kernel_shape, cls, rank: Any) -> Rank:
   return rank
 
 
-def candidates(kernel_shape, cls) -> list[Rank]:
+def candidates(kernel_shape, cls, modes: Modes | None = None) -> list[Rank]:
   """Ranks in increasing size, along the path a budget fraction scales.
 
   Tucker and SpatiallySeparable use one rank `r` for every mode or split,
@@ -216,10 +282,65 @@ def candidates(kernel_shape, cls) -> list[Rank]:
   path keeping `R_in / R_out = C / F` starves the smaller side: on a 3x3,
   256 -> 16 kernel it reaches (13, 1) where (8, 8) costs less.)
   """
-  limit = max_rank(kernel_shape, cls)
+  limit = limits(kernel_shape, cls, modes)
   if isinstance(limit, tuple):
+    # For a TensorTrain the clipped ranks chain: R_i <= R_{i-1} c_i f_i.
     return [tuple(min(r, m) for m in limit) for r in range(1, max(limit) + 1)]
   return list(range(1, limit + 1))
+
+
+def check_modes(
+  fn: str, kernel_shape, cls, rank: Any, in_modes: Any, out_modes: Any
+) -> Modes | None:
+  """The TensorTrain channel modes `decompose` was given, completed.
+
+  None for other formats (which take no modes). A missing side is split by
+  default into as many modes as the other side has, or as `rank` has
+  entries, or `DEFAULT_TT_CORES`.
+  """
+  if cls is not formats.TensorTrain:
+    if in_modes is not None or out_modes is not None:
+      raise ValueError(
+        f"{fn}: `in_modes` and `out_modes` are TensorTrain's channel modes;"
+        f" {cls.__name__} takes none, got in_modes={in_modes!r},"
+        f" out_modes={out_modes!r}."
+      )
+    return None
+  given = [m for m in (in_modes, out_modes) if m is not None]
+  for name, value in (("in_modes", in_modes), ("out_modes", out_modes)):
+    if value is not None and not (
+      isinstance(value, (tuple, list))
+      and value
+      and all(
+        isinstance(m, (int, np.integer)) and not isinstance(m, bool)
+        for m in value
+      )
+    ):
+      raise TypeError(
+        f"{fn}: `{name}` must be a non-empty tuple of ints, got {value!r}."
+      )
+  if given:
+    d = len(given[0])
+  elif isinstance(rank, (tuple, list)) and rank:
+    d = len(rank)
+  else:
+    d = DEFAULT_TT_CORES
+  c, f = kernel_shape[-2:]
+  modes = []
+  for name, value, size in (
+    ("in_modes", in_modes, c),
+    ("out_modes", out_modes, f),
+  ):
+    value = formats.tt_modes(size, d) if value is None else tuple(value)
+    value = tuple(int(m) for m in value)
+    if len(value) != d or any(m < 1 for m in value) or math.prod(value) != size:
+      raise ValueError(
+        f"{fn}: `{name}` must be {d} positive ints whose product is the"
+        f" kernel's {size} {'input' if name == 'in_modes' else 'output'}"
+        f" channels (kernel shape {tuple(kernel_shape)}), got {value}."
+      )
+    modes.append(value)
+  return modes[0], modes[1]
 
 
 def check_rank_type(fn: str, rank: Any, *, allow_vbmf: bool = False) -> None:
@@ -227,8 +348,8 @@ def check_rank_type(fn: str, rank: Any, *, allow_vbmf: bool = False) -> None:
   if isinstance(rank, (float, np.floating)):
     raise TypeError(
       f"{fn}: `rank`={rank!r} is a float, but a rank is an int (a tuple"
-      " for Tucker and SpatiallySeparable). For a fraction of the dense"
-      " kernel's parameters write"
+      " for Tucker, SpatiallySeparable and TensorTrain). For a fraction of"
+      " the dense kernel's parameters write"
       f" `rank=jaxfactor.Budget(params={rank!r})`."
     )
   if isinstance(rank, str) and not (allow_vbmf and rank == "vbmf"):
@@ -239,7 +360,9 @@ def check_rank_type(fn: str, rank: Any, *, allow_vbmf: bool = False) -> None:
     )
 
 
-def resolve_rank(fn: str, cls, kernel_shape, rank: Any) -> Rank:
+def resolve_rank(
+  fn: str, cls, kernel_shape, rank: Any, modes: Modes | None = None
+) -> Rank:
   """A static rank from an int/tuple, or a `Budget(params=f)`: the largest
   rank with at most that fraction of the dense kernel's parameters."""
   check_rank_type(fn, rank)
@@ -250,25 +373,27 @@ def resolve_rank(fn: str, cls, kernel_shape, rank: Any) -> Rank:
         " FLOP fraction depends on the input, so use factorize(...,"
         f" budget={rank!r}, inputs=...) for it."
       )
-    return rank_for_fraction(fn, kernel_shape, cls, rank.params)
-  return canonicalize_rank(fn, kernel_shape, cls, rank)
+    return rank_for_fraction(fn, kernel_shape, cls, rank.params, modes)
+  return canonicalize_rank(fn, kernel_shape, cls, rank, modes)
 
 
-def rank_for_fraction(fn: str, kernel_shape, cls, fraction: float) -> Rank:
+def rank_for_fraction(
+  fn: str, kernel_shape, cls, fraction: float, modes: Modes | None = None
+) -> Rank:
   """The largest rank whose parameters are at most `fraction` of dense."""
   budget = fraction * math.prod(kernel_shape)
   fitting = [
     r
-    for r in candidates(kernel_shape, cls)
-    if num_params(kernel_shape, cls, r) <= budget
+    for r in candidates(kernel_shape, cls, modes)
+    if num_params(kernel_shape, cls, r, modes) <= budget
   ]
   if not fitting:
-    smallest = candidates(kernel_shape, cls)[0]
+    smallest = candidates(kernel_shape, cls, modes)[0]
     raise ValueError(
       f"{fn}: Budget(params={fraction}) leaves no rank: the smallest"
       f" {cls.__name__} (rank {smallest}) has"
-      f" {num_params(kernel_shape, cls, smallest)} parameters, more than"
-      f" {fraction} of the dense kernel's {math.prod(kernel_shape)}."
+      f" {num_params(kernel_shape, cls, smallest, modes)} parameters, more"
+      f" than {fraction} of the dense kernel's {math.prod(kernel_shape)}."
     )
   return fitting[-1]
 

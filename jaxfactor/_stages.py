@@ -4,6 +4,8 @@ Every convolution jaxfactor runs is a chain of stages (a format's `stages()`,
 or one `SpatialConv` for a dense kernel):
 
 * `Pointwise(kernel [C, F])`: a contraction over the channel axis.
+* `CoreContraction(kernel [R_in, c, f, R_out])`: a tensor-train core
+  contracted with two modes of the channel axis (`jaxfactor.TensorTrain`).
 * `SpatialConv(kernel, axes, groups)`: a convolution over the spatial `axes`
   only (window 1 elsewhere) with `groups` channel groups: a dense conv, a
   depthwise conv (one input channel per group) or a 1-D conv along one axis.
@@ -48,7 +50,38 @@ class SpatialConv(NamedTuple):
   groups: int = 1
 
 
-Stage = Pointwise | SpatialConv
+class CoreContraction(NamedTuple):
+  """A tensor-train core applied to the channel axis, a 1x1 stage.
+
+  The channel axis is read as `[c, M, R_in]` (row-major): the core
+  `kernel [R_in, c, f, R_out]` contracts its leading mode `c` and its
+  trailing rank `R_in`, and the output channels are `[M, f, R_out]`. A chain
+  of them takes the channels `(c_1, ..., c_d, R_0)` to `(f_1, ..., f_d)`
+  one core at a time, without forming the `C x F` matrix.
+  """
+
+  kernel: Any
+  axes: tuple[int, ...] = ()
+  groups: int = 1
+
+
+Stage = Pointwise | SpatialConv | CoreContraction
+
+
+def core_contraction(x, kernel, precision, preferred):
+  """`x [..., c * M * R_in]` through a `CoreContraction` kernel."""
+  r_in, c, f, r_out = kernel.shape
+  lead = x.shape[:-1]
+  x = x.reshape((*lead, c, x.shape[-1] // (c * r_in), r_in))
+  n = len(lead)
+  y = lax.dot_general(
+    x,
+    kernel,
+    (((n, n + 2), (1, 0)), ((), ())),
+    precision=precision,
+    preferred_element_type=preferred,
+  )  # [..., M, f, R_out]
+  return y.reshape((*lead, y.shape[n] * f * r_out))
 
 
 def dimension_numbers(num_spatial: int) -> lax.ConvDimensionNumbers:

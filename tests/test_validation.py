@@ -908,7 +908,8 @@ def test_rank_of_the_wrong_type():
 def test_float_rank_points_at_budget():
   message = (
     r"`rank`=0.25 is a float, but a rank is an int \(a tuple for"
-    r" Tucker and SpatiallySeparable\). For a fraction of the dense"
+    r" Tucker, SpatiallySeparable and TensorTrain\). For a fraction of"
+    r" the dense"
     r" kernel's parameters write"
     r" `rank=jaxfactor.Budget\(params=0.25\)`"
   )
