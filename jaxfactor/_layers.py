@@ -48,6 +48,18 @@ INIT_ARGS: dict[type[formats.Format], dict[str, str]] = {
     "spatial": "spatial_init",
     "out_proj": "out_proj_init",
   },
+  formats.TensorTrain: {"spatial": "spatial_init", "cores": "cores_init"},
+}
+
+# lecun_normal with a TT core's fan-in, `R_in * c_i` (axes 0 and 1 of
+# `[R_in, c_i, f_i, R_out]`): with the window's fan-in `k` for `spatial`,
+# the variances multiply to `1 / (k * C)` after the sums over the ranks, the
+# variance of a dense lecun_normal kernel. (Flax's default would read the
+# core's fan-in as `R_in * c_i * f_i`.)
+DEFAULT_INITS: dict[tuple[type[formats.Format], str], Initializer] = {
+  (formats.TensorTrain, "cores"): jax.nn.initializers.variance_scaling(
+    1.0, "fan_in", "truncated_normal", in_axis=(0, 1), out_axis=(2, 3)
+  ),
 }
 
 
@@ -138,7 +150,7 @@ def factor_initializers(
         f" kernel_init and {', '.join(clash)}."
       )
   return {
-    field: given[arg] or default_kernel_init
+    field: given[arg] or DEFAULT_INITS.get((cls, field), default_kernel_init)
     for field, arg in INIT_ARGS[cls].items()
   }
 

@@ -55,6 +55,7 @@ __all__ = (
   "LowRankConv",
   "PointwiseConv",
   "SpatiallySeparableConv",
+  "TensorTrainConv",
   "TuckerConv",
   "factorize_variables",
   "restore_structure",
@@ -154,6 +155,8 @@ class _FactorizedConv(nn.Module):
         layer, cls, kernel_shape, self._rank_argument()
       )
     shapes = cls.param_shapes(kernel_shape, rank)
+    if stored_params:  # their own shapes (a TensorTrain's modes, say)
+      shapes = {name: tuple(v.shape) for name, v in stored.params().items()}
     spectral = None
     if self.kernel_init is not None and self.is_initializing():
       spectral = _layers.init_factors(
@@ -255,6 +258,24 @@ class SpatiallySeparableConv(_FactorizedConv):
   format = formats.SpatiallySeparable
   rank: int | tuple[int, ...] | Budget | None = None
   factors_init: Initializer | None = None
+
+
+class TensorTrainConv(_FactorizedConv):
+  """A depthwise conv into `R_0` ranks, then one 1x1 contraction per TT core
+  (`TensorTrain`, Garipov et al. 2016).
+
+  As `LowRankConv`, with `rank` an int (every TT rank, clipped to its
+  maximum: two cores), one rank per core `(R_0, ..., R_{d-1})` or a
+  `jaxfactor.Budget(params=f)`, and initializers `spatial_init` and
+  `cores_init` (every core; default lecun_normal with fan-in `R_in * c_i`).
+  New layers split the channels into modes by default; stored params may
+  hold any modes.
+  """
+
+  format = formats.TensorTrain
+  rank: int | tuple[int, ...] | Budget | None = None
+  spatial_init: Initializer | None = None
+  cores_init: Initializer | None = None
 
 
 class DepthwiseSeparableConv(_FactorizedConv):

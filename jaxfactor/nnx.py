@@ -44,6 +44,7 @@ __all__ = (
   "LowRankConv",
   "PointwiseConv",
   "SpatiallySeparableConv",
+  "TensorTrainConv",
   "TuckerConv",
   "factorize",
   "from_factors",
@@ -519,6 +520,79 @@ class DepthwiseSeparableConv(_FactorizedConv):
     return {"channel_multiplier": self.rank}
 
 
+class TensorTrainConv(_FactorizedConv):
+  """A depthwise conv into `R_0` ranks, then one 1x1 contraction per TT core
+  (`TensorTrain`, Garipov et al. 2016).
+
+  `in_features`, `out_features`, `kernel_size`, `strides`, `padding`,
+  `kernel_dilation`, `use_bias`, `dtype`, `param_dtype`, `precision`,
+  `preferred_element_type`, `bias_init` and `rngs` are `nnx.Conv`'s. The
+  channels are split into modes by default (`jaxfactor.decompose`'s
+  `in_modes`); a train with other modes comes from `from_factors`.
+
+  Args:
+    rank: an int (every TT rank, clipped to its maximum: two cores), one
+      rank per core `(R_0, ..., R_{d-1})` (d cores), or
+      `jaxfactor.Budget(params=f)`.
+    implementation: "auto", "factorized" or "reconstructed", as in
+      `jaxfactor.conv`.
+    kernel_init: None, or a dense-kernel initializer: the factors are then
+      the decomposition of a kernel drawn from it (spectral initialization,
+      Khodak et al., ICLR 2021, https://arxiv.org/abs/2105.01029). Excludes
+      the factor initializers.
+    spatial_init: the `spatial` factor's initializer (default lecun_normal).
+    cores_init: every core's initializer (default lecun_normal with fan-in
+      `R_in * c_i`).
+
+  The default initializers give the reconstructed kernel the variance of a
+  dense lecun_normal kernel.
+  """
+
+  format = formats.TensorTrain
+
+  def __init__(
+    self,
+    in_features: int,
+    out_features: int,
+    kernel_size: int | Sequence[int],
+    strides: int | Sequence[int] = 1,
+    *,
+    rank: int | tuple[int, ...] | Budget,
+    padding: Any = "SAME",
+    kernel_dilation: int | Sequence[int] = 1,
+    use_bias: bool = True,
+    dtype: Any = None,
+    param_dtype: Any = jnp.float32,
+    precision: Any = None,
+    preferred_element_type: Any = None,
+    implementation: str = "auto",
+    kernel_init: Initializer | None = None,
+    spatial_init: Initializer | None = None,
+    cores_init: Initializer | None = None,
+    bias_init: Initializer = _bias_init,
+    rngs: nnx.Rngs,
+  ):
+    super().__init__(
+      in_features,
+      out_features,
+      kernel_size,
+      strides,
+      rank=rank,
+      padding=padding,
+      kernel_dilation=kernel_dilation,
+      use_bias=use_bias,
+      dtype=dtype,
+      param_dtype=param_dtype,
+      precision=precision,
+      preferred_element_type=preferred_element_type,
+      implementation=implementation,
+      kernel_init=kernel_init,
+      bias_init=bias_init,
+      rngs=rngs,
+      initializers=dict(spatial_init=spatial_init, cores_init=cores_init),
+    )
+
+
 class DepthwiseConv(nnx.Module):
   """A depthwise convolution, `kernel [*window, 1, C*m]` named `depthwise`.
 
@@ -659,6 +733,7 @@ _LAYERS: dict[type[formats.Format], type[_FactorizedConv]] = {
   formats.CP: CPConv,
   formats.SpatiallySeparable: SpatiallySeparableConv,
   formats.DepthwiseSeparable: DepthwiseSeparableConv,
+  formats.TensorTrain: TensorTrainConv,
 }
 
 
@@ -992,8 +1067,9 @@ def from_factors(
     implementation: as in `jaxfactor.conv`.
 
   Returns:
-    A `LowRankConv`, `TuckerConv`, `CPConv`, `SpatiallySeparableConv` or
-    `DepthwiseSeparableConv` whose `factors` equal `factors`.
+    A `LowRankConv`, `TuckerConv`, `CPConv`, `SpatiallySeparableConv`,
+    `DepthwiseSeparableConv` or `TensorTrainConv` whose `factors` equal
+    `factors`.
 
   >>> import jax.numpy as jnp
   >>> import jaxfactor, jaxfactor.nnx
