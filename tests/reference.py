@@ -7,6 +7,7 @@ numpy, and brute-force counts of the (output, tap) pairs that read input.
 """
 
 import itertools
+import math
 import os
 
 import jax
@@ -25,6 +26,7 @@ FORMATS = (
   "low_rank",
   "tucker",
   "cp",
+  "tensor_train",
 )
 # Every kind of kernel `conv` takes: the formats and a dense HWIO kernel.
 KERNELS = (*FORMATS, "dense")
@@ -119,7 +121,9 @@ def random_format(
   """A format with standard-normal factors, given window and channels.
 
   `ranks`: the channel multiplier (DepthwiseSeparable), the inner ranks
-  (SpatiallySeparable), the rank (LowRank, CP) or `(in_rank, out_rank)`.
+  (SpatiallySeparable), the rank (LowRank, CP), `(in_rank, out_rank)`
+  (Tucker) or the TT ranks `(R_0, R_1)` (TensorTrain, two cores over the
+  modes `split(C)` and `split(F)`).
   """
   rng = np.random.default_rng(seed)
   n, c, f = len(window), in_features, out_features
@@ -149,7 +153,20 @@ def random_format(
     return jaxfactor.CP(
       r(c, rank), tuple(r(k, rank) for k in window), r(rank, f)
     )
+  if name == "tensor_train":
+    r0, r1 = ranks or (2, 3)
+    (c1, c2), (f1, f2) = split(c), split(f)
+    return jaxfactor.TensorTrain(
+      r(*window, r0), (r(r0, c1, f1, r1), r(r1, c2, f2, 1))
+    )
   raise ValueError(name)
+
+
+def split(n):
+  """`n` as two modes `(n / p, p)` for its smallest prime factor `p` (a
+  prime `n` as `(n, 1)`)."""
+  p = next((p for p in range(2, n) if n % p == 0), n)
+  return (n // p, p) if p < n else (n, 1)
 
 
 def random_kernel(name, window, in_features, out_features, **kwargs):
@@ -362,6 +379,18 @@ def dense_from_formula(fmt):
     for a in spatial[1:]:
       taps = np.einsum("...r,kr->...kr", taps, a)
     return np.einsum("cr,...r,rf->...cf", u, taps, v)
+  if isinstance(fmt, jaxfactor.TensorTrain):
+    # K[w, c_1..c_d, f_1..f_d] = S[w, r_0] G_1[r_0, c_1, f_1, r_1] ...;
+    # einsum labels: w 0, r_i 1 + i, c_i 2 + d + i, f_i 2 + 2d + i.
+    s, *cores = leaves
+    d, window = len(cores), s.shape[:-1]
+    operands = [s.reshape(-1, s.shape[-1]), [0, 1]]
+    for i, core in enumerate(cores):
+      operands += [core, [1 + i, 2 + d + i, 2 + 2 * d + i, 2 + i]]
+    out = [0, *range(2 + d, 2 + 3 * d), 1 + d]
+    kernel = np.einsum(*operands, out)
+    c = math.prod(core.shape[1] for core in cores)
+    return kernel.reshape(*window, c, -1)
   raise TypeError(type(fmt))
 
 

@@ -93,6 +93,13 @@ def _to_dense_flops(fmt):
       flops += 2 * taps * c * r_in * k_i * r_out
       taps *= k_i
     return flops
+  if isinstance(fmt, jaxfactor.TensorTrain):  # left to right along the train
+    flops, prefix = 0, 1
+    for core in fmt.cores:
+      r_in, c_i, f_i, r_out = core.shape
+      flops += 2 * k * prefix * r_in * c_i * f_i * r_out
+      prefix *= c_i * f_i
+    return flops
   # CP: the outer products of the per-axis filters, times in_proj, then
   # the contraction with out_proj.
   outer = sum(
@@ -158,6 +165,16 @@ def expected_flops(
     a, b = kernel.ranks
     flops, out = conv(spatial, window, every_axis, a, b)
     return pointwise(spatial, c, a) + flops + pointwise(out, b, f)
+  if isinstance(kernel, jaxfactor.TensorTrain):
+    # The window's R_0 filters on every channel (a depthwise conv, dense
+    # when C = 1), then each core: every channel meets its f_i * R_i weights.
+    width = c * kernel.ranks[0]
+    flops, out = conv(spatial, window, every_axis, 1, width, dense=c == 1)
+    for core in kernel.cores:
+      r_in, c_i, f_i, r_out = core.shape
+      flops += pointwise(out, width, f_i * r_out)
+      width = width // (c_i * r_in) * f_i * r_out
+    return flops
   # CP: per-axis depthwise stages on the CPU; merged into one depthwise
   # stage on GPU and TPU, whose filter costs one multiply per element of
   # each partial outer product.
@@ -286,6 +303,7 @@ def cost_cases(draw):
     "low_rank": draw(st.integers(1, 4)),
     "tucker": (draw(st.integers(1, 4)), draw(st.integers(1, 4))),
     "cp": draw(st.integers(1, 4)),
+    "tensor_train": (draw(st.integers(1, 4)), draw(st.integers(1, 4))),
     "dense": None,
   }[name]
   per_axis = st.lists(st.integers(1, 3), min_size=n, max_size=n).map(tuple)
@@ -600,6 +618,7 @@ CANARIES = {
   "tucker": ("tucker", dict(padding=((2, 0), (1, 1)))),
   "depthwise_separable": ("depthwise_separable", dict(strides=(2, 1))),
   "cp": ("cp", dict(padding="CIRCULAR")),
+  "tensor_train": ("tensor_train", dict(strides=(1, 2), padding="VALID")),
 }
 
 

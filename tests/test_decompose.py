@@ -126,6 +126,50 @@ def test_spatially_separable_3d_is_within_the_tt_svd_bounds(ranks):
   assert max(bests) - 1e-12 <= e <= math.sqrt(sum(b**2 for b in bests)) + 1e-12
 
 
+def train_unfoldings(kernel, in_modes, out_modes):
+  """The unfoldings `[k n_1..n_i] x [n_{i+1}..n_d]`, `n_i = c_i f_i`, of the
+  kernel read as the tensor `[w, (c_1, f_1), ..., (c_d, f_d)]`."""
+  k = np.asarray(kernel, np.float64)
+  d, taps = len(in_modes), math.prod(k.shape[:-2])
+  tensor = k.reshape(taps, *in_modes, *out_modes)
+  tensor = tensor.transpose(
+    0, *(a for i in range(d) for a in (1 + i, 1 + d + i))
+  )
+  sizes = [c * f for c, f in zip(in_modes, out_modes)]
+  return [tensor.reshape(taps * math.prod(sizes[:i]), -1) for i in range(d)]
+
+
+TT_CASES = [  # (kernel shape, ranks, in_modes, out_modes)
+  ((3, 3, 12, 8), (3, 5, 2), (3, 2, 2), (2, 2, 2)),
+  ((3, 3, 12, 8), (4, 6), None, None),  # default modes (4, 3) x (4, 2)
+  ((2, 3, 2, 6, 4), (5, 3), (2, 3), (4, 1)),
+]
+
+
+@pytest.mark.parametrize("case", TT_CASES, ids=str)
+def test_tensor_train_is_within_the_tt_svd_bounds(case):
+  """TT-SVD: max_i d_i <= error <= sqrt(sum_i d_i^2), d_i the best error of
+  unfolding i at rank R_i (Oseledets 2011, Thm 2.2); exact at max ranks."""
+  shape, ranks, in_modes, out_modes = case
+  kernel = decaying_kernel(shape, rate=0.9)
+  modes = dict(in_modes=in_modes, out_modes=out_modes)
+  f = jaxfactor.decompose(kernel, "tensor_train", rank=ranks, **modes)
+  in_modes = in_modes or (4, 3)
+  out_modes = out_modes or (4, 2)
+  assert (f.ranks, f.in_modes, f.out_modes) == (ranks, in_modes, out_modes)
+  unfoldings = train_unfoldings(kernel, in_modes, out_modes)
+  bests = [
+    np.linalg.norm(u - truncate(u, r)) / np.linalg.norm(u)
+    for u, r in zip(unfoldings, ranks)
+  ]
+  e = error(f, kernel)
+  assert max(bests) > 1e-3  # a truncation that loses something
+  assert max(bests) - 1e-12 <= e <= math.sqrt(sum(b**2 for b in bests)) + 1e-12
+  full = tuple(min(u.shape) for u in unfoldings)
+  exact = quiet(jaxfactor.decompose, kernel, "tensor_train", rank=full, **modes)
+  assert error(exact, kernel) < TOL[jnp.float64]
+
+
 DEPTHWISE_CASES = pairwise(dict(dtype=DTYPES, multiplier=[1, 3]))
 
 
@@ -218,6 +262,7 @@ RANKS = {
   "low_rank": 3,
   "tucker": (2, 3),
   "cp": 4,
+  "tensor_train": (3, 2),
 }
 
 
@@ -328,7 +373,7 @@ def test_budget_path_does_not_starve_the_smaller_tucker_mode():
   assert f.ranks == (4, 4)
 
 
-ENERGIES = dict(zip(FORMATS, (0.5, 0.9, 0.99, 0.8, 0.95)))
+ENERGIES = dict(zip(FORMATS, (0.5, 0.9, 0.99, 0.8, 0.95, 0.9)))
 
 
 def squared_spectra(name, kernel):
@@ -343,6 +388,11 @@ def squared_spectra(name, kernel):
   if name == "depthwise_separable":  # per channel, summed at each rank
     slices = np.moveaxis(k.reshape(-1, c, f), 1, 0)
     return [(np.linalg.svd(slices, compute_uv=False) ** 2).sum(axis=0)]
+  if name == "tensor_train":  # the default modes of 6 x 8: (3, 2) x (4, 2)
+    return [
+      np.linalg.svd(u, compute_uv=False) ** 2
+      for u in train_unfoldings(k, (3, 2), (4, 2))
+    ]
   return [
     np.linalg.svd(
       np.moveaxis(k, mode, 0).reshape(k.shape[mode], -1), compute_uv=False
@@ -364,7 +414,7 @@ def test_energy_is_the_smallest_rank_keeping_that_fraction(name):
   f = quiet(
     jaxfactor.decompose, kernel, name, energy=energy, iterations=4, restarts=0
   )
-  if name != "tucker":  # whose energy is per mode
+  if name not in ("tucker", "tensor_train"):  # per mode, per unfolding
     # CP's ALS only improves on its start, which keeps `energy`.
     assert 1 - error(f, kernel) ** 2 >= energy - 1e-9
   if name == "cp":
@@ -372,7 +422,8 @@ def test_energy_is_the_smallest_rank_keeping_that_fraction(name):
   rank = np.atleast_1d(_ranks.rank_of(f))
   expected = [smallest_rank(s, energy) for s in squared_spectra(name, kernel)]
   assert list(rank) == expected
-  if name != "tucker":  # an optimal truncation keeps exactly that energy
+  if name not in ("tucker", "tensor_train"):  # one optimal truncation:
+    # it keeps exactly that energy
     squares = squared_spectra(name, kernel)[0]
     kept = squares[: rank[0]].sum() / squares.sum()
     assert abs(1 - error(f, kernel) ** 2 - kept) < 1e-10
@@ -391,6 +442,14 @@ def planted(name, rng):
   elif name == "spatially_separable":
     kernel = np.einsum("hcr,wrf->hwcf", normal((3, 8, 3)), normal((3, 3, 12)))
     rank = (3,)
+  elif name == "tensor_train":  # default modes (4, 4) x (6, 4)
+    kernel = np.einsum(
+      "ka,aibx,xjc->kijbc",
+      normal((9, 2)),
+      normal((2, 4, 6, 3)),
+      normal((3, 4, 4)),
+    ).reshape(3, 3, 16, 24)
+    rank = (2, 3)
   else:
     kernel = np.einsum(
       "hwcj,cjf->hwcf", normal((3, 3, 8, 2)), normal((8, 2, 24))
@@ -453,6 +512,8 @@ def test_max_rank():
   assert jaxfactor.max_rank(shape, "cp") == 144
   assert jaxfactor.max_rank((2, 3, 2, 4, 5), "spatially_separable") == (8, 10)
   assert jaxfactor.max_rank((1, 1, 64, 4), "tucker") == (4, 4)
+  # Modes (4, 4) x (8, 4): min(k, C F), min(k c_1 f_1, c_2 f_2).
+  assert jaxfactor.max_rank(shape, "tensor_train") == (9, 16)
 
 
 # --- data-aware ---------------------------------------------------------------
