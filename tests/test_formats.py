@@ -21,6 +21,7 @@ RANKS = {
   "low_rank": 2,
   "tucker": (2, 3),
   "cp": 3,
+  "tensor_train": (2, 3),
 }
 # Key paths of the leaves (2-D window), in the order of the fields.
 KEY_PATHS = {
@@ -29,6 +30,7 @@ KEY_PATHS = {
   "low_rank": [".spatial", ".pointwise"],
   "tucker": [".in_proj", ".core", ".out_proj"],
   "cp": [".in_proj", ".spatial[0]", ".spatial[1]", ".out_proj"],
+  "tensor_train": [".spatial", ".cores[0]", ".cores[1]"],
 }
 # `params()` names, as the Flax layers name their parameters.
 PARAM_NAMES = {
@@ -37,6 +39,7 @@ PARAM_NAMES = {
   "low_rank": {"spatial", "pointwise"},
   "tucker": {"in_proj", "core", "out_proj"},
   "cp": {"in_proj", "spatial_0", "spatial_1", "out_proj"},
+  "tensor_train": {"spatial", "cores_0", "cores_1"},
 }
 
 
@@ -79,6 +82,11 @@ def test_shape_properties_and_parameter_counts(n):
   assert tk.num_params == c * 2 + k * 2 * 4 + 4 * f
   cp = random_format("cp", window, c, f, ranks=3)
   assert cp.rank == 3 and cp.num_params == (c + sum(window) + f) * 3
+  tt = random_format("tensor_train", window, 6, 10, ranks=(2, 4))
+  assert (tt.ranks, tt.in_modes, tt.out_modes) == ((2, 4), (3, 2), (5, 2))
+  assert (tt.window, tt.in_features, tt.out_features) == (window, 6, 10)
+  assert tt.num_params == k * 2 + 2 * 3 * 5 * 4 + 4 * 2 * 2 * 1
+  assert tt.shape == (*window, 6, 10)
   for fmt in (dws, ss, lr, tk, cp):
     assert fmt.shape == (*window, c, f)
 

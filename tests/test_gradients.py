@@ -56,6 +56,7 @@ def _grad_cases():
   for name, depthwise_args in (
     ("depthwise_separable", ("x", 0)),
     ("cp", ("x", 2)),
+    ("tensor_train", ("x", 0)),
   ):
     count = 1 + len(jax.tree.leaves(random_format(name, (3, 2), 2, 3)))
     for argument in ("x", *range(count - 1)):

@@ -60,6 +60,7 @@ def layers(draw):
     "low_rank": draw(st.integers(1, 4)),
     "tucker": (draw(st.integers(1, 4)), draw(st.integers(1, 4))),
     "cp": draw(st.integers(1, 4)),
+    "tensor_train": (draw(st.integers(1, 4)), draw(st.integers(1, 4))),
     "dense": None,
   }[name]
   per_axis = st.lists(st.integers(1, 3), min_size=n, max_size=n).map(tuple)
