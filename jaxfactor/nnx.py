@@ -982,11 +982,14 @@ def _layer(
 ) -> _FactorizedConv:
   """A jaxfactor layer of `rank` holding `values` (arrays or abstract) and
   `bias` (an `nnx.Param`, or None), built without initializing anything."""
-  rank_arg = (
-    {"channel_multiplier": rank}
-    if cls is formats.DepthwiseSeparable
-    else {"rank": rank}
-  )
+  if cls is formats.DepthwiseSeparable:
+    rank_arg = {"channel_multiplier": rank}
+  elif cls is formats.TensorTrain:
+    # A train of any modes: built with the default ones, then given the
+    # values' (rank 1 is valid whatever the modes).
+    rank_arg = {"rank": 1}
+  else:
+    rank_arg = {"rank": rank}
   layer = nnx.eval_shape(
     lambda: _LAYERS[cls](
       in_features,
@@ -1005,8 +1008,11 @@ def _layer(
       **rank_arg,
     )
   )
+  for name in set(layer.param_names) - set(values):
+    delattr(layer, name)
   for name, value in values.items():
     setattr(layer, name, nnx.Param(value))
+  layer.param_names, layer.rank = tuple(values), rank
   # The bias Param itself, metadata (e.g. sharding) included.
   layer.bias = bias
   if bias is None:

@@ -522,6 +522,7 @@ LINEN_LAYERS = {
   "cp": jlinen.CPConv,
   "spatially_separable": jlinen.SpatiallySeparableConv,
   "depthwise_separable": jlinen.DepthwiseSeparableConv,
+  "tensor_train": jlinen.TensorTrainConv,
 }
 
 
@@ -529,7 +530,7 @@ LINEN_LAYERS = {
 # fields and DepthwiseSeparable's channel multiplier.
 @pytest.mark.usefixtures("float32_arithmetic")
 @pytest.mark.parametrize(
-  "name", ["cp", "spatially_separable", "depthwise_separable"]
+  "name", ["cp", "spatially_separable", "depthwise_separable", "tensor_train"]
 )
 def test_factorized_variables_compute_the_dense_twin(name):
   variables = linen_variables()

@@ -456,6 +456,138 @@ def test_cp_shapes():
   )
 
 
+def test_tensor_train_shapes():
+  spatial = jnp.ones((3, 3, 2))
+  cores = (jnp.ones((2, 4, 2, 3)), jnp.ones((3, 2, 4, 1)))
+  _raises(
+    TypeError,
+    r"TensorTrain: `cores` must be a non-empty tuple of arrays \(one per"
+    r" channel-mode pair\), got ndarray",
+    jaxfactor.TensorTrain,
+    spatial,
+    np.ones((2, 4, 2, 1)),
+  )
+  _raises(
+    ValueError,
+    r"TensorTrain: `spatial` must have shape \[\*window, R_0\] \(rank"
+    r" >= 2\), got shape \(2,\)",
+    jaxfactor.TensorTrain,
+    jnp.ones((2,)),
+    cores,
+  )
+  _raises(
+    ValueError,
+    r"TensorTrain: `cores\[1\]` must have shape \[R_in, c_i, f_i, R_out\]"
+    r" \(rank 4\), got shape \(3, 8, 1\) \(rank 3\)",
+    jaxfactor.TensorTrain,
+    spatial,
+    (cores[0], jnp.ones((3, 8, 1))),
+  )
+  _raises(
+    ValueError,
+    r"TensorTrain: factors do not chain: `spatial` has shape \(3, 3, 5\)"
+    r" and `cores\[0\]` has shape \(2, 4, 2, 3\); spatial.shape\[-1\]"
+    r" \(5\) must equal cores\[0\].shape\[0\] \(2\)",
+    jaxfactor.TensorTrain,
+    jnp.ones((3, 3, 5)),
+    cores,
+  )
+  _raises(
+    ValueError,
+    r"cores\[0\].shape\[3\] \(3\) must equal cores\[1\].shape\[0\]"
+    r" \(4\)",
+    jaxfactor.TensorTrain,
+    spatial,
+    (cores[0], jnp.ones((4, 2, 4, 1))),
+  )
+  _raises(
+    ValueError,
+    r"TensorTrain: the last core `cores\[1\]` must end the train with rank"
+    r" 1 \(shape \[R_in, c_d, f_d, 1\]\), got shape \(3, 2, 4, 2\)",
+    jaxfactor.TensorTrain,
+    spatial,
+    (cores[0], jnp.ones((3, 2, 4, 2))),
+  )
+
+
+def test_tensor_train_modes_and_ranks():
+  kernel = jnp.ones((3, 3, 12, 8))
+  _raises(
+    ValueError,
+    r"decompose: `in_modes` and `out_modes` are TensorTrain's channel"
+    r" modes; Tucker takes none, got in_modes=\(2, 2\), out_modes=None",
+    jaxfactor.decompose,
+    KERNEL,
+    "tucker",
+    rank=2,
+    in_modes=(2, 2),
+  )
+  _raises(
+    TypeError,
+    r"decompose: `out_modes` must be a non-empty tuple of ints, got 8",
+    jaxfactor.decompose,
+    kernel,
+    "tensor_train",
+    rank=2,
+    out_modes=8,
+  )
+  _raises(
+    ValueError,
+    r"decompose: `in_modes` must be 2 positive ints whose product is the"
+    r" kernel's 12 input channels \(kernel shape \(3, 3, 12, 8\)\), got"
+    r" \(3, 3\)",
+    jaxfactor.decompose,
+    kernel,
+    "tensor_train",
+    rank=2,
+    in_modes=(3, 3),
+  )
+  _raises(
+    ValueError,
+    r"decompose: `out_modes` must be 3 positive ints whose product is the"
+    r" kernel's 8 output channels \(kernel shape \(3, 3, 12, 8\)\), got"
+    r" \(4, 2\)",
+    jaxfactor.decompose,
+    kernel,
+    "tensor_train",
+    rank=2,
+    in_modes=(3, 2, 2),
+    out_modes=(4, 2),
+  )
+  _raises(
+    TypeError,
+    r"decompose: `rank` for TensorTrain must be an int or a tuple of 3"
+    r" ints, got \(2, 2\)",
+    jaxfactor.decompose,
+    kernel,
+    "tensor_train",
+    rank=(2, 2),
+    in_modes=(3, 2, 2),
+  )
+  _raises(
+    ValueError,
+    r"decompose: `rank` \(9, 17\) is out of range for TensorTrain and"
+    r" kernel shape \(3, 3, 12, 8\): each must be >= 1 and at most"
+    r" max_rank = \(9, 6\)",
+    jaxfactor.decompose,
+    kernel,
+    "tensor_train",
+    rank=(9, 17),
+  )
+  _raises(
+    ValueError,
+    r"decompose: `rank` \(1, 7\) does not chain for TensorTrain with modes"
+    r" \(3, 4\) x \(2, 4\): rank\[1\] = 7 exceeds rank\[0\] \* c_1 \*"
+    r" f_1 = 6",
+    jaxfactor.decompose,
+    kernel,
+    "tensor_train",
+    rank=(1, 7),
+    in_modes=(3, 4),
+    out_modes=(2, 4),
+  )
+
+
 def test_tuple_field_replaced_by_an_array():
   fmt = random_format("cp", (3, 3), 4, 6)
   broken = jax.tree.map(
@@ -789,7 +921,7 @@ def test_decompose_kernel_and_format():
     ValueError,
     r"decompose: `format` must be one of"
     r" \('depthwise_separable', 'spatially_separable', 'low_rank',"
-    r" 'tucker', 'cp'\) or the matching class, got 'svd'",
+    r" 'tucker', 'cp', 'tensor_train'\) or the matching class, got 'svd'",
     jaxfactor.decompose,
     KERNEL,
     "svd",
