@@ -38,7 +38,7 @@ def conv(
     x: `[*batch, *spatial, C]`: N spatial axes (N = the kernel's), channels
       last, any number of leading batch axes (none for an unbatched input).
     kernel: a dense HWIO kernel `[*window, C, F]`, or a `DepthwiseSeparable`,
-      `SpatiallySeparable`, `LowRank`, `Tucker` or `CP`.
+      `SpatiallySeparable`, `LowRank`, `Tucker`, `CP` or `TensorTrain`.
     strides: an int or one per spatial axis.
     padding: "SAME", "VALID", "CIRCULAR", "REFLECT", "CAUSAL" (N = 1 only),
       an int, or one int or `(low, high)` pair per spatial axis; the same

@@ -990,6 +990,7 @@ class TensorTrain(Format):
   def stages(self):
     window, c, r0 = self.window, self.in_features, self.ranks[0]
     shape = (*window, 1, c * r0)
+    depthwise: Any
     if isinstance(self.spatial, jax.ShapeDtypeStruct):
       depthwise = jax.ShapeDtypeStruct(shape, self.spatial.dtype)
     else:  # the same R_0 filters for every input channel: a broadcast

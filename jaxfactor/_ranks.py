@@ -212,8 +212,13 @@ def canonicalize_rank(
     if modes is None and isinstance(rank, (tuple, list)) and rank:
       modes = tt_modes(kernel_shape, len(rank))
       limit = limits(kernel_shape, cls, modes)
-    if isinstance(rank, (int, np.integer)) and not isinstance(rank, bool):
-      rank = tuple(min(int(rank), m) for m in limit) if rank >= 1 else rank
+    if (
+      isinstance(rank, (int, np.integer))
+      and not isinstance(rank, bool)
+      and rank >= 1
+      and isinstance(limit, tuple)
+    ):
+      rank = tuple(min(int(rank), m) for m in limit)
   if isinstance(limit, tuple):
     if isinstance(rank, (int, np.integer)) and not isinstance(rank, bool):
       rank = (int(rank),) * len(limit)

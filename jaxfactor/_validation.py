@@ -207,8 +207,8 @@ def check_kernel(
   if not abstract_ok and not is_array(kernel):
     raise TypeError(
       f"{fn}: `kernel` must be a dense HWIO array or a jaxfactor format"
-      f" (DepthwiseSeparable, SpatiallySeparable, LowRank, Tucker, CP),"
-      f" got {type(kernel).__name__}."
+      " (DepthwiseSeparable, SpatiallySeparable, LowRank, Tucker, CP,"
+      f" TensorTrain), got {type(kernel).__name__}."
     )
   check_floating(fn, "kernel", kernel)
   if kernel.ndim < 3:

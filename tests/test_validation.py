@@ -90,7 +90,8 @@ def test_kernel_not_an_array_or_a_format():
   _raises(
     TypeError,
     r"conv: `kernel` must be a dense HWIO array or a jaxfactor format"
-    r" \(DepthwiseSeparable, SpatiallySeparable, LowRank, Tucker, CP\),"
+    r" \(DepthwiseSeparable, SpatiallySeparable, LowRank, Tucker, CP,"
+    r" TensorTrain\),"
     r" got dict",
     jaxfactor.conv,
     X,
