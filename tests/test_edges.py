@@ -23,6 +23,7 @@ FORMATS = {
   "cp": 4,
   "spatially_separable": 3,
   "depthwise_separable": 2,
+  "tensor_train": (3, 4),
 }
 
 
@@ -47,10 +48,13 @@ def _nnx_layers():
     ),
     jaxfactor.nnx.DepthwiseConv(4, (3, 3), 2, channel_multiplier=2, rngs=rngs),
     jaxfactor.nnx.PointwiseConv(4, 6, rngs=rngs),
+    jaxfactor.nnx.TensorTrainConv(
+      4, 6, (3, 3), (1, 2), rank=(3, 4), padding="CIRCULAR", rngs=rngs
+    ),
   ]
 
 
-@pytest.mark.parametrize("index", range(7))
+@pytest.mark.parametrize("index", range(8))
 def test_layers_export_with_symbolic_batch_height_width(index):
   layer = _nnx_layers()[index]
   x = jax.random.normal(jax.random.key(1), (3, 11, 12, 4), jnp.float32)
@@ -89,6 +93,7 @@ def test_conv_exports_with_a_symbolic_batch_and_format_arguments(name):
     ("low_rank", "reconstructed", dict(padding=((2, 0), (1, 3)), strides=3)),
     ("depthwise_separable", "factorized", dict(padding="REFLECT")),
     ("spatially_separable", "factorized", dict(padding="CIRCULAR")),
+    ("tensor_train", "factorized", dict(padding="SAME", strides=(2, 1))),
     ("dense", "auto", dict(padding="SAME_LOWER", strides=(1, 2))),
   ],
 )
