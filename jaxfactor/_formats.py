@@ -4,8 +4,8 @@ A format *is* a convolution kernel stored in pieces. `to_dense()` returns the
 HWIO kernel `[*window, C, F]` it stands for, and `jaxfactor.conv(x, f)` equals
 the dense convolution with that kernel for every geometry. Each format also
 lists the chain of `lax` stages that computes it without reconstruction
-(`_stages.Pointwise` / `_stages.SpatialConv`); `conv` runs that chain and
-`cost` counts it.
+(`_stages.Pointwise` / `_stages.SpatialConv` / `_stages.CoreContraction`);
+`conv` runs that chain and `cost` counts it.
 
 Formats are registered pytrees (leaves: the factor arrays, in field order), so
 they pass through `jax.jit`, `jax.vmap`, `jax.grad`, `jax.tree.map` and
@@ -252,8 +252,9 @@ class Format(abc.ABC):
     cls, kernel_shape: Sequence[int], rank: Any
   ) -> dict[str, tuple[int, ...]]:
     """Shapes of `params()` for a dense kernel shape and a rank (as in
-    `jaxfactor.max_rank`: an int, or a tuple for Tucker and
-    SpatiallySeparable; the channel multiplier for DepthwiseSeparable)."""
+    `jaxfactor.max_rank`: an int, or a tuple for Tucker, SpatiallySeparable
+    and TensorTrain (whose channel modes are then the default split in
+    `len(rank)`); the channel multiplier for DepthwiseSeparable)."""
 
   @abc.abstractmethod
   def _check_shapes(self, fn: str, fmt: str) -> None:
