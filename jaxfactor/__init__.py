@@ -15,6 +15,7 @@ from jaxfactor._decompose import relative_error as relative_error
 from jaxfactor._formats import CP as CP
 from jaxfactor._formats import DepthwiseSeparable as DepthwiseSeparable
 from jaxfactor._formats import Format as Format
+from jaxfactor._formats import Grouped as Grouped
 from jaxfactor._formats import LowRank as LowRank
 from jaxfactor._formats import SpatiallySeparable as SpatiallySeparable
 from jaxfactor._formats import TensorTrain as TensorTrain
@@ -33,6 +34,7 @@ __all__ = (
   "DepthwiseSeparable",
   "FactorizationReport",
   "Format",
+  "Grouped",
   "LayerReport",
   "LowRank",
   "SpatiallySeparable",

@@ -107,7 +107,11 @@ def conv(
           dense = jax.tree.map(lambda a: a.astype(preferred), kernel).to_dense()
         else:
           dense = kernel.to_dense()
-        stages = [_stages.SpatialConv(dense, tuple(range(len(window))))]
+        stages = [
+          _stages.SpatialConv(
+            dense, tuple(range(len(window))), _cost.groups(kernel)
+          )
+        ]
       plan = _lowering.plan(stages, x.shape, geometry, platform)
       return _lowering.run(
         x,

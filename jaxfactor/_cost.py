@@ -40,10 +40,18 @@ class Cost(NamedTuple):
   flops: int
 
 
+def groups(kernel: Any) -> int:
+  """The kernel's channel groups: a format's `groups`, 1 for a dense one."""
+  return kernel.groups if isinstance(kernel, formats.Format) else 1
+
+
 def _dense_stage(kernel: Any) -> _stages.SpatialConv:
+  """The one stage of `kernel`'s dense (or reconstructed) convolution."""
   shape = kernel.shape
   return _stages.SpatialConv(
-    jax.ShapeDtypeStruct(shape, kernel.dtype), tuple(range(len(shape) - 2))
+    jax.ShapeDtypeStruct(shape, kernel.dtype),
+    tuple(range(len(shape) - 2)),
+    groups(kernel),
   )
 
 

@@ -84,6 +84,7 @@ def decompose(
   compute_dtype: Any = None,
   in_modes: tuple[int, ...] | None = None,
   out_modes: tuple[int, ...] | None = None,
+  feature_group_count: int = 1,
 ) -> formats.Format:
   """Factorizes a dense HWIO kernel into `format`, optimally where possible.
 
@@ -154,9 +155,15 @@ def decompose(
       into as many modes as `out_modes` or a tuple `rank` has, else 2.
     out_modes: `TensorTrain` only: `(f_1, ..., f_d)`, product `F`; the same
       default.
+    feature_group_count: `G` for the kernel of a grouped convolution
+      (Flax's `nn.Conv(feature_group_count=G)`, `kernel [*window, C/G, F]`):
+      each group's `[*window, C/G, F/G]` kernel is decomposed on its own, at
+      the same rank (with `energy` or "vbmf", the largest any group needs),
+      into a `jaxfactor.Grouped`. Not with `inputs`.
 
   Returns:
-    A format of the kernel's dtype, `to_dense()` of shape `kernel.shape`.
+    A format of the kernel's dtype, `to_dense()` of shape `kernel.shape`
+    (a `Grouped` one when `feature_group_count > 1`).
 
   Raises:
     ValueError: non-finite kernel or `inputs` values, or a singular input
@@ -175,6 +182,93 @@ def decompose(
   (3, 3, 16, 16)
   """
   fn = "decompose"
+  options = dict(
+    iterations=iterations,
+    key=key,
+    restarts=restarts,
+    compute_dtype=compute_dtype,
+    in_modes=in_modes,
+    out_modes=out_modes,
+  )
+  groups = _validation.check_positive_int(
+    fn, "feature_group_count", feature_group_count
+  )
+  if groups == 1:
+    return _decompose(
+      fn,
+      kernel,
+      format,
+      rank=rank,
+      energy=energy,
+      inputs=inputs,
+      damping=damping,
+      dilation=dilation,
+      **options,
+    )
+  if inputs is not None:
+    raise ValueError(
+      f"{fn}: data-aware decomposition (`inputs`) of a grouped kernel"
+      f" (feature_group_count={groups}) is not supported; decompose it"
+      " without `inputs`."
+    )
+  stack = _split_groups(fn, kernel, groups)
+  value_based = energy is not None or (isinstance(rank, str) and rank == "vbmf")
+  if value_based:
+    # Each group's rank from its values (eagerly), then the largest.
+    ranks = [
+      _ranks.rank_of(
+        _decompose(fn, group, format, rank=rank, energy=energy, **options)
+      )
+      for group in stack
+    ]
+    rank = jax.tree.map(lambda *r: max(r), *ranks)
+  inner = jax.vmap(
+    lambda group: _decompose(fn, group, format, rank=rank, **options)
+  )(stack)
+  return formats.Grouped(inner)
+
+
+def _split_groups(fn: str, kernel: Any, groups: int) -> jax.Array:
+  """A grouped kernel `[*window, C/G, F]` as `[G, *window, C/G, F/G]`."""
+  _validation.check_array(fn, "kernel", kernel)
+  _validation.check_floating(fn, "kernel", kernel)
+  kernel = jnp.asarray(kernel)
+  if kernel.ndim < 3 or kernel.shape[-1] % groups:
+    raise ValueError(
+      f"{fn}: a grouped `kernel` must have shape [*window, C/G, F] with F a"
+      f" multiple of feature_group_count={groups}, got shape"
+      f" {tuple(kernel.shape)}."
+    )
+  if not isinstance(kernel, jax.core.Tracer) and not bool(
+    jnp.all(jnp.isfinite(kernel))
+  ):
+    raise ValueError(
+      f"{fn}: `kernel` (shape {tuple(kernel.shape)}) has non-finite values"
+      " (NaN or inf)."
+    )
+  *window, c, f = kernel.shape
+  split = kernel.reshape(*window, c, groups, f // groups)
+  return jnp.moveaxis(split, -2, 0)
+
+
+def _decompose(
+  fn,
+  kernel,
+  format,
+  *,
+  rank,
+  energy=None,
+  inputs=None,
+  iterations,
+  key,
+  restarts,
+  damping=1e-3,
+  dilation=1,
+  compute_dtype,
+  in_modes=None,
+  out_modes=None,
+):
+  """`decompose` of one (ungrouped) kernel."""
   p = _prepare(fn, kernel, format, inputs, damping, dilation, compute_dtype)
   cls, kernel, work, whitening = p.cls, p.kernel, p.work, p.whitening
   concrete, finite, scale = p.concrete, p.finite, p.scale

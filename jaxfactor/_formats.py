@@ -149,6 +149,12 @@ class Format(abc.ABC):
     return (*self.window, self.in_features, self.out_features)
 
   @property
+  def groups(self) -> int:
+    """Channel groups of the convolution (`feature_group_count`): 1, but
+    for `Grouped`."""
+    return 1
+
+  @property
   def num_spatial_dims(self) -> int:
     return len(self.window)
 
@@ -291,6 +297,8 @@ def _lift(a: jax.Array, ndim: int) -> jax.Array:
 
 
 def _describe(value: Any) -> str:
+  if isinstance(value, Format):
+    return repr(value)
   if isinstance(value, tuple):
     return "(" + ", ".join(_describe(v) for v in value) + ")"
   if hasattr(value, "shape") and hasattr(value, "dtype"):
@@ -302,12 +310,21 @@ def _to_state_dict(fmt: Format) -> dict[str, Any]:
   return {f: serialization.to_state_dict(getattr(fmt, f)) for f in fmt._fields}
 
 
+def _restore(target: Format, state: dict[str, Any]) -> Format:
+  """`target` with `state`'s leaves, unchecked (a `Grouped`'s inner format
+  alone would not pass its own checks, its factors carrying a groups axis)."""
+  children = []
+  for f in target._fields:
+    value = getattr(target, f)
+    if isinstance(value, Format):
+      children.append(_restore(value, state[f]))
+    else:
+      children.append(serialization.from_state_dict(value, state[f], name=f))
+  return type(target)._unflatten(target._static(), children)
+
+
 def _from_state_dict(target: Format, state: dict[str, Any]) -> Format:
-  children = [
-    serialization.from_state_dict(getattr(target, f), state[f], name=f)
-    for f in target._fields
-  ]
-  restored = type(target)._unflatten(target._static(), children)
+  restored = _restore(target, state)
   restored.check("from_state_dict", abstract=True)
   return restored
 
@@ -1026,3 +1043,172 @@ class TensorTrain(Format):
       flops += 2 * k * prefix * r_in * c * f * r_out
       prefix *= c * f
     return flops
+
+
+def _map_groups(fn: Any, inner: Format) -> Any:
+  """`jax.vmap(fn)(inner)` over the groups axis; on abstract leaves
+  (`jax.ShapeDtypeStruct`, as `cost` passes them) the shapes it would give."""
+  if any(isinstance(a, jax.ShapeDtypeStruct) for a in jax.tree.leaves(inner)):
+    return jax.eval_shape(jax.vmap(fn), inner)
+  return jax.vmap(fn)(inner)
+
+
+def _join_groups(kernel: Any) -> Any:
+  """`[G, *window, C', F']` per group -> `[*window, C', G * F']`, the groups'
+  output features one after another (lax's grouped kernel layout)."""
+  g, *window, c, f = kernel.shape
+  shape = (*window, c, g * f)
+  if isinstance(kernel, jax.ShapeDtypeStruct):
+    return jax.ShapeDtypeStruct(shape, kernel.dtype)
+  return jnp.moveaxis(kernel, 0, -2).reshape(shape)
+
+
+class Grouped(Format):
+  """A grouped convolution (`feature_group_count = G`), each group factorized.
+
+  Input channels `[g * C/G, (g + 1) * C/G)` produce output features
+  `[g * F/G, (g + 1) * F/G)` through group `g`'s own kernel, as in Flax's
+  `nn.Conv(feature_group_count=G)` (ResNeXt's grouped convs). Here every
+  group's `[*window, C/G, F/G]` kernel is a format of the same type and
+  rank: `inner` holds them stacked, each factor with a leading axis of size
+  `G` (what `jax.vmap` of `decompose` over the groups returns). `to_dense()`
+  is the grouped HWIO kernel `[*window, C/G, F]` that Flax and
+  `lax.conv_general_dilated(..., feature_group_count=G)` take, and
+  `conv(x, grouped)` equals that grouped convolution of `x [..., C]`. Each
+  stage of the chain runs as one grouped stage over all groups (`G` times
+  the groups of the inner stage), so FLOPs and parameters are `G` times one
+  group's.
+
+  Attributes:
+    inner: a `LowRank`, `Tucker`, `CP`, `SpatiallySeparable`,
+      `DepthwiseSeparable` or `TensorTrain` whose factors all have a leading
+      groups axis.
+
+  >>> import jax
+  >>> import jaxfactor
+  >>> kernel = jax.random.normal(jax.random.key(0), (3, 3, 16, 64))  # G = 4
+  >>> f = jaxfactor.decompose(kernel, "low_rank", rank=8, feature_group_count=4)
+  >>> f.groups, f.shape, f.in_features, f.inner.spatial.shape
+  (4, (3, 3, 16, 64), 64, (4, 3, 3, 16, 8))
+  """
+
+  _fields = ("inner",)
+  inner: Format
+
+  def __init__(self, inner):
+    object.__setattr__(self, "inner", inner)
+    self.check("Grouped")
+
+  def check(self, fn: str, *, abstract: bool = False) -> None:
+    inner = self.inner
+    if not isinstance(inner, Format) or isinstance(inner, Grouped):
+      raise TypeError(
+        f"{fn}: `Grouped.inner` must be a LowRank, Tucker, CP,"
+        " SpatiallySeparable, DepthwiseSeparable or TensorTrain format, got"
+        f" {type(inner).__name__}."
+      )
+    leaves = jax.tree.leaves(inner)
+    sizes = {a.shape[0] if a.ndim else None for a in leaves}
+    if len(sizes) != 1 or None in sizes:
+      raise ValueError(
+        f"{fn}: every factor of `Grouped.inner` must have the same leading"
+        " groups axis, got shapes"
+        f" {[tuple(a.shape) for a in leaves]}."
+      )
+    for a in leaves:
+      if not (abstract and hasattr(a, "shape") and hasattr(a, "dtype")):
+        _validation.check_array(fn, f"Grouped.inner.{type(a).__name__}", a)
+    self._group().check(fn, abstract=True)
+
+  @classmethod
+  def stack(cls, groups: Sequence[Format]) -> Grouped:
+    """The grouped format of `groups[g]`, one format per group, all of the
+    same type and shapes."""
+    groups = list(groups)
+    if not groups or not all(isinstance(f, Format) for f in groups):
+      raise TypeError(
+        "Grouped.stack: `groups` must be a non-empty sequence of formats,"
+        f" got {[type(f).__name__ for f in groups]}."
+      )
+    structures = {jax.tree.structure(f) for f in groups}
+    shapes = {tuple(a.shape for a in jax.tree.leaves(f)) for f in groups}
+    if len(structures) != 1 or len(shapes) != 1:
+      raise ValueError(
+        "Grouped.stack: every group's format must have the same type, rank"
+        f" and shapes, got {groups}."
+      )
+    return cls(jax.tree.map(lambda *a: jnp.stack(a), *groups))
+
+  def _group(self) -> Format:
+    """One group's format, of abstract leaves (shapes without the groups
+    axis)."""
+    return jax.tree.map(
+      lambda a: jax.ShapeDtypeStruct(a.shape[1:], a.dtype), self.inner
+    )
+
+  def _check_shapes(self, fn, fmt):
+    pass  # `check` checks one group's format.
+
+  def params(self) -> dict[str, jax.Array]:
+    """The inner format's `params()`, each with its leading groups axis."""
+    return self.inner.params()
+
+  @classmethod
+  def param_shapes(cls, kernel_shape, rank):
+    raise TypeError(
+      "Grouped.param_shapes: a grouped format's parameters are its inner"
+      " format's with a leading groups axis: use that format's"
+      " `param_shapes` for one group's kernel [*window, C/G, F/G]."
+    )
+
+  @property
+  def groups(self) -> int:
+    return jax.tree.leaves(self.inner)[0].shape[0]
+
+  @property
+  def window(self):
+    return self._group().window
+
+  @property
+  def in_features(self):
+    """`C`, the channels of `x`: `G` times one group's."""
+    return self.groups * self._group().in_features
+
+  @property
+  def out_features(self):
+    return self.groups * self._group().out_features
+
+  @property
+  def shape(self) -> tuple[int, ...]:
+    """Shape of the grouped HWIO kernel, `(*window, C/G, F)`."""
+    group = self._group()
+    return (*self.window, group.in_features, self.out_features)
+
+  def stages(self):
+    kernels = _map_groups(
+      lambda f: [stage.kernel for stage in f.stages()], self.inner
+    )
+    out = []
+    for stage, kernel in zip(self._group().stages(), kernels):
+      if isinstance(stage, _stages.CoreContraction):
+        # [G, R_in, c, f, R_out]: one core per group.
+        out.append(_stages.CoreContraction(kernel, (), self.groups))
+        continue
+      if isinstance(stage, _stages.Pointwise):
+        # [G, C', F'] as a grouped 1x1 conv over the stage's axes.
+        kernel = _reshape(
+          kernel, (kernel.shape[0], *(1,) * len(stage.axes), *kernel.shape[1:])
+        )
+      out.append(
+        _stages.SpatialConv(
+          _join_groups(kernel), stage.axes, stage.groups * self.groups
+        )
+      )
+    return out
+
+  def to_dense(self):
+    self.check("to_dense")
+    return _join_groups(jax.vmap(lambda f: f.to_dense())(self.inner))
+
+  def to_dense_flops(self):
+    return self.groups * self._group().to_dense_flops()

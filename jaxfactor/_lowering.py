@@ -148,7 +148,7 @@ def output_shape(
   if isinstance(stage, _stages.Pointwise):
     return (batch, *spatial, features)
   if isinstance(stage, _stages.CoreContraction):
-    r_in, c, f, r_out = stage.kernel.shape
+    r_in, c, f, r_out = stage.kernel.shape[-4:]
     return (batch, *spatial, in_shape[-1] // (c * r_in) * f * r_out)
   out = list(spatial)
   for j, axis in enumerate(stage.axes):
@@ -199,7 +199,9 @@ def run(
         preferred_element_type=preferred,
       )
     elif kind == CORE_CONTRACTION:
-      x = _stages.core_contraction(x, kernel, precision, preferred)
+      x = _stages.core_contraction(
+        x, kernel, stage.groups, precision, preferred
+      )
     elif kind == STRIDED_CONTRACTION:
       x = _stages.strided_pointwise(
         x, kernel, stage.axes, geometry, precision, preferred
@@ -261,8 +263,8 @@ def step_flops(
     c, f = stage.kernel.shape
     return 2 * batch * math.prod(spatial) * c * f
   if kind == CORE_CONTRACTION:
-    # Every input channel meets `f * R_out` weights.
-    _, _, f, r_out = stage.kernel.shape
+    # Every input channel meets `f * R_out` weights (of its group's core).
+    f, r_out = stage.kernel.shape[-2:]
     return 2 * batch * math.prod(spatial) * in_shape[-1] * f * r_out
   if geometry.fill != "constant":  # the stage's axes padded with data
     spatial = [

@@ -57,7 +57,9 @@ class CoreContraction(NamedTuple):
   `kernel [R_in, c, f, R_out]` contracts its leading mode `c` and its
   trailing rank `R_in`, and the output channels are `[M, f, R_out]`. A chain
   of them takes the channels `(c_1, ..., c_d, R_0)` to `(f_1, ..., f_d)`
-  one core at a time, without forming the `C x F` matrix.
+  one core at a time, without forming the `C x F` matrix. With `groups = G`
+  the kernel is `[G, R_in, c, f, R_out]`, one core per channel group: the
+  channels `[G, c, M, R_in]` become `[G, M, f, R_out]`.
   """
 
   kernel: Any
@@ -68,20 +70,27 @@ class CoreContraction(NamedTuple):
 Stage = Pointwise | SpatialConv | CoreContraction
 
 
-def core_contraction(x, kernel, precision, preferred):
-  """`x [..., c * M * R_in]` through a `CoreContraction` kernel."""
-  r_in, c, f, r_out = kernel.shape
-  lead = x.shape[:-1]
-  x = x.reshape((*lead, c, x.shape[-1] // (c * r_in), r_in))
-  n = len(lead)
+def core_contraction(x, kernel, groups, precision, preferred):
+  """`x [..., G * c * M * R_in]` through a `CoreContraction` kernel."""
+  r_in, c, f, r_out = kernel.shape[-4:]
+  lead, n = x.shape[:-1], x.ndim - 1
+  m = x.shape[-1] // (groups * c * r_in)
+  if groups == 1:
+    x = x.reshape((*lead, c, m, r_in))
+    dimensions = (((n, n + 2), (1, 0)), ((), ()))
+  else:  # the groups as a batch axis of the contraction
+    x = x.reshape((*lead, groups, c, m, r_in))
+    dimensions = (((n + 1, n + 3), (2, 1)), ((n,), (0,)))
   y = lax.dot_general(
     x,
     kernel,
-    (((n, n + 2), (1, 0)), ((), ())),
+    dimensions,
     precision=precision,
     preferred_element_type=preferred,
-  )  # [..., M, f, R_out]
-  return y.reshape((*lead, y.shape[n] * f * r_out))
+  )  # [..., M, f, R_out], or [G, ..., M, f, R_out]
+  if groups > 1:
+    y = jnp.moveaxis(y, 0, n)
+  return y.reshape((*lead, groups * m * f * r_out))
 
 
 def dimension_numbers(num_spatial: int) -> lax.ConvDimensionNumbers:

@@ -33,20 +33,28 @@ PADDING_STRINGS = (
 
 
 _PACKAGE = os.path.dirname(os.path.abspath(__file__))
+# Where warnings are not attributed: jaxfactor, and JAX (whose tracing runs
+# jaxfactor under `jit`, `vmap`, ...).
+_SKIPPED = (
+  _PACKAGE + os.sep,
+  os.path.dirname(os.path.abspath(jax.__file__)) + os.sep,
+)
 
 
 def warn(message: str, category: type[Warning] = UserWarning) -> None:
   """`warnings.warn`, attributed to the first caller outside jaxfactor.
 
   So a warning points at the user's line, however deep in the library it
-  is raised (Python 3.12's `skip_file_prefixes`, by hand).
+  is raised (Python 3.12's `skip_file_prefixes`, by hand). JAX's own frames
+  are skipped too: a warning raised while `jax.jit` or `jax.vmap` traces
+  jaxfactor points at the line that called the transformed function.
   """
   # stacklevel 2 is the caller of `warn`, frame 1 here.
   level = 2
   frame: types.FrameType | None = sys._getframe(1)  # pylint: disable=protected-access
   while frame is not None and os.path.abspath(
     frame.f_code.co_filename
-  ).startswith(_PACKAGE):
+  ).startswith(_SKIPPED):
     frame = frame.f_back
     level += 1
   warnings.warn(message, category, stacklevel=level)
@@ -257,6 +265,16 @@ def as_int(fn: str, name: str, value: Any) -> int:
     raise TypeError(
       f"{fn}: `{name}` must be an int, got {type(value).__name__} {value!r}."
     ) from None
+
+
+def check_positive_int(fn: str, name: str, value: Any) -> int:
+  """An int >= 1 (a bool is not one)."""
+  if isinstance(value, bool):
+    raise TypeError(f"{fn}: `{name}` must be an int, got bool {value!r}.")
+  value = as_int(fn, name, value)
+  if value < 1:
+    raise ValueError(f"{fn}: `{name}` must be >= 1, got {value}.")
+  return value
 
 
 def _is_sequence(value: Any) -> bool:

@@ -1377,6 +1377,15 @@ def test_warnings_point_at_the_callers_line():
       jax.ShapeDtypeStruct((3, 3, 64, 64), jnp.float32),
     )
   assert record[0].filename == __file__
+  # Raised while JAX traces jaxfactor directly (no frame of this file
+  # between): past JAX's frames, at the line that called the transform.
+  with pytest.warns(
+    UserWarning, match=r"larger than what it replaces"
+  ) as record:
+    jax.jit(jaxfactor.decompose, static_argnames=("format", "rank"))(
+      KERNEL, format="low_rank", rank=8
+    )
+  assert record[0].filename == __file__
 
 
 # --- layers -------------------------------------------------------------------
