@@ -1188,7 +1188,7 @@ class Grouped(Format):
     kernels = _map_groups(
       lambda f: [stage.kernel for stage in f.stages()], self.inner
     )
-    out = []
+    out: list[_stages.Stage] = []
     for stage, kernel in zip(self._group().stages(), kernels):
       if isinstance(stage, _stages.CoreContraction):
         # [G, R_in, c, f, R_out]: one core per group.

@@ -75,6 +75,7 @@ def core_contraction(x, kernel, groups, precision, preferred):
   r_in, c, f, r_out = kernel.shape[-4:]
   lead, n = x.shape[:-1], x.ndim - 1
   m = x.shape[-1] // (groups * c * r_in)
+  dimensions: Any
   if groups == 1:
     x = x.reshape((*lead, c, m, r_in))
     dimensions = (((n, n + 2), (1, 0)), ((), ()))
