@@ -184,6 +184,19 @@ def test_restore_structure_on_a_concrete_model_decomposes_nothing():
     jaxfactor.nnx.restore_structure(model, "cp", {"head": 2})
 
 
+def test_restore_structure_rebuilds_a_tensor_train_from_saved_ranks():
+  x = jax.random.normal(jax.random.key(1), (2, 8, 8, 3), jnp.float32)
+  model = _Net(nnx.Rngs(0))
+  report = jaxfactor.nnx.factorize(model, "tensor_train", rank=(3, 4))
+  ranks = json.loads(json.dumps(report.ranks))  # tuples saved as lists
+  fresh = _Net(nnx.Rngs(1))
+  jaxfactor.nnx.restore_structure(fresh, "tensor_train", ranks)
+  assert isinstance(fresh.conv2, jaxfactor.nnx.TensorTrainConv)
+  assert fresh.conv2.factors.ranks == model.conv2.factors.ranks == (3, 4)
+  nnx.update(fresh, nnx.state(model))
+  np.testing.assert_array_equal(fresh(x), model(x))
+
+
 def test_factorize_on_an_abstract_model_says_what_to_use():
   abstract = nnx.eval_shape(lambda: _Net(nnx.Rngs(0)))
   with pytest.raises(ValueError, match="use jaxfactor.nnx.restore_structure"):
