@@ -193,6 +193,8 @@ def test_restore_structure_rebuilds_a_tensor_train_from_saved_ranks():
   jaxfactor.nnx.restore_structure(fresh, "tensor_train", ranks)
   assert isinstance(fresh.conv2, jaxfactor.nnx.TensorTrainConv)
   assert fresh.conv2.factors.ranks == model.conv2.factors.ranks == (3, 4)
+  shapes = [jax.tree.map(jnp.shape, nnx.state(m)) for m in (fresh, model)]
+  assert shapes[0] == shapes[1]
   nnx.update(fresh, nnx.state(model))
   np.testing.assert_array_equal(fresh(x), model(x))
 
