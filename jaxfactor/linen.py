@@ -66,9 +66,11 @@ __all__ = (
   "TuckerConv",
   "adapt_variables",
   "adapted",
+  "extract_variables",
   "factorize_variables",
   "merge_variables",
   "restore_structure",
+  "unmerge_variables",
 )
 
 
@@ -1202,3 +1204,208 @@ def merge_variables(
   }
   new["params"] = params
   return new
+
+
+def unmerge_variables(
+  variables: Mapping[str, Any], adapted: Mapping[str, Any], format: Any
+) -> dict[str, Any]:
+  """Takes `adapted`'s adapters back out of merged variables.
+
+  Each dense `kernel` gets `kernel - scale * dW.to_dense()` (exact to float
+  rounding); factor params drop the update's factors (the base factors,
+  exactly), as `jaxfactor.nnx.unmerge` does.
+
+  Args:
+    variables: merged variables (`merge_variables(adapted, format)`, maybe
+      trained further).
+    adapted: the adapted variables whose adapters were merged.
+    format: the adapters' format.
+
+  Returns:
+    The variables with the adapters subtracted.
+
+  Raises:
+    ValueError: `variables` has no kernel or factors where `adapted` has an
+      adapter.
+  """
+  fn = "unmerge_variables"
+  cls = _adapters.adapter_format(fn, format)
+  params = _unfrozen(variables.get("params", {}))
+  for path, tree, scale in _adapted_params(fn, adapted):
+    base, update, groups = _split_update(cls, tree)
+    value = _adapters.update_value(cls, update, groups)
+    node: Any = params
+    for key in path:
+      node = node.get(key) if isinstance(node, Mapping) else None
+    name = "/".join(path)
+    if not isinstance(node, Mapping):
+      raise ValueError(f"{fn}: `variables` has no params at {name}.")
+    layer = dict(node)
+    if "kernel" in base and "kernel" in layer:
+      kernel = meta.unbox(layer["kernel"])
+      delta = _adapters.dense_update(value, groups).astype(kernel.dtype)
+      layer["kernel"] = kernel - delta * jnp.asarray(scale, kernel.dtype)
+    else:
+      names = set(cls.param_shapes(value.shape, _ranks.rank_of(value)))
+      if not names <= set(base) or not names <= set(layer):
+        raise ValueError(
+          f"{fn}: `variables` has params {sorted(layer)} at {name}, where"
+          f" `adapted` has an adapter on params {sorted(base)}."
+        )
+      rank = _ranks.rank_of(
+        cls.from_params({k: meta.unbox(base[k]) for k in names})
+      )
+      merged = cls.from_params({k: meta.unbox(layer[k]) for k in names})
+      layer.update(_adapters.split(merged, rank).params())
+    _set_path(params, path, layer)
+  new = {k: v for k, v in variables.items() if k != "params"}
+  new["params"] = params
+  return new
+
+
+def extract_variables(
+  base_variables: Mapping[str, Any],
+  tuned_variables: Mapping[str, Any],
+  format: Any,
+  *,
+  rank: Any = None,
+  energy: float | None = None,
+  alpha: Any = None,
+  model: nn.Module | None = None,
+  inputs: Any = None,
+  filter: Callable[[tuple, Any], bool] | None = None,
+) -> tuple[dict[str, Any], AdaptationReport, Any]:
+  """Adapters that turn one dense model's conv kernels into another's.
+
+  As `jaxfactor.nnx.extract`, on variables: every dense `kernel` that
+  differs gets the `format` decomposition of `(K_tuned - K_base) / scale`,
+  per group (for `LowRank` the Eckart-Young optimum). Everything else is
+  `base_variables`'.
+
+  Args:
+    base_variables: the variables the adapters go on.
+    tuned_variables: the same model's variables with other kernels.
+    format: "low_rank", "tucker", "cp" or "spatially_separable".
+    rank: the rank (per group), or a `{pattern: rank}` mapping.
+    energy: instead, per layer, the smallest rank keeping that fraction of
+      the squared singular values of the difference.
+    alpha: `scale = alpha / rank`, a number or a pattern mapping.
+    model: the model, to find grouped convs (with `inputs`); without it
+      every kernel of rank >= 3 is taken for an ungrouped conv.
+    inputs: a sample input for `model.apply(base_variables, inputs)`.
+    filter: `filter(path, params) -> bool` selects the layers.
+
+  Returns:
+    `(adapted_variables, report, mask)`, as `adapt_variables`.
+
+  Raises:
+    ValueError: not exactly one of `rank` and `energy`; a kernel missing or
+      of another shape in `tuned_variables`.
+  """
+  fn = "extract_variables"
+  cls = _adapters.adapter_format(fn, format)
+  if (rank is None) == (energy is None):
+    raise ValueError(f"{fn}: give exactly one of `rank` and `energy`.")
+  if (model is None) != (inputs is None):
+    raise ValueError(f"{fn}: give both `model` and `inputs`, or neither.")
+  convs = (
+    _adaptable_convs(model, base_variables, inputs)
+    if model is not None
+    else None
+  )
+  params = _unfrozen(base_variables.get("params", {}))
+  tuned = _unfrozen(tuned_variables.get("params", {}))
+  scales: dict[str, Any] = {}
+  reports: list[AdapterLayerReport] = []
+
+  def kernels(path, tree):
+    if not isinstance(tree, Mapping):
+      return
+    kernel = meta.unbox(tree.get("kernel"))
+    if kernel is not None and getattr(kernel, "ndim", 0) >= 3:
+      if convs is None or path in convs:
+        yield path, tree
+      return
+    for key, value in tree.items():
+      yield from kernels((*path, key), value)
+
+  for path, tree in list(kernels((), params)):
+    name = "/".join(path)
+    module = None if convs is None else convs[path]["module"]
+    groups = getattr(module, "feature_group_count", 1)
+    kernel = meta.unbox(tree["kernel"])
+    other: Any = tuned
+    for key in path:
+      other = other.get(key, {}) if isinstance(other, Mapping) else {}
+    other = meta.unbox(
+      other.get("kernel") if isinstance(other, Mapping) else None
+    )
+    if other is None or tuple(other.shape) != tuple(kernel.shape):
+      raise ValueError(
+        f"{fn}: `tuned_variables` has no kernel of shape"
+        f" {tuple(kernel.shape)} at {name}."
+      )
+    shape = tuple(kernel.shape)
+    delta = jnp.asarray(other) - jnp.asarray(kernel)
+    layer_rank = (
+      None if rank is None else _adapters.pattern_value(fn, "rank", rank, name)
+    )
+    reason = None
+    if filter is not None and not filter(path, tree):
+      reason = "not selected by the filter"
+    elif rank is not None and layer_rank is None:
+      reason = "no rank pattern matches its path"
+    elif not bool(jnp.any(delta != 0)):
+      reason = "unchanged: the kernels are equal"
+    if reason is not None:
+      reports.append(
+        AdapterLayerReport(
+          path=path, kernel_shape=shape, groups=groups, skipped=reason
+        )
+      )
+      continue
+    layer_alpha = _adapters.pattern_value(fn, "alpha", alpha, name)
+    layer_rank, factor, values = _adapters.extract(
+      fn,
+      delta,
+      cls,
+      groups,
+      rank=layer_rank,
+      energy=energy,
+      alpha=layer_alpha,
+    )
+    for key, value in values.items():
+      tree[f"adapter_{key}"] = value.astype(kernel.dtype)
+    _set_path(scales, path, {"scale": jnp.asarray(factor, jnp.float32)})
+    reports.append(
+      AdapterLayerReport(
+        path=path,
+        kernel_shape=shape,
+        groups=groups,
+        rank=layer_rank,
+        scale=factor,
+        trainable=sum(math.prod(v.shape) for v in values.values()),
+        frozen=sum(
+          math.prod(v.shape)
+          for k, v in tree.items()
+          if not k.startswith("adapter_")
+        ),
+      )
+    )
+  new = {k: v for k, v in base_variables.items() if k != "params"}
+  new["params"] = params
+  new[ADAPTER_COLLECTION] = scales
+  mask = _adapter_mask(params)
+  leaves = jax.tree.leaves(meta.unbox(params))
+  trainable = sum(
+    math.prod(leaf.shape)
+    for leaf, selected in zip(leaves, jax.tree.leaves(mask))
+    if selected
+  )
+  report = AdaptationReport(
+    format=cls.__name__,
+    layers=tuple(reports),
+    trainable=trainable,
+    frozen=sum(math.prod(leaf.shape) for leaf in leaves) - trainable,
+  )
+  return new, report, mask

@@ -22,6 +22,7 @@ import reference
 from flax import linen as nn
 from flax import nnx
 from flax import serialization
+from flax import traverse_util
 from jax.test_util import check_grads
 from reference import PADDINGS
 from reference import STRIDES
@@ -682,6 +683,86 @@ def test_linen_dropout_is_off_when_deterministic():
     layer.apply(variables, x)
 
 
+def test_linen_extract_unmerge_and_eckart_young():
+  x = _x(F64)
+  base = LinenNet(conv=functools.partial(nn.Conv, param_dtype=F64))
+  variables = base.init(jax.random.key(0), x)
+  tuned = base.init(jax.random.key(1), x)
+  adapted, report, mask = jlinen.extract_variables(
+    variables, tuned, "low_rank", rank=2, alpha=4.0, model=base, inputs=x
+  )
+  assert report.ranks == {"conv1": 2, "grouped": 2}
+  assert mask["grouped"]["adapter_spatial"] and not mask["grouped"]["bias"]
+  merged = jlinen.merge_variables(adapted, "low_rank")
+  kernel = {
+    name: (
+      tuned["params"][name]["kernel"],
+      variables["params"][name]["kernel"],
+      merged["params"][name]["kernel"],
+    )
+    for name in ("conv1", "grouped")
+  }
+  tuned_k, base_k, merged_k = kernel["conv1"]
+  np.testing.assert_allclose(
+    np.linalg.norm(merged_k - tuned_k),
+    _tail((tuned_k - base_k).reshape(-1, 4), 2),
+    rtol=1e-10,
+  )
+  tuned_k, base_k, merged_k = kernel["grouped"]
+  for g in range(2):
+    part = slice(3 * g, 3 * g + 3)
+    np.testing.assert_allclose(
+      np.linalg.norm(merged_k[..., part] - tuned_k[..., part]),
+      _tail((tuned_k - base_k)[..., part].reshape(-1, 3), 2),
+      rtol=1e-10,
+    )
+  model = LinenNet(
+    conv=functools.partial(
+      jlinen.AdaptedConv, adapter_format="low_rank", param_dtype=F64
+    )
+  )
+  assert relative_error(model.apply(adapted, x), base.apply(merged, x)) < 1e-13
+  restored = jlinen.unmerge_variables(merged, adapted, "low_rank")
+  for name in ("conv1", "grouped"):
+    np.testing.assert_allclose(
+      restored["params"][name]["kernel"],
+      variables["params"][name]["kernel"],
+      rtol=0,
+      atol=1e-14,
+    )
+
+
+def test_linen_save_and_load_only_the_adapters():
+  x = _x()
+  variables = LinenNet().init(jax.random.key(0), x)
+  adapted, report, _ = jlinen.adapt_variables(
+    variables, "cp", rank=2, alpha=1.0, model=LinenNet(), inputs=x
+  )
+  flat = traverse_util.flatten_dict(adapted["params"], sep="/")
+  rng = np.random.default_rng(0)
+  saved = {
+    k: rng.standard_normal(v.shape).astype(np.float32)
+    for k, v in flat.items()
+    if k.rsplit("/", 1)[-1].startswith("adapter_")
+  }
+  flat.update(saved)
+  adapted["params"] = traverse_util.unflatten_dict(flat, sep="/")
+  blob = serialization.msgpack_serialize(
+    {"params": saved, "adapter": adapted["adapter"]}
+  )
+  # Onto the base variables: the same adapters, then the saved values.
+  loaded, _, _ = jlinen.adapt_variables(
+    variables, "cp", rank=report.ranks, model=LinenNet(), inputs=x
+  )
+  restored = serialization.msgpack_restore(blob)
+  flat = traverse_util.flatten_dict(loaded["params"], sep="/")
+  flat.update(restored["params"])
+  loaded["params"] = traverse_util.unflatten_dict(flat, sep="/")
+  loaded["adapter"] = restored["adapter"]
+  model = _adapted_linen("cp")
+  np.testing.assert_array_equal(model.apply(loaded, x), model.apply(adapted, x))
+
+
 # --- errors -------------------------------------------------------------------
 
 
@@ -743,3 +824,22 @@ def test_error_messages():
       },
       "low_rank",
     )
+  with pytest.raises(
+    ValueError, match=r"extract_variables: give exactly one of `rank`"
+  ):
+    jlinen.extract_variables({}, {}, "tucker", rank=1, energy=0.5)
+  x = _x()
+  variables = LinenNet().init(jax.random.key(0), x)
+  with pytest.raises(
+    ValueError,
+    match=r"AdaptedConv: the variables hold no adapter params for this"
+    r" layer; build them with jaxfactor.linen.adapt_variables",
+  ):
+    _adapted_linen().apply(variables, x)
+  adapted, _, _ = jlinen.adapt_variables(
+    variables, "low_rank", rank=1, model=LinenNet(), inputs=x
+  )
+  with pytest.raises(
+    ValueError, match=r"unmerge_variables: `variables` has no params at conv1"
+  ):
+    jlinen.unmerge_variables({"params": {}}, adapted, "low_rank")
