@@ -158,8 +158,9 @@ TOL = reference.GRAD_TOL[jnp.dtype(F64)]
   ],
 )
 def test_check_grads_of_adapter_factors(name, groups, factor):
-  """Each factor of each format, one per case (the update is linear in
-  each, so `eps=1.0` central differences are exact to rounding)."""
+  """One factor per case, every format, a first, inner and last factor
+  among them, grouped and not (the update is linear in each factor, so
+  `eps=1.0` central differences are exact to rounding)."""
   update, _ = _random_update(name, (3, 2), 2, 3, groups)
   x = random_input((1, 6, 5, 2 * groups))
   leaves, treedef = jax.tree.flatten(update)
@@ -354,7 +355,6 @@ def test_merge_and_unmerge_round_trip():
       getattr(restored.factorized, key)[...],
       getattr(base.factorized, key)[...],
     )
-  assert relative_error(_call(restored, x), _call(base, x)) < 1e-13
 
 
 def test_merge_refuses_an_update_of_another_format_on_a_factorized_layer():
