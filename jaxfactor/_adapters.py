@@ -587,3 +587,44 @@ def rank_of(update: formats.Format, groups: int) -> Any:
       lambda a: jax.ShapeDtypeStruct(a.shape[1:], a.dtype), update
     )
   return _ranks.rank_of(update)
+
+
+def choose(
+  fn: str,
+  cls: type[formats.Format],
+  name: str,
+  kernel_shape: Sequence[int],
+  groups: int,
+  *,
+  rank: Any,
+  alpha: Any,
+  allow_larger: bool,
+) -> tuple[Any, Any, str | None]:
+  """One layer's `(rank, alpha, None)`, or `(None, None, why)` it gets no
+  adapter: no rank pattern matches its "/"-joined path `name`, the rank
+  does not exist for its kernel, or (unless `allow_larger`) the update
+  would have at least as many parameters as the kernel."""
+  layer_rank = pattern_value(fn, "rank", rank, name)
+  if layer_rank is None:
+    return None, None, "no rank pattern matches its path"
+  if cls is formats.SpatiallySeparable and len(kernel_shape) < 4:
+    return None, None, "1-D kernel: nothing to separate"
+  try:
+    layer_rank = resolve_rank(fn, cls, kernel_shape, layer_rank, groups)
+  except ValueError as error:
+    return None, None, str(error)
+  size, dense = (
+    num_params(cls, kernel_shape, layer_rank, groups),
+    math.prod(kernel_shape),
+  )
+  if size >= dense and not allow_larger:
+    return (
+      None,
+      None,
+      f"an update of rank {layer_rank} has {size} parameters, at least the"
+      f" kernel's {dense}: fine-tune the layer instead (pass"
+      " allow_larger=True to adapt it anyway)",
+    )
+  layer_alpha = pattern_value(fn, "alpha", alpha, name)
+  scale(fn, cls, layer_rank, layer_alpha)  # checked before any change
+  return layer_rank, layer_alpha, None

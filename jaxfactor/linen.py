@@ -1012,26 +1012,20 @@ def adapt_variables(
       or getattr(module, "mask", None) is not None
     ):
       reason = "input dilation or mask"
+    layer_rank = layer_alpha = None
     if reason is None and filter is not None and not filter(path, tree):
       reason = "not selected by the filter"
-    layer_rank = _adapters.pattern_value(fn, "rank", rank, name)
-    if reason is None and layer_rank is None:
-      reason = "no rank pattern matches its path"
-    if reason is None and cls is formats.SpatiallySeparable and len(shape) < 4:
-      reason = "1-D kernel: nothing to separate"
     if reason is None:
-      try:
-        layer_rank = _adapters.resolve_rank(fn, cls, shape, layer_rank, groups)
-      except ValueError as error:
-        reason = str(error)
-    if reason is None:
-      size = _adapters.num_params(cls, shape, layer_rank, groups)
-      if size >= math.prod(shape) and not allow_larger:
-        reason = (
-          f"an update of rank {layer_rank} has {size} parameters, at least"
-          f" the kernel's {math.prod(shape)}: fine-tune the layer instead"
-          " (pass allow_larger=True to adapt it anyway)"
-        )
+      layer_rank, layer_alpha, reason = _adapters.choose(
+        fn,
+        cls,
+        name,
+        shape,
+        groups,
+        rank=rank,
+        alpha=alpha,
+        allow_larger=allow_larger,
+      )
     if reason is not None:
       reports.append(
         AdapterLayerReport(
@@ -1049,9 +1043,7 @@ def adapt_variables(
     )
     for param, value in values.items():
       tree[f"adapter_{param}"] = value
-    factor = _adapters.scale(
-      fn, cls, layer_rank, _adapters.pattern_value(fn, "alpha", alpha, name)
-    )
+    factor = _adapters.scale(fn, cls, layer_rank, layer_alpha)
     _set_path(scales, path, {"scale": jnp.asarray(factor, jnp.float32)})
     update = _adapters.update_value(cls, values, groups)
     site = _surgery.Site(

@@ -1406,26 +1406,20 @@ def adapt(
       if isinstance(module, nnx.Conv)
       else None
     )
+    layer_rank = layer_alpha = None
     if reason is None and not select(path, module):
       reason = "not selected by the filter"
-    layer_rank = _adapters.pattern_value(fn, "rank", rank, name)
-    if reason is None and layer_rank is None:
-      reason = "no rank pattern matches its path"
-    if reason is None and cls is formats.SpatiallySeparable and len(shape) < 4:
-      reason = "1-D kernel: nothing to separate"
     if reason is None:
-      try:
-        layer_rank = _adapters.resolve_rank(fn, cls, shape, layer_rank, groups)
-      except ValueError as error:
-        reason = str(error)
-    if reason is None:
-      size = _adapters.num_params(cls, shape, layer_rank, groups)
-      if size >= math.prod(shape) and not allow_larger:
-        reason = (
-          f"an update of rank {layer_rank} has {size} parameters, at least"
-          f" the kernel's {math.prod(shape)}: fine-tune the layer instead"
-          " (pass allow_larger=True to adapt it anyway)"
-        )
+      layer_rank, layer_alpha, reason = _adapters.choose(
+        fn,
+        cls,
+        name,
+        shape,
+        groups,
+        rank=rank,
+        alpha=alpha,
+        allow_larger=allow_larger,
+      )
     if reason is not None:
       skipped.append(
         AdapterLayerReport(
@@ -1437,10 +1431,6 @@ def adapt(
         )
       )
       continue
-    layer_alpha = _adapters.pattern_value(fn, "alpha", alpha, name)
-    _adapters.scale(
-      fn, cls, layer_rank, layer_alpha
-    )  # checked before any change
     targets[path] = (layer_rank, layer_alpha)
   recorded = (
     _record_inputs(nnx.clone(model), list(targets), inputs)

@@ -273,6 +273,23 @@ def test_adapt_starts_as_exactly_the_base_model_and_reports():
   assert "trainable" in str(report)
 
 
+def test_allow_larger_adapts_a_depthwise_conv_one_update_per_channel():
+  class Depthwise(nnx.Module):
+    def __init__(self):
+      self.conv = nnx.Conv(
+        3, 6, (3, 3), feature_group_count=3, rngs=nnx.Rngs(0)
+      )
+
+  model, x = Depthwise(), _x(seed=4)[..., :1].repeat(3, -1)
+  report = jnnx.adapt(model, "low_rank", rank=1, allow_larger=True)
+  (layer,) = report.adapted
+  assert (layer.groups, layer.trainable, layer.frozen) == (3, 3 * 11, 54 + 6)
+  assert model.conv.adapter_pointwise.shape == (3, 1, 2)
+  _randomize(model)
+  merged = jnnx.merge(model)
+  assert relative_error(merged.conv(x), model.conv(x)) < 1e-5
+
+
 def test_only_the_adapters_get_gradients_and_updates():
   model = Net(nnx.Rngs(0))
   x, labels = _x(), jnp.array([0, 1])
