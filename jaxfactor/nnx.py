@@ -1525,6 +1525,14 @@ def _with_factors(base: _FactorizedConv, value: formats.Format):
   )
 
 
+def _replaced(model: nnx.Module, path, layer: nnx.Module) -> nnx.Module:
+  """`model` with `layer` at `path` (the layer itself at the root)."""
+  if not path:
+    return layer
+  _set(model, path, layer)
+  return model
+
+
 def merge(model: nnx.Module) -> nnx.Module:
   """A plain model with every adapter folded into its base kernel.
 
@@ -1536,7 +1544,7 @@ def merge(model: nnx.Module) -> nnx.Module:
   exact. `model` itself is left as it is.
 
   Args:
-    model: an adapted model (see `adapt`).
+    model: an adapted model (see `adapt`), or an `Adapter`.
 
   Returns:
     A new model without adapters, computing what `model` computes with
@@ -1556,7 +1564,7 @@ def merge(model: nnx.Module) -> nnx.Module:
       base.kernel[...] = _adapters.merge_dense(
         fn, kernel, update, scale, adapter.groups
       )
-      _set(merged, path, base)
+      merged = _replaced(merged, path, base)
       continue
     if base.format is not adapter.format:
       raise ValueError(
@@ -1567,7 +1575,7 @@ def merge(model: nnx.Module) -> nnx.Module:
         " to merge them."
       )
     value = _adapters.concatenate(base.factors, update, scale)
-    _set(merged, path, _with_factors(base, value))
+    merged = _replaced(merged, path, _with_factors(base, value))
   return merged
 
 
@@ -1610,7 +1618,7 @@ def unmerge(model: nnx.Module, adapted: nnx.Module) -> nnx.Module:
       and layer.format is adapter.base.format
     ):
       value = _adapters.split(layer.factors, adapter.base.rank)
-      _set(base_model, path, _with_factors(layer, value))
+      base_model = _replaced(base_model, path, _with_factors(layer, value))
     else:
       raise ValueError(
         f"{fn}: `model` has {type(layer).__name__} at {name}, where"

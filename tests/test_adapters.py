@@ -32,6 +32,8 @@ from reference import flax_conv
 from reference import random_format
 from reference import random_input
 from reference import relative_error
+from sweeps import ids
+from sweeps import pairwise
 
 import jaxfactor
 import jaxfactor.linen as jlinen
@@ -288,6 +290,79 @@ def test_allow_larger_adapts_a_depthwise_conv_one_update_per_channel():
   _randomize(model)
   merged = jnnx.merge(model)
   assert relative_error(merged.conv(x), model.conv(x)) < 1e-5
+
+
+# The layers pass their geometry to `adapter_conv` (swept in full above):
+# a mode and explicit pairs, strides and dilation off and per axis, groups.
+LAYER_SWEEP = pairwise(
+  dict(
+    format=list(ADAPTER_FORMATS),
+    padding=["REFLECT", ((1, 0), (2, 1))],
+    strides_dilation=[(1, 1), ((2, 1), (1, 2))],
+    groups=[1, 2],
+  )
+)
+
+
+@pytest.mark.parametrize("case", LAYER_SWEEP, ids=ids(LAYER_SWEEP))
+def test_nnx_and_linen_adapters_equal_flax_conv_of_the_adapted_kernel(case):
+  groups = case["groups"]
+  strides, dilation = case["strides_dilation"]
+  geometry = dict(
+    strides=strides, padding=case["padding"], kernel_dilation=dilation
+  )
+  normal = jax.nn.initializers.normal(1.0)
+  conv = nnx.Conv(
+    4,
+    6,
+    (3, 3),
+    feature_group_count=groups,
+    bias_init=normal,  # trained biases, not zeros: a lost bias shows
+    param_dtype=F64,
+    rngs=nnx.Rngs(0),
+    **geometry,
+  )
+  adapter = jnnx.Adapter(
+    conv, case["format"], rank=2, alpha=3.0, rngs=nnx.Rngs(1)
+  )
+  _randomize(adapter)
+  x = random_input((2, 9, 8, 4))
+  y = _call(adapter, x)
+  update = adapter.update
+  per_group = [
+    jax.tree.map(lambda a, g=g: a[g], update) if groups > 1 else update
+    for g in range(groups)
+  ]
+  kernel = conv.kernel[...] + adapter.scale * _dense_update(per_group)
+  expected = flax_conv(
+    x,
+    kernel,
+    strides=strides,
+    padding=case["padding"],
+    dilation=dilation,
+    feature_group_count=groups,
+  ) + conv.bias[...].reshape(1, 1, 1, 6)
+  assert relative_error(y, expected) < 1e-12
+  # linen: the same numbers give the same outputs.
+  params = {"kernel": conv.kernel[...], "bias": conv.bias[...]}
+  params.update(
+    {
+      f"adapter_{k}": getattr(adapter, f"adapter_{k}")[...]
+      for k in adapter.param_names
+    }
+  )
+  layer = jlinen.AdaptedConv(
+    6,
+    (3, 3),
+    feature_group_count=groups,
+    adapter_format=case["format"],
+    param_dtype=F64,
+    **geometry,
+  )
+  variables = {"params": params, "adapter": {"scale": jnp.float32(1.5)}}
+  linen_y = jax.jit(layer.apply)(variables, x)
+  assert adapter.scale == 1.5
+  assert relative_error(linen_y, y) < 1e-12
 
 
 def test_only_the_adapters_get_gradients_and_updates():
