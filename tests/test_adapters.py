@@ -449,6 +449,21 @@ def test_merge_and_unmerge_round_trip():
     )
 
 
+@pytest.mark.parametrize("name", ["tucker", "spatially_separable"])
+def test_merge_and_unmerge_a_bare_adapter_on_a_factorized_layer(name):
+  base = jnnx.from_factors(random_format(name, (3, 2), 3, 4), bias=None)
+  adapter = jnnx.Adapter(base, name, rank=1, alpha=2.0, rngs=nnx.Rngs(1))
+  _randomize(adapter)
+  x = random_input((1, 6, 5, 3))
+  merged = jnnx.merge(adapter)
+  assert type(merged) is type(base)
+  expected = {"tucker": (3, 4), "spatially_separable": (5,)}[name]
+  assert merged.rank == expected  # the ranks added up
+  assert relative_error(_call(merged, x), _call(adapter, x)) < 1e-13
+  restored = jnnx.unmerge(merged, adapter)
+  jax.tree.map(np.testing.assert_array_equal, restored.factors, base.factors)
+
+
 def test_merge_refuses_an_update_of_another_format_on_a_factorized_layer():
   model = Net(nnx.Rngs(0))
   jnnx.adapt(model, "cp", rank=1)
