@@ -5,6 +5,8 @@ convolution kernel, stored in pieces. `conv(x, kernel)` takes a dense HWIO
 kernel or any format and equals the dense convolution with `kernel.to_dense()`.
 """
 
+from jaxfactor._adapters import adapter_conv as adapter_conv
+from jaxfactor._adapters import merge_update as merge_update
 from jaxfactor._convolution import conv as conv
 from jaxfactor._convolution import depthwise_conv as depthwise_conv
 from jaxfactor._convolution import pointwise_conv as pointwise_conv
@@ -22,12 +24,16 @@ from jaxfactor._formats import TensorTrain as TensorTrain
 from jaxfactor._formats import Tucker as Tucker
 from jaxfactor._ranks import Budget as Budget
 from jaxfactor._ranks import max_rank as max_rank
+from jaxfactor._surgery import AdaptationReport as AdaptationReport
+from jaxfactor._surgery import AdapterLayerReport as AdapterLayerReport
 from jaxfactor._surgery import FactorizationReport as FactorizationReport
 from jaxfactor._surgery import LayerReport as LayerReport
 
 __version__ = "0.1.0"
 
 __all__ = (
+  "AdaptationReport",
+  "AdapterLayerReport",
   "Budget",
   "CP",
   "Cost",
@@ -40,11 +46,13 @@ __all__ = (
   "SpatiallySeparable",
   "TensorTrain",
   "Tucker",
+  "adapter_conv",
   "conv",
   "cost",
   "decompose",
   "depthwise_conv",
   "max_rank",
+  "merge_update",
   "pointwise_conv",
   "relative_error",
 )

@@ -497,3 +497,127 @@ def ordered(
     format=fmt,
     layers=tuple(sorted(reports, key=lambda r: index.get(r.path, -1))),
   )
+
+
+@dataclasses.dataclass(frozen=True)
+class AdapterLayerReport:
+  """What `adapt` (or `extract`) did to one convolution.
+
+  Attributes:
+    path: the layer's path (nnx: as `nnx.iter_modules` gives it; linen: the
+      path of its params dict).
+    kernel_shape: the base kernel's dense shape (`[*window, C/G, F]`).
+    groups: the base conv's `feature_group_count`.
+    base: the base layer's kind: "dense" or its format's name.
+    input_shape: the layer's input shape, when `inputs` were given.
+    rank: the update's rank per group (None when skipped).
+    scale: `alpha / rank`.
+    trainable: the update's parameters.
+    frozen: the base layer's parameters (kernel or factors, and bias).
+    extra_flops: FLOPs the adapter branch adds to one call on
+      `input_shape` (`jaxfactor.cost` of the update's convolution; None
+      without `inputs`).
+    skipped: the reason the layer has no adapter, or None.
+  """
+
+  path: tuple[Any, ...]
+  kernel_shape: tuple[int, ...]
+  groups: int = 1
+  base: str = "dense"
+  input_shape: tuple[int, ...] | None = None
+  rank: Any = None
+  scale: float | None = None
+  trainable: int = 0
+  frozen: int = 0
+  extra_flops: int | None = None
+  skipped: str | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class AdaptationReport:
+  """Per-layer adapter reports, and the model's trainable and frozen totals.
+
+  `str(report)` is a table: per layer the base, rank, scale, trainable and
+  frozen parameters and the extra MFLOPs, then the totals.
+
+  Attributes:
+    format: the update's format name.
+    layers: one `AdapterLayerReport` per convolution seen, in model order.
+    trainable: the adapters' parameters (what an optimizer with the adapter
+      filter or mask trains).
+    frozen: every other parameter of the model.
+  """
+
+  format: str
+  layers: tuple[AdapterLayerReport, ...]
+  trainable: int
+  frozen: int
+
+  @property
+  def adapted(self) -> tuple[AdapterLayerReport, ...]:
+    """The layers that got an adapter (not skipped)."""
+    return tuple(layer for layer in self.layers if layer.skipped is None)
+
+  @property
+  def extra_flops(self) -> int | None:
+    values = [layer.extra_flops for layer in self.adapted]
+    return None if None in values else sum(values)  # type: ignore[arg-type]
+
+  @property
+  def ranks(self) -> dict[str, Any]:
+    """`{"/".join(path): rank}` of the adapted layers (JSON-ready): pass it
+    back as `rank` to rebuild the same adapters."""
+    return {
+      "/".join(map(str, layer.path)): layer.rank for layer in self.adapted
+    }
+
+  def __str__(self) -> str:
+    rows = [
+      f"{'layer':<24} {'base':<18} {'rank':<8} {'scale':>7} {'trainable':>10}"
+      f" {'frozen':>10} {'+MFLOPs':>8}"
+    ]
+    for layer in self.layers:
+      name = "/".join(map(str, layer.path))
+      if layer.skipped:
+        rows.append(f"{name:<24} skipped: {layer.skipped}")
+        continue
+      base = f"{layer.base}{list(layer.kernel_shape)}"
+      if layer.groups > 1:
+        base += f"/{layer.groups}"
+      flops = (
+        "-" if layer.extra_flops is None else f"{layer.extra_flops / 1e6:.2f}"
+      )
+      rows.append(
+        f"{name:<24} {base:<18} {str(layer.rank):<8} {layer.scale:>7.3g}"
+        f" {layer.trainable:>10} {layer.frozen:>10} {flops:>8}"
+      )
+    total = self.trainable + self.frozen
+    share = self.trainable / total if total else 0.0
+    rows.append(
+      f"trainable {self.trainable} of {total} parameters ({share:.2%}),"
+      f" frozen {self.frozen}"
+    )
+    return "\n".join(rows)
+
+
+def adapter_flops(
+  site: Site, update: Any, groups: int, implementation: str
+) -> int | None:
+  """FLOPs of the adapter branch on the site's recorded input shape."""
+  shape = site.input_shape
+  if shape is None:
+    return None
+  if groups > 1:
+    update = jax.tree.map(
+      lambda a: jax.ShapeDtypeStruct(a.shape[1:], a.dtype), update
+    )
+    shape = (*shape[:-1], shape[-1] // groups)
+  flops = _cost.cost(
+    update,
+    shape,
+    strides=site.strides or 1,
+    padding=site.padding,
+    dilation=site.kernel_dilation or 1,
+    implementation=implementation,
+  ).flops
+  return groups * flops

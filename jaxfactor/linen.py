@@ -37,16 +37,24 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 from flax.core import meta
+from flax.linen import dtypes as flax_dtypes
 
+from jaxfactor import _adapters
 from jaxfactor import _formats as formats
 from jaxfactor import _layers
 from jaxfactor import _ranks
 from jaxfactor import _surgery
+from jaxfactor import _validation
 from jaxfactor._ranks import Budget
+from jaxfactor._surgery import AdaptationReport
+from jaxfactor._surgery import AdapterLayerReport
 from jaxfactor._surgery import FactorizationReport
 from jaxfactor._surgery import LayerReport
 
 __all__ = (
+  "AdaptationReport",
+  "AdaptedConv",
+  "AdapterLayerReport",
   "CPConv",
   "DepthwiseConv",
   "DepthwiseSeparableConv",
@@ -57,8 +65,13 @@ __all__ = (
   "SpatiallySeparableConv",
   "TensorTrainConv",
   "TuckerConv",
+  "adapt_variables",
+  "adapted",
+  "extract_variables",
   "factorize_variables",
+  "merge_variables",
   "restore_structure",
+  "unmerge_variables",
 )
 
 
@@ -661,3 +674,751 @@ def restore_structure(
       f" the kernels are at {sorted(found)}."
     )
   return new
+
+
+# --- adapters -----------------------------------------------------------------
+
+# The variable collection holding each adapted layer's `scale`.
+ADAPTER_COLLECTION = "adapter"
+
+
+def _adapter_call(
+  module: Any, x: Any, y: jax.Array, deterministic: bool | None
+) -> jax.Array:
+  """`y + scale * conv(x, dW)`: the adapter branch of an adapted layer."""
+  layer = type(module).__name__
+  cls = _adapters.adapter_format(layer, module.adapter_format)
+  _validation.check_implementation(layer, module.adapter_implementation)
+  rank_rate = _adapters.check_rate(layer, "rank_dropout", module.rank_dropout)
+  module_rate = _adapters.check_rate(
+    layer, "module_dropout", module.module_dropout
+  )
+  groups = getattr(module, "feature_group_count", 1)
+  window = _layers.kernel_size_tuple(layer, module.kernel_size)
+  kernel_shape = (*window, x.shape[-1] // groups, module.features)
+  _ranks.check_kernel_shape(layer, kernel_shape, cls)
+  # The param names (they depend on the window only, not the rank).
+  shapes = cls.param_shapes(
+    _adapters.group_shape(layer, kernel_shape, groups),
+    _adapters.resolve_rank(layer, cls, kernel_shape, 1, groups),
+  )
+  stored = {
+    name: meta.unbox(module.get_variable("params", f"adapter_{name}"))
+    for name in shapes
+    if module.has_variable("params", f"adapter_{name}")
+  }
+  if stored:
+    value = _adapters.update_value(cls, stored, groups)
+    rank = _adapters.rank_of(value, groups)
+  elif not module.is_initializing():
+    raise ValueError(
+      f"{layer}: the variables hold no adapter params for this layer; build"
+      " them with jaxfactor.linen.adapt_variables (or init the model)."
+    )
+  elif module.adapter_rank is None:
+    raise ValueError(
+      f"{layer}: `adapter_rank` is required to initialize the adapter."
+    )
+  else:
+    rank = _adapters.resolve_rank(
+      layer, cls, kernel_shape, module.adapter_rank, groups
+    )
+  values = None
+  if not stored:
+    values = _adapters.init(
+      module.make_rng("params"),
+      cls,
+      kernel_shape,
+      rank,
+      groups,
+      module.param_dtype,
+    )
+  params = {}
+  for name, shape in cls.param_shapes(
+    _adapters.group_shape(layer, kernel_shape, groups), rank
+  ).items():
+    full = ((groups,) if groups > 1 else ()) + shape
+    init = (
+      (lambda key, shape, dtype, value=values[name]: value)
+      if values is not None
+      else jax.nn.initializers.zeros
+    )
+    params[name] = module.param(
+      f"adapter_{name}", init, full, module.param_dtype
+    )
+  scale = module.variable(
+    ADAPTER_COLLECTION,
+    "scale",
+    lambda: jnp.asarray(
+      _adapters.scale(layer, cls, rank, module.adapter_alpha), jnp.float32
+    ),
+  ).value
+  key = None
+  if rank_rate or module_rate:
+    deterministic = nn.merge_param(
+      "deterministic", module.deterministic, deterministic
+    )
+    if not deterministic:
+      key = module.make_rng("dropout")
+  promoted = flax_dtypes.promote_dtype(x, *params.values(), dtype=module.dtype)
+  update = _adapters.branch(
+    promoted[0],
+    cls,
+    dict(zip(params, promoted[1:])),
+    scale=scale,
+    groups=groups,
+    rank_dropout_rate=rank_rate,
+    module_dropout_rate=module_rate,
+    key=key,
+    strides=module.strides or 1,
+    padding=module.padding,
+    dilation=module.kernel_dilation or 1,
+    precision=module.precision,
+    # Flax's nn.Conv has none: it accumulates in the inputs' dtype.
+    preferred_element_type=getattr(module, "preferred_element_type", None),
+    implementation=module.adapter_implementation,
+  )
+  return y + update.astype(y.dtype)
+
+
+class AdaptedConv(nn.Conv):
+  """`flax.linen.Conv` plus a trained factorized update.
+
+  Computes `nn.Conv`'s output plus `scale * conv(x, dW)`
+  (`jaxfactor.adapter_conv`) with the conv's own strides, padding, dilation,
+  `feature_group_count`, dtype and precision: the conv with kernel `W +
+  scale * dW.to_dense()`. Its params are `nn.Conv`'s (`kernel`, `bias`) plus
+  the update's, `adapter_{name}` (`name` as in `Format.params()`; stacked
+  over the groups of a grouped conv), and `scale = alpha / rank` is a
+  variable of the "adapter" collection. The update's last factor starts at
+  zero, so an adapted model starts as exactly the base model. Build its
+  variables from a trained model's with `adapt_variables`.
+
+  Attributes besides `nn.Conv`'s:
+    adapter_format: "low_rank", "tucker", "cp" or "spatially_separable".
+    adapter_rank: the update's rank per group, needed to initialize (None
+      reads it from existing params).
+    adapter_alpha: `scale = alpha / rank` at initialization (None: scale 1);
+      see `jaxfactor.nnx.Adapter` for which rank.
+    rank_dropout: while training, each rank's drop probability.
+    module_dropout: while training, the probability of skipping the update.
+    deterministic: no dropout when True; or pass it to `__call__`
+      (dropout draws from the "dropout" RNG stream).
+    adapter_implementation: as `implementation` in `jaxfactor.conv`.
+
+  >>> import jax, jax.numpy as jnp
+  >>> import jaxfactor.linen
+  >>> layer = jaxfactor.linen.AdaptedConv(16, (3, 3), adapter_rank=2)
+  >>> x = jnp.ones((1, 9, 9, 8))
+  >>> params = layer.init(jax.random.key(0), x)["params"]
+  >>> params["adapter_pointwise"].shape
+  (2, 16)
+  """
+
+  adapter_format: Any = "low_rank"
+  adapter_rank: Any = None
+  adapter_alpha: float | None = None
+  rank_dropout: float = 0.0
+  module_dropout: float = 0.0
+  deterministic: bool | None = None
+  adapter_implementation: str = "auto"
+
+  @nn.compact
+  def __call__(self, inputs, deterministic: bool | None = None):
+    """`nn.Conv`'s output plus the update's, for `inputs [*batch, *spatial,
+    C]`; `deterministic` (or the attribute) turns dropout off."""
+    _check_adaptable(self)
+    return _adapter_call(self, inputs, super().__call__(inputs), deterministic)
+
+
+def _check_adaptable(module: Any) -> None:
+  if getattr(module, "input_dilation", 1) not in (None, 1) or (
+    getattr(module, "mask", None) is not None
+  ):
+    raise ValueError(
+      f"{type(module).__name__}: an adapter needs input_dilation=1 and no mask."
+    )
+
+
+_ADAPTED: dict[type, type] = {nn.Conv: AdaptedConv}
+
+
+def adapted(conv_class: type) -> type:
+  """The adapted version of a conv class: `nn.Conv` or a jaxfactor layer.
+
+  The class computes `conv_class`'s output plus `scale * conv(x, dW)`, with
+  `conv_class`'s attributes and params plus the adapter's, as
+  `AdaptedConv` (which is `adapted(nn.Conv)`) does for `nn.Conv`: write
+  the model with its conv class as an attribute and pass, e.g.,
+  `adapted(jaxfactor.linen.LowRankConv)` to adapt factorized layers.
+
+  Args:
+    conv_class: `flax.linen.Conv`, or `LowRankConv`, `TuckerConv`,
+      `CPConv`, `SpatiallySeparableConv` or `DepthwiseSeparableConv`.
+
+  Returns:
+    A subclass of `conv_class`, `Adapted{name}`, the same class each call.
+  """
+  if conv_class in _ADAPTED:
+    return _ADAPTED[conv_class]
+  if not (
+    isinstance(conv_class, type) and issubclass(conv_class, _FactorizedConv)
+  ):
+    raise TypeError(
+      "adapted: `conv_class` must be flax.linen.Conv or a jaxfactor linen"
+      f" factorized layer class, got {conv_class!r}."
+    )
+
+  class Adapted(conv_class):
+    adapter_format: Any = "low_rank"
+    adapter_rank: Any = None
+    adapter_alpha: float | None = None
+    rank_dropout: float = 0.0
+    module_dropout: float = 0.0
+    deterministic: bool | None = None
+    adapter_implementation: str = "auto"
+
+    @nn.compact
+    def __call__(self, inputs, deterministic: bool | None = None):
+      y = super().__call__(inputs)
+      return _adapter_call(self, inputs, y, deterministic)
+
+  Adapted.__name__ = Adapted.__qualname__ = f"Adapted{conv_class.__name__}"
+  Adapted.__module__ = __name__
+  Adapted.__doc__ = (
+    f"`{conv_class.__name__}` plus a trained factorized update (see"
+    " `jaxfactor.linen.AdaptedConv`)."
+  )
+  _ADAPTED[conv_class] = Adapted
+  return Adapted
+
+
+def _adaptable_convs(model: nn.Module, variables, inputs):
+  """The convs `model.apply(variables, inputs)` calls, by param path: the
+  module and its input."""
+  found: dict[tuple[str, ...], dict[str, Any]] = {}
+
+  def record(next_fun, args, kwargs, context):
+    module = context.module
+    if context.method_name == "__call__" and isinstance(
+      module, (nn.Conv, _FactorizedConv)
+    ):
+      scope = module.scope
+      path = () if scope is None else tuple(scope.path)
+      found[path] = dict(module=module, inputs=args[0])
+    return next_fun(*args, **kwargs)
+
+  with nn.intercept_methods(record):
+    model.apply(variables, inputs, mutable=True)
+  return found
+
+
+def _set_path(tree: dict, path: tuple[str, ...], value: Any) -> None:
+  for key in path[:-1]:
+    tree = tree.setdefault(key, {})
+  tree[path[-1]] = value
+
+
+def _unfrozen(tree: Any) -> Any:
+  if isinstance(tree, Mapping):
+    return {k: _unfrozen(v) for k, v in tree.items()}
+  return tree
+
+
+def adapt_variables(
+  variables: Mapping[str, Any],
+  format: Any,
+  *,
+  rank: Any,
+  alpha: Any = None,
+  model: nn.Module | None = None,
+  inputs: Any = None,
+  filter: Callable[[tuple, Any], bool] | None = None,
+  implementation: str = "auto",
+  allow_larger: bool = False,
+  key: jax.Array | None = None,
+) -> tuple[dict[str, Any], AdaptationReport, Any]:
+  """Adds adapters to a trained model's variables.
+
+  Every selected conv's params dict gains the update's params
+  (`adapter_{name}`, the last factor zero) and the "adapter" collection
+  its `scale`; the base params are unchanged. The adapted model is the
+  same model with `AdaptedConv` (for `nn.Conv`) or `adapted(cls)` (for a
+  jaxfactor layer) as those layers' class, `adapter_format=format`:
+
+      variables, report, mask = jaxfactor.linen.adapt_variables(
+          variables, "low_rank", rank=4, model=Net(), inputs=x)
+      tx = optax.multi_transform(
+          {"adapter": optax.adam(1e-3), "frozen": optax.set_to_zero()},
+          jax.tree.map(lambda m: "adapter" if m else "frozen", mask))
+      Net(conv=jaxfactor.linen.AdaptedConv).apply(variables, x)
+
+  (`optax.masked(tx, mask)` alone would pass the frozen params' gradients
+  through unchanged: zero them, as above.)
+
+  Args:
+    variables: the trained model's variables (`{"params": ...}`).
+    format: "low_rank", "tucker", "cp" or "spatially_separable".
+    rank: the rank per group, or a `{pattern: rank}` mapping over the
+      "/"-joined params paths, as in `jaxfactor.nnx.adapt`.
+    alpha: `scale = alpha / rank`: a number or a `{pattern: alpha}` mapping;
+      None: scale 1.
+    model: the base model, to find its convs (`nn.Conv`, grouped ones
+      included, and jaxfactor layers) and record their inputs (extra FLOPs
+      in the report). Without it, every `kernel` of rank >= 3 is taken for
+      an ungrouped conv.
+    inputs: a sample input for `model.apply(variables, inputs)`.
+    filter: `filter(path, params) -> bool` selects the layers.
+    implementation: the update's implementation, for the FLOP counts.
+    allow_larger: as in `jaxfactor.nnx.adapt`.
+    key: PRNG key of the non-zero initial factors (default
+      `jax.random.key(0)`).
+
+  Returns:
+    `(new_variables, report, mask)`: the report an `AdaptationReport`, the
+    mask a pytree of bools over `new_variables["params"]`, True at the
+    adapter params.
+
+  Raises:
+    ValueError: a format that is not an adapter format; `model` without
+      `inputs` or the reverse.
+  """
+  fn = "adapt_variables"
+  cls = _adapters.adapter_format(fn, format)
+  _validation.check_implementation(fn, implementation)
+  if (model is None) != (inputs is None):
+    raise ValueError(f"{fn}: give both `model` and `inputs`, or neither.")
+  key = jax.random.key(0) if key is None else key
+  _validation.check_key(fn, key)
+  convs = (
+    _adaptable_convs(model, variables, inputs) if model is not None else None
+  )
+  params = _unfrozen(variables.get("params", {}))
+  scales: dict[str, Any] = {}
+  reports: list[AdapterLayerReport] = []
+
+  def layers(path, tree):
+    if not isinstance(tree, Mapping):
+      return
+    if convs is not None:
+      if path in convs:
+        yield path, tree
+        return
+    else:
+      kernel = meta.unbox(tree.get("kernel"))
+      if kernel is not None and getattr(kernel, "ndim", 0) >= 3:
+        yield path, tree
+        return
+    for name, value in tree.items():
+      yield from layers((*path, name), value)
+
+  for number, (path, tree) in enumerate(list(layers((), params))):
+    name = "/".join(path)
+    found = None if convs is None else convs[path]
+    module = None if found is None else found["module"]
+    groups = getattr(module, "feature_group_count", 1)
+    if isinstance(module, _FactorizedConv):
+      assert found is not None
+      base = module.factors(tree, found["inputs"].shape[-1])
+      shape = base.shape
+      base_name = type(base).__name__
+    else:
+      base = None
+      shape = tuple(meta.unbox(tree["kernel"]).shape)
+      base_name = "dense"
+    frozen = sum(math.prod(v.shape) for v in jax.tree.leaves(meta.unbox(tree)))
+    reason = None
+    if module is not None and (
+      getattr(module, "input_dilation", 1) not in (None, 1)
+      or getattr(module, "mask", None) is not None
+    ):
+      reason = "input dilation or mask"
+    layer_rank = layer_alpha = None
+    if reason is None and filter is not None and not filter(path, tree):
+      reason = "not selected by the filter"
+    if reason is None:
+      layer_rank, layer_alpha, reason = _adapters.choose(
+        fn,
+        cls,
+        name,
+        shape,
+        groups,
+        rank=rank,
+        alpha=alpha,
+        allow_larger=allow_larger,
+      )
+    if reason is not None:
+      reports.append(
+        AdapterLayerReport(
+          path=path,
+          kernel_shape=shape,
+          groups=groups,
+          base=base_name,
+          skipped=reason,
+        )
+      )
+      continue
+    dtype = base.dtype if base is not None else meta.unbox(tree["kernel"]).dtype
+    values = _adapters.init(
+      jax.random.fold_in(key, number), cls, shape, layer_rank, groups, dtype
+    )
+    for param, value in values.items():
+      tree[f"adapter_{param}"] = value
+    factor = _adapters.scale(fn, cls, layer_rank, layer_alpha)
+    _set_path(scales, path, {"scale": jnp.asarray(factor, jnp.float32)})
+    update = _adapters.update_value(cls, values, groups)
+    site = _surgery.Site(
+      path=path,
+      kernel=jax.ShapeDtypeStruct(shape, dtype),
+      strides=getattr(module, "strides", 1),
+      padding=getattr(module, "padding", "SAME"),
+      kernel_dilation=getattr(module, "kernel_dilation", 1),
+      inputs=None if found is None else found["inputs"],
+    )
+    reports.append(
+      AdapterLayerReport(
+        path=path,
+        kernel_shape=shape,
+        groups=groups,
+        base=base_name,
+        input_shape=site.input_shape,
+        rank=layer_rank,
+        scale=factor,
+        trainable=update.num_params,
+        frozen=frozen,
+        extra_flops=_surgery.adapter_flops(
+          site, update, groups, implementation
+        ),
+      )
+    )
+  new = {k: v for k, v in variables.items() if k != "params"}
+  new["params"] = params
+  new[ADAPTER_COLLECTION] = {
+    **_unfrozen(variables.get(ADAPTER_COLLECTION, {})),
+    **scales,
+  }
+  mask = _adapter_mask(params)
+  trainable = sum(
+    math.prod(leaf.shape)
+    for leaf, selected in zip(
+      jax.tree.leaves(meta.unbox(params)), jax.tree.leaves(mask)
+    )
+    if selected
+  )
+  total = sum(
+    math.prod(leaf.shape) for leaf in jax.tree.leaves(meta.unbox(params))
+  )
+  report = AdaptationReport(
+    format=cls.__name__,
+    layers=tuple(reports),
+    trainable=trainable,
+    frozen=total - trainable,
+  )
+  return new, report, mask
+
+
+def _adapter_mask(params: Any) -> Any:
+  """True at every `adapter_*` param, False elsewhere."""
+
+  def mark(name, tree):
+    if isinstance(tree, Mapping):
+      return {k: mark(k, v) for k, v in tree.items()}
+    return str(name).startswith("adapter_")
+
+  return mark("", params)
+
+
+def _adapted_params(fn: str, variables) -> list[tuple[tuple, Any, Any]]:
+  """`(path, params dict, scale)` of every adapted layer."""
+  out = []
+  scales = variables.get(ADAPTER_COLLECTION, {})
+
+  def visit(path, tree):
+    if not isinstance(tree, Mapping):
+      return
+    if any(str(k).startswith("adapter_") for k in tree):
+      node = scales
+      for k in path:
+        node = node.get(k, {}) if isinstance(node, Mapping) else {}
+      if not isinstance(node, Mapping) or "scale" not in node:
+        raise ValueError(
+          f"{fn}: the adapter at {'/'.join(path)} has no scale in the"
+          f" {ADAPTER_COLLECTION!r} collection: pass every collection of"
+          " the adapted variables."
+        )
+      out.append((path, tree, node["scale"]))
+      return
+    for k, v in tree.items():
+      visit((*path, k), v)
+
+  visit((), _unfrozen(variables.get("params", {})))
+  return out
+
+
+def _split_update(cls, tree) -> tuple[dict, dict, int]:
+  """A layer's params as (base params, update params, groups)."""
+  update = {
+    k[len("adapter_") :]: meta.unbox(v)
+    for k, v in tree.items()
+    if k.startswith("adapter_")
+  }
+  base = {k: v for k, v in tree.items() if not k.startswith("adapter_")}
+  return base, update, _adapters.groups_of(cls, update)
+
+
+def merge_variables(
+  variables: Mapping[str, Any], format: Any
+) -> dict[str, Any]:
+  """The plain model's variables, every adapter folded into its base.
+
+  A dense `kernel` becomes `kernel + scale * dW.to_dense()`; factor params
+  of the update's format are concatenated with the update's along the rank
+  (exact: see `jaxfactor.merge_update`). The adapter params and the
+  "adapter" collection are dropped: apply the result with the base model
+  (`nn.Conv`, or the jaxfactor layer with `rank=None`).
+
+  Args:
+    variables: adapted variables (`adapt_variables`, then trained).
+    format: the adapters' format.
+
+  Returns:
+    The merged variables.
+
+  Raises:
+    ValueError: an adapter on factor params of another format, or without
+      its scale.
+  """
+  fn = "merge_variables"
+  cls = _adapters.adapter_format(fn, format)
+  params = _unfrozen(variables.get("params", {}))
+  for path, tree, scale in _adapted_params(fn, variables):
+    base, update, groups = _split_update(cls, tree)
+    value = _adapters.update_value(cls, update, groups)
+    if "kernel" in base:
+      kernel = meta.unbox(base["kernel"])
+      base["kernel"] = _adapters.merge_dense(fn, kernel, value, scale, groups)
+    else:
+      names = set(cls.param_shapes(value.shape, _ranks.rank_of(value)))
+      if not names <= set(base) or groups != 1:
+        raise ValueError(
+          f"{fn}: the adapter at {'/'.join(path)} is a {cls.__name__} update"
+          f" on params {sorted(base)}: only a dense kernel or {cls.__name__}"
+          " factors merge exactly."
+        )
+      merged = _adapters.concatenate(
+        cls.from_params({k: meta.unbox(base[k]) for k in names}), value, scale
+      )
+      base.update(merged.params())
+    _set_path(params, path, base)
+  new = {
+    k: v
+    for k, v in variables.items()
+    if k not in ("params", ADAPTER_COLLECTION)
+  }
+  new["params"] = params
+  return new
+
+
+def unmerge_variables(
+  variables: Mapping[str, Any], adapted: Mapping[str, Any], format: Any
+) -> dict[str, Any]:
+  """Takes `adapted`'s adapters back out of merged variables.
+
+  Each dense `kernel` gets `kernel - scale * dW.to_dense()` (exact to float
+  rounding); factor params drop the update's factors (the base factors,
+  exactly), as `jaxfactor.nnx.unmerge` does.
+
+  Args:
+    variables: merged variables (`merge_variables(adapted, format)`, maybe
+      trained further).
+    adapted: the adapted variables whose adapters were merged.
+    format: the adapters' format.
+
+  Returns:
+    The variables with the adapters subtracted.
+
+  Raises:
+    ValueError: `variables` has no kernel or factors where `adapted` has an
+      adapter.
+  """
+  fn = "unmerge_variables"
+  cls = _adapters.adapter_format(fn, format)
+  params = _unfrozen(variables.get("params", {}))
+  for path, tree, scale in _adapted_params(fn, adapted):
+    base, update, groups = _split_update(cls, tree)
+    value = _adapters.update_value(cls, update, groups)
+    node: Any = params
+    for key in path:
+      node = node.get(key) if isinstance(node, Mapping) else None
+    name = "/".join(path)
+    if not isinstance(node, Mapping):
+      raise ValueError(f"{fn}: `variables` has no params at {name}.")
+    layer = dict(node)
+    if "kernel" in base and "kernel" in layer:
+      kernel = meta.unbox(layer["kernel"])
+      delta = _adapters.dense_update(value, groups).astype(kernel.dtype)
+      layer["kernel"] = kernel - delta * jnp.asarray(scale, kernel.dtype)
+    else:
+      names = set(cls.param_shapes(value.shape, _ranks.rank_of(value)))
+      if not names <= set(base) or not names <= set(layer):
+        raise ValueError(
+          f"{fn}: `variables` has params {sorted(layer)} at {name}, where"
+          f" `adapted` has an adapter on params {sorted(base)}."
+        )
+      rank = _ranks.rank_of(
+        cls.from_params({k: meta.unbox(base[k]) for k in names})
+      )
+      merged = cls.from_params({k: meta.unbox(layer[k]) for k in names})
+      layer.update(_adapters.split(merged, rank).params())
+    _set_path(params, path, layer)
+  new = {k: v for k, v in variables.items() if k != "params"}
+  new["params"] = params
+  return new
+
+
+def extract_variables(
+  base_variables: Mapping[str, Any],
+  tuned_variables: Mapping[str, Any],
+  format: Any,
+  *,
+  rank: Any = None,
+  energy: float | None = None,
+  alpha: Any = None,
+  model: nn.Module | None = None,
+  inputs: Any = None,
+  filter: Callable[[tuple, Any], bool] | None = None,
+) -> tuple[dict[str, Any], AdaptationReport, Any]:
+  """Adapters that turn one dense model's conv kernels into another's.
+
+  As `jaxfactor.nnx.extract`, on variables: every dense `kernel` that
+  differs gets the `format` decomposition of `(K_tuned - K_base) / scale`,
+  per group (for `LowRank` the Eckart-Young optimum). Everything else is
+  `base_variables`'.
+
+  Args:
+    base_variables: the variables the adapters go on.
+    tuned_variables: the same model's variables with other kernels.
+    format: "low_rank", "tucker", "cp" or "spatially_separable".
+    rank: the rank (per group), or a `{pattern: rank}` mapping.
+    energy: instead, per layer, the smallest rank keeping that fraction of
+      the squared singular values of the difference.
+    alpha: `scale = alpha / rank`, a number or a pattern mapping.
+    model: the model, to find grouped convs (with `inputs`); without it
+      every kernel of rank >= 3 is taken for an ungrouped conv.
+    inputs: a sample input for `model.apply(base_variables, inputs)`.
+    filter: `filter(path, params) -> bool` selects the layers.
+
+  Returns:
+    `(adapted_variables, report, mask)`, as `adapt_variables`.
+
+  Raises:
+    ValueError: not exactly one of `rank` and `energy`; a kernel missing or
+      of another shape in `tuned_variables`.
+  """
+  fn = "extract_variables"
+  cls = _adapters.adapter_format(fn, format)
+  if (rank is None) == (energy is None):
+    raise ValueError(f"{fn}: give exactly one of `rank` and `energy`.")
+  if (model is None) != (inputs is None):
+    raise ValueError(f"{fn}: give both `model` and `inputs`, or neither.")
+  convs = (
+    _adaptable_convs(model, base_variables, inputs)
+    if model is not None
+    else None
+  )
+  params = _unfrozen(base_variables.get("params", {}))
+  tuned = _unfrozen(tuned_variables.get("params", {}))
+  scales: dict[str, Any] = {}
+  reports: list[AdapterLayerReport] = []
+
+  def kernels(path, tree):
+    if not isinstance(tree, Mapping):
+      return
+    kernel = meta.unbox(tree.get("kernel"))
+    if kernel is not None and getattr(kernel, "ndim", 0) >= 3:
+      if convs is None or path in convs:
+        yield path, tree
+      return
+    for key, value in tree.items():
+      yield from kernels((*path, key), value)
+
+  for path, tree in list(kernels((), params)):
+    name = "/".join(path)
+    module = None if convs is None else convs[path]["module"]
+    groups = getattr(module, "feature_group_count", 1)
+    kernel = meta.unbox(tree["kernel"])
+    other: Any = tuned
+    for key in path:
+      other = other.get(key, {}) if isinstance(other, Mapping) else {}
+    other = meta.unbox(
+      other.get("kernel") if isinstance(other, Mapping) else None
+    )
+    if other is None or tuple(other.shape) != tuple(kernel.shape):
+      raise ValueError(
+        f"{fn}: `tuned_variables` has no kernel of shape"
+        f" {tuple(kernel.shape)} at {name}."
+      )
+    shape = tuple(kernel.shape)
+    delta = jnp.asarray(other) - jnp.asarray(kernel)
+    layer_rank = (
+      None if rank is None else _adapters.pattern_value(fn, "rank", rank, name)
+    )
+    reason = None
+    if filter is not None and not filter(path, tree):
+      reason = "not selected by the filter"
+    elif rank is not None and layer_rank is None:
+      reason = "no rank pattern matches its path"
+    elif not bool(jnp.any(delta != 0)):
+      reason = "unchanged: the kernels are equal"
+    if reason is not None:
+      reports.append(
+        AdapterLayerReport(
+          path=path, kernel_shape=shape, groups=groups, skipped=reason
+        )
+      )
+      continue
+    layer_alpha = _adapters.pattern_value(fn, "alpha", alpha, name)
+    layer_rank, factor, values = _adapters.extract(
+      fn,
+      delta,
+      cls,
+      groups,
+      rank=layer_rank,
+      energy=energy,
+      alpha=layer_alpha,
+    )
+    for key, value in values.items():
+      tree[f"adapter_{key}"] = value.astype(kernel.dtype)
+    _set_path(scales, path, {"scale": jnp.asarray(factor, jnp.float32)})
+    reports.append(
+      AdapterLayerReport(
+        path=path,
+        kernel_shape=shape,
+        groups=groups,
+        rank=layer_rank,
+        scale=factor,
+        trainable=sum(math.prod(v.shape) for v in values.values()),
+        frozen=sum(
+          math.prod(v.shape)
+          for k, v in tree.items()
+          if not k.startswith("adapter_")
+        ),
+      )
+    )
+  new = {k: v for k, v in base_variables.items() if k != "params"}
+  new["params"] = params
+  new[ADAPTER_COLLECTION] = scales
+  mask = _adapter_mask(params)
+  leaves = jax.tree.leaves(meta.unbox(params))
+  trainable = sum(
+    math.prod(leaf.shape)
+    for leaf, selected in zip(leaves, jax.tree.leaves(mask))
+    if selected
+  )
+  report = AdaptationReport(
+    format=cls.__name__,
+    layers=tuple(reports),
+    trainable=trainable,
+    frozen=sum(math.prod(leaf.shape) for leaf in leaves) - trainable,
+  )
+  return new, report, mask

@@ -25,17 +25,25 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from flax.linen import dtypes as flax_dtypes
 
+from jaxfactor import _adapters
 from jaxfactor import _formats as formats
 from jaxfactor import _layers
 from jaxfactor import _ranks
 from jaxfactor import _surgery
 from jaxfactor import _validation
 from jaxfactor._ranks import Budget
+from jaxfactor._surgery import AdaptationReport
+from jaxfactor._surgery import AdapterLayerReport
 from jaxfactor._surgery import FactorizationReport
 from jaxfactor._surgery import LayerReport
 
 __all__ = (
+  "AdaptationReport",
+  "Adapter",
+  "AdapterLayerReport",
+  "AdapterParam",
   "CPConv",
   "DepthwiseConv",
   "DepthwiseSeparableConv",
@@ -46,9 +54,13 @@ __all__ = (
   "SpatiallySeparableConv",
   "TensorTrainConv",
   "TuckerConv",
+  "adapt",
+  "extract",
   "factorize",
   "from_factors",
+  "merge",
   "restore_structure",
+  "unmerge",
 )
 
 Initializer = _layers.Initializer
@@ -745,13 +757,14 @@ def _default_filter(path, conv) -> bool:
   return math.prod(conv.kernel_size) > 1
 
 
-def _unsupported(conv: nnx.Conv) -> str | None:
+def _unsupported(conv: nnx.Conv, *, groups: bool = False) -> str | None:
+  """Why `conv` cannot be factorized (or, with `groups`, adapted)."""
   if conv.kernel.ndim != len(conv.kernel_size) + 2:
     return (
       f"kernel of shape {tuple(conv.kernel.shape)} for a"
       f" {len(conv.kernel_size)}-D window (stacked by nnx.vmap/scan?)"
     )
-  if conv.feature_group_count != 1:
+  if conv.feature_group_count != 1 and not groups:
     return f"feature_group_count={conv.feature_group_count} (grouped conv)"
   if conv.input_dilation not in (None, 1) and any(
     d != 1 for d in np.atleast_1d(conv.input_dilation)
@@ -1176,3 +1189,633 @@ def restore_structure(
       abstract=isinstance(conv.kernel.get_value(), jax.ShapeDtypeStruct),
     )
     _set(model, path, _replacement(cls, conv, rank, values, implementation))
+
+
+# --- adapters -----------------------------------------------------------------
+
+
+class AdapterParam(nnx.LoRAParam):
+  """The type of every adapter parameter: train only the adapters with
+  `nnx.Optimizer(model, tx, wrt=AdapterParam)`.
+
+  A subclass of Flax's `nnx.LoRAParam` (itself an `nnx.Param`): a filter on
+  `nnx.LoRAParam` trains these together with Flax's own `nnx.LoRA` layers,
+  and `nnx.Param` still selects every parameter (full fine-tuning).
+  """
+
+
+def _base_kernel_shape(base: Any) -> tuple[int, ...]:
+  """The base conv's dense kernel shape `[*window, C/G, F]`."""
+  groups = getattr(base, "feature_group_count", 1)
+  return (
+    *base.kernel_size,
+    base.in_features // groups,
+    base.out_features,
+  )
+
+
+def _param_count(module: nnx.Module) -> int:
+  return sum(
+    math.prod(leaf.shape)
+    for leaf in jax.tree.leaves(nnx.state(module, nnx.Param))
+  )
+
+
+class Adapter(nnx.Module):
+  """A frozen conv plus a trained factorized update: LoRA for convolutions.
+
+  Computes `base(x) + scale * conv(x, dW)` (`jaxfactor.adapter_conv`), the
+  update with the base's own strides, padding, dilation, groups, dtype and
+  precision, so it equals the base conv with kernel `W + scale *
+  dW.to_dense()` (bias included). `dW` is a `LowRank` (LoCon), `Tucker`
+  (LyCORIS's Tucker-LoCon), `CP` or `SpatiallySeparable` whose last factor
+  starts at zero: at first the adapter computes exactly `base(x)`. A
+  grouped base (`feature_group_count = G`) gets one update per group
+  (factors stacked on a leading axis of size G), block-diagonal as the
+  base. The update's parameters are `AdapterParam`s named
+  `adapter_{name}` (`name` as in `Format.params()`); the base keeps its own
+  `nnx.Param`s, under `base`.
+
+  Args:
+    base: the frozen layer: an `nnx.Conv` (any groups; no input dilation or
+      mask) or a jaxfactor factorized layer (`LowRankConv`, ...).
+    format: the update's format, a class or name: "low_rank", "tucker",
+      "cp" or "spatially_separable".
+    rank: the update's rank per group, as in `jaxfactor.decompose` (an int;
+      for `Tucker` also `(R_in, R_out)`, for `SpatiallySeparable` one inner
+      rank per split).
+    alpha: `scale = alpha / rank`, `rank` being the size of the axis the
+      last factor sums over (`R_out` for `Tucker`, the last inner rank for
+      `SpatiallySeparable`); None means `alpha = rank` (scale 1).
+    rank_dropout: while training, the probability of dropping each rank of
+      the update (one mask per call; kept ranks scaled by `1 / (1 - p)`).
+    module_dropout: while training, the probability of skipping the whole
+      update for a call.
+    deterministic: no dropout when True; `model.eval()` sets it, and
+      `model.train()` clears it, as for `nnx.Dropout`.
+    implementation: how the update runs, as in `jaxfactor.conv`.
+    param_dtype: the update's dtype; default: the base's `param_dtype`.
+    kernel_init: the initializer of the update's non-zero factors (Flax's
+      lecun_normal).
+    rngs: for the initial factors (`params` stream), and for dropout
+      (`dropout` stream, forked).
+
+  References:
+    Hu et al., 2021, LoRA, https://arxiv.org/abs/2106.09685; Yeh et al.,
+    2024, LyCORIS, https://arxiv.org/abs/2309.14859.
+
+  >>> from flax import nnx
+  >>> import jax.numpy as jnp
+  >>> import jaxfactor.nnx
+  >>> conv = nnx.Conv(8, 16, (3, 3), rngs=nnx.Rngs(0))
+  >>> adapted = jaxfactor.nnx.Adapter(
+  ...     conv, "low_rank", rank=2, rngs=nnx.Rngs(1))
+  >>> x = jnp.ones((1, 9, 9, 8))
+  >>> bool((adapted(x) == conv(x)).all()), adapted.update.rank
+  (True, 2)
+  """
+
+  def __init__(
+    self,
+    base: nnx.Module,
+    format: Any,
+    *,
+    rank: Any,
+    alpha: float | None = None,
+    rank_dropout: float = 0.0,
+    module_dropout: float = 0.0,
+    deterministic: bool = False,
+    implementation: str = "auto",
+    param_dtype: Any = None,
+    kernel_init: Initializer = _adapters.default_init,
+    rngs: nnx.Rngs,
+  ):
+    layer = type(self).__name__
+    if not isinstance(base, (nnx.Conv, _FactorizedConv)):
+      raise TypeError(
+        f"{layer}: `base` must be an nnx.Conv or a jaxfactor factorized"
+        f" layer, got {type(base).__name__}."
+      )
+    if isinstance(base, nnx.Conv):
+      reason = _unsupported(base, groups=True)
+      if reason is not None:
+        raise ValueError(f"{layer}: cannot adapt this nnx.Conv: {reason}.")
+    cls = _adapters.adapter_format(layer, format)
+    _validation.check_implementation(layer, implementation)
+    kernel_shape = _base_kernel_shape(base)
+    _ranks.check_kernel_shape(layer, kernel_shape, cls)
+    self.groups = getattr(base, "feature_group_count", 1)
+    self.rank = _adapters.resolve_rank(
+      layer, cls, kernel_shape, rank, self.groups
+    )
+    self.scale = _adapters.scale(layer, cls, self.rank, alpha)
+    self.alpha = alpha
+    self.rank_dropout = _adapters.check_rate(
+      layer, "rank_dropout", rank_dropout
+    )
+    self.module_dropout = _adapters.check_rate(
+      layer, "module_dropout", module_dropout
+    )
+    self.deterministic = deterministic
+    self.implementation = implementation
+    self.format = cls
+    values = _adapters.init(
+      rngs.params(),
+      cls,
+      kernel_shape,
+      self.rank,
+      self.groups,
+      param_dtype or base.param_dtype,
+      kernel_init,
+    )
+    self.param_names = tuple(values)
+    for name, value in values.items():
+      setattr(self, f"adapter_{name}", AdapterParam(value))
+    self.base = base
+    self.rngs = (
+      rngs["dropout"].fork()
+      if self.rank_dropout or self.module_dropout
+      else nnx.data(None)
+    )
+
+  @property
+  def update(self) -> formats.Format:
+    """The update `dW` as a format value (stacked over the groups)."""
+    return _adapters.update_value(self.format, self._params(), self.groups)
+
+  def _params(self) -> dict[str, jax.Array]:
+    return {
+      name: getattr(self, f"adapter_{name}")[...] for name in self.param_names
+    }
+
+  def set_view(self, deterministic: bool | None = None):
+    """For `nnx.view`: `deterministic=True` turns dropout off."""
+    if deterministic is not None:
+      self.deterministic = deterministic
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    """`base(x) + scale * conv(x, dW)`, for `x [*batch, *spatial, C]`."""
+    y = self.base(x)
+    names = list(self.param_names)
+    promoted = flax_dtypes.promote_dtype(
+      x, *self._params().values(), dtype=self.base.dtype
+    )
+    key = None
+    if not self.deterministic and (self.rank_dropout or self.module_dropout):
+      if self.rngs is None:
+        raise ValueError(
+          f"{type(self).__name__}: dropout needs `rngs`; pass them to the"
+          " constructor or to `adapt`."
+        )
+      key = self.rngs()
+    update = _adapters.branch(
+      promoted[0],
+      self.format,
+      dict(zip(names, promoted[1:])),
+      scale=self.scale,
+      groups=self.groups,
+      rank_dropout_rate=self.rank_dropout,
+      module_dropout_rate=self.module_dropout,
+      key=key,
+      strides=self.base.strides or 1,
+      padding=self.base.padding,
+      dilation=self.base.kernel_dilation or 1,
+      precision=self.base.precision,
+      preferred_element_type=self.base.preferred_element_type,
+      implementation=self.implementation,
+    )
+    return y + update.astype(y.dtype)
+
+
+def _adaptable(path, module) -> bool:
+  del path
+  return isinstance(module, (nnx.Conv, _FactorizedConv))
+
+
+def _base_name(module: nnx.Module) -> str:
+  if isinstance(module, _FactorizedConv):
+    return module.format.__name__
+  return "dense"
+
+
+def adapt(
+  model: nnx.Module,
+  format: Any,
+  *,
+  rank: Any,
+  alpha: Any = None,
+  filter: Callable[[tuple, nnx.Module], bool] | None = None,
+  inputs: jax.Array | None = None,
+  rank_dropout: float = 0.0,
+  module_dropout: float = 0.0,
+  implementation: str = "auto",
+  allow_larger: bool = False,
+  rngs: nnx.Rngs | None = None,
+) -> AdaptationReport:
+  """Puts adapters, in place, on a trained model's convolutions.
+
+  Every selected `nnx.Conv` (grouped ones included) and jaxfactor
+  factorized layer (`LowRankConv`, `TuckerConv`, ...) is replaced by an
+  `Adapter` holding it as its frozen `base`. The model then computes
+  exactly what it did, until the adapters are trained:
+
+      report = jaxfactor.nnx.adapt(model, "low_rank", rank=4)
+      optimizer = nnx.Optimizer(model, optax.adam(1e-3),
+                                wrt=jaxfactor.nnx.AdapterParam)
+
+  Save only the adapters with `nnx.state(model, AdapterParam)`; load them
+  onto the base model by adapting it the same way (`rank=report.ranks`)
+  and `nnx.update(model, state)`.
+
+  Args:
+    model: an nnx model, modified in place.
+    format: "low_rank", "tucker", "cp" or "spatially_separable" (or the
+      class).
+    rank: the update's rank (per group), as in `Adapter`; or a mapping from
+      regular expressions to ranks: each layer takes the first whose
+      pattern matches its whole "/"-joined path (`report.ranks` is one); a
+      layer that no pattern matches gets no adapter.
+    alpha: `scale = alpha / rank`, a number or a `{pattern: alpha}`
+      mapping as `rank`; None (or no match): `alpha = rank`.
+    filter: `filter(path, module) -> bool` selects the layers; default:
+      every `nnx.Conv` and jaxfactor factorized layer.
+    inputs: a sample batch for `model(inputs)`: records each layer's input
+      shape for the extra FLOPs in the report.
+    rank_dropout: as in `Adapter`.
+    module_dropout: as in `Adapter`.
+    implementation: as in `Adapter`.
+    allow_larger: adapt a layer even where the update has at least as many
+      parameters as the layer's kernel (a depthwise conv, say); by default
+      such a layer is left as it is (fine-tune it instead) and the report
+      says why.
+    rngs: for the initial factors and dropout; default `nnx.Rngs(0)`.
+
+  Returns:
+    An `AdaptationReport`: per layer the rank, scale, trainable and frozen
+    parameters and extra FLOPs, or why it was skipped; the model's
+    trainable and frozen totals.
+
+  Raises:
+    ValueError: a format that is not an adapter format; bad `alpha` or
+      dropout rates.
+    TypeError: a bare conv as `model`.
+  """
+  fn = "adapt"
+  cls = _adapters.adapter_format(fn, format)
+  _validation.check_implementation(fn, implementation)
+  if isinstance(model, (nnx.Conv, _FactorizedConv, Adapter)):
+    raise TypeError(
+      f"{fn}: `model` is a bare {type(model).__name__}; adapt works in"
+      " place on the model that holds it (or use jaxfactor.nnx.Adapter)."
+    )
+  _adapters.check_rate(fn, "rank_dropout", rank_dropout)
+  _adapters.check_rate(fn, "module_dropout", module_dropout)
+  rngs = nnx.Rngs(0) if rngs is None else rngs
+  select = filter or _adaptable
+  skipped: list[AdapterLayerReport] = []
+  targets: dict[tuple[Any, ...], tuple[Any, float | None]] = {}
+  adapters = [p for p, m in nnx.iter_modules(model) if isinstance(m, Adapter)]
+  for path, module in nnx.iter_modules(model):
+    if not isinstance(module, (nnx.Conv, _FactorizedConv)):
+      continue
+    if any(path[: len(a) + 1] == (*a, "base") for a in adapters):
+      continue
+    name = "/".join(map(str, path))
+    shape = _base_kernel_shape(module)
+    groups = getattr(module, "feature_group_count", 1)
+    reason = (
+      _unsupported(module, groups=True)
+      if isinstance(module, nnx.Conv)
+      else None
+    )
+    layer_rank = layer_alpha = None
+    if reason is None and not select(path, module):
+      reason = "not selected by the filter"
+    if reason is None:
+      layer_rank, layer_alpha, reason = _adapters.choose(
+        fn,
+        cls,
+        name,
+        shape,
+        groups,
+        rank=rank,
+        alpha=alpha,
+        allow_larger=allow_larger,
+      )
+    if reason is not None:
+      skipped.append(
+        AdapterLayerReport(
+          path=path,
+          kernel_shape=shape,
+          groups=groups,
+          base=_base_name(module),
+          skipped=reason,
+        )
+      )
+      continue
+    targets[path] = (layer_rank, layer_alpha)
+  recorded = (
+    _record_inputs(nnx.clone(model), list(targets), inputs)
+    if inputs is not None
+    else {}
+  )
+  reports = []
+  for path, (layer_rank, layer_alpha) in targets.items():
+    base = _get(model, path)
+    adapter = Adapter(
+      base,
+      cls,
+      rank=layer_rank,
+      alpha=layer_alpha,
+      rank_dropout=rank_dropout,
+      module_dropout=module_dropout,
+      implementation=implementation,
+      rngs=rngs,
+    )
+    _set(model, path, adapter)
+    reports.append(_adapter_report(path, adapter, recorded.get(path)))
+  return _adaptation_report(model, cls, [*skipped, *reports])
+
+
+def _adapter_report(path, adapter: Adapter, inputs) -> AdapterLayerReport:
+  base = adapter.base
+  site = _surgery.Site(
+    path=path,
+    kernel=jax.ShapeDtypeStruct(_base_kernel_shape(base), base.param_dtype),
+    strides=base.strides,
+    padding=base.padding,
+    kernel_dilation=base.kernel_dilation,
+    inputs=inputs,
+  )
+  update = adapter.update
+  return AdapterLayerReport(
+    path=path,
+    kernel_shape=site.shape,
+    groups=adapter.groups,
+    base=_base_name(base),
+    input_shape=site.input_shape,
+    rank=adapter.rank,
+    scale=adapter.scale,
+    trainable=update.num_params,
+    frozen=_param_count(base),
+    extra_flops=_surgery.adapter_flops(
+      site, update, adapter.groups, adapter.implementation
+    ),
+  )
+
+
+def _adaptation_report(model, cls, layers) -> AdaptationReport:
+  order = {path: i for i, (path, _) in enumerate(nnx.iter_modules(model))}
+  trainable = sum(
+    math.prod(leaf.shape)
+    for leaf in jax.tree.leaves(nnx.state(model, AdapterParam))
+  )
+  return AdaptationReport(
+    format=cls.__name__,
+    layers=tuple(sorted(layers, key=lambda r: order.get(r.path, -1))),
+    trainable=trainable,
+    frozen=_param_count(model) - trainable,
+  )
+
+
+def _adapters_of(model: nnx.Module) -> list[tuple[tuple[Any, ...], Adapter]]:
+  return [
+    (path, module)
+    for path, module in nnx.iter_modules(model)
+    if isinstance(module, Adapter)
+  ]
+
+
+def _with_factors(base: _FactorizedConv, value: formats.Format):
+  """A layer like `base` (bias and settings) holding `value`'s factors."""
+  return _layer(
+    type(value),
+    _ranks.rank_of(value),
+    value.params(),
+    base.bias,
+    in_features=base.in_features,
+    out_features=base.out_features,
+    kernel_size=base.kernel_size,
+    strides=base.strides,
+    padding=base.padding,
+    kernel_dilation=base.kernel_dilation,
+    dtype=base.dtype,
+    param_dtype=base.param_dtype,
+    precision=base.precision,
+    preferred_element_type=base.preferred_element_type,
+    implementation=base.implementation,
+  )
+
+
+def _replaced(model: nnx.Module, path, layer: nnx.Module) -> nnx.Module:
+  """`model` with `layer` at `path` (the layer itself at the root)."""
+  if not path:
+    return layer
+  _set(model, path, layer)
+  return model
+
+
+def merge(model: nnx.Module) -> nnx.Module:
+  """A plain model with every adapter folded into its base kernel.
+
+  Each `Adapter` becomes its base layer holding `W + scale * dW`: a dense
+  `nnx.Conv` gets `kernel + scale * dW.to_dense()` (block-diagonal per
+  group), exact to float rounding; a factorized layer of the update's own
+  format gets both factorizations concatenated along the rank (a rank-`r`
+  `LowRankConv` and a rank-`s` update give a rank-`r + s` `LowRankConv`),
+  exact. `model` itself is left as it is.
+
+  Args:
+    model: an adapted model (see `adapt`), or an `Adapter`.
+
+  Returns:
+    A new model without adapters, computing what `model` computes with
+    dropout off.
+
+  Raises:
+    ValueError: an adapter on a factorized layer of another format (no
+      exact form of the summed rank exists in that format).
+  """
+  fn = "merge"
+  merged = nnx.clone(model)
+  for path, adapter in _adapters_of(merged):
+    base = adapter.base
+    update, scale = adapter.update, adapter.scale
+    if isinstance(base, nnx.Conv):
+      kernel = base.kernel[...]
+      base.kernel[...] = _adapters.merge_dense(
+        fn, kernel, update, scale, adapter.groups
+      )
+      merged = _replaced(merged, path, base)
+      continue
+    if base.format is not adapter.format:
+      raise ValueError(
+        f"{fn}: the adapter at {'/'.join(map(str, path))} is a"
+        f" {adapter.format.__name__} update on a {base.format.__name__}"
+        f" layer: no {base.format.__name__} of the summed rank equals their"
+        " sum; adapt factorized layers with an update of their own format"
+        " to merge them."
+      )
+    value = _adapters.concatenate(base.factors, update, scale)
+    merged = _replaced(merged, path, _with_factors(base, value))
+  return merged
+
+
+def unmerge(model: nnx.Module, adapted: nnx.Module) -> nnx.Module:
+  """Takes `adapted`'s adapters back out of a model `merge` made from it.
+
+  Dense kernels get `kernel - scale * dW.to_dense()` (exact to float
+  rounding); factorized layers drop the update's factors (exactly the base
+  factors). `model` is left as it is.
+
+  Args:
+    model: a merged model, `merge(adapted)`.
+    adapted: the adapted model whose adapters were merged.
+
+  Returns:
+    A new model: the base model.
+
+  Raises:
+    ValueError: `model` has no layer of the merged kind where `adapted` has
+      an adapter.
+  """
+  fn = "unmerge"
+  base_model = nnx.clone(model)
+  for path, adapter in _adapters_of(adapted):
+    name = "/".join(map(str, path))
+    try:
+      layer = _get(base_model, path)
+    except (AttributeError, IndexError, KeyError):
+      layer = None
+    update, scale = adapter.update, adapter.scale
+    if isinstance(adapter.base, nnx.Conv) and isinstance(layer, nnx.Conv):
+      kernel = layer.kernel[...]
+      delta = _adapters.dense_update(update, adapter.groups)
+      layer.kernel[...] = kernel - (
+        delta.astype(kernel.dtype) * jnp.asarray(scale, kernel.dtype)
+      )
+    elif (
+      isinstance(adapter.base, _FactorizedConv)
+      and isinstance(layer, _FactorizedConv)
+      and layer.format is adapter.base.format
+    ):
+      value = _adapters.split(layer.factors, adapter.base.rank)
+      base_model = _replaced(base_model, path, _with_factors(layer, value))
+    else:
+      raise ValueError(
+        f"{fn}: `model` has {type(layer).__name__} at {name}, where"
+        f" `adapted` has an adapter on a {type(adapter.base).__name__}:"
+        " is `model` merge(adapted)?"
+      )
+  return base_model
+
+
+def extract(
+  base_model: nnx.Module,
+  tuned_model: nnx.Module,
+  format: Any,
+  *,
+  rank: Any = None,
+  energy: float | None = None,
+  alpha: Any = None,
+  filter: Callable[[tuple, nnx.Module], bool] | None = None,
+) -> tuple[nnx.Module, AdaptationReport]:
+  """Adapters that turn one dense model's convs into another's.
+
+  For every `nnx.Conv` of `base_model` whose kernel differs in
+  `tuned_model`, the update is the `format` decomposition of
+  `(W_tuned - W_base) / scale` (`jaxfactor.decompose`, per group): for
+  `LowRank` the truncated SVD of the `(k*C) x F` unfolding, so `W_base +
+  scale * dW` is the closest rank-`r` correction to `W_tuned` (Eckart-Young;
+  likewise a 2-D `SpatiallySeparable`); `Tucker` by HOOI, `CP` by ALS.
+  Only conv kernels are extracted: everything else (biases, other layers)
+  is `base_model`'s.
+
+  Args:
+    base_model: the model the adapters go on (not modified).
+    tuned_model: the same architecture with other conv kernels.
+    format: "low_rank", "tucker", "cp" or "spatially_separable".
+    rank: the rank (per group), or a `{pattern: rank}` mapping as in
+      `adapt`.
+    energy: instead, per layer, the smallest rank keeping that fraction of
+      the squared singular values of the difference.
+    alpha: as in `adapt`.
+    filter: `filter(path, conv) -> bool` selects the layers.
+
+  Returns:
+    `(adapted, report)`: a copy of `base_model` with `Adapter`s, and an
+    `AdaptationReport`.
+
+  Raises:
+    ValueError: not exactly one of `rank` and `energy`; models whose convs
+      do not match.
+  """
+  fn = "extract"
+  cls = _adapters.adapter_format(fn, format)
+  if (rank is None) == (energy is None):
+    raise ValueError(f"{fn}: give exactly one of `rank` and `energy`.")
+  if energy is not None:
+    _surgery.check_choice(fn, None, energy, None, None, False)
+  elif not isinstance(rank, Mapping):
+    _ranks.check_rank_type(fn, rank)
+  adapted = nnx.clone(base_model)
+  select = filter or _adaptable
+  reports: list[AdapterLayerReport] = []
+  for path, conv in list(nnx.iter_modules(adapted)):
+    if not isinstance(conv, nnx.Conv):
+      continue
+    name = "/".join(map(str, path))
+    shape = _base_kernel_shape(conv)
+    groups = conv.feature_group_count
+    try:
+      tuned = _get(tuned_model, path)
+    except (AttributeError, IndexError, KeyError):
+      tuned = None
+    if (
+      not isinstance(tuned, nnx.Conv) or tuned.kernel.shape != conv.kernel.shape
+    ):
+      raise ValueError(
+        f"{fn}: `tuned_model` has {type(tuned).__name__} at {name} where"
+        f" `base_model` has an nnx.Conv with kernel {tuple(conv.kernel.shape)}."
+      )
+    delta = tuned.kernel[...] - conv.kernel[...]
+    reason = _unsupported(conv, groups=True)
+    layer_rank = (
+      None if rank is None else _adapters.pattern_value(fn, "rank", rank, name)
+    )
+    if reason is None and not select(path, conv):
+      reason = "not selected by the filter"
+    if reason is None and rank is not None and layer_rank is None:
+      reason = "no rank pattern matches its path"
+    if reason is None and not bool(jnp.any(delta != 0)):
+      reason = "unchanged: the kernels are equal"
+    if reason is not None:
+      reports.append(
+        AdapterLayerReport(
+          path=path, kernel_shape=shape, groups=groups, skipped=reason
+        )
+      )
+      continue
+    layer_rank, _, values = _adapters.extract(
+      fn,
+      delta,
+      cls,
+      groups,
+      rank=layer_rank,
+      energy=energy,
+      alpha=_adapters.pattern_value(fn, "alpha", alpha, name),
+    )
+    adapter = Adapter(
+      conv,
+      cls,
+      rank=layer_rank,
+      alpha=_adapters.pattern_value(fn, "alpha", alpha, name),
+      rngs=nnx.Rngs(0),
+    )
+    for key, value in values.items():
+      getattr(adapter, f"adapter_{key}")[...] = value.astype(
+        getattr(adapter, f"adapter_{key}")[...].dtype
+      )
+    _set(adapted, path, adapter)
+    reports.append(_adapter_report(path, adapter, None))
+  return adapted, _adaptation_report(adapted, cls, reports)

@@ -15,6 +15,7 @@ import jaxfactor.nnx
 
 PUBLIC = (jaxfactor, jaxfactor.nnx, jaxfactor.linen)
 WITH_EXAMPLES = (
+  "jaxfactor._adapters",
   "jaxfactor._convolution",
   "jaxfactor._cost",
   "jaxfactor._decompose",

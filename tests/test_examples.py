@@ -258,3 +258,61 @@ def test_readme_factorize_your_own_model(tmp_path):
   }
   assert accuracy["restored accuracy"] == accuracy["accuracy after fine-tuning"]
   assert (tmp_path / "model.msgpack").exists()
+
+
+def test_adapt_digits_runs(tmp_path):
+  stdout = _run(
+    "adapt_digits.py",
+    "--pretrain-epochs",
+    1,
+    "--epochs",
+    1,
+    "--formats",
+    "LowRank",
+    "Tucker",
+    "--ranks",
+    1,
+    "--train-size",
+    64,
+    "--no-progress",
+    "--out",
+    tmp_path,
+  )
+  assert "adapt_digits.csv" in stdout
+  with open(tmp_path / "adapt_digits.csv", newline="") as f:
+    reader = csv.DictReader(f)
+    assert tuple(reader.fieldnames) == (
+      "method",
+      "rank",
+      "trainable",
+      "trainable_fraction",
+      "accuracy",
+      "merged_accuracy",
+      "step_ms",
+    )
+    rows = {(row["method"], row["rank"]): row for row in reader}
+  assert list(rows) == [
+    ("head only", ""),
+    ("full", ""),
+    ("LowRank", "1"),
+    ("Tucker", "1"),
+  ]
+  head, full = rows[("head only", "")], rows[("full", "")]
+  assert float(full["trainable_fraction"]) == 1.0
+  for row in rows.values():
+    assert 0 <= float(row["accuracy"]) <= 1
+    assert float(row["step_ms"]) > 0
+  for key in (("LowRank", "1"), ("Tucker", "1")):
+    row = rows[key]
+    # Adapters and the head: more than the head alone, far fewer than all.
+    assert (
+      int(head["trainable"]) < int(row["trainable"]) < int(full["trainable"])
+    )
+    # Merging the adapters into the kernels keeps the predictions (up to an
+    # argmax tie broken by rounding: one test image).
+    assert (
+      abs(float(row["merged_accuracy"]) - float(row["accuracy"])) <= 1 / 200
+    )
+  assert head["merged_accuracy"] == full["merged_accuracy"] == ""
+  png = (tmp_path / "adapt_digits.png").read_bytes()
+  assert png.startswith(b"\x89PNG")
