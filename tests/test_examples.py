@@ -268,7 +268,6 @@ def test_adapt_digits_runs(tmp_path):
     "--epochs",
     1,
     "--formats",
-    "LowRank",
     "Tucker",
     "--ranks",
     1,
@@ -294,7 +293,6 @@ def test_adapt_digits_runs(tmp_path):
   assert list(rows) == [
     ("head only", ""),
     ("full", ""),
-    ("LowRank", "1"),
     ("Tucker", "1"),
   ]
   head, full = rows[("head only", "")], rows[("full", "")]
@@ -302,7 +300,7 @@ def test_adapt_digits_runs(tmp_path):
   for row in rows.values():
     assert 0 <= float(row["accuracy"]) <= 1
     assert float(row["step_ms"]) > 0
-  for key in (("LowRank", "1"), ("Tucker", "1")):
+  for key in (("Tucker", "1"),):
     row = rows[key]
     # Adapters and the head: more than the head alone, far fewer than all.
     assert (
