@@ -48,8 +48,13 @@ def _compile(extra, output):
 @needs_compiler
 def test_builds_without_warnings(tmp_path):
   """The library exactly as `_native` builds it (optimizer warnings come from
-  the optimizer), with every warning an error."""
-  _compile([], str(tmp_path / "depthwise.so"))
+  the optimizer): its build printed nothing. A library without a record of
+  its build is compiled again here, with every warning an error."""
+  log = _native.build_log()
+  if log is None:
+    _compile([], str(tmp_path / "depthwise.so"))
+  else:
+    assert log == "", log
 
 
 @needs_compiler
@@ -81,7 +86,7 @@ with warnings.catch_warnings(record=True) as caught:
   results = [native.available() for _ in range(3)]
   native.error(), native.library_path()
 print(json.dumps({
-    "available": results, "error": native.error(),
+    "available": results, "error": native.error(), "log": native.build_log(),
     "warnings": [[w.category.__name__, str(w.message)] for w in caught
                  if "jaxfactor" in str(w.message)]}))
 """
@@ -156,6 +161,24 @@ def test_prebuilt_library_needs_no_compiler(tmp_path):
   assert report["available"] == [True] * 3
   assert report["warnings"] == []
   assert report["error"] is None
+
+
+@pytest.mark.skipif(not _native.available(), reason="no library to copy")
+def test_build_log_keeps_the_compilers_warnings(tmp_path):
+  """What the compiler prints is kept beside the library it built (what
+  `test_builds_without_warnings` reads): a stand-in compiler that warns."""
+  compiler = tmp_path / "warning-c++"
+  compiler.write_text(
+    "#!/bin/sh\n"
+    'if [ "$1" = --version ]; then echo "warning-c++ 1.0"; exit 0; fi\n'
+    "for out; do :; done\n"  # the last argument: the output file
+    "echo 'depthwise.cc:1:1: warning: a warning' >&2\n"
+    f"cp '{_native.library_path()}' \"$out\"\n"
+  )
+  compiler.chmod(0o755)
+  report = _probe(tmp_path, CXX=str(compiler))
+  assert report["available"] == [True] * 3
+  assert report["log"] == "depthwise.cc:1:1: warning: a warning\n"
 
 
 def test_opting_out_is_silent(tmp_path):

@@ -169,10 +169,20 @@ def _build(compiler: str, path: str) -> None:
     umask = os.umask(0)
     os.umask(umask)
     os.chmod(tmp, 0o755 & ~umask)  # mkstemp makes it private
+    # The compiler's messages beside the library (warnings: `build_log`),
+    # written first, so a library in the cache always has its log.
+    with open(tmp + ".log", "w", encoding="utf-8") as log:
+      log.write(result.stderr)
+    os.replace(tmp + ".log", _log_path(path))
     os.replace(tmp, path)
   finally:
-    if os.path.exists(tmp):
-      os.remove(tmp)
+    for leftover in (tmp, tmp + ".log"):
+      if os.path.exists(leftover):
+        os.remove(leftover)
+
+
+def _log_path(path: str) -> str:
+  return os.path.splitext(path)[0] + ".log"
 
 
 def _load() -> None:
@@ -249,3 +259,14 @@ def library_path() -> str | None:
   """The compiled library in use, or None."""
   _load()
   return _state.get("path")
+
+
+def build_log() -> str | None:
+  """What the compiler printed (its warnings) when it built the library in
+  use; None when there is none, or no record of its build (a library built
+  elsewhere and copied into the cache)."""
+  path = library_path()
+  if path is None or not os.path.exists(_log_path(path)):
+    return None
+  with open(_log_path(path), encoding="utf-8") as log:
+    return log.read()
