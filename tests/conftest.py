@@ -18,7 +18,8 @@
   float64 convolutions about ten times slower: large float64 references are
   computed in numpy.) XLA's HLO passes, where the XLA:CPU abort of
   `tests/test_xla_abort.py` lives, run as usual. The example and sharding
-  subprocesses inherit the flags.
+  subprocesses run without them, as a user runs them (their programs run
+  longer than they compile).
 * Hypothesis (the property-based tests) keeps no example database; its
   cache of the literals in the code under test goes to
   `$HYPOTHESIS_STORAGE_DIRECTORY`, default `<tmp>/jaxfactor-hypothesis`,

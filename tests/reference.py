@@ -429,14 +429,19 @@ def reading_taps(size, k, stride, dilation, pad):
 
 
 def subprocess_env():
-  """The environment for a Python subprocess run as a user runs it: the
-  suite's XLA_FLAGS (conftest.py) without a simulated device count, which a
-  script sets itself, and the suite's persistent compilation cache."""
+  """The environment for a Python subprocess run as a user runs it: XLA_FLAGS
+  without the suite's compile-time flags (conftest.py; a script runs its
+  programs more than it compiles them, and runs them faster without) and
+  without a simulated device count, which a script sets itself; and the
+  suite's persistent compilation cache."""
+  from conftest import FAST_COMPILE_FLAGS  # pylint: disable=g-import-not-at-top
+
   env = dict(os.environ)
   env["XLA_FLAGS"] = " ".join(
     flag
     for flag in env.get("XLA_FLAGS", "").split()
-    if not flag.startswith("--xla_force_host_platform_device_count")
+    if flag not in FAST_COMPILE_FLAGS
+    and not flag.startswith("--xla_force_host_platform_device_count")
   )
   cache = jax.config.jax_compilation_cache_dir
   if cache:
