@@ -186,7 +186,7 @@ def test_sharded_training_across_two_processes_equals_single_device():
       stdout=subprocess.PIPE,
       stderr=subprocess.PIPE,
       text=True,
-      env=subprocess_env(),
+      env=subprocess_env(fast_compile=True),
     )
     for i in range(2)
   ]
