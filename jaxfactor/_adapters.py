@@ -297,15 +297,17 @@ def concatenate(
   `Tucker` also puts the two cores on a block diagonal, and
   `SpatiallySeparable` chains block-diagonal factors. Only `scale` is
   rounded in (it multiplies the update's last factor).
+
+  Raises:
+    TypeError: `update` of another format than `base`, or a format whose
+      factorizations do not add up this way.
   """
-  if isinstance(base, formats.LowRank):
-    assert isinstance(update, formats.LowRank)
+  if isinstance(base, formats.LowRank) and isinstance(update, formats.LowRank):
     return formats.LowRank(
       jnp.concatenate([base.spatial, update.spatial], axis=-1),
       jnp.concatenate([base.pointwise, _scaled(update.pointwise, scale)]),
     )
-  if isinstance(base, formats.CP):
-    assert isinstance(update, formats.CP)
+  if isinstance(base, formats.CP) and isinstance(update, formats.CP):
     return formats.CP(
       jnp.concatenate([base.in_proj, update.in_proj], axis=-1),
       tuple(
@@ -314,22 +316,28 @@ def concatenate(
       ),
       jnp.concatenate([base.out_proj, _scaled(update.out_proj, scale)]),
     )
-  if isinstance(base, formats.Tucker):
-    assert isinstance(update, formats.Tucker)
+  if isinstance(base, formats.Tucker) and isinstance(update, formats.Tucker):
     return formats.Tucker(
       jnp.concatenate([base.in_proj, update.in_proj], axis=-1),
       _block_diagonal(base.core, update.core),
       jnp.concatenate([base.out_proj, _scaled(update.out_proj, scale)]),
     )
-  assert isinstance(base, formats.SpatiallySeparable)
-  assert isinstance(update, formats.SpatiallySeparable)
-  first, *middle, last = zip(base.factors, update.factors)
-  return formats.SpatiallySeparable(
-    (
-      jnp.concatenate(first, axis=-1),
-      *(_block_diagonal(a, b) for a, b in middle),
-      jnp.concatenate([last[0], _scaled(last[1], scale)], axis=-2),
+  if isinstance(base, formats.SpatiallySeparable) and isinstance(
+    update, formats.SpatiallySeparable
+  ):
+    first, *middle, last = zip(base.factors, update.factors)
+    return formats.SpatiallySeparable(
+      (
+        jnp.concatenate(first, axis=-1),
+        *(_block_diagonal(a, b) for a, b in middle),
+        jnp.concatenate([last[0], _scaled(last[1], scale)], axis=-2),
+      )
     )
+  raise TypeError(
+    f"merge: cannot add a {type(update).__name__} update to a"
+    f" {type(base).__name__} kernel as one {type(base).__name__}: only"
+    " LowRank, CP, Tucker and SpatiallySeparable updates of the kernel's own"
+    " format concatenate exactly."
   )
 
 
@@ -348,7 +356,11 @@ def split(merged: formats.Format, rank: Any) -> formats.Format:
     return formats.Tucker(
       merged.in_proj[:, :a], merged.core[..., :a, :b], merged.out_proj[:b]
     )
-  assert isinstance(merged, formats.SpatiallySeparable)
+  if not isinstance(merged, formats.SpatiallySeparable):
+    raise TypeError(
+      f"unmerge: a {type(merged).__name__} kernel holds no concatenated"
+      " update (see `concatenate`)."
+    )
   chain = (merged.in_features, *rank, merged.out_features)
   return formats.SpatiallySeparable(
     tuple(

@@ -1017,8 +1017,7 @@ def adapt_variables(
     found = None if convs is None else convs[path]
     module = None if found is None else found["module"]
     groups = getattr(module, "feature_group_count", 1)
-    if isinstance(module, _FactorizedConv):
-      assert found is not None
+    if found is not None and isinstance(module, _FactorizedConv):
       base = module.factors(tree, found["inputs"].shape[-1])
       shape = base.shape
       base_name = type(base).__name__

@@ -38,6 +38,7 @@ from sweeps import pairwise
 import jaxfactor
 import jaxfactor.linen as jlinen
 import jaxfactor.nnx as jnnx
+from jaxfactor import _adapters
 
 F64 = jnp.float64
 ADAPTER_FORMATS = ("low_rank", "tucker", "cp", "spatially_separable")
@@ -462,6 +463,20 @@ def test_merge_and_unmerge_a_bare_adapter_on_a_factorized_layer(name):
   assert relative_error(_call(merged, x), _call(adapter, x)) < 1e-13
   restored = jnnx.unmerge(merged, adapter)
   jax.tree.map(np.testing.assert_array_equal, restored.factors, base.factors)
+
+
+@pytest.mark.parametrize(
+  "base,update", [("low_rank", "cp"), ("tensor_train", "tensor_train")]
+)
+def test_concatenate_refuses_what_does_not_add_up(base, update):
+  """The internal sum behind every merge: a clear TypeError, never a wrong
+  format, past the public functions' own checks."""
+  with pytest.raises(TypeError, match=r"merge: cannot add a .* update to a"):
+    _adapters.concatenate(
+      random_format(base, (3, 3), 4, 4),
+      random_format(update, (3, 3), 4, 4),
+      1.0,
+    )
 
 
 def test_merge_refuses_an_update_of_another_format_on_a_factorized_layer():
