@@ -27,7 +27,6 @@ Run: `python examples/adapt_digits.py` (`--help` for the options).
 """
 
 import argparse
-import csv
 import pathlib
 import statistics
 import time
@@ -36,6 +35,7 @@ import jax
 import matplotlib
 import numpy as np
 import optax
+from compress_digits import write_csv
 from flax import nnx
 from sklearn.datasets import load_digits
 from sklearn.model_selection import train_test_split
@@ -353,22 +353,7 @@ def main():
   )
   print_table(rows)
   args.out.mkdir(parents=True, exist_ok=True)
-  with open(args.out / "adapt_digits.csv", "w", newline="") as f:
-    writer = csv.DictWriter(f, fieldnames=COLUMNS)
-    writer.writeheader()
-    for r in rows:
-      writer.writerow(
-        {
-          k: (
-            ""
-            if r[k] is None
-            else f"{r[k]:.4f}"
-            if isinstance(r[k], float)
-            else r[k]
-          )
-          for k in COLUMNS
-        }
-      )
+  write_csv(rows, COLUMNS, args.out / "adapt_digits.csv")
   write_plot(rows, args.out / "adapt_digits.png")
   print(
     f"\nwrote {args.out / 'adapt_digits.csv'} and"

@@ -314,6 +314,26 @@ def write_plot(rows, path, budgets):
   plt.close(fig)
 
 
+def write_csv(rows, columns, path):
+  """`rows` (dicts) as CSV: floats to 4 decimals, None as empty."""
+  with open(path, "w", newline="") as f:
+    writer = csv.DictWriter(f, fieldnames=columns)
+    writer.writeheader()
+    for r in rows:
+      writer.writerow(
+        {
+          k: (
+            ""
+            if r[k] is None
+            else f"{r[k]:.4f}"
+            if isinstance(r[k], float)
+            else r[k]
+          )
+          for k in columns
+        }
+      )
+
+
 def print_table(rows):
   header = (
     f"{'format':<19} {'budget':>6} {'params':>7} {'MFLOPs':>7}"
@@ -538,22 +558,7 @@ def main():
   )
   print_table(rows)
   args.out.mkdir(parents=True, exist_ok=True)
-  with open(args.out / "compress_digits.csv", "w", newline="") as f:
-    writer = csv.DictWriter(f, fieldnames=COLUMNS)
-    writer.writeheader()
-    for r in rows:
-      writer.writerow(
-        {
-          k: (
-            ""
-            if r[k] is None
-            else f"{r[k]:.4f}"
-            if isinstance(r[k], float)
-            else r[k]
-          )
-          for k in COLUMNS
-        }
-      )
+  write_csv(rows, COLUMNS, args.out / "compress_digits.csv")
   write_plot(rows, args.out / "compress_digits.png", args.budgets)
   print(
     f"\nwrote {args.out / 'compress_digits.csv'} and"
