@@ -239,16 +239,22 @@ def _split_groups(fn: str, kernel: Any, groups: int) -> jax.Array:
       f" multiple of feature_group_count={groups}, got shape"
       f" {tuple(kernel.shape)}."
     )
-  if not isinstance(kernel, jax.core.Tracer) and not bool(
-    jnp.all(jnp.isfinite(kernel))
-  ):
+  _reject_non_finite(fn, kernel)
+  *window, c, f = kernel.shape
+  split = kernel.reshape(*window, c, groups, f // groups)
+  return jnp.moveaxis(split, -2, 0)
+
+
+def _reject_non_finite(fn: str, kernel: jax.Array) -> bool:
+  """Raises on a concrete kernel with NaN or inf; returns whether the kernel
+  is concrete (under `jit` it is not, and gives NaN factors instead)."""
+  concrete = not isinstance(kernel, jax.core.Tracer)
+  if concrete and not bool(jnp.all(jnp.isfinite(kernel))):
     raise ValueError(
       f"{fn}: `kernel` (shape {tuple(kernel.shape)}) has non-finite values"
       " (NaN or inf)."
     )
-  *window, c, f = kernel.shape
-  split = kernel.reshape(*window, c, groups, f // groups)
-  return jnp.moveaxis(split, -2, 0)
+  return concrete
 
 
 def _decompose(
@@ -338,12 +344,7 @@ def _prepare(
   _validation.check_floating(fn, "kernel", kernel)
   kernel = jnp.asarray(kernel)
   _ranks.check_kernel_shape(fn, kernel.shape, cls)
-  concrete = not isinstance(kernel, jax.core.Tracer)
-  if concrete and not bool(jnp.all(jnp.isfinite(kernel))):
-    raise ValueError(
-      f"{fn}: `kernel` (shape {tuple(kernel.shape)}) has non-finite values"
-      " (NaN or inf)."
-    )
+  concrete = _reject_non_finite(fn, kernel)
   dtype = _compute_dtype(fn, kernel.dtype, compute_dtype)
   work = kernel.astype(dtype)
   # Under jit a non-finite kernel gives NaN factors: the algorithms run on

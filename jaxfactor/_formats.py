@@ -1115,9 +1115,11 @@ class Grouped(Format):
         " groups axis, got shapes"
         f" {[tuple(a.shape) for a in leaves]}."
       )
-    for a in leaves:
+    for path, a in jax.tree_util.tree_flatten_with_path(inner)[0]:
       if not (abstract and hasattr(a, "shape") and hasattr(a, "dtype")):
-        _validation.check_array(fn, f"Grouped.inner.{type(a).__name__}", a)
+        _validation.check_array(
+          fn, f"Grouped.inner{jax.tree_util.keystr(path)}", a
+        )
     self._group().check(fn, abstract=True)
 
   @classmethod
