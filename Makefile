@@ -12,7 +12,7 @@
 #                   and UBSan (tools/sanitize.sh)
 PYTHON ?= python3
 VENV ?= .venv
-PYTEST_ARGS ?= -n auto
+PYTEST_ARGS ?= -n auto --dist worksteal
 
 .PHONY: demo test lint typecheck docs sanitize clean
 
