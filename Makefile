@@ -17,6 +17,10 @@ PYTEST_ARGS ?= -n auto --dist worksteal
 .PHONY: demo test lint typecheck docs sanitize clean
 
 # uv installs the same packages as pip, from PyPI, in a fifth of the time.
+# --compile-bytecode writes the .pyc files at install, as pip does: without
+# them every Python process (each test worker, each example the tests run)
+# compiles jax's and flax's sources again, seconds each, wherever
+# PYTHONDONTWRITEBYTECODE is set.
 $(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)
 
@@ -24,7 +28,7 @@ $(VENV)/bin/uv: | $(VENV)/bin/python
 	$(VENV)/bin/python -m pip install --quiet uv
 
 $(VENV)/.installed-%: pyproject.toml | $(VENV)/bin/uv
-	$(VENV)/bin/uv pip install --quiet --python $(VENV)/bin/python -e ".[$*]"
+	$(VENV)/bin/uv pip install --quiet --compile-bytecode --python $(VENV)/bin/python -e ".[$*]"
 	touch $@
 
 demo: $(VENV)/.installed-examples
