@@ -22,6 +22,8 @@ from jaxfactor._formats import LowRank as LowRank
 from jaxfactor._formats import SpatiallySeparable as SpatiallySeparable
 from jaxfactor._formats import TensorTrain as TensorTrain
 from jaxfactor._formats import Tucker as Tucker
+from jaxfactor._learned import PruningLayerReport as PruningLayerReport
+from jaxfactor._learned import PruningReport as PruningReport
 from jaxfactor._ranks import Budget as Budget
 from jaxfactor._ranks import max_rank as max_rank
 from jaxfactor._surgery import AdaptationReport as AdaptationReport
@@ -43,6 +45,8 @@ __all__ = (
   "Grouped",
   "LayerReport",
   "LowRank",
+  "PruningLayerReport",
+  "PruningReport",
   "SpatiallySeparable",
   "TensorTrain",
   "Tucker",

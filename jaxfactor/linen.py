@@ -42,9 +42,12 @@ from flax.linen import dtypes as flax_dtypes
 from jaxfactor import _adapters
 from jaxfactor import _formats as formats
 from jaxfactor import _layers
+from jaxfactor import _learned
 from jaxfactor import _ranks
 from jaxfactor import _surgery
 from jaxfactor import _validation
+from jaxfactor._learned import PruningLayerReport
+from jaxfactor._learned import PruningReport
 from jaxfactor._ranks import Budget
 from jaxfactor._surgery import AdaptationReport
 from jaxfactor._surgery import AdapterLayerReport
@@ -62,6 +65,8 @@ __all__ = (
   "LayerReport",
   "LowRankConv",
   "PointwiseConv",
+  "PruningLayerReport",
+  "PruningReport",
   "SpatiallySeparableConv",
   "TensorTrainConv",
   "TuckerConv",
@@ -70,6 +75,8 @@ __all__ = (
   "extract_variables",
   "factorize_variables",
   "merge_variables",
+  "prune_ranks_variables",
+  "rank_penalty",
   "restore_structure",
   "unmerge_variables",
 )
@@ -1421,3 +1428,154 @@ def extract_variables(
     frozen=sum(math.prod(leaf.shape) for leaf in leaves) - trainable,
   )
   return new, report, mask
+
+
+# --- learned ranks ------------------------------------------------------------
+
+
+def rank_penalty(*, strength: float, learning_rate: Any) -> Any:
+  """A group-lasso penalty on the rank components of factorized layers, as
+  a proximal optax step over a params tree: chain it after the optimizer.
+
+  `jaxfactor.nnx.rank_penalty` explains the groups, the step and the
+  choice of groups. Here the factorized layers are found in the params
+  tree that optax is given, by their parameter names: each dict whose
+  keys, `bias` aside, are exactly a `LowRankConv`'s, `TuckerConv`'s,
+  `CPConv`'s, `SpatiallySeparableConv`'s or `TensorTrainConv`'s factor
+  names. Other parameters pass through unchanged.
+
+  Args:
+    strength: the penalty's weight `lambda >= 0`.
+    learning_rate: the optimizer's learning rate (a number or an optax
+      schedule of the step count): the threshold is `learning_rate *
+      strength`.
+
+  Returns:
+    An `optax.GradientTransformation` that needs `params` in `update`:
+    `tx = optax.chain(optax.adam(lr), rank_penalty(strength=1e-3,
+    learning_rate=lr))`, then `updates, state = tx.update(grads, state,
+    params)`.
+
+  Raises:
+    ValueError: a negative `strength`, a non-positive `learning_rate`, or
+      (at `init`/`update`) parameters without any factorized layer, or
+      `update` without `params`.
+
+  >>> import jax, jax.numpy as jnp, optax
+  >>> import jaxfactor.linen
+  >>> layer = jaxfactor.linen.LowRankConv(8, (3, 3), rank=4)
+  >>> params = layer.init(jax.random.key(0), jnp.ones((1, 5, 5, 4)))["params"]
+  >>> tx = optax.chain(optax.sgd(0.1), jaxfactor.linen.rank_penalty(
+  ...     strength=100.0, learning_rate=0.1))
+  >>> state = tx.init(params)
+  >>> grads = jax.tree.map(jnp.zeros_like, params)
+  >>> updates, state = tx.update(grads, state, params)
+  >>> params = optax.apply_updates(params, updates)
+  >>> float(jnp.abs(params["pointwise"]).max())  # every component is zero
+  0.0
+  """
+  return _learned.rank_penalty(
+    "rank_penalty", None, strength=strength, learning_rate=learning_rate
+  )
+
+
+def _factorized_convs(model: nn.Module, variables, inputs):
+  """The jaxfactor layers `model.apply(variables, inputs)` calls, by param
+  path: each one's geometry, implementation and input shape."""
+  found: dict[tuple[str, ...], dict[str, Any]] = {}
+
+  def record(next_fun, args, kwargs, context):
+    module = context.module
+    if context.method_name == "__call__" and isinstance(
+      module, _FactorizedConv
+    ):
+      scope = module.scope
+      path = () if scope is None else tuple(scope.path)
+      found[path] = dict(
+        strides=module.strides,
+        padding=module.padding,
+        kernel_dilation=module.kernel_dilation,
+        implementation=module.implementation,
+        input_shape=tuple(args[0].shape),
+      )
+    return next_fun(*args, **kwargs)
+
+  with nn.intercept_methods(record):
+    model.apply(variables, inputs, mutable=True)
+  return found
+
+
+def prune_ranks_variables(
+  variables: Mapping[str, Any],
+  *,
+  tolerance: float = 0.0,
+  budget: Budget | None = None,
+  model: nn.Module | None = None,
+  inputs: Any = None,
+) -> tuple[dict[str, Any], PruningReport]:
+  """A factorized model's variables without the rank components that
+  contribute nothing.
+
+  As `jaxfactor.nnx.prune_ranks`, on variables: the factorized layers'
+  params dicts are found by their parameter names (as in
+  `rank_penalty`), and each pruned one gets its factors sliced, its bias
+  and every other variable kept. The jaxfactor linen layers read their
+  rank from existing params, so the same model applies the result.
+
+  Args:
+    variables: the model's variables (`{"params": ..., ...}`).
+    tolerance: the largest relative contribution `||K_r|| / ||K||`
+      removed, `>= 0`; at 0 the components that are exactly zero, which
+      leaves the outputs unchanged.
+    budget: `jaxfactor.Budget(params=f)` or `Budget(flops=f)`, or None: then
+      also remove the least contributing components, across all layers,
+      until the layers' total is at most that fraction of their dense total.
+    model: the model, to record each layer's geometry and input shape (FLOP
+      counts in the report, FLOP budgets).
+    inputs: a sample input for `model.apply(variables, inputs)`.
+
+  Returns:
+    `(new_variables, report)`, the report a `PruningReport`.
+
+  Raises:
+    ValueError, TypeError: as `jaxfactor.nnx.prune_ranks`; `model` without
+      `inputs` or the reverse.
+  """
+  fn = "prune_ranks_variables"
+  if (model is None) != (inputs is None):
+    raise ValueError(f"{fn}: give both `model` and `inputs`, or neither.")
+  found = (
+    _factorized_convs(model, variables, inputs) if model is not None else {}
+  )
+  params = variables.get("params", {})
+  layers = []
+  for path, cls, names in _learned.layers_by_name(params):
+    tree = params
+    for key in path:
+      tree = tree[key]
+    values = {name: meta.unbox(tree[name]) for name in names}
+    if cls is formats.DepthwiseSeparable:
+      # Only reported as skipped: its multiplier does not matter.
+      factors = cls._unflatten((1,), cls._children(values))
+    else:
+      factors = cls.from_params(values)
+    layers.append(
+      _learned.Layer(
+        path=tuple(path), factors=factors, **found.get(tuple(path), {})
+      )
+    )
+  new, report = _learned.prune_layers(
+    fn, layers, tolerance=tolerance, budget=budget
+  )
+
+  def convert(path, tree):
+    if not isinstance(tree, Mapping):
+      return tree
+    if path in new:  # the same names, of the new shapes
+      return {**tree, **new[path].params()}
+    return {k: convert((*path, k), v) for k, v in tree.items()}
+
+  out = {
+    k: (convert((), v) if k == "params" else v) for k, v in variables.items()
+  }
+  return out, report

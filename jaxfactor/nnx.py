@@ -30,9 +30,12 @@ from flax.linen import dtypes as flax_dtypes
 from jaxfactor import _adapters
 from jaxfactor import _formats as formats
 from jaxfactor import _layers
+from jaxfactor import _learned
 from jaxfactor import _ranks
 from jaxfactor import _surgery
 from jaxfactor import _validation
+from jaxfactor._learned import PruningLayerReport
+from jaxfactor._learned import PruningReport
 from jaxfactor._ranks import Budget
 from jaxfactor._surgery import AdaptationReport
 from jaxfactor._surgery import AdapterLayerReport
@@ -51,6 +54,8 @@ __all__ = (
   "LayerReport",
   "LowRankConv",
   "PointwiseConv",
+  "PruningLayerReport",
+  "PruningReport",
   "SpatiallySeparableConv",
   "TensorTrainConv",
   "TuckerConv",
@@ -59,6 +64,8 @@ __all__ = (
   "factorize",
   "from_factors",
   "merge",
+  "prune_ranks",
+  "rank_penalty",
   "restore_structure",
   "unmerge",
 )
@@ -1819,3 +1826,186 @@ def extract(
     _set(adapted, path, adapter)
     reports.append(_adapter_report(path, adapter, None))
   return adapted, _adaptation_report(adapted, cls, reports)
+
+
+# --- learned ranks ------------------------------------------------------------
+
+
+def rank_penalty(
+  model: nnx.Module,
+  *,
+  strength: float,
+  learning_rate: Any,
+) -> Any:
+  """A group-lasso penalty on the rank components of a model's factorized
+  layers, as a proximal optax step: chain it after the optimizer.
+
+  Every rank component of every `LowRankConv`, `TuckerConv`, `CPConv`,
+  `SpatiallySeparableConv` and `TensorTrainConv` is one group: the slices
+  of all the factors that carry it (`LowRank`'s column `r` of `spatial` and
+  row `r` of `pointwise`; a Tucker in-rank in `in_proj` and `core`, an
+  out-rank in `core` and `out_proj`; a CP component in every factor; a
+  `SpatiallySeparable` or `TensorTrain` bond in the two factors it links).
+  The step applies group soft-thresholding to `params + updates`:
+  `g <- g * max(0, 1 - t / ||g||)`, `t = learning_rate * strength`, the
+  exact proximal operator of `strength * sum ||g||` for that step size, so
+  a component whose group norm falls under `t` becomes exactly zero (then
+  `prune_ranks` removes it). Where two bonds share a factor (Tucker's core,
+  the inner factors of a `SpatiallySeparable` or cores of a
+  `TensorTrain`), the bonds are thresholded one after the other.
+
+  The groups span every factor of a component, rather than one factor per
+  bond: the product of the factors is unchanged when one factor's slice is
+  scaled up and another's down, so a penalty on one factor alone could be
+  evaded by that rescaling. On the whole group, the least penalty over
+  rescalings is reached with the slices balanced and grows with the
+  component's size in the kernel. The factors are not rebalanced during
+  training (that would change the optimizer's parametrization between
+  steps); `prune_ranks` judges components by their contribution to the
+  kernel, which does not depend on how the factors are scaled.
+
+  Other parameters (biases, dense layers, `DepthwiseSeparableConv`) pass
+  through unchanged.
+
+  Args:
+    model: the nnx model whose factorized layers to penalize (read once,
+      for the layers' paths).
+    strength: the penalty's weight `lambda >= 0`.
+    learning_rate: the optimizer's learning rate (a number or an optax
+      schedule of the step count): the threshold is `learning_rate *
+      strength`.
+
+  Returns:
+    An `optax.GradientTransformation` that needs `params` in `update`, as
+    `nnx.Optimizer` gives them: e.g. `nnx.Optimizer(model,
+    optax.chain(optax.adam(lr), rank_penalty(model, strength=1e-3,
+    learning_rate=lr)), wrt=nnx.Param)`.
+
+  Raises:
+    ValueError: a negative `strength`, a non-positive `learning_rate`, or
+      (at `init`/`update`) parameters without any factorized layer, or
+      `update` without `params`.
+
+  References:
+    Yuan and Lin, 2006, Model selection and estimation in regression with
+    grouped variables, J. R. Stat. Soc. B 68(1); Idelbayev and
+    Carreira-Perpinan, 2020, Low-rank compression of neural nets: learning
+    the rank of each layer, CVPR.
+
+  >>> import jax.numpy as jnp, optax
+  >>> from flax import nnx
+  >>> import jaxfactor.nnx
+  >>> model = jaxfactor.nnx.LowRankConv(4, 8, (3, 3), rank=4, rngs=nnx.Rngs(0))
+  >>> tx = optax.chain(optax.sgd(0.1), jaxfactor.nnx.rank_penalty(
+  ...     model, strength=100.0, learning_rate=0.1))
+  >>> optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
+  >>> loss = lambda m: jnp.mean(m(jnp.ones((1, 5, 5, 4))) ** 2)
+  >>> grads = nnx.grad(loss)(model)
+  >>> _ = optimizer.update(model, grads)
+  >>> float(jnp.abs(model.pointwise[...]).max())  # every component is zero
+  0.0
+  """
+  layers = [
+    (path, module.format, module.param_names)
+    for path, module in nnx.iter_modules(model)
+    if isinstance(module, _FactorizedConv)
+    and module.format in _learned.SUPPORTED
+  ]
+  return _learned.rank_penalty(
+    "rank_penalty", layers, strength=strength, learning_rate=learning_rate
+  )
+
+
+def prune_ranks(
+  model: nnx.Module,
+  *,
+  tolerance: float = 0.0,
+  budget: Budget | None = None,
+  inputs: jax.Array | None = None,
+) -> PruningReport:
+  """Removes, in place, the rank components that contribute nothing.
+
+  Each rank component of each factorized layer (see `rank_penalty`) is
+  scored by its relative contribution `||K_r|| / ||K||`: the Frobenius
+  norm of the part of the dense kernel `K` it makes, over `K`'s. Scores are
+  exact (the kernel is linear in each factor slice) and do not depend on
+  how the factors are scaled. Components scoring at most `tolerance` are
+  sliced out of the factors and the layer's rank shrinks to match; at the
+  default `tolerance=0` those are the components that are exactly zero
+  (e.g. after `rank_penalty`), and the model's outputs do not change. A
+  bond keeps at least one component.
+
+  With a `budget`, components are then removed in increasing score, across
+  all layers at once, until the layers' total meets it: a fraction of the
+  total parameters or FLOPs of the same layers as dense convolutions (as
+  `Budget` means in `factorize`). This changes the outputs; fine-tune
+  afterwards.
+
+  Args:
+    model: an nnx model, modified in place.
+    tolerance: the largest relative contribution removed, `>= 0`.
+    budget: `jaxfactor.Budget(params=f)` or `Budget(flops=f)`, or None.
+    inputs: a sample batch for `model(inputs)`, to record each layer's
+      input shape (FLOP counts in the report, FLOP budgets).
+
+  Returns:
+    A `PruningReport`: per layer the ranks, params and FLOPs (as the layer
+    runs them, by its `implementation`) before and after, and the relative
+    change of its kernel. `DepthwiseSeparableConv` layers are listed as
+    skipped: their channel multiplier is not a sum of components.
+
+  Raises:
+    ValueError: a negative `tolerance`; a FLOP budget without `inputs`; a
+      budget below rank 1 on every bond.
+    TypeError: a `budget` that is not a `Budget`; a bare layer as `model`.
+
+  >>> import jax.numpy as jnp
+  >>> from flax import nnx
+  >>> import jaxfactor.nnx
+  >>> class Net(nnx.Module):
+  ...   def __init__(self, rngs):
+  ...     self.conv = jaxfactor.nnx.LowRankConv(4, 8, (3, 3), rank=4, rngs=rngs)
+  ...   def __call__(self, x):
+  ...     return self.conv(x)
+  >>> net = Net(nnx.Rngs(0))
+  >>> net.conv.pointwise[...] = net.conv.pointwise[...].at[1:3].set(0.0)
+  >>> report = jaxfactor.nnx.prune_ranks(net)
+  >>> report.ranks, net.conv.pointwise.shape
+  ({'conv': 2}, (2, 8))
+  """
+  fn = "prune_ranks"
+  if isinstance(model, _FactorizedConv):
+    raise TypeError(
+      f"{fn}: `model` is a bare {type(model).__name__}; prune_ranks works in"
+      " place on the model that holds it."
+    )
+  paths = [
+    path
+    for path, module in nnx.iter_modules(model)
+    if isinstance(module, _FactorizedConv)
+  ]
+  recorded = (
+    _record_inputs(nnx.clone(model), paths, inputs)
+    if inputs is not None
+    else {}
+  )
+  layers = []
+  for path in paths:
+    module = _get(model, path)
+    layers.append(
+      _learned.Layer(
+        path=path,
+        factors=module.factors,
+        strides=module.strides,
+        padding=module.padding,
+        kernel_dilation=module.kernel_dilation,
+        implementation=module.implementation,
+        input_shape=(tuple(recorded[path].shape) if path in recorded else None),
+      )
+    )
+  new, report = _learned.prune_layers(
+    fn, layers, tolerance=tolerance, budget=budget
+  )
+  for path, value in new.items():
+    _set(model, path, _with_factors(_get(model, path), value))
+  return report
