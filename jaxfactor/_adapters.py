@@ -5,8 +5,10 @@ the frozen kernel (dense, or any format), `dW` a `LowRank` (LoCon), `Tucker`
 (LyCORIS's Tucker-LoCon), `CP` or `SpatiallySeparable` value, and
 `scale = alpha / rank`. `dW` starts with its last factor at zero, so the
 adapted layer starts as exactly the frozen one. A grouped base conv
-(`feature_group_count = G`) gets one update per group, stacked on a leading
-axis of every factor: the update is block-diagonal, as the base is.
+(`feature_group_count = G`) gets one update per group, a `jaxfactor.Grouped`
+(every factor with a leading groups axis): the update is block-diagonal, as
+the base is. `merge_update` folds an update into its base kernel, dense or
+a format, the result a kernel of the base's type.
 
 Everything here is a pure function over arrays and format values; the nnx
 and linen layers only hold the parameters and call it.
@@ -142,27 +144,30 @@ def init(
 def update_value(
   cls: type[formats.Format], params: Mapping[str, Any], groups: int
 ) -> formats.Format:
-  """The update as a format value; with groups, one stacked on axis 0."""
+  """The update as a format value; with groups, a `jaxfactor.Grouped` of
+  them (the params carry the leading groups axis)."""
   params = dict(params)
   if groups == 1:
     return cls.from_params(params)
-  return jax.vmap(cls.from_params)(params)
+  return formats.Grouped(jax.vmap(cls.from_params)(params))
 
 
-def _check_groups(fn: str, update: formats.Format, groups: int) -> None:
-  if groups == 1:
-    update.check(fn)
-    return
-  leading = {
-    leaf.shape[0] if leaf.ndim else None for leaf in jax.tree.leaves(update)
-  }
-  if leading != {groups}:
-    raise ValueError(
-      f"{fn}: with feature_group_count={groups}, every factor of `update`"
-      f" must have a leading axis of size {groups} (one update per group),"
-      f" got leading sizes {sorted(map(str, leading))}."
+def check_update(fn: str, update: Any) -> None:
+  """Raises unless `update` is an adapter format, or a `Grouped` of one."""
+  inner = update.inner if isinstance(update, formats.Grouped) else update
+  if not isinstance(inner, ADAPTER_FORMATS):
+    raise TypeError(
+      f"{fn}: `update` must be a LowRank, Tucker, CP or SpatiallySeparable"
+      " (or a jaxfactor.Grouped of one, for a grouped base), got"
+      f" {describe(update)}."
     )
-  jax.vmap(lambda f: f.check(fn))(update)
+  update.check(fn)
+
+
+def describe(value: Any) -> str:
+  if isinstance(value, formats.Grouped):
+    return f"Grouped({type(value.inner).__name__})"
+  return type(value).__name__
 
 
 def adapter_conv(
@@ -170,7 +175,6 @@ def adapter_conv(
   update: formats.Format,
   *,
   scale: float | jax.typing.ArrayLike = 1.0,
-  feature_group_count: int = 1,
   strides: int | Sequence[int] = 1,
   padding: Any = "SAME",
   dilation: int | Sequence[int] = 1,
@@ -182,19 +186,17 @@ def adapter_conv(
 
   An adapted layer computes `conv(x, W) + adapter_conv(x, dW, ...)` with the
   base layer's own geometry, which equals `conv(x, W + scale *
-  dW.to_dense())`. With `feature_group_count = G`, `x`'s channels are split
-  into G groups as a grouped convolution splits them, group `g` is
-  convolved with its own update (`dW`'s factors stacked on a leading axis
-  of size G, e.g. `jax.tree.map(lambda *a: jnp.stack(a), *per_group)`), and
-  the outputs are concatenated: the dense update is block-diagonal, as the
-  grouped base kernel is (see `merge_update`).
+  dW.to_dense())`. For a grouped base (`feature_group_count = G`) `dW` is a
+  `jaxfactor.Grouped` of G updates, one per group (e.g.
+  `jaxfactor.Grouped.stack(per_group)`): group `g`'s input channels go
+  through update `g` only, and the dense update is block-diagonal, as the
+  grouped base kernel is.
 
   Args:
     x: `[*batch, *spatial, C]`.
     update: a `LowRank`, `Tucker`, `CP` or `SpatiallySeparable` of shape
-      `[*window, C/G, F/G]` (stacked over G groups when G > 1).
+      `[*window, C, F]`, or a `Grouped` of one (shape `[*window, C/G, F]`).
     scale: `alpha / rank`, a Python float or a scalar array.
-    feature_group_count: G, the base convolution's groups.
     strides: as in `conv`.
     padding: as in `conv`.
     dilation: as in `conv`.
@@ -208,7 +210,7 @@ def adapter_conv(
 
   Raises:
     TypeError, ValueError: as `conv`; an update that is not an adapter
-      format, or whose factors are not stacked over the G groups.
+      format (or a `Grouped` of one).
 
   References:
     Hu et al., 2021, LoRA, https://arxiv.org/abs/2106.09685; Yeh et al.,
@@ -220,19 +222,10 @@ def adapter_conv(
   >>> jaxfactor.adapter_conv(jnp.ones((1, 9, 9, 8)), update, scale=0.5).shape
   (1, 9, 9, 16)
   """
-  fn = "adapter_conv"
-  if not isinstance(update, ADAPTER_FORMATS):
-    raise TypeError(
-      f"{fn}: `update` must be a LowRank, Tucker, CP or SpatiallySeparable,"
-      f" got {type(update).__name__}."
-    )
-  groups = _validation.as_int(fn, "feature_group_count", feature_group_count)
-  if groups < 1:
-    raise ValueError(
-      f"{fn}: `feature_group_count` must be a positive int, got {groups}."
-    )
-  _check_groups(fn, update, groups)
-  geometry = dict(
+  check_update("adapter_conv", update)
+  y = _convolution.conv(
+    x,
+    update,
     strides=strides,
     padding=padding,
     dilation=dilation,
@@ -240,35 +233,7 @@ def adapter_conv(
     preferred_element_type=preferred_element_type,
     implementation=implementation,
   )
-  if groups == 1:
-    y = _convolution.conv(x, update, **geometry)
-  else:
-    x = _validation.check_array(fn, "x", x)
-    channels = x.shape[-1]
-    if channels % groups:
-      raise ValueError(
-        f"{fn}: `x` has {channels} channels (shape {tuple(x.shape)}), not a"
-        f" multiple of feature_group_count={groups}."
-      )
-    grouped = jnp.moveaxis(
-      jnp.reshape(x, (*x.shape[:-1], groups, channels // groups)), -2, 0
-    )
-    ys = jax.vmap(lambda xg, fg: _convolution.conv(xg, fg, **geometry))(
-      grouped, update
-    )  # [G, *batch, *out, F/G]
-    y = jnp.moveaxis(ys, 0, -2)
-    y = y.reshape((*y.shape[:-2], y.shape[-2] * y.shape[-1]))
   return y * jnp.asarray(scale, y.dtype)
-
-
-def dense_update(update: formats.Format, groups: int = 1) -> jax.Array:
-  """The update's dense kernel in the base kernel's layout `[*window, C/G,
-  F]`: group g's `to_dense()` in output channels `g*F/G ...`."""
-  if groups == 1:
-    return update.to_dense()
-  per_group = jax.vmap(lambda f: f.to_dense())(update)  # [G, *w, Cg, Fg]
-  stacked = jnp.moveaxis(per_group, 0, -2)  # [*w, Cg, G, Fg]
-  return stacked.reshape((*stacked.shape[:-2], -1))
 
 
 def _scaled(value: jax.Array, scale: Any) -> jax.Array:
@@ -287,27 +252,153 @@ def _block_diagonal(a: jax.Array, b: jax.Array) -> jax.Array:
   return jnp.concatenate([top, bottom], axis=-2)
 
 
-def concatenate(
-  base: formats.Format, update: formats.Format, scale: Any
-) -> formats.Format:
-  """`base + scale * update` as one value of `base`'s format, exactly.
+def _cp_taps(update: formats.CP) -> jax.Array:
+  """`prod_i A_i[w_i, r]`, `[*window, R]`: the CP's spatial filter per rank."""
+  taps = update.spatial[0]
+  for a in update.spatial[1:]:
+    taps = taps[..., None, :] * a.reshape((1,) * (taps.ndim - 1) + a.shape)
+  return taps
 
-  The sum of two factorizations of one format is a factorization of the
-  summed rank: `LowRank` and `CP` concatenate their factors along the rank,
-  `Tucker` also puts the two cores on a block diagonal, and
-  `SpatiallySeparable` chains block-diagonal factors. Only `scale` is
-  rounded in (it multiplies the update's last factor).
 
-  Raises:
-    TypeError: `update` of another format than `base`, or a format whose
-      factorizations do not add up this way.
-  """
-  if isinstance(base, formats.LowRank) and isinstance(update, formats.LowRank):
+def _eye(n: int, like: jax.Array) -> jax.Array:
+  return jnp.eye(n, dtype=like.dtype)
+
+
+def _as_low_rank(update: formats.Format) -> formats.LowRank:
+  """A `Tucker` (rank `R_out`: the in-projection folded into the core) or
+  a `CP` (rank `R`) as the `LowRank` it is."""
+  if isinstance(update, formats.Tucker):
+    spatial = jnp.einsum(
+      "ca,...ab->...cb",
+      update.in_proj,
+      update.core,
+      precision=jax.lax.Precision.HIGHEST,
+    )
+    return formats.LowRank(spatial, update.out_proj)
+  if isinstance(update, formats.CP):
+    taps = _cp_taps(update)
+    spatial = taps[..., None, :] * update.in_proj.reshape(
+      (1,) * (taps.ndim - 1) + update.in_proj.shape
+    )
+    return formats.LowRank(spatial, update.out_proj)
+  assert isinstance(update, formats.LowRank)
+  return update
+
+
+def _as_tucker(update: formats.Format) -> formats.Tucker:
+  """A `LowRank` (ranks `(C, R)`: an identity in-projection) or a `CP`
+  (ranks `(R, R)`: a diagonal, depthwise core) as the `Tucker` it is."""
+  if isinstance(update, formats.LowRank):
+    return formats.Tucker(
+      _eye(update.in_features, update.spatial),
+      update.spatial,
+      update.pointwise,
+    )
+  if isinstance(update, formats.CP):
+    taps = _cp_taps(update)
+    eye = _eye(update.rank, taps)
+    core = taps[..., None] * eye.reshape((1,) * (taps.ndim - 1) + eye.shape)
+    return formats.Tucker(update.in_proj, core, update.out_proj)
+  assert isinstance(update, formats.Tucker)
+  return update
+
+
+def _as_spatially_separable(update: formats.CP) -> formats.SpatiallySeparable:
+  """A `CP` of rank R as the `SpatiallySeparable` of inner ranks `(R, ...,
+  R)` it is: the projections folded into the first and last factors, the
+  middle factors diagonal."""
+  first, *middle, last = update.spatial
+  return formats.SpatiallySeparable(
+    (
+      first[:, None, :] * update.in_proj[None],
+      *(a[:, :, None] * _eye(update.rank, a)[None] for a in middle),
+      last[:, :, None] * update.out_proj[None],
+    )
+  )
+
+
+def _as_depthwise_separable(
+  update: formats.Format,
+) -> formats.DepthwiseSeparable:
+  """A `LowRank` of rank R (or a `Tucker` or `CP`, through their `LowRank`)
+  as the `DepthwiseSeparable` of channel multiplier R it is: each input
+  channel's R filters, then the R x F pointwise factor for every channel."""
+  low_rank = _as_low_rank(update)
+  *window, c, r = low_rank.spatial.shape
+  pointwise = jnp.broadcast_to(
+    low_rank.pointwise[None], (c, r, low_rank.out_features)
+  )
+  return formats.DepthwiseSeparable(
+    low_rank.spatial.reshape((*window, 1, c * r)),
+    pointwise.reshape((c * r, low_rank.out_features)),
+    channel_multiplier=r,
+  )
+
+
+# (update format, base format) -> the update as a value of the base's
+# format, exactly, at ranks that grow with the update's own ranks only
+# (and with C for LowRank's identity in-projection in Tucker). The pairs not
+# listed have no such form: it needs ranks growing with the window
+# (SpatiallySeparable into another format) or the dense kernel's size
+# (LowRank or Tucker into CP or SpatiallySeparable; anything into a
+# TensorTrain).
+_CONVERSIONS: dict[tuple[type, type], Any] = {
+  (formats.LowRank, formats.LowRank): lambda u: u,
+  (formats.Tucker, formats.LowRank): _as_low_rank,
+  (formats.CP, formats.LowRank): _as_low_rank,
+  (formats.LowRank, formats.Tucker): _as_tucker,
+  (formats.Tucker, formats.Tucker): lambda u: u,
+  (formats.CP, formats.Tucker): _as_tucker,
+  (formats.CP, formats.CP): lambda u: u,
+  (formats.CP, formats.SpatiallySeparable): _as_spatially_separable,
+  (formats.SpatiallySeparable, formats.SpatiallySeparable): lambda u: u,
+  (formats.LowRank, formats.DepthwiseSeparable): _as_depthwise_separable,
+  (formats.Tucker, formats.DepthwiseSeparable): _as_depthwise_separable,
+  (formats.CP, formats.DepthwiseSeparable): _as_depthwise_separable,
+}
+
+
+def merges_into(update_cls: type, base_cls: type) -> bool:
+  """Whether an update of `update_cls` merges exactly into a base of
+  `base_cls` (see `merge_update`)."""
+  return (update_cls, base_cls) in _CONVERSIONS
+
+
+def _names(classes) -> str:
+  names = [c.__name__ for c in classes]
+  if len(names) < 2:
+    return "".join(names)
+  return ", ".join(names[:-1]) + " or " + names[-1]
+
+
+def merge_error(fn: str, update_cls: type, base_cls: type) -> str:
+  """Why a `update_cls` update does not merge into a `base_cls` base, and
+  what to do instead."""
+  into = [b for (u, b) in _CONVERSIONS if u is update_cls]
+  merging = [u for (u, b) in _CONVERSIONS if b is base_cls]
+  advice = (
+    f"adapt it with a {_names(merging)} update (they merge into"
+    f" {base_cls.__name__})"
+    if merging
+    else f"no update format merges into {base_cls.__name__}"
+  )
+  return (
+    f"{fn}: a {update_cls.__name__} update has no exact {base_cls.__name__}"
+    " form of a sensible size (its ranks would grow with the window or the"
+    f" kernel's size); a {update_cls.__name__} update merges into a dense"
+    f" kernel or a {_names(into)} base. For this layer, {advice}, or merge"
+    " into its dense kernel: merge_update(base.to_dense(), update)."
+  )
+
+
+def _concatenate_one(base: Any, update: Any, scale: Any) -> formats.Format:
+  """`concatenate` for two values of one format."""
+  if isinstance(base, formats.LowRank):
     return formats.LowRank(
       jnp.concatenate([base.spatial, update.spatial], axis=-1),
       jnp.concatenate([base.pointwise, _scaled(update.pointwise, scale)]),
     )
-  if isinstance(base, formats.CP) and isinstance(update, formats.CP):
+  if isinstance(base, formats.CP):
     return formats.CP(
       jnp.concatenate([base.in_proj, update.in_proj], axis=-1),
       tuple(
@@ -316,33 +407,77 @@ def concatenate(
       ),
       jnp.concatenate([base.out_proj, _scaled(update.out_proj, scale)]),
     )
-  if isinstance(base, formats.Tucker) and isinstance(update, formats.Tucker):
+  if isinstance(base, formats.Tucker):
     return formats.Tucker(
       jnp.concatenate([base.in_proj, update.in_proj], axis=-1),
       _block_diagonal(base.core, update.core),
       jnp.concatenate([base.out_proj, _scaled(update.out_proj, scale)]),
     )
-  if isinstance(base, formats.SpatiallySeparable) and isinstance(
-    update, formats.SpatiallySeparable
-  ):
-    first, *middle, last = zip(base.factors, update.factors)
-    return formats.SpatiallySeparable(
-      (
-        jnp.concatenate(first, axis=-1),
-        *(_block_diagonal(a, b) for a, b in middle),
-        jnp.concatenate([last[0], _scaled(last[1], scale)], axis=-2),
-      )
+  if isinstance(base, formats.DepthwiseSeparable):
+    # Channel c's filters are c*m ... c*m + m - 1: add each channel's own.
+    c, f = base.in_features, base.out_features
+    m, r = base.channel_multiplier, update.channel_multiplier
+    window = base.window
+    depthwise = jnp.concatenate(
+      [
+        base.depthwise.reshape((*window, 1, c, m)),
+        update.depthwise.reshape((*window, 1, c, r)),
+      ],
+      axis=-1,
     )
-  raise TypeError(
-    f"merge: cannot add a {type(update).__name__} update to a"
-    f" {type(base).__name__} kernel as one {type(base).__name__}: only"
-    " LowRank, CP, Tucker and SpatiallySeparable updates of the kernel's own"
-    " format concatenate exactly."
+    pointwise = jnp.concatenate(
+      [
+        base.pointwise.reshape((c, m, f)),
+        _scaled(update.pointwise, scale).reshape((c, r, f)),
+      ],
+      axis=1,
+    )
+    return formats.DepthwiseSeparable(
+      depthwise.reshape((*window, 1, c * (m + r))),
+      pointwise.reshape((c * (m + r), f)),
+      channel_multiplier=m + r,
+    )
+  assert isinstance(base, formats.SpatiallySeparable)
+  first, *middle, last = zip(base.factors, update.factors)
+  return formats.SpatiallySeparable(
+    (
+      jnp.concatenate(first, axis=-1),
+      *(_block_diagonal(a, b) for a, b in middle),
+      jnp.concatenate([last[0], _scaled(last[1], scale)], axis=-2),
+    )
   )
 
 
+def concatenate(
+  base: formats.Format, update: formats.Format, scale: Any
+) -> formats.Format:
+  """`base + scale * update` as one value of `base`'s format, exactly.
+
+  The update is first written exactly in the base's format (`_CONVERSIONS`),
+  then the two factorizations of one format are concatenated along their
+  ranks: `LowRank` and `CP` side by side, `Tucker` also with the two cores
+  on a block diagonal, `DepthwiseSeparable` each channel's filters side by
+  side, `SpatiallySeparable` chaining block-diagonal factors. The base's
+  factors come first, unchanged (`split` takes them back out), and only
+  `scale` is rounded in (it multiplies the update's last factor). A
+  `Grouped` base and update are concatenated group by group.
+
+  Raises:
+    TypeError: a pair of formats that does not merge (`merge_error`).
+  """
+  if isinstance(base, formats.Grouped) and isinstance(update, formats.Grouped):
+    return formats.Grouped(
+      jax.vmap(lambda b, u: concatenate(b, u, scale))(base.inner, update.inner)
+    )
+  convert = _CONVERSIONS.get((type(update), type(base)))
+  if convert is None:
+    raise TypeError(merge_error("merge", type(update), type(base)))
+  return _concatenate_one(base, convert(update), scale)
+
+
 def split(merged: formats.Format, rank: Any) -> formats.Format:
-  """The first `rank` of a `concatenate`d value: the base, bit for bit."""
+  """The base of a `concatenate`d value, whose rank was `rank`: the base's
+  own factors, bit for bit."""
   if isinstance(merged, formats.LowRank):
     return formats.LowRank(merged.spatial[..., :rank], merged.pointwise[:rank])
   if isinstance(merged, formats.CP):
@@ -355,6 +490,16 @@ def split(merged: formats.Format, rank: Any) -> formats.Format:
     a, b = rank
     return formats.Tucker(
       merged.in_proj[:, :a], merged.core[..., :a, :b], merged.out_proj[:b]
+    )
+  if isinstance(merged, formats.DepthwiseSeparable):
+    c, f, window = merged.in_features, merged.out_features, merged.window
+    total = merged.channel_multiplier
+    depthwise = merged.depthwise.reshape((*window, 1, c, total))[..., :rank]
+    pointwise = merged.pointwise.reshape((c, total, f))[:, :rank]
+    return formats.DepthwiseSeparable(
+      depthwise.reshape((*window, 1, c * rank)),
+      pointwise.reshape((c * rank, f)),
+      channel_multiplier=rank,
     )
   if not isinstance(merged, formats.SpatiallySeparable):
     raise TypeError(
@@ -375,76 +520,128 @@ def merge_update(
   update: formats.Format,
   *,
   scale: float | jax.typing.ArrayLike = 1.0,
-  feature_group_count: int = 1,
 ) -> jax.Array | formats.Format:
   """Folds an update into its base kernel: `W + scale * dW`, as `W` is held.
 
-  A dense kernel stays dense: `kernel + scale * dW.to_dense()` (block-
-  diagonal over the groups of a grouped kernel). A format stays that
-  format, exactly: the two factorizations are concatenated along their
-  ranks (see the adapters guide), so a rank-`r` `LowRank` base and a
-  rank-`s` update give a rank-`r + s` `LowRank`.
+  A dense kernel stays dense: `kernel + scale * dW.to_dense()` (for a
+  grouped kernel `[*window, C/G, F]` and a `Grouped` update, the update's
+  block-diagonal dense kernel). A format stays that format, exactly: the
+  update is written exactly in the base's format, then the two
+  factorizations are concatenated along their ranks, the base's factors
+  first and unchanged. The pairs that merge, with the ranks they give for
+  a base of rank `r` (`(a, b)` for a `Tucker`, channel multiplier `m` for
+  a `DepthwiseSeparable`):
+
+  - a `LowRank` update of rank `s` into `LowRank` (`r + s`), `Tucker`
+    (`(a + C, b + s)`: an identity in-projection) or `DepthwiseSeparable`
+    (`m + s`);
+  - a `Tucker` update of ranks `(c, d)` into `LowRank` (`r + d`: its
+    in-projection folded into the core), `Tucker` (`(a + c, b + d)`) or
+    `DepthwiseSeparable` (`m + d`);
+  - a `CP` update of rank `s` into `LowRank` (`r + s`), `Tucker` (`(a + s,
+    b + s)`: a diagonal core), `CP` (`r + s`), `SpatiallySeparable` (each
+    inner rank `+ s`) or `DepthwiseSeparable` (`m + s`);
+  - a `SpatiallySeparable` update into `SpatiallySeparable` (inner ranks
+    added).
+
+  Any other pair would need ranks that grow with the window or the
+  kernel's size, and raises. A `Grouped` base takes a `Grouped` update of
+  as many groups, group by group.
 
   Args:
-    kernel: the base kernel: dense `[*window, C/G, F]`, or a format of the
-      update's type.
-    update: a `LowRank`, `Tucker`, `CP` or `SpatiallySeparable` (stacked
-      over the groups when `feature_group_count > 1`).
+    kernel: the base kernel: dense `[*window, C/G, F]`, or a format.
+    update: a `LowRank`, `Tucker`, `CP` or `SpatiallySeparable`, or a
+      `Grouped` of one for a grouped base.
     scale: `alpha / rank`.
-    feature_group_count: the base convolution's groups (dense kernels only).
 
   Returns:
     A dense kernel of `kernel`'s shape and dtype, or a format of `kernel`'s
     type whose `conv` equals `conv(x, kernel) + adapter_conv(x, update)`.
 
   Raises:
-    ValueError: a format base of another type than the update, or shapes
-      that do not match.
+    ValueError: a pair of formats that does not merge (the message says
+      which do), or shapes that do not match.
+    TypeError: an update that is not an adapter format.
 
   >>> import jax.numpy as jnp
   >>> import jaxfactor
   >>> base = jaxfactor.LowRank(jnp.ones((3, 3, 8, 4)), jnp.ones((4, 16)))
-  >>> update = jaxfactor.LowRank(jnp.ones((3, 3, 8, 2)), jnp.ones((2, 16)))
+  >>> update = jaxfactor.Tucker(
+  ...     jnp.ones((8, 2)), jnp.ones((3, 3, 2, 3)), jnp.ones((3, 16)))
   >>> jaxfactor.merge_update(base, update, scale=0.5).rank
-  6
+  7
   """
   fn = "merge_update"
-  if not isinstance(update, ADAPTER_FORMATS):
-    raise TypeError(
-      f"{fn}: `update` must be a LowRank, Tucker, CP or SpatiallySeparable,"
-      f" got {type(update).__name__}."
+  check_update(fn, update)
+  if not isinstance(kernel, formats.Format):
+    kernel = jnp.asarray(_validation.check_array(fn, "kernel", kernel))
+    return merge_dense(fn, kernel, update, scale)
+  kernel.check(fn)
+  if isinstance(kernel, formats.Grouped) != isinstance(
+    update, formats.Grouped
+  ) or (kernel.groups != update.groups):
+    raise ValueError(
+      f"{fn}: a {describe(update)} update with {update.groups} group(s)"
+      f" does not fit a {describe(kernel)} kernel with {kernel.groups}:"
+      " a grouped kernel takes a jaxfactor.Grouped update of as many"
+      " groups, an ungrouped one an ungrouped update."
     )
-  groups = _validation.as_int(fn, "feature_group_count", feature_group_count)
-  _check_groups(fn, update, groups)
-  if isinstance(kernel, formats.Format):
-    if type(kernel) is not type(update) or groups != 1:
-      raise ValueError(
-        f"{fn}: a {type(update).__name__} update has no exact"
-        f" {type(kernel).__name__} form of the summed rank; merge an update"
-        " of the base's own format (or a dense base)."
+  if kernel.shape != update.shape:
+    raise ValueError(
+      f"{fn}: `kernel` has shape {kernel.shape} but `update` has shape"
+      f" {update.shape}."
+    )
+  pair = (
+    (type(update.inner), type(kernel.inner))
+    if isinstance(kernel, formats.Grouped)
+    and isinstance(update, formats.Grouped)
+    else (type(update), type(kernel))
+  )
+  if not merges_into(*pair):
+    raise ValueError(merge_error(fn, *pair))
+  return concatenate(kernel, update, scale)
+
+
+BASE_FORMATS: tuple[type[formats.Format], ...] = (
+  formats.LowRank,
+  formats.Tucker,
+  formats.CP,
+  formats.SpatiallySeparable,
+  formats.DepthwiseSeparable,
+  formats.TensorTrain,
+)
+
+
+def factors_of(
+  params: Mapping[str, Any], in_features: int
+) -> formats.Format | None:
+  """The format value a factorized layer's params dict holds (its `bias`
+  and `adapter_*` params aside; their names tell the format), or None."""
+  factors = {
+    k: v for k, v in params.items() if k != "bias" and "adapter_" not in k
+  }
+  for cls in BASE_FORMATS:
+    if {cls.field_of(k) for k in factors} == set(cls._fields):
+      static = (
+        {"channel_multiplier": factors["depthwise"].shape[-1] // in_features}
+        if cls is formats.DepthwiseSeparable
+        else {}
       )
-    kernel.check(fn)
-    if kernel.shape != update.shape:
-      raise ValueError(
-        f"{fn}: `kernel` has shape {kernel.shape} but `update` has shape"
-        f" {update.shape}."
-      )
-    return concatenate(kernel, update, scale)
-  kernel = jnp.asarray(_validation.check_array(fn, "kernel", kernel))
-  return merge_dense(fn, kernel, update, scale, groups)
+      return cls.from_params(factors, **static)
+  return None
 
 
 def merge_dense(
-  fn: str, kernel: jax.Array, update: formats.Format, scale: Any, groups: int
+  fn: str, kernel: jax.Array, update: formats.Format, scale: Any
 ) -> jax.Array:
-  """`kernel + scale * dense_update(update)`, in the kernel's dtype."""
-  delta = dense_update(update, groups)
-  if tuple(delta.shape) != tuple(kernel.shape):
+  """`kernel + scale * update.to_dense()`, in the kernel's dtype."""
+  if tuple(update.shape) != tuple(kernel.shape):
     raise ValueError(
-      f"{fn}: `kernel` has shape {tuple(kernel.shape)} but `update` (with"
-      f" feature_group_count={groups}) stands for {tuple(delta.shape)}."
+      f"{fn}: `kernel` has shape {tuple(kernel.shape)} but `update`"
+      f" ({describe(update)}, {update.groups} group(s)) stands for"
+      f" {tuple(update.shape)}."
     )
-  return kernel + _scaled(delta.astype(kernel.dtype), scale)
+  return kernel + _scaled(update.to_dense().astype(kernel.dtype), scale)
 
 
 def last_factor(cls: type[formats.Format], params: Mapping[str, Any]) -> str:
@@ -516,7 +713,6 @@ def branch(
     x,
     update_value(cls, params, groups),
     scale=scale,
-    feature_group_count=groups,
     **conv_kwargs,
   )
   if key is not None and module_dropout_rate > 0:
@@ -591,12 +787,11 @@ def extract(
   return rank, factor, dict(params)
 
 
-def rank_of(update: formats.Format, groups: int) -> Any:
-  """The rank of an update (per group: a stacked update's leading axis is
-  not a rank)."""
-  if groups > 1:
+def rank_of(update: formats.Format) -> Any:
+  """The rank of an update (per group, for a `Grouped` one)."""
+  if isinstance(update, formats.Grouped):
     update = jax.tree.map(
-      lambda a: jax.ShapeDtypeStruct(a.shape[1:], a.dtype), update
+      lambda a: jax.ShapeDtypeStruct(a.shape[1:], a.dtype), update.inner
     )
   return _ranks.rank_of(update)
 

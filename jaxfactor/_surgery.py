@@ -600,19 +600,13 @@ class AdaptationReport:
     return "\n".join(rows)
 
 
-def adapter_flops(
-  site: Site, update: Any, groups: int, implementation: str
-) -> int | None:
-  """FLOPs of the adapter branch on the site's recorded input shape."""
+def adapter_flops(site: Site, update: Any, implementation: str) -> int | None:
+  """FLOPs of the adapter branch (a `Grouped` update for a grouped base) on
+  the site's recorded input shape."""
   shape = site.input_shape
   if shape is None:
     return None
-  if groups > 1:
-    update = jax.tree.map(
-      lambda a: jax.ShapeDtypeStruct(a.shape[1:], a.dtype), update
-    )
-    shape = (*shape[:-1], shape[-1] // groups)
-  flops = _cost.cost(
+  return _cost.cost(
     update,
     shape,
     strides=site.strides or 1,
@@ -620,4 +614,3 @@ def adapter_flops(
     dilation=site.kernel_dilation or 1,
     implementation=implementation,
   ).flops
-  return groups * flops

@@ -716,7 +716,7 @@ def _adapter_call(
   }
   if stored:
     value = _adapters.update_value(cls, stored, groups)
-    rank = _adapters.rank_of(value, groups)
+    rank = _adapters.rank_of(value)
   elif not module.is_initializing():
     raise ValueError(
       f"{layer}: the variables hold no adapter params for this layer; build"
@@ -1092,9 +1092,7 @@ def adapt_variables(
         scale=factor,
         trainable=update.num_params,
         frozen=frozen,
-        extra_flops=_surgery.adapter_flops(
-          site, update, groups, implementation
-        ),
+        extra_flops=_surgery.adapter_flops(site, update, implementation),
       )
     )
   new = {k: v for k, v in variables.items() if k != "params"}
@@ -1177,11 +1175,13 @@ def merge_variables(
 ) -> dict[str, Any]:
   """The plain model's variables, every adapter folded into its base.
 
-  A dense `kernel` becomes `kernel + scale * dW.to_dense()`; factor params
-  of the update's format are concatenated with the update's along the rank
-  (exact: see `jaxfactor.merge_update`). The adapter params and the
-  "adapter" collection are dropped: apply the result with the base model
-  (`nn.Conv`, or the jaxfactor layer with `rank=None`).
+  A dense `kernel` becomes `kernel + scale * dW.to_dense()`; the factor
+  params of a jaxfactor layer stay that layer's format, the update written
+  in it and concatenated along the rank (exact; see
+  `jaxfactor.merge_update` for the pairs that merge and the ranks they
+  give). The adapter params and the "adapter" collection are dropped:
+  apply the result with the base model (`nn.Conv`, or the jaxfactor layer
+  with `rank=None`, or the merged rank).
 
   Args:
     variables: adapted variables (`adapt_variables`, then trained).
@@ -1191,8 +1191,8 @@ def merge_variables(
     The merged variables.
 
   Raises:
-    ValueError: an adapter on factor params of another format, or without
-      its scale.
+    ValueError: an adapter whose update does not merge into its base's
+      format (the message says which pairs do), or without its scale.
   """
   fn = "merge_variables"
   cls = _adapters.adapter_format(fn, format)
@@ -1200,21 +1200,15 @@ def merge_variables(
   for path, tree, scale in _adapted_params(fn, variables):
     base, update, groups = _split_update(cls, tree)
     value = _adapters.update_value(cls, update, groups)
+    where = f"{fn}: the adapter at {'/'.join(path)}"
     if "kernel" in base:
       kernel = meta.unbox(base["kernel"])
-      base["kernel"] = _adapters.merge_dense(fn, kernel, value, scale, groups)
+      base["kernel"] = _adapters.merge_dense(where, kernel, value, scale)
     else:
-      names = set(cls.param_shapes(value.shape, _ranks.rank_of(value)))
-      if not names <= set(base) or groups != 1:
-        raise ValueError(
-          f"{fn}: the adapter at {'/'.join(path)} is a {cls.__name__} update"
-          f" on params {sorted(base)}: only a dense kernel or {cls.__name__}"
-          " factors merge exactly."
-        )
-      merged = _adapters.concatenate(
-        cls.from_params({k: meta.unbox(base[k]) for k in names}), value, scale
-      )
-      base.update(merged.params())
+      factors = _base_factors(where, base, value)
+      if not _adapters.merges_into(cls, type(factors)):
+        raise ValueError(_adapters.merge_error(where, cls, type(factors)))
+      base.update(_adapters.concatenate(factors, value, scale).params())
     _set_path(params, path, base)
   new = {
     k: v
@@ -1223,6 +1217,19 @@ def merge_variables(
   }
   new["params"] = params
   return new
+
+
+def _base_factors(where: str, params: Mapping[str, Any], update: Any):
+  """The format value a factorized layer's params hold (`update` gives
+  its input channels)."""
+  factors = _adapters.factors_of(meta.unbox(params), update.in_features)
+  if factors is None or update.groups != 1:
+    raise ValueError(
+      f"{where} is a {_adapters.describe(update)} update on params"
+      f" {sorted(params)}: neither a dense kernel nor a jaxfactor layer's"
+      " factors."
+    )
+  return factors
 
 
 def unmerge_variables(
@@ -1260,21 +1267,20 @@ def unmerge_variables(
     if not isinstance(node, Mapping):
       raise ValueError(f"{fn}: `variables` has no params at {name}.")
     layer = dict(node)
+    where = f"{fn}: the adapter at {name}"
     if "kernel" in base and "kernel" in layer:
       kernel = meta.unbox(layer["kernel"])
-      delta = _adapters.dense_update(value, groups).astype(kernel.dtype)
+      delta = value.to_dense().astype(kernel.dtype)
       layer["kernel"] = kernel - delta * jnp.asarray(scale, kernel.dtype)
     else:
-      names = set(cls.param_shapes(value.shape, _ranks.rank_of(value)))
-      if not names <= set(base) or not names <= set(layer):
+      factors = None if "kernel" in base else _base_factors(where, base, value)
+      merged = _adapters.factors_of(meta.unbox(layer), value.in_features)
+      if factors is None or merged is None or type(merged) is not type(factors):
         raise ValueError(
           f"{fn}: `variables` has params {sorted(layer)} at {name}, where"
           f" `adapted` has an adapter on params {sorted(base)}."
         )
-      rank = _ranks.rank_of(
-        cls.from_params({k: meta.unbox(base[k]) for k in names})
-      )
-      merged = cls.from_params({k: meta.unbox(layer[k]) for k in names})
+      rank = _ranks.rank_of(factors)
       layer.update(_adapters.split(merged, rank).params())
     _set_path(params, path, layer)
   new = {k: v for k, v in variables.items() if k != "params"}

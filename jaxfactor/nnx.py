@@ -1004,12 +1004,12 @@ def _layer(
   `bias` (an `nnx.Param`, or None), built without initializing anything."""
   if cls is formats.DepthwiseSeparable:
     rank_arg = {"channel_multiplier": rank}
-  elif cls is formats.TensorTrain:
-    # A train of any modes: built with the default ones, then given the
-    # values' (rank 1 is valid whatever the modes).
-    rank_arg = {"rank": 1}
   else:
-    rank_arg = {"rank": rank}
+    # Built at rank 1, then given the values: a train of any modes, or a
+    # merged adapter's summed rank, which may exceed `max_rank` (rank 1 is
+    # valid whatever the shapes, and the parameter names do not depend on
+    # the rank).
+    rank_arg = {"rank": 1}
   layer = nnx.eval_shape(
     lambda: _LAYERS[cls](
       in_features,
@@ -1237,9 +1237,9 @@ class Adapter(nnx.Module):
   dW.to_dense()` (bias included). `dW` is a `LowRank` (LoCon), `Tucker`
   (LyCORIS's Tucker-LoCon), `CP` or `SpatiallySeparable` whose last factor
   starts at zero: at first the adapter computes exactly `base(x)`. A
-  grouped base (`feature_group_count = G`) gets one update per group
-  (factors stacked on a leading axis of size G), block-diagonal as the
-  base. The update's parameters are `AdapterParam`s named
+  grouped base (`feature_group_count = G`) gets one update per group, a
+  `jaxfactor.Grouped` (each factor with a leading axis of size G),
+  block-diagonal as the base. The update's parameters are `AdapterParam`s named
   `adapter_{name}` (`name` as in `Format.params()`); the base keeps its own
   `nnx.Param`s, under `base`.
 
@@ -1347,7 +1347,8 @@ class Adapter(nnx.Module):
 
   @property
   def update(self) -> formats.Format:
-    """The update `dW` as a format value (stacked over the groups)."""
+    """The update `dW` as a format value (a `jaxfactor.Grouped` of one per
+    group, for a grouped base)."""
     return _adapters.update_value(self.format, self._params(), self.groups)
 
   def _params(self) -> dict[str, jax.Array]:
@@ -1565,9 +1566,7 @@ def _adapter_report(path, adapter: Adapter, inputs) -> AdapterLayerReport:
     scale=adapter.scale,
     trainable=update.num_params,
     frozen=_param_count(base),
-    extra_flops=_surgery.adapter_flops(
-      site, update, adapter.groups, adapter.implementation
-    ),
+    extra_flops=_surgery.adapter_flops(site, update, adapter.implementation),
   )
 
 
@@ -1627,10 +1626,12 @@ def merge(model: nnx.Module) -> nnx.Module:
 
   Each `Adapter` becomes its base layer holding `W + scale * dW`: a dense
   `nnx.Conv` gets `kernel + scale * dW.to_dense()` (block-diagonal per
-  group), exact to float rounding; a factorized layer of the update's own
-  format gets both factorizations concatenated along the rank (a rank-`r`
-  `LowRankConv` and a rank-`s` update give a rank-`r + s` `LowRankConv`),
-  exact. `model` itself is left as it is.
+  group), exact to float rounding; a factorized layer stays a layer of its
+  format, exactly: the update is written in the base's format and the two
+  factorizations are concatenated along the rank (a rank-`r` `LowRankConv`
+  and a rank-`s` `LowRank` or `CP` update give a rank-`r + s`
+  `LowRankConv`; see `jaxfactor.merge_update` for every pair that merges).
+  `model` itself is left as it is.
 
   Args:
     model: an adapted model (see `adapt`), or an `Adapter`.
@@ -1640,8 +1641,9 @@ def merge(model: nnx.Module) -> nnx.Module:
     dropout off.
 
   Raises:
-    ValueError: an adapter on a factorized layer of another format (no
-      exact form of the summed rank exists in that format).
+    ValueError: an adapter whose update has no exact form of a sensible
+      size in its factorized base's format (say, a `SpatiallySeparable`
+      update on a `LowRankConv`); the message says which pairs merge.
   """
   fn = "merge"
   merged = nnx.clone(model)
@@ -1650,18 +1652,13 @@ def merge(model: nnx.Module) -> nnx.Module:
     update, scale = adapter.update, adapter.scale
     if isinstance(base, nnx.Conv):
       kernel = base.kernel[...]
-      base.kernel[...] = _adapters.merge_dense(
-        fn, kernel, update, scale, adapter.groups
-      )
+      base.kernel[...] = _adapters.merge_dense(fn, kernel, update, scale)
       merged = _replaced(merged, path, base)
       continue
-    if base.format is not adapter.format:
+    if not _adapters.merges_into(adapter.format, base.format):
+      where = f"{fn}: the adapter at {'/'.join(map(str, path)) or '(root)'}"
       raise ValueError(
-        f"{fn}: the adapter at {'/'.join(map(str, path))} is a"
-        f" {adapter.format.__name__} update on a {base.format.__name__}"
-        f" layer: no {base.format.__name__} of the summed rank equals their"
-        " sum; adapt factorized layers with an update of their own format"
-        " to merge them."
+        _adapters.merge_error(where, adapter.format, base.format)
       )
     value = _adapters.concatenate(base.factors, update, scale)
     merged = _replaced(merged, path, _with_factors(base, value))
@@ -1672,8 +1669,8 @@ def unmerge(model: nnx.Module, adapted: nnx.Module) -> nnx.Module:
   """Takes `adapted`'s adapters back out of a model `merge` made from it.
 
   Dense kernels get `kernel - scale * dW.to_dense()` (exact to float
-  rounding); factorized layers drop the update's factors (exactly the base
-  factors). `model` is left as it is.
+  rounding); factorized layers drop the update's factors, whatever the
+  update's format was (exactly the base factors). `model` is left as it is.
 
   Args:
     model: a merged model, `merge(adapted)`.
@@ -1697,7 +1694,7 @@ def unmerge(model: nnx.Module, adapted: nnx.Module) -> nnx.Module:
     update, scale = adapter.update, adapter.scale
     if isinstance(adapter.base, nnx.Conv) and isinstance(layer, nnx.Conv):
       kernel = layer.kernel[...]
-      delta = _adapters.dense_update(update, adapter.groups)
+      delta = update.to_dense()
       layer.kernel[...] = kernel - (
         delta.astype(kernel.dtype) * jnp.asarray(scale, kernel.dtype)
       )

@@ -50,12 +50,9 @@ CLASSES = {
 }
 
 
-def _stack(per_group):
-  return jax.tree.map(lambda *a: jnp.stack(a), *per_group)
-
-
 def _random_update(name, window, c, f, groups, seed=0):
-  """One random update per group ([*window, C/G, F/G] each), stacked."""
+  """One random update per group ([*window, C/G, F/G] each), a Grouped of
+  them for G > 1."""
   ranks = {"spatially_separable": (2,) * (len(window) - 1)}.get(name, 2)
   if name == "tucker":
     ranks = (2, 3)
@@ -63,7 +60,9 @@ def _random_update(name, window, c, f, groups, seed=0):
     random_format(name, window, c, f, seed=seed + g, ranks=ranks)
     for g in range(groups)
   ]
-  return per_group[0] if groups == 1 else _stack(per_group), per_group
+  if groups == 1:
+    return per_group[0], per_group
+  return jaxfactor.Grouped.stack(per_group), per_group
 
 
 def _dense_update(per_group):
@@ -118,7 +117,6 @@ def test_adapted_conv_equals_flax_conv_of_the_merged_kernel(case):
     functools.partial(
       jaxfactor.adapter_conv,
       scale=scale,
-      feature_group_count=groups,
       implementation=case["implementation"],
       **kwargs,
     )
@@ -134,11 +132,9 @@ def test_merge_update_of_a_grouped_dense_kernel_is_block_diagonal(name):
   update, per_group = _random_update(name, (3, 2), 2, 3, 2)
   kernel = random_input((3, 2, 2, 6), seed=7)
   np.testing.assert_allclose(
-    jax.jit(
-      functools.partial(
-        jaxfactor.merge_update, scale=0.75, feature_group_count=2
-      )
-    )(kernel, update),
+    jax.jit(functools.partial(jaxfactor.merge_update, scale=0.75))(
+      kernel, update
+    ),
     kernel + 0.75 * _dense_update(per_group),
     rtol=1e-13,
     atol=1e-13,
@@ -170,7 +166,6 @@ def test_check_grads_of_adapter_factors(name, groups, factor):
   conv = functools.partial(
     jaxfactor.adapter_conv,
     scale=0.5,
-    feature_group_count=groups,
     strides=(2, 1),
     dilation=(1, 2),
     padding="CIRCULAR",
@@ -249,9 +244,10 @@ def test_adapt_starts_as_exactly_the_base_model_and_reports():
   assert isinstance(model.factorized.base, jnnx.LowRankConv)
   # The depthwise conv: an update would outgrow it.
   assert re.search("at least the kernel's 36", layers["depthwise"].skipped)
-  # One update per group: factors stacked on a leading axis of 2.
+  # One update per group: a Grouped, factors on a leading axis of 2.
   grouped = model.grouped
-  assert grouped.groups == 2
+  assert grouped.groups == 2 and grouped.update.groups == 2
+  assert isinstance(grouped.update, jaxfactor.Grouped)
   assert grouped.adapter_pointwise.shape == (2, 2, 3)
   assert grouped.adapter_spatial.shape == (2, 3, 2, 2, 2)
   trainable = sum(
@@ -268,7 +264,7 @@ def test_adapt_starts_as_exactly_the_base_model_and_reports():
   assert layers["conv1"].extra_flops == expected
   assert layers["grouped"].extra_flops == 2 * (
     jaxfactor.cost(
-      jax.tree.map(lambda a: a[0], model.grouped.update),
+      jax.tree.map(lambda a: a[0], model.grouped.update.inner),
       (2, 7, 6, 2),
       dilation=(1, 2),
     ).flops
@@ -331,7 +327,7 @@ def test_nnx_and_linen_adapters_equal_flax_conv_of_the_adapted_kernel(case):
   y = _call(adapter, x)
   update = adapter.update
   per_group = [
-    jax.tree.map(lambda a, g=g: a[g], update) if groups > 1 else update
+    jax.tree.map(lambda a, g=g: a[g], update.inner) if groups > 1 else update
     for g in range(groups)
   ]
   kernel = conv.kernel[...] + adapter.scale * _dense_update(per_group)
@@ -405,19 +401,94 @@ def test_only_the_adapters_get_gradients_and_updates():
   assert issubclass(jnnx.AdapterParam, nnx.LoRAParam)
 
 
-@pytest.mark.parametrize("name", ADAPTER_FORMATS)
-def test_merge_update_concatenates_factorizations_exactly(name):
-  base = random_format(name, (3, 2), 3, 4, seed=1)
-  update = random_format(name, (3, 2), 3, 4, seed=2)
-  merged = jaxfactor.merge_update(base, update, scale=0.25)
-  assert type(merged) is type(base)
-  np.testing.assert_allclose(
-    reference.dense_from_formula(merged),
-    reference.dense_from_formula(base)
-    + 0.25 * reference.dense_from_formula(update),
-    rtol=1e-13,
-    atol=1e-13,
+BASE_FORMATS = (*ADAPTER_FORMATS, "depthwise_separable", "tensor_train")
+BASE_RANKS = {"low_rank": 3, "cp": 3, "spatially_separable": (3,)}
+UPDATE_RANKS = {
+  "low_rank": 2,
+  "tucker": (2, 3),
+  "cp": 2,
+  "spatially_separable": (2,),
+}
+# (update, base) -> the merged rank, for a [3, 2, 4, 6] kernel (C = 4) and
+# the ranks above (Tucker base (2, 3), DepthwiseSeparable base m = 2). The
+# pairs not listed raise.
+MERGED_RANK = {
+  ("low_rank", "low_rank"): 5,
+  ("low_rank", "tucker"): (2 + 4, 3 + 2),  # an identity in-projection
+  ("low_rank", "depthwise_separable"): 4,
+  ("tucker", "low_rank"): 3 + 3,  # the in-projection folded in
+  ("tucker", "tucker"): (4, 6),
+  ("tucker", "depthwise_separable"): 2 + 3,
+  ("cp", "low_rank"): 5,
+  ("cp", "tucker"): (4, 5),  # a diagonal core
+  ("cp", "cp"): 5,
+  ("cp", "spatially_separable"): (5,),
+  ("cp", "depthwise_separable"): 4,
+  ("spatially_separable", "spatially_separable"): (5,),
+}
+PAIRS = [(u, b) for u in ADAPTER_FORMATS for b in BASE_FORMATS]
+
+
+@pytest.mark.parametrize("update_name,base_name", PAIRS)
+def test_merge_update_of_every_pair_is_exact_or_raises(update_name, base_name):
+  """Every (update, base) pair: the merged format equals Flax's conv of the
+  dense sum (each dense kernel from its formula), holds the base's own
+  factors first (bit for bit), at the summed ranks; or it raises, saying
+  which pairs merge. float32 and float64, alternately."""
+  pair = (update_name, base_name)
+  dtype = (F64, jnp.float32)[PAIRS.index(pair) % 2]
+  kernel = dict(window=(3, 2), in_features=4, out_features=6, dtype=dtype)
+  base = random_format(
+    base_name, **kernel, seed=1, ranks=BASE_RANKS.get(base_name)
   )
+  update = random_format(
+    update_name, **kernel, seed=2, ranks=UPDATE_RANKS[update_name]
+  )
+  merge = jax.jit(functools.partial(jaxfactor.merge_update, scale=0.25))
+  if pair not in MERGED_RANK:
+    with pytest.raises(
+      ValueError,
+      match=rf"merge_update: a {type(update).__name__} update has no exact"
+      rf" {type(base).__name__} form of a sensible size .* merges into a"
+      r" dense kernel or a .* base\. For this layer, .*, or merge into its"
+      r" dense kernel",
+    ):
+      merge(base, update)
+    return
+  merged = merge(base, update)
+  assert type(merged) is type(base)
+  assert _adapters.rank_of(merged) == MERGED_RANK[pair]
+  x = random_input((2, 7, 6, 4), dtype=dtype)
+  dense = reference.dense_from_formula(
+    base
+  ) + 0.25 * reference.dense_from_formula(update)
+  expected = flax_conv(x, jnp.asarray(dense, dtype))
+  assert relative_error(jaxfactor.conv(x, merged), expected) < reference.rtol(
+    dtype
+  )
+  jax.tree.map(
+    np.testing.assert_array_equal,
+    _adapters.split(merged, _adapters.rank_of(base)),
+    base,
+  )
+
+
+def test_merge_update_merges_a_grouped_base_group_by_group():
+  """A Grouped LowRank base (decompose of a grouped kernel) and a Grouped
+  CP update: a Grouped LowRank equal to Flax's grouped conv of the sum."""
+  kernel = random_input((3, 2, 2, 6), seed=4)
+  base = jaxfactor.decompose(kernel, "low_rank", rank=2, feature_group_count=2)
+  update, per_group = _random_update("cp", (3, 2), 2, 3, 2)
+  merged = jax.jit(functools.partial(jaxfactor.merge_update, scale=0.5))(
+    base, update
+  )
+  assert isinstance(merged, jaxfactor.Grouped) and merged.groups == 2
+  assert isinstance(merged.inner, jaxfactor.LowRank)
+  assert _adapters.rank_of(merged) == 2 + 2
+  x = random_input((2, 7, 6, 4))
+  dense = base.to_dense() + 0.5 * _dense_update(per_group)
+  expected = flax_conv(x, dense, feature_group_count=2)
+  assert relative_error(jaxfactor.conv(x, merged), expected) < 1e-12
 
 
 def test_merge_and_unmerge_round_trip():
@@ -450,42 +521,56 @@ def test_merge_and_unmerge_round_trip():
     )
 
 
-@pytest.mark.parametrize("name", ["tucker", "spatially_separable"])
-def test_merge_and_unmerge_a_bare_adapter_on_a_factorized_layer(name):
-  base = jnnx.from_factors(random_format(name, (3, 2), 3, 4), bias=None)
-  adapter = jnnx.Adapter(base, name, rank=1, alpha=2.0, rngs=nnx.Rngs(1))
+@pytest.mark.parametrize(
+  "base_name,update_name,rank",
+  [
+    ("tucker", "tucker", (3, 4)),
+    ("spatially_separable", "spatially_separable", (5,)),
+    ("tucker", "low_rank", (2 + 3, 3 + 1)),
+    ("low_rank", "tucker", 2 + 1),
+    ("depthwise_separable", "cp", 2 + 1),
+    ("spatially_separable", "cp", (5,)),
+  ],
+)
+def test_merge_and_unmerge_a_bare_adapter_on_a_factorized_layer(
+  base_name, update_name, rank
+):
+  base = jnnx.from_factors(random_format(base_name, (3, 2), 3, 4), bias=None)
+  adapter = jnnx.Adapter(base, update_name, rank=1, alpha=2.0, rngs=nnx.Rngs(1))
   _randomize(adapter)
   x = random_input((1, 6, 5, 3))
   merged = jnnx.merge(adapter)
   assert type(merged) is type(base)
-  expected = {"tucker": (3, 4), "spatially_separable": (5,)}[name]
-  assert merged.rank == expected  # the ranks added up
+  assert merged.rank == rank  # the ranks added up
   assert relative_error(_call(merged, x), _call(adapter, x)) < 1e-13
   restored = jnnx.unmerge(merged, adapter)
+  assert restored.rank == base.rank
   jax.tree.map(np.testing.assert_array_equal, restored.factors, base.factors)
 
 
-@pytest.mark.parametrize(
-  "base,update", [("low_rank", "cp"), ("tensor_train", "tensor_train")]
-)
-def test_concatenate_refuses_what_does_not_add_up(base, update):
+def test_concatenate_refuses_what_does_not_add_up():
   """The internal sum behind every merge: a clear TypeError, never a wrong
   format, past the public functions' own checks."""
-  with pytest.raises(TypeError, match=r"merge: cannot add a .* update to a"):
+  with pytest.raises(
+    TypeError, match=r"merge: a LowRank update has no exact CP form"
+  ):
     _adapters.concatenate(
-      random_format(base, (3, 3), 4, 4),
-      random_format(update, (3, 3), 4, 4),
+      random_format("cp", (3, 3), 4, 4),
+      random_format("low_rank", (3, 3), 4, 4),
       1.0,
     )
 
 
-def test_merge_refuses_an_update_of_another_format_on_a_factorized_layer():
+def test_merge_refuses_an_update_that_has_no_exact_form_in_the_base():
   model = Net(nnx.Rngs(0))
-  jnnx.adapt(model, "cp", rank=1)
+  jnnx.adapt(model, "spatially_separable", rank=1)
   with pytest.raises(
     ValueError,
-    match=r"merge: the adapter at factorized is a CP update on a LowRank"
-    r" layer: no LowRank of the summed rank",
+    match=r"merge: the adapter at factorized: a SpatiallySeparable update"
+    r" has no exact LowRank form of a sensible size .* a SpatiallySeparable"
+    r" update merges into a dense kernel or a SpatiallySeparable base\. For"
+    r" this layer, adapt it with a LowRank, Tucker or CP update \(they merge"
+    r" into LowRank\), or merge into its dense kernel",
   ):
     jnnx.merge(model)
 
@@ -750,7 +835,15 @@ def test_linen_merge_variables_equals_the_adapted_model():
   assert relative_error(base.apply(merged, x), model.apply(adapted, x)) < 1e-13
 
 
-def test_linen_adapted_factorized_layer_merges_into_a_higher_rank():
+@pytest.mark.parametrize(
+  "format,update_rank,rank", [("low_rank", 1, 2 + 1), ("tucker", (1, 2), 2 + 2)]
+)
+def test_linen_adapted_factorized_layer_merges_into_a_higher_rank(
+  format, update_rank, rank
+):
+  """A LowRankConv with a LowRank update, or a Tucker one (its
+  in-projection folded into the core): a LowRankConv of the summed rank,
+  and unmerge_variables gives the base's factors back."""
   x = _x(F64)
 
   class Small(nn.Module):
@@ -764,23 +857,32 @@ def test_linen_adapted_factorized_layer_merges_into_a_higher_rank():
 
   variables = Small().init(jax.random.key(0), x)
   adapted, report, _ = jlinen.adapt_variables(
-    variables, "low_rank", rank=1, model=Small(), inputs=x
+    variables, format, rank=update_rank, model=Small(), inputs=x
   )
   assert report.layers[0].base == "LowRank"
   cls = jlinen.adapted(jlinen.LowRankConv)
   assert cls is jlinen.adapted(jlinen.LowRankConv)
-  model = Small(conv=cls)
+  model = Small(conv=functools.partial(cls, adapter_format=format))
   np.testing.assert_array_equal(
     model.apply(adapted, x), Small().apply(variables, x)
   )
-  adapted["params"]["c"]["adapter_pointwise"] = jnp.ones((1, 3), F64)
-  merged = jlinen.merge_variables(adapted, "low_rank")
-  assert merged["params"]["c"]["pointwise"].shape == (3, 3)
+  rng = np.random.default_rng(2)
+  adapted["params"]["c"] = {
+    k: jnp.asarray(rng.standard_normal(v.shape)) if "adapter_" in k else v
+    for k, v in adapted["params"]["c"].items()
+  }
+  merged = jlinen.merge_variables(adapted, format)
+  assert set(merged["params"]["c"]) == {"spatial", "pointwise", "bias"}
+  assert merged["params"]["c"]["pointwise"].shape == (rank, 3)
   assert (
     relative_error(
       Small(conv=jlinen.LowRankConv).apply(merged, x), model.apply(adapted, x)
     )
     < 1e-13
+  )
+  restored = jlinen.unmerge_variables(merged, adapted, format)
+  jax.tree.map(
+    np.testing.assert_array_equal, restored["params"], variables["params"]
   )
 
 
@@ -903,20 +1005,33 @@ def test_error_messages():
   with pytest.raises(TypeError, match=r"Adapter: `base` must be an nnx.Conv"):
     jnnx.Adapter(nnx.Linear(2, 2, rngs=nnx.Rngs(0)), "cp", rank=1, rngs=None)
   update = random_format("low_rank", (3, 3), 2, 3)
-  with pytest.raises(
-    ValueError,
-    match=r"adapter_conv: with feature_group_count=2, every factor of"
-    r" `update` must have a leading axis of size 2",
-  ):
-    jaxfactor.adapter_conv(
-      random_input((1, 5, 5, 4)), update, feature_group_count=2
-    )
   with pytest.raises(TypeError, match=r"adapter_conv: `update` must be a"):
     jaxfactor.adapter_conv(random_input((1, 5, 5, 2)), jnp.ones((3, 3, 2, 3)))
   with pytest.raises(
-    ValueError, match=r"merge_update: a CP update has no exact LowRank form"
+    TypeError,
+    match=r"adapter_conv: `update` must be a LowRank, Tucker, CP or"
+    r" SpatiallySeparable \(or a jaxfactor.Grouped of one, for a grouped"
+    r" base\), got Grouped\(DepthwiseSeparable\)",
   ):
-    jaxfactor.merge_update(update, random_format("cp", (3, 3), 2, 3))
+    jaxfactor.adapter_conv(
+      random_input((1, 5, 5, 4)),
+      jaxfactor.Grouped.stack(
+        [random_format("depthwise_separable", (3, 3), 2, 3)] * 2
+      ),
+    )
+  grouped = jaxfactor.Grouped.stack([update, update])
+  with pytest.raises(
+    ValueError,
+    match=r"merge_update: a Grouped\(LowRank\) update with 2 group\(s\) does"
+    r" not fit a LowRank kernel with 1: a grouped kernel takes",
+  ):
+    jaxfactor.merge_update(update, grouped)
+  with pytest.raises(
+    ValueError,
+    match=r"merge_update: `kernel` has shape \(3, 3, 2, 3\) but `update`"
+    r" \(Grouped\(LowRank\), 2 group\(s\)\) stands for \(3, 3, 2, 6\)",
+  ):
+    jaxfactor.merge_update(jnp.ones((3, 3, 2, 3)), grouped)
   with pytest.raises(
     ValueError, match=r"extract: give exactly one of `rank` and `energy`"
   ):
