@@ -7,10 +7,9 @@ convolution itself) is here, once, so the two cannot drift apart.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
-
-import dataclasses
 
 import jax
 import jax.numpy as jnp

@@ -199,14 +199,17 @@ class Site:
       groups = self.groups
       kernel = jax.ShapeDtypeStruct(self.group_shape, kernel.dtype)
       shape = (*shape[:-1], shape[-1] // groups)
-    return groups * _cost.cost(
-      kernel,
-      shape,
-      strides=self.strides or 1,
-      padding=self.padding,
-      dilation=self.kernel_dilation or 1,
-      implementation=implementation,
-    ).flops
+    return (
+      groups
+      * _cost.cost(
+        kernel,
+        shape,
+        strides=self.strides or 1,
+        padding=self.padding,
+        dilation=self.kernel_dilation or 1,
+        implementation=implementation,
+      ).flops
+    )
 
 
 def check_ranks(fn: str, ranks: Any) -> None:
@@ -234,9 +237,7 @@ def check_groups(
     )
   unknown = sorted(set(groups) - set(ranks))
   if unknown:
-    raise ValueError(
-      f"{fn}: `groups` names {unknown}, which `ranks` does not."
-    )
+    raise ValueError(f"{fn}: `groups` names {unknown}, which `ranks` does not.")
   for name, value in groups.items():
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
       raise ValueError(

@@ -1539,11 +1539,7 @@ def adapt(
     name = "/".join(map(str, path))
     shape = _base_kernel_shape(module)
     groups = getattr(module, "feature_group_count", 1)
-    reason = (
-      _unsupported(module)
-      if isinstance(module, nnx.Conv)
-      else None
-    )
+    reason = _unsupported(module) if isinstance(module, nnx.Conv) else None
     layer_rank = layer_alpha = None
     if reason is None and not select(path, module):
       reason = "not selected by the filter"
@@ -1642,10 +1638,22 @@ def _adapters_of(model: nnx.Module) -> list[tuple[tuple[Any, ...], Adapter]]:
   ]
 
 
+def _per_group(fn: Callable[..., formats.Format], value, *args):
+  """`fn(value, *args)`; group by group for a `Grouped` value (`args` that
+  are formats then stacked over the groups too)."""
+  if not isinstance(value, formats.Grouped):
+    return fn(value, *args)
+  stacked = [a for a in args if isinstance(a, formats.Format)]
+  rest = [a for a in args if not isinstance(a, formats.Format)]
+  inner = jax.vmap(lambda v, *s: fn(v, *s, *rest))(value.inner, *stacked)
+  return formats.Grouped(inner)
+
+
 def _with_factors(base: _FactorizedConv, value: formats.Format):
   """A layer like `base` (bias and settings) holding `value`'s factors."""
+  inner = value.inner if isinstance(value, formats.Grouped) else value
   return _layer(
-    type(value),
+    type(inner),
     _ranks.rank_of(value),
     value.params(),
     base.bias,
@@ -1660,6 +1668,7 @@ def _with_factors(base: _FactorizedConv, value: formats.Format):
     precision=base.precision,
     preferred_element_type=base.preferred_element_type,
     implementation=base.implementation,
+    feature_group_count=base.feature_group_count,
   )
 
 
@@ -1712,7 +1721,7 @@ def merge(model: nnx.Module) -> nnx.Module:
         " sum; adapt factorized layers with an update of their own format"
         " to merge them."
       )
-    value = _adapters.concatenate(base.factors, update, scale)
+    value = _per_group(_adapters.concatenate, base.factors, update, scale)
     merged = _replaced(merged, path, _with_factors(base, value))
   return merged
 
@@ -1755,7 +1764,7 @@ def unmerge(model: nnx.Module, adapted: nnx.Module) -> nnx.Module:
       and isinstance(layer, _FactorizedConv)
       and layer.format is adapter.base.format
     ):
-      value = _adapters.split(layer.factors, adapter.base.rank)
+      value = _per_group(_adapters.split, layer.factors, adapter.base.rank)
       base_model = _replaced(base_model, path, _with_factors(layer, value))
     else:
       raise ValueError(
