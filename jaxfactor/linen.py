@@ -232,8 +232,10 @@ class LowRankConv(_FactorizedConv):
   """A k x k conv into `rank` channels, then a 1x1 conv (`LowRank`).
 
   Attributes besides `flax.linen.Conv`'s (`features`, `kernel_size`,
-  `strides`, `padding`, `kernel_dilation`, `use_bias`, `dtype`,
-  `param_dtype`, `precision`, `preferred_element_type`, `bias_init`):
+  `strides`, `padding`, `kernel_dilation`, `feature_group_count`,
+  `use_bias`, `dtype`, `param_dtype`, `precision`, `preferred_element_type`,
+  `bias_init`; with `feature_group_count = G` the rank is per group and
+  every factor has a leading groups axis, as in `jaxfactor.Grouped`):
     rank: an int, or `jaxfactor.Budget(params=f)`: the largest rank whose
       parameters are at most the fraction `f` of the dense conv's. None
       reads it from existing params.
