@@ -7,10 +7,14 @@ convolution itself) is here, once, so the two cannot drift apart.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import jax
+import jax.numpy as jnp
+from flax import nnx
+from flax.core import meta
 from flax.linen import dtypes as flax_dtypes
 
 from jaxfactor import _convolution
@@ -100,6 +104,79 @@ def check_features(layer: str, name: str, value: Any) -> int:
   return value
 
 
+def check_groups(
+  layer: str, feature_group_count: Any, in_features: int, out_features: int
+) -> int:
+  """`feature_group_count` as an int dividing both feature counts."""
+  groups = check_features(layer, "feature_group_count", feature_group_count)
+  for name, features in (
+    ("in_features", in_features),
+    ("out_features", out_features),
+  ):
+    if features % groups:
+      raise ValueError(
+        f"{layer}: `{name}` (={features}) must be divisible by"
+        f" `feature_group_count` (={groups})."
+      )
+  return groups
+
+
+def group_kernel_shape(
+  window: Sequence[int], in_features: int, out_features: int, groups: int
+) -> tuple[int, ...]:
+  """One group's dense kernel, `[*window, C/G, F/G]`: what ranks and
+  factor shapes are of."""
+  return (*window, in_features // groups, out_features // groups)
+
+
+def factors_value(
+  cls: type[formats.Format],
+  params: Mapping[str, Any],
+  static: Mapping[str, Any],
+  groups: int,
+) -> formats.Format:
+  """The format of a layer's params; with `groups > 1` (each param with a
+  leading groups axis) a `Grouped` one."""
+  if groups == 1:
+    return cls.from_params(dict(params), **static)
+  children = cls._children(dict(params))
+  inner = cls._unflatten(tuple(static[n] for n in cls._static_fields), children)
+  return formats.Grouped(inner)
+
+
+def stack_groups(values: Sequence[Any]) -> Any:
+  """Per-group initial values stacked on a new leading groups axis.
+
+  Sharding metadata (linen's `nn.Partitioned`, nnx's `with_partitioning`)
+  is kept, the groups axis unsharded.
+  """
+  first = values[0]
+  if isinstance(first, meta.AxisMetadata):
+    stacked = jax.tree.map(lambda *a: jnp.stack(a), *values)
+    return meta.add_axis(stacked, 0, {meta.PARTITION_NAME: None})
+  if isinstance(first, nnx.VariableMetadata):
+    metadata = dict(first.metadata)
+    if metadata.get("out_sharding"):
+      metadata["out_sharding"] = (None, *metadata["out_sharding"])
+    return dataclasses.replace(
+      first,
+      raw_value=jnp.stack([v.raw_value for v in values]),
+      metadata=metadata,
+    )
+  return jnp.stack(values)
+
+
+def grouped_initializer(init: Initializer, groups: int) -> Initializer:
+  """`init` run once per group on one group's shape (its fan-in is one
+  group's), the draws stacked: `shape` is `(groups, *one group's shape)`."""
+
+  def grouped(key, shape, dtype=jnp.float32):
+    keys = jax.random.split(key, groups)
+    return stack_groups([init(k, tuple(shape[1:]), dtype) for k in keys])
+
+  return grouped
+
+
 def check_options(
   layer: str, implementation: str, preferred_element_type: Any, bias_init: Any
 ) -> None:
@@ -164,6 +241,7 @@ def init_factors(
   param_dtype: Any,
   initializers: Mapping[str, Initializer],
   kernel_init: Initializer | None,
+  groups: int = 1,
 ) -> dict[str, Any]:
   """Initial values of `cls.param_shapes(kernel_shape, rank)`.
 
@@ -171,20 +249,37 @@ def init_factors(
   metadata, e.g. `nnx.with_partitioning`), or, with `kernel_init`, the
   factors of a dense kernel drawn from it (spectral initialization: Khodak
   et al., ICLR 2021, https://arxiv.org/abs/2105.01029).
+
+  With `groups > 1`, `kernel_shape` is one group's and every factor gets a
+  leading groups axis: each group's factors drawn as an ungrouped layer's,
+  or the groups of a grouped dense kernel `[*window, C/G, F]` drawn from
+  `kernel_init` (the kernel `nn.Conv(feature_group_count=G)` would draw).
   """
   if kernel_init is not None:
-    dense = kernel_init(key, kernel_shape, param_dtype)
+    *window, c, f = kernel_shape
+    dense = kernel_init(key, (*window, c, f * groups), param_dtype)
     if not _validation.is_array(dense):
       raise TypeError(
         f"{layer}: `kernel_init` must return an array, got"
         f" {type(dense).__name__}; put sharding metadata on the factor"
         " initializers instead."
       )
-    return dict(_decompose.decompose(dense, cls, rank=rank).params())
+    return dict(
+      _decompose.decompose(
+        dense, cls, rank=rank, feature_group_count=groups
+      ).params()
+    )
   shapes = cls.param_shapes(kernel_shape, rank)
   keys = jax.random.split(key, len(shapes))
+  if groups == 1:
+    return {
+      name: initializers[cls.field_of(name)](k, shape, param_dtype)
+      for (name, shape), k in zip(shapes.items(), keys)
+    }
   return {
-    name: initializers[cls.field_of(name)](k, shape, param_dtype)
+    name: grouped_initializer(initializers[cls.field_of(name)], groups)(
+      k, (groups, *shape), param_dtype
+    )
     for (name, shape), k in zip(shapes.items(), keys)
   }
 

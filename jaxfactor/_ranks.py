@@ -187,7 +187,10 @@ def num_params(
 
 
 def rank_of(factors: formats.Format) -> Rank:
-  """The rank of a format value, as `max_rank` and `decompose` take it."""
+  """The rank of a format value, as `max_rank` and `decompose` take it (for
+  a `Grouped` one, its groups' common rank)."""
+  if isinstance(factors, formats.Grouped):
+    factors = factors._group()
   if isinstance(factors, formats.DepthwiseSeparable):
     return factors.channel_multiplier
   if isinstance(

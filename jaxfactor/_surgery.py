@@ -42,6 +42,7 @@ class LayerReport:
       without `inputs`).
     relative_error: `||to_dense() - kernel|| / ||kernel||`.
     skipped: the reason the layer was left as it is, or None.
+    groups: the conv's `feature_group_count` (its rank is per group).
   """
 
   path: tuple[Any, ...]
@@ -54,6 +55,7 @@ class LayerReport:
   flops_after: int | None = None
   relative_error: float | None = None
   skipped: str | None = None
+  groups: int = 1
 
 
 @dataclasses.dataclass(frozen=True)
@@ -97,6 +99,16 @@ class FactorizationReport:
       "/".join(map(str, layer.path)): layer.rank for layer in self.factorized
     }
 
+  @property
+  def groups(self) -> dict[str, int]:
+    """`{"/".join(path): feature_group_count}` of the factorized grouped
+    convs (JSON-ready; `jaxfactor.linen.restore_structure` needs it)."""
+    return {
+      "/".join(map(str, layer.path)): layer.groups
+      for layer in self.factorized
+      if layer.groups > 1
+    }
+
   def __str__(self) -> str:
     rows = [
       f"{'layer':<24} {'kernel':<18} {'rank':<10} {'params':>17}"
@@ -131,6 +143,8 @@ class Site:
     kernel: its dense HWIO kernel `[*window, C, F]`.
     strides, padding, kernel_dilation: its geometry (Flax's forms).
     inputs: a recorded input batch `[*batch, *spatial, C]`, or None.
+    groups: its `feature_group_count` G; `kernel` is then `[*window, C/G,
+      F]`, factorized group by group at one rank per group.
   """
 
   path: tuple[Any, ...]
@@ -139,10 +153,36 @@ class Site:
   padding: Any = "SAME"
   kernel_dilation: Any = 1
   inputs: Any = None
+  groups: int = 1
 
   @property
   def shape(self) -> tuple[int, ...]:
     return tuple(self.kernel.shape)
+
+  @property
+  def group_shape(self) -> tuple[int, ...]:
+    """One group's kernel shape `[*window, C/G, F/G]`: what ranks are of."""
+    *window, c, f = self.shape
+    return (*window, c, f // self.groups)
+
+  def group_kernels(self) -> list[Any]:
+    """The groups' kernels `[*window, C/G, F/G]`."""
+    *window, c, f = self.shape
+    split = np.reshape(self.kernel, (*window, c, self.groups, f // self.groups))
+    return [split[..., g, :] for g in range(self.groups)]
+
+  def abstract(self, cls, rank: Any) -> formats.Format:
+    """The abstract factors of `rank` (per group) for this site."""
+    value = cls.abstract(self.group_shape, rank, self.kernel.dtype)
+    if self.groups == 1:
+      return value
+    inner = jax.tree.map(
+      lambda a: jax.ShapeDtypeStruct((self.groups, *a.shape), a.dtype), value
+    )
+    return formats.Grouped._unflatten((), [inner])
+
+  def num_params(self, cls, rank: Any) -> int:
+    return self.groups * _ranks.num_params(self.group_shape, cls, rank)
 
   @property
   def input_shape(self) -> tuple[int, ...] | None:
@@ -153,14 +193,23 @@ class Site:
     shape = self.input_shape
     if shape is None:
       return None
-    return _cost.cost(
-      kernel,
-      shape,
-      strides=self.strides or 1,
-      padding=self.padding,
-      dilation=self.kernel_dilation or 1,
-      implementation=implementation,
-    ).flops
+    groups = 1
+    if self.groups > 1 and not isinstance(kernel, formats.Format):
+      # A dense grouped conv: G convs of one group's kernel and channels.
+      groups = self.groups
+      kernel = jax.ShapeDtypeStruct(self.group_shape, kernel.dtype)
+      shape = (*shape[:-1], shape[-1] // groups)
+    return (
+      groups
+      * _cost.cost(
+        kernel,
+        shape,
+        strides=self.strides or 1,
+        padding=self.padding,
+        dilation=self.kernel_dilation or 1,
+        implementation=implementation,
+      ).flops
+    )
 
 
 def check_ranks(fn: str, ranks: Any) -> None:
@@ -173,14 +222,59 @@ def check_ranks(fn: str, ranks: Any) -> None:
     )
 
 
+def check_groups(
+  fn: str, groups: Any, ranks: Mapping[str, Any]
+) -> dict[str, int]:
+  """`groups` must map paths of `ranks` to positive ints
+  (`FactorizationReport.groups`); None is no grouped conv."""
+  if groups is None:
+    return {}
+  if not isinstance(groups, Mapping):
+    raise TypeError(
+      f"{fn}: `groups` must be a mapping from layer paths to"
+      f" feature_group_count (FactorizationReport.groups), got"
+      f" {type(groups).__name__}."
+    )
+  unknown = sorted(set(groups) - set(ranks))
+  if unknown:
+    raise ValueError(f"{fn}: `groups` names {unknown}, which `ranks` does not.")
+  for name, value in groups.items():
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+      raise ValueError(
+        f"{fn}: `groups[{name!r}]` must be a positive int, got {value!r}."
+      )
+  return dict(groups)
+
+
 def placeholders(
-  fn: str, cls, kernel_shape, dtype, rank: Any, *, abstract: bool
+  fn: str,
+  cls,
+  kernel_shape,
+  dtype,
+  rank: Any,
+  *,
+  abstract: bool,
+  groups: int = 1,
 ) -> tuple[Any, dict[str, Any]]:
   """A saved rank (JSON lists read as tuples), checked, and factor params of
-  that rank for a checkpoint to fill: zeros, or abstract."""
+  that rank for a checkpoint to fill: zeros, or abstract. With `groups > 1`
+  (a grouped kernel `[*window, C/G, F]`) the rank is per group and each
+  param has a leading groups axis."""
   rank = tuple(rank) if isinstance(rank, list) else rank
-  rank = _ranks.resolve_rank(fn, cls, kernel_shape, rank)
-  shapes = cls.param_shapes(kernel_shape, rank)
+  if kernel_shape[-1] % groups:
+    raise ValueError(
+      f"{fn}: a kernel of shape {tuple(kernel_shape)} has"
+      f" {kernel_shape[-1]} output features, not a multiple of"
+      f" feature_group_count={groups}."
+    )
+  site = Site(
+    path=(), kernel=jax.ShapeDtypeStruct(kernel_shape, dtype), groups=groups
+  )
+  rank = _ranks.resolve_rank(fn, cls, site.group_shape, rank)
+  shapes = {
+    name: ((groups,) if groups > 1 else ()) + shape
+    for name, shape in cls.param_shapes(site.group_shape, rank).items()
+  }
   return rank, {
     name: jax.ShapeDtypeStruct(shape, dtype)
     if abstract
@@ -227,8 +321,21 @@ def check_choice(
     raise ValueError(f"{fn}: `data_aware=True` needs `inputs`.")
 
 
-def error_curve(cls, kernel, candidates: Sequence[Any]) -> list[float]:
-  """Estimated relative error of each candidate rank, from the spectra."""
+def error_curve(
+  cls, kernel, candidates: Sequence[Any], groups: int = 1
+) -> list[float]:
+  """Estimated relative error of each candidate rank, from the spectra.
+
+  A grouped kernel's (`groups > 1`, `[*window, C/G, F]`) is its groups'
+  errors combined, each weighted by the group's share of `||kernel||^2`.
+  """
+  if groups > 1:
+    site = Site(path=(), kernel=np.asarray(kernel, np.float64), groups=groups)
+    kernels = site.group_kernels()
+    weights = np.array([np.sum(np.square(k)) for k in kernels])
+    weights = weights / max(float(np.sum(weights)), np.finfo(np.float64).tiny)
+    errors = np.array([error_curve(cls, k, candidates) for k in kernels])
+    return [float(e) for e in np.sqrt(weights @ np.square(errors))]
   spectra = _decompose.spectra(cls, np.asarray(kernel, np.float64), None)
   curves = [_ranks.energy_curve(s) for s, _ in spectra]
 
@@ -326,20 +433,19 @@ def factorize_sites(
     )
     layers, candidates = [], []
     for site in sites:
-      ranks = _ranks.candidates(site.shape, cls)
+      ranks = _ranks.candidates(site.group_shape, cls)
       if use_flops:
         # Each candidate as the new layer will run it.
         costs = [
-          site.flops(
-            cls.abstract(site.shape, r, site.kernel.dtype), implementation
-          )
-          for r in ranks
+          site.flops(site.abstract(cls, r), implementation) for r in ranks
         ]
         dense = site.flops(site.kernel)
       else:
-        costs = [_ranks.num_params(site.shape, cls, r) for r in ranks]
+        costs = [site.num_params(cls, r) for r in ranks]
         dense = math.prod(site.shape)
-      layers.append((costs, error_curve(cls, site.kernel, ranks), dense))
+      layers.append(
+        (costs, error_curve(cls, site.kernel, ranks, site.groups), dense)
+      )
       candidates.append(ranks)
     for site, ranks, index in zip(
       sites, candidates, allocate_budget(fn, layers, fraction)
@@ -359,7 +465,7 @@ def factorize_sites(
     for site in sites:
       if rank is not None and not isinstance(rank, str):
         try:  # a rank that does not exist for this layer skips it
-          _ranks.resolve_rank(fn, cls, site.shape, rank)
+          _ranks.resolve_rank(fn, cls, site.group_shape, rank)
         except ValueError as error:
           reports.append(
             LayerReport(
@@ -378,7 +484,7 @@ def factorize_sites(
   for number, site in enumerate(todo, 1):
     start = time.perf_counter()
     inputs = site.inputs if data_aware else None
-    short = _too_short(site) if data_aware else None
+    short = (_grouped(site) or _too_short(site)) if data_aware else None
     if short:
       reports.append(
         LayerReport(
@@ -392,15 +498,15 @@ def factorize_sites(
     with warnings.catch_warnings():
       # Said in the report instead: the layer is kept dense.
       warnings.filterwarnings("ignore", message=_LARGER_WARNING)
-      static_rank = _decompose.choose_rank(
-        site.kernel,
+      static_rank = _site_rank(
+        site,
         cls,
         inputs=inputs,
         dilation=site.kernel_dilation or 1,
         damping=decompose_kwargs.get("damping", 1e-3),
         **chosen[site.path],
       )
-    abstract = cls.abstract(site.shape, static_rank, site.kernel.dtype)
+    abstract = site.abstract(cls, static_rank)
     larger = _larger(
       abstract.num_params,
       math.prod(site.shape),
@@ -424,6 +530,7 @@ def factorize_sites(
           inputs=inputs,
           dilation=site.kernel_dilation or 1,
           rank=static_rank,
+          feature_group_count=site.groups,
           **decompose_kwargs,
         )
       factors_by_path[site.path] = factors
@@ -437,6 +544,7 @@ def factorize_sites(
         flops_before=site.flops(site.kernel),
         flops_after=site.flops(factors, implementation),
         relative_error=float(_decompose.relative_error(factors, site.kernel)),
+        groups=site.groups,
       )
     reports.append(report)
     if progress:
@@ -456,6 +564,37 @@ def factorize_sites(
 
 
 _LARGER_WARNING = ".*larger than what it replaces"
+
+
+def _site_rank(site: Site, cls, **choice: Any) -> Any:
+  """The static rank (per group) `decompose` would use for the site; for a
+  grouped conv, the largest any group needs, as `decompose` chooses it."""
+  if site.groups == 1:
+    return _decompose.choose_rank(site.kernel, cls, **choice)
+  ranks = [
+    _decompose.choose_rank(kernel, cls, **choice)
+    for kernel in site.group_kernels()
+  ]
+  return jax.tree.map(lambda *r: max(r), *ranks)
+
+
+def depthwise(group_in_features: int, groups: int) -> str | None:
+  """Why a grouped conv with one input channel per group is left as it is."""
+  if groups > 1 and group_in_features == 1:
+    return (
+      f"depthwise conv (feature_group_count={groups}, one input channel per"
+      " group): no channels to factorize"
+    )
+  return None
+
+
+def _grouped(site: Site) -> str | None:
+  if site.groups > 1:
+    return (
+      f"data-aware: a grouped conv (feature_group_count={site.groups}) is"
+      " decomposed from its weights only; factorize it without data_aware"
+    )
+  return None
 
 
 def _too_short(site: Site) -> str | None:

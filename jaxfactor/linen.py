@@ -92,7 +92,9 @@ class _FactorizedConv(nn.Module):
 
   `rank=None` is allowed when the variables already exist (e.g. from
   `factorize_variables`, with a rank per layer): the rank is then read from
-  the parameters' shapes.
+  the parameters' shapes. With `feature_group_count = G` every group has its
+  own factors (of one group's kernel `[*window, C/G, F/G]`, `rank` per
+  group), stacked on a leading axis of size G as in `jaxfactor.Grouped`.
   """
 
   format: ClassVar[type[formats.Format]]
@@ -102,6 +104,7 @@ class _FactorizedConv(nn.Module):
   strides: int | Sequence[int] = 1
   padding: Any = "SAME"
   kernel_dilation: int | Sequence[int] = 1
+  feature_group_count: int = 1
   use_bias: bool = True
   dtype: Any = None
   param_dtype: Any = jnp.float32
@@ -126,7 +129,8 @@ class _FactorizedConv(nn.Module):
   def factors(
     self, params: Mapping[str, Any], in_features: int | None = None
   ) -> formats.Format:
-    """This layer's kernel as a format value, from its params dict.
+    """This layer's kernel as a format value, from its params dict (a
+    `jaxfactor.Grouped` one when `feature_group_count > 1`).
 
     Args:
       params: the layer's parameters, e.g.
@@ -135,8 +139,14 @@ class _FactorizedConv(nn.Module):
         `DepthwiseSeparableConv` whose `channel_multiplier` is not an int.
     """
     params = {k: v for k, v in meta.unbox(params).items() if k != "bias"}
-    return self.format.from_params(
-      params, **self._static_from_params(params, in_features)
+    groups = self.feature_group_count
+    if in_features is not None and groups > 1:
+      in_features //= groups
+    return _layers.factors_value(
+      self.format,
+      params,
+      self._static_from_params(params, in_features),
+      groups,
     )
 
   def _static_from_params(self, params, in_features):
@@ -161,7 +171,12 @@ class _FactorizedConv(nn.Module):
     )
     if not hasattr(x, "shape") or len(x.shape) < len(window) + 1:
       _layers.check_input_channels(layer, x, 0, window)
-    kernel_shape = (*window, x.shape[-1], self.features)
+    groups = _layers.check_groups(
+      layer, self.feature_group_count, x.shape[-1], self.features
+    )
+    kernel_shape = _layers.group_kernel_shape(
+      window, x.shape[-1], self.features, groups
+    )
     _ranks.check_kernel_shape(layer, kernel_shape, cls)
     stored_params = set(self.variables.get("params", {})) - {"bias"}
     if stored_params:
@@ -174,7 +189,10 @@ class _FactorizedConv(nn.Module):
       rank = _layers.resolve_rank(
         layer, cls, kernel_shape, self._rank_argument()
       )
-    shapes = cls.param_shapes(kernel_shape, rank)
+    shapes = {
+      name: ((groups,) if groups > 1 else ()) + shape
+      for name, shape in cls.param_shapes(kernel_shape, rank).items()
+    }
     if stored_params:  # their own shapes (a TensorTrain's modes, say)
       shapes = {name: tuple(v.shape) for name, v in stored.params().items()}
     spectral = None
@@ -188,10 +206,13 @@ class _FactorizedConv(nn.Module):
         self.param_dtype,
         initializers,
         self.kernel_init,
+        groups,
       )
     params = {}
     for name, shape in shapes.items():
       init = initializers[cls.field_of(name)]
+      if groups > 1:
+        init = _layers.grouped_initializer(init, groups)
       if spectral is not None:
         init = lambda key, shape, dtype, value=spectral[name]: value
       params[name] = self.param(name, init, shape, self.param_dtype)
@@ -202,7 +223,7 @@ class _FactorizedConv(nn.Module):
       )
     return _layers.apply(
       x,
-      cls.from_params(params, **self._static(rank)),
+      _layers.factors_value(cls, params, self._static(rank), groups),
       bias,
       dtype=self.dtype,
       strides=self.strides,
@@ -218,8 +239,10 @@ class LowRankConv(_FactorizedConv):
   """A k x k conv into `rank` channels, then a 1x1 conv (`LowRank`).
 
   Attributes besides `flax.linen.Conv`'s (`features`, `kernel_size`,
-  `strides`, `padding`, `kernel_dilation`, `use_bias`, `dtype`,
-  `param_dtype`, `precision`, `preferred_element_type`, `bias_init`):
+  `strides`, `padding`, `kernel_dilation`, `feature_group_count`,
+  `use_bias`, `dtype`, `param_dtype`, `precision`, `preferred_element_type`,
+  `bias_init`; with `feature_group_count = G` the rank is per group and
+  every factor has a leading groups axis, as in `jaxfactor.Grouped`):
     rank: an int, or `jaxfactor.Budget(params=f)`: the largest rank whose
       parameters are at most the fraction `f` of the dense conv's. None
       reads it from existing params.
@@ -458,13 +481,14 @@ def _dense_convs(model: nn.Module, variables, inputs):
   def record(next_fun, args, kwargs, context):
     module = context.module
     if context.method_name == "__call__" and isinstance(module, nn.Conv):
+      groups = module.feature_group_count
       reason = None
-      if module.feature_group_count != 1:
-        reason = f"feature_group_count={module.feature_group_count}"
-      elif module.input_dilation not in (None, 1):
+      if module.input_dilation not in (None, 1):
         reason = f"input_dilation={module.input_dilation}"
       elif module.mask is not None:
         reason = "masked kernel"
+      else:
+        reason = _surgery.depthwise(args[0].shape[-1] // groups, groups)
       scope = module.scope
       path = () if scope is None else tuple(scope.path)
       found[path] = dict(
@@ -473,6 +497,7 @@ def _dense_convs(model: nn.Module, variables, inputs):
         padding=module.padding,
         kernel_dilation=module.kernel_dilation,
         inputs=args[0],
+        groups=groups,
       )
     return next_fun(*args, **kwargs)
 
@@ -506,12 +531,17 @@ def factorize_variables(
   layer's rank is read from its params) or the same ranks.
 
   Which kernels are convs: with `model` and `inputs`, exactly those of the
-  `nn.Conv` layers that `model.apply(variables, inputs)` calls (grouped,
+  `nn.Conv` layers that `model.apply(variables, inputs)` calls (depthwise,
   input-dilated and masked convs are left dense and reported as skipped),
   and each one's input is recorded (FLOP counts, FLOP budgets,
   `data_aware`). Without them, every kernel of rank >= 3 with a window
   larger than 1x1: pass `model` and `inputs` (or a `filter`) when the model
   has other such kernels (e.g. `DenseGeneral`, `ConvTranspose`).
+
+  A grouped conv (`feature_group_count = G`, found through `model` and
+  `inputs`: its kernel alone does not tell G) is factorized group by group,
+  as `jaxfactor.nnx.factorize` does; its factor params have a leading axis
+  of size G, for the jaxfactor layer with the same `feature_group_count`.
 
   Args:
     variables: the dense model's variables (`{"params": ..., ...}`).
@@ -577,7 +607,13 @@ def factorize_variables(
           if found is None
           else {
             k: found[k]
-            for k in ("strides", "padding", "kernel_dilation", "inputs")
+            for k in (
+              "strides",
+              "padding",
+              "kernel_dilation",
+              "inputs",
+              "groups",
+            )
           }
         )
         sites.append(_surgery.Site(path=path, kernel=kernel, **geometry))
@@ -620,6 +656,8 @@ def restore_structure(
   variables: Mapping[str, Any],
   format: Any,
   ranks: Mapping[str, Any],
+  *,
+  groups: Mapping[str, int] | None = None,
 ) -> dict[str, Any]:
   """A factorized model's variables with placeholder factors, decomposing
   nothing.
@@ -639,17 +677,22 @@ def restore_structure(
     ranks: `{"path/to/conv": rank}`, the params paths joined by "/":
       `FactorizationReport.ranks`, e.g. saved as JSON (lists are read as
       tuples).
+    groups: `{"path/to/conv": G}` for the grouped convs among them
+      (`FactorizationReport.groups`): their kernels `[*window, C/G, F]` do
+      not tell G. The rank of a grouped conv is per group.
 
   Returns:
     The factorized model's variables.
 
   Raises:
     ValueError: a path that names no params dict with a kernel, or a rank
-      out of range for its kernel.
+      out of range for its kernel; `groups` naming a path not in `ranks`,
+      or not a positive int.
   """
   fn = "restore_structure"
   cls = _ranks.format_class(fn, format)
   _surgery.check_ranks(fn, ranks)
+  groups = _surgery.check_groups(fn, groups, ranks)
   found: list[str] = []
 
   def convert(path, tree):
@@ -667,6 +710,7 @@ def restore_structure(
           kernel.dtype,
           ranks[name],
           abstract=isinstance(kernel, jax.ShapeDtypeStruct),
+          groups=groups.get(name, 1),
         )
         return {**{k: v for k, v in tree.items() if k != "kernel"}, **values}
     return {k: convert((*path, k), v) for k, v in tree.items()}

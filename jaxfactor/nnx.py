@@ -90,6 +90,7 @@ class _FactorizedConv(nnx.Module):
     rank: Any,
     padding: Any,
     kernel_dilation: int | Sequence[int],
+    feature_group_count: int,
     use_bias: bool,
     dtype: Any,
     param_dtype: Any,
@@ -110,7 +111,12 @@ class _FactorizedConv(nnx.Module):
     _layers.check_options(
       layer, implementation, preferred_element_type, bias_init
     )
-    kernel_shape = (*window, in_features, out_features)
+    groups = _layers.check_groups(
+      layer, feature_group_count, in_features, out_features
+    )
+    kernel_shape = _layers.group_kernel_shape(
+      window, in_features, out_features, groups
+    )
     _ranks.check_kernel_shape(layer, kernel_shape, cls)
     self.rank = _layers.resolve_rank(layer, cls, kernel_shape, rank)
     inits = _layers.factor_initializers(layer, cls, initializers, kernel_init)
@@ -123,6 +129,7 @@ class _FactorizedConv(nnx.Module):
       param_dtype,
       inits,
       kernel_init,
+      groups,
     )
     self.param_names = tuple(values)
     for name, value in values.items():
@@ -140,6 +147,7 @@ class _FactorizedConv(nnx.Module):
     self.strides = strides
     self.padding = padding
     self.kernel_dilation = kernel_dilation
+    self.feature_group_count = groups
     self.use_bias = use_bias
     self.dtype = dtype
     self.param_dtype = param_dtype
@@ -152,10 +160,13 @@ class _FactorizedConv(nnx.Module):
 
   @property
   def factors(self) -> formats.Format:
-    """The layer's kernel as a format value (its current parameters)."""
-    return self.format.from_params(
+    """The layer's kernel as a format value (its current parameters): a
+    `jaxfactor.Grouped` one when `feature_group_count > 1`."""
+    return _layers.factors_value(
+      self.format,
       {name: getattr(self, name)[...] for name in self.param_names},
-      **self._static(),
+      self._static(),
+      self.feature_group_count,
     )
 
   def __call__(self, x: jax.Array) -> jax.Array:
@@ -181,8 +192,11 @@ class LowRankConv(_FactorizedConv):
   """A k x k conv into `rank` channels, then a 1x1 conv (`LowRank`).
 
   `in_features`, `out_features`, `kernel_size`, `strides`, `padding`,
-  `kernel_dilation`, `use_bias`, `dtype`, `param_dtype`, `precision`,
-  `preferred_element_type`, `bias_init` and `rngs` are `nnx.Conv`'s.
+  `kernel_dilation`, `feature_group_count`, `use_bias`, `dtype`,
+  `param_dtype`, `precision`, `preferred_element_type`, `bias_init` and
+  `rngs` are `nnx.Conv`'s. With `feature_group_count = G` every group has
+  its own factors (of one group's kernel `[*window, C/G, F/G]`, `rank` per
+  group), stacked on a leading axis of size G as in `jaxfactor.Grouped`.
 
   Args:
     rank: an int, or `jaxfactor.Budget(params=f)`: the largest rank whose
@@ -213,6 +227,7 @@ class LowRankConv(_FactorizedConv):
     rank: int | Budget,
     padding: Any = "SAME",
     kernel_dilation: int | Sequence[int] = 1,
+    feature_group_count: int = 1,
     use_bias: bool = True,
     dtype: Any = None,
     param_dtype: Any = jnp.float32,
@@ -233,6 +248,7 @@ class LowRankConv(_FactorizedConv):
       rank=rank,
       padding=padding,
       kernel_dilation=kernel_dilation,
+      feature_group_count=feature_group_count,
       use_bias=use_bias,
       dtype=dtype,
       param_dtype=param_dtype,
@@ -252,8 +268,11 @@ class TuckerConv(_FactorizedConv):
   """1x1 conv, k x k core conv, 1x1 conv (`Tucker`, Tucker-2).
 
   `in_features`, `out_features`, `kernel_size`, `strides`, `padding`,
-  `kernel_dilation`, `use_bias`, `dtype`, `param_dtype`, `precision`,
-  `preferred_element_type`, `bias_init` and `rngs` are `nnx.Conv`'s.
+  `kernel_dilation`, `feature_group_count`, `use_bias`, `dtype`,
+  `param_dtype`, `precision`, `preferred_element_type`, `bias_init` and
+  `rngs` are `nnx.Conv`'s. With `feature_group_count = G` every group has
+  its own factors (of one group's kernel `[*window, C/G, F/G]`, `rank` per
+  group), stacked on a leading axis of size G as in `jaxfactor.Grouped`.
 
   Args:
     rank: an int (both ranks), a pair `(R_in, R_out)`, or
@@ -285,6 +304,7 @@ class TuckerConv(_FactorizedConv):
     rank: int | tuple[int, int] | Budget,
     padding: Any = "SAME",
     kernel_dilation: int | Sequence[int] = 1,
+    feature_group_count: int = 1,
     use_bias: bool = True,
     dtype: Any = None,
     param_dtype: Any = jnp.float32,
@@ -306,6 +326,7 @@ class TuckerConv(_FactorizedConv):
       rank=rank,
       padding=padding,
       kernel_dilation=kernel_dilation,
+      feature_group_count=feature_group_count,
       use_bias=use_bias,
       dtype=dtype,
       param_dtype=param_dtype,
@@ -327,8 +348,11 @@ class CPConv(_FactorizedConv):
   """1x1 conv, one depthwise 1-D conv per axis, 1x1 conv (`CP`).
 
   `in_features`, `out_features`, `kernel_size`, `strides`, `padding`,
-  `kernel_dilation`, `use_bias`, `dtype`, `param_dtype`, `precision`,
-  `preferred_element_type`, `bias_init` and `rngs` are `nnx.Conv`'s.
+  `kernel_dilation`, `feature_group_count`, `use_bias`, `dtype`,
+  `param_dtype`, `precision`, `preferred_element_type`, `bias_init` and
+  `rngs` are `nnx.Conv`'s. With `feature_group_count = G` every group has
+  its own factors (of one group's kernel `[*window, C/G, F/G]`, `rank` per
+  group), stacked on a leading axis of size G as in `jaxfactor.Grouped`.
 
   Args:
     rank: an int, or `jaxfactor.Budget(params=f)`: the largest rank whose
@@ -360,6 +384,7 @@ class CPConv(_FactorizedConv):
     rank: int | Budget,
     padding: Any = "SAME",
     kernel_dilation: int | Sequence[int] = 1,
+    feature_group_count: int = 1,
     use_bias: bool = True,
     dtype: Any = None,
     param_dtype: Any = jnp.float32,
@@ -381,6 +406,7 @@ class CPConv(_FactorizedConv):
       rank=rank,
       padding=padding,
       kernel_dilation=kernel_dilation,
+      feature_group_count=feature_group_count,
       use_bias=use_bias,
       dtype=dtype,
       param_dtype=param_dtype,
@@ -402,8 +428,11 @@ class SpatiallySeparableConv(_FactorizedConv):
   """One 1-D conv per spatial axis (`SpatiallySeparable`): k x 1, then 1 x k.
 
   `in_features`, `out_features`, `kernel_size`, `strides`, `padding`,
-  `kernel_dilation`, `use_bias`, `dtype`, `param_dtype`, `precision`,
-  `preferred_element_type`, `bias_init` and `rngs` are `nnx.Conv`'s.
+  `kernel_dilation`, `feature_group_count`, `use_bias`, `dtype`,
+  `param_dtype`, `precision`, `preferred_element_type`, `bias_init` and
+  `rngs` are `nnx.Conv`'s. With `feature_group_count = G` every group has
+  its own factors (of one group's kernel `[*window, C/G, F/G]`, `rank` per
+  group), stacked on a leading axis of size G as in `jaxfactor.Grouped`.
 
   Args:
     rank: an int (every split), one inner rank per split, or
@@ -433,6 +462,7 @@ class SpatiallySeparableConv(_FactorizedConv):
     rank: int | tuple[int, ...] | Budget,
     padding: Any = "SAME",
     kernel_dilation: int | Sequence[int] = 1,
+    feature_group_count: int = 1,
     use_bias: bool = True,
     dtype: Any = None,
     param_dtype: Any = jnp.float32,
@@ -452,6 +482,7 @@ class SpatiallySeparableConv(_FactorizedConv):
       rank=rank,
       padding=padding,
       kernel_dilation=kernel_dilation,
+      feature_group_count=feature_group_count,
       use_bias=use_bias,
       dtype=dtype,
       param_dtype=param_dtype,
@@ -469,8 +500,11 @@ class DepthwiseSeparableConv(_FactorizedConv):
   """A depthwise conv, then a pointwise conv (`DepthwiseSeparable`).
 
   `in_features`, `out_features`, `kernel_size`, `strides`, `padding`,
-  `kernel_dilation`, `use_bias`, `dtype`, `param_dtype`, `precision`,
-  `preferred_element_type`, `bias_init` and `rngs` are `nnx.Conv`'s.
+  `kernel_dilation`, `feature_group_count`, `use_bias`, `dtype`,
+  `param_dtype`, `precision`, `preferred_element_type`, `bias_init` and
+  `rngs` are `nnx.Conv`'s. With `feature_group_count = G` every group has
+  its own factors (of one group's kernel `[*window, C/G, F/G]`, `rank` per
+  group), stacked on a leading axis of size G as in `jaxfactor.Grouped`.
 
   Args:
     channel_multiplier: m, an int (the depthwise stage has C*m channels),
@@ -501,6 +535,7 @@ class DepthwiseSeparableConv(_FactorizedConv):
     channel_multiplier: int | Budget = 1,
     padding: Any = "SAME",
     kernel_dilation: int | Sequence[int] = 1,
+    feature_group_count: int = 1,
     use_bias: bool = True,
     dtype: Any = None,
     param_dtype: Any = jnp.float32,
@@ -521,6 +556,7 @@ class DepthwiseSeparableConv(_FactorizedConv):
       rank=channel_multiplier,
       padding=padding,
       kernel_dilation=kernel_dilation,
+      feature_group_count=feature_group_count,
       use_bias=use_bias,
       dtype=dtype,
       param_dtype=param_dtype,
@@ -544,8 +580,11 @@ class TensorTrainConv(_FactorizedConv):
   (`TensorTrain`, Garipov et al. 2016).
 
   `in_features`, `out_features`, `kernel_size`, `strides`, `padding`,
-  `kernel_dilation`, `use_bias`, `dtype`, `param_dtype`, `precision`,
-  `preferred_element_type`, `bias_init` and `rngs` are `nnx.Conv`'s. The
+  `kernel_dilation`, `feature_group_count`, `use_bias`, `dtype`,
+  `param_dtype`, `precision`, `preferred_element_type`, `bias_init` and
+  `rngs` are `nnx.Conv`'s. With `feature_group_count = G` every group has
+  its own factors (of one group's kernel `[*window, C/G, F/G]`, `rank` per
+  group), stacked on a leading axis of size G as in `jaxfactor.Grouped`. The
   channels are split into modes by default (`jaxfactor.decompose`'s
   `in_modes`); a train with other modes comes from `from_factors`.
 
@@ -579,6 +618,7 @@ class TensorTrainConv(_FactorizedConv):
     rank: int | tuple[int, ...] | Budget,
     padding: Any = "SAME",
     kernel_dilation: int | Sequence[int] = 1,
+    feature_group_count: int = 1,
     use_bias: bool = True,
     dtype: Any = None,
     param_dtype: Any = jnp.float32,
@@ -599,6 +639,7 @@ class TensorTrainConv(_FactorizedConv):
       rank=rank,
       padding=padding,
       kernel_dilation=kernel_dilation,
+      feature_group_count=feature_group_count,
       use_bias=use_bias,
       dtype=dtype,
       param_dtype=param_dtype,
@@ -764,15 +805,13 @@ def _default_filter(path, conv) -> bool:
   return math.prod(conv.kernel_size) > 1
 
 
-def _unsupported(conv: nnx.Conv, *, groups: bool = False) -> str | None:
-  """Why `conv` cannot be factorized (or, with `groups`, adapted)."""
+def _unsupported(conv: nnx.Conv) -> str | None:
+  """Why `conv` cannot be factorized or adapted."""
   if conv.kernel.ndim != len(conv.kernel_size) + 2:
     return (
       f"kernel of shape {tuple(conv.kernel.shape)} for a"
       f" {len(conv.kernel_size)}-D window (stacked by nnx.vmap/scan?)"
     )
-  if conv.feature_group_count != 1 and not groups:
-    return f"feature_group_count={conv.feature_group_count} (grouped conv)"
   if conv.input_dilation not in (None, 1) and any(
     d != 1 for d in np.atleast_1d(conv.input_dilation)
   ):
@@ -890,8 +929,11 @@ def factorize(
   Returns:
     A `FactorizationReport`: per layer the path, shapes, rank, params and
     FLOPs before and after and the relative error; a layer that cannot be
-    factorized (groups > 1, input dilation, a mask, ...) is listed with the
-    reason and left as it is.
+    factorized (a depthwise conv, input dilation, a mask, ...) is listed
+    with the reason and left as it is. A grouped conv
+    (`feature_group_count = G`) is factorized group by group
+    (`decompose(..., feature_group_count=G)`): its rank is per group, its
+    params and FLOPs are the groups' sum.
 
   Raises:
     ValueError: not exactly one of `rank`, `energy` and `budget`; a budget
@@ -914,7 +956,9 @@ def factorize(
     if not isinstance(module, nnx.Conv):
       continue
     shape = tuple(module.kernel.shape)
-    reason = _unsupported(module)
+    reason = _unsupported(module) or _surgery.depthwise(
+      shape[-2], module.feature_group_count
+    )
     if reason is None and not select(path, module):
       reason = "not selected by the filter"
     if reason is None and cls is formats.SpatiallySeparable and len(shape) < 4:
@@ -948,6 +992,7 @@ def factorize(
         padding=conv.padding,
         kernel_dilation=conv.kernel_dilation,
         inputs=recorded.get(path),
+        groups=conv.feature_group_count,
       )
     )
   factors, reports = _surgery.factorize_sites(
@@ -999,9 +1044,12 @@ def _layer(
   precision,
   preferred_element_type,
   implementation,
+  feature_group_count: int = 1,
 ) -> _FactorizedConv:
   """A jaxfactor layer of `rank` holding `values` (arrays or abstract) and
-  `bias` (an `nnx.Param`, or None), built without initializing anything."""
+  `bias` (an `nnx.Param`, or None), built without initializing anything.
+  With `feature_group_count > 1`, `rank` is one group's and each value has
+  a leading groups axis."""
   if cls is formats.DepthwiseSeparable:
     rank_arg = {"channel_multiplier": rank}
   else:
@@ -1018,6 +1066,7 @@ def _layer(
       strides,
       padding=padding,
       kernel_dilation=kernel_dilation,
+      feature_group_count=feature_group_count,
       use_bias=bias is not None,
       dtype=dtype,
       param_dtype=param_dtype,
@@ -1060,6 +1109,7 @@ def _replacement(
     precision=conv.precision,
     preferred_element_type=conv.preferred_element_type,
     implementation=implementation,
+    feature_group_count=conv.feature_group_count,
   )
 
 
@@ -1095,7 +1145,8 @@ def from_factors(
   Returns:
     A `LowRankConv`, `TuckerConv`, `CPConv`, `SpatiallySeparableConv`,
     `DepthwiseSeparableConv` or `TensorTrainConv` whose `factors` equal
-    `factors`.
+    `factors` (for a `jaxfactor.Grouped`, the layer of its inner format
+    with `feature_group_count` its groups).
 
   >>> import jax.numpy as jnp
   >>> import jaxfactor, jaxfactor.nnx
@@ -1119,9 +1170,12 @@ def from_factors(
         f" factors with {factors.out_features} output features, got"
         f" {tuple(bias.shape)}."
       )
-  cls = type(factors)
+  groups = 1
+  inner = factors
+  if isinstance(factors, formats.Grouped):
+    groups, inner = factors.groups, factors.inner
   return _layer(
-    cls,
+    type(inner),
     _ranks.rank_of(factors),
     factors.params(),
     None if bias is None else nnx.Param(jnp.asarray(bias, factors.dtype)),
@@ -1136,6 +1190,7 @@ def from_factors(
     precision=precision,
     preferred_element_type=preferred_element_type,
     implementation=implementation,
+    feature_group_count=groups,
   )
 
 
@@ -1194,6 +1249,7 @@ def restore_structure(
       conv.param_dtype,
       rank,
       abstract=isinstance(conv.kernel.get_value(), jax.ShapeDtypeStruct),
+      groups=conv.feature_group_count,
     )
     _set(model, path, _replacement(cls, conv, rank, values, implementation))
 
@@ -1304,7 +1360,7 @@ class Adapter(nnx.Module):
         f" layer, got {type(base).__name__}."
       )
     if isinstance(base, nnx.Conv):
-      reason = _unsupported(base, groups=True)
+      reason = _unsupported(base)
       if reason is not None:
         raise ValueError(f"{layer}: cannot adapt this nnx.Conv: {reason}.")
     cls = _adapters.adapter_format(layer, format)
@@ -1491,11 +1547,7 @@ def adapt(
     name = "/".join(map(str, path))
     shape = _base_kernel_shape(module)
     groups = getattr(module, "feature_group_count", 1)
-    reason = (
-      _unsupported(module, groups=True)
-      if isinstance(module, nnx.Conv)
-      else None
-    )
+    reason = _unsupported(module) if isinstance(module, nnx.Conv) else None
     layer_rank = layer_alpha = None
     if reason is None and not select(path, module):
       reason = "not selected by the filter"
@@ -1592,10 +1644,22 @@ def _adapters_of(model: nnx.Module) -> list[tuple[tuple[Any, ...], Adapter]]:
   ]
 
 
+def _per_group(fn: Callable[..., formats.Format], value, *args):
+  """`fn(value, *args)`; group by group for a `Grouped` value (`args` that
+  are formats then stacked over the groups too)."""
+  if not isinstance(value, formats.Grouped):
+    return fn(value, *args)
+  stacked = [a for a in args if isinstance(a, formats.Format)]
+  rest = [a for a in args if not isinstance(a, formats.Format)]
+  inner = jax.vmap(lambda v, *s: fn(v, *s, *rest))(value.inner, *stacked)
+  return formats.Grouped(inner)
+
+
 def _with_factors(base: _FactorizedConv, value: formats.Format):
   """A layer like `base` (bias and settings) holding `value`'s factors."""
+  inner = value.inner if isinstance(value, formats.Grouped) else value
   return _layer(
-    type(value),
+    type(inner),
     _ranks.rank_of(value),
     value.params(),
     base.bias,
@@ -1610,6 +1674,7 @@ def _with_factors(base: _FactorizedConv, value: formats.Format):
     precision=base.precision,
     preferred_element_type=base.preferred_element_type,
     implementation=base.implementation,
+    feature_group_count=base.feature_group_count,
   )
 
 
@@ -1660,7 +1725,7 @@ def merge(model: nnx.Module) -> nnx.Module:
       raise ValueError(
         _adapters.merge_error(where, adapter.format, base.format)
       )
-    value = _adapters.concatenate(base.factors, update, scale)
+    value = _per_group(_adapters.concatenate, base.factors, update, scale)
     merged = _replaced(merged, path, _with_factors(base, value))
   return merged
 
@@ -1703,7 +1768,7 @@ def unmerge(model: nnx.Module, adapted: nnx.Module) -> nnx.Module:
       and isinstance(layer, _FactorizedConv)
       and layer.format is adapter.base.format
     ):
-      value = _adapters.split(layer.factors, adapter.base.rank)
+      value = _per_group(_adapters.split, layer.factors, adapter.base.rank)
       base_model = _replaced(base_model, path, _with_factors(layer, value))
     else:
       raise ValueError(
@@ -1783,7 +1848,7 @@ def extract(
         f" `base_model` has an nnx.Conv with kernel {tuple(conv.kernel.shape)}."
       )
     delta = tuned.kernel[...] - conv.kernel[...]
-    reason = _unsupported(conv, groups=True)
+    reason = _unsupported(conv)
     layer_rank = (
       None if rank is None else _adapters.pattern_value(fn, "rank", rank, name)
     )

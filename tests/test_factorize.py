@@ -31,7 +31,10 @@ DECAY = {"conv1": 0.9, "conv2": 0.5, "conv3": 0.75, "line": 0.8}
 # Few ALS sweeps: these tests are about the surgery, not CP's fit.
 CP_KWARGS = dict(iterations=2, restarts=0)
 NNX_REASONS = {
-  "grouped": "feature_group_count=2 (grouped conv)",
+  "grouped": (
+    "depthwise conv (feature_group_count=8, one input channel per group):"
+    " no channels to factorize"
+  ),
   "upsample": "input_dilation=2 (transposed conv)",
   "masked": "masked kernel",
   "custom": "custom conv_general_dilated",
@@ -60,7 +63,9 @@ class Net(nnx.Module):
     self.conv3 = nnx.Conv(
       8, 8, (3, 3), strides=2, padding="CIRCULAR", rngs=rngs
     )
-    self.grouped = nnx.Conv(8, 8, (3, 3), feature_group_count=2, rngs=rngs)
+    # Grouped convs are factorized group by group (test_grouped_layers.py);
+    # a depthwise one is left as it is.
+    self.grouped = nnx.Conv(8, 8, (3, 3), feature_group_count=8, rngs=rngs)
     self.masked = nnx.Conv(
       8, 8, (3, 3), rngs=rngs, mask=jnp.ones((3, 3, 8, 8), jnp.float32)
     )
@@ -426,7 +431,7 @@ def test_report_totals_ranks_and_table():
   assert f"{conv2.relative_error:.4f}" in row
   assert any(
     line.startswith("grouped ")
-    and line.endswith("skipped: feature_group_count=2 (grouped conv)")
+    and line.endswith(f"skipped: {NNX_REASONS['grouped']}")
     for line in lines
   )
 
@@ -487,7 +492,7 @@ class LinenNet(nn.Module):
       )(x)
     )
     if self.grouped:
-      x = nn.Conv(8, (3, 3), feature_group_count=2, name="grouped")(x)
+      x = nn.Conv(8, (3, 3), feature_group_count=8, name="grouped")(x)
     return nn.Conv(10, (1, 1), name="head")(x).mean(axis=(1, 2))
 
 
@@ -542,7 +547,7 @@ def test_factorized_variables_compute_the_dense_twin(name):
   assert reasons == {
     "conv1": None,
     "conv2": None,
-    "grouped": "feature_group_count=2",
+    "grouped": NNX_REASONS["grouped"],
     "head": "1x1 kernel",
   }
   assert report.flops_after < report.flops_before
