@@ -1645,14 +1645,10 @@ def _adapters_of(model: nnx.Module) -> list[tuple[tuple[Any, ...], Adapter]]:
 
 
 def _per_group(fn: Callable[..., formats.Format], value, *args):
-  """`fn(value, *args)`; group by group for a `Grouped` value (`args` that
-  are formats then stacked over the groups too)."""
+  """`fn(value, *args)`; group by group for a `Grouped` value."""
   if not isinstance(value, formats.Grouped):
     return fn(value, *args)
-  stacked = [a for a in args if isinstance(a, formats.Format)]
-  rest = [a for a in args if not isinstance(a, formats.Format)]
-  inner = jax.vmap(lambda v, *s: fn(v, *s, *rest))(value.inner, *stacked)
-  return formats.Grouped(inner)
+  return formats.Grouped(jax.vmap(lambda v: fn(v, *args))(value.inner))
 
 
 def _with_factors(base: _FactorizedConv, value: formats.Format):
@@ -1725,7 +1721,7 @@ def merge(model: nnx.Module) -> nnx.Module:
       raise ValueError(
         _adapters.merge_error(where, adapter.format, base.format)
       )
-    value = _per_group(_adapters.concatenate, base.factors, update, scale)
+    value = _adapters.concatenate(base.factors, update, scale)
     merged = _replaced(merged, path, _with_factors(base, value))
   return merged
 
