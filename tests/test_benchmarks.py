@@ -303,3 +303,54 @@ def test_decompose_script_runs(tmp_path):
       assert r["ours"] == pytest.approx(r["theirs"], abs=1e-3)
     else:
       assert r["ours"] <= r["theirs"] + 1e-3
+
+
+def test_networks_ranks_fit_the_flop_fraction():
+  """networks.py's factorized ResNet-18 convs: the largest rank within the
+  FLOP fraction, by `jaxfactor.cost`."""
+  bench = _load("networks")
+  for format in ("tucker", "lowrank", "cp"):
+    rank, ours, dense = bench.rank_for_flops(format, 16, 32, 2, 8, 0.25)
+    assert ours <= 0.25 * dense
+    r = rank[0] if isinstance(rank, tuple) else rank
+    limit = jaxfactor.max_rank((3, 3, 16, 32), bench.FORMATS[format])
+    bigger = bench._abstract(format, 16, 32, bench._rank(format, r + 1, limit))
+    more = jaxfactor.cost(
+      bigger, (1, 8, 8, 16), strides=2, implementation="factorized"
+    ).flops
+    assert more > 0.25 * dense, format
+
+
+def test_networks_script_times_every_build(tmp_path):
+  """networks.py's smoke run: every build of a factorized ResNet stage
+  trains and infers (in device loops), with the same parameters."""
+  _run(
+    "networks.py",
+    "--quick",
+    "--networks",
+    "resnet18_cp",
+    "--builds",
+    "jaxfactor",
+    "flax",
+    "torch",
+    "--device-loop",
+    2,
+    "--out",
+    tmp_path,
+  )
+  result = json.loads((tmp_path / "networks_quick.json").read_text())
+  rows = {r["build"]: r for r in result["rows"]}
+  builds = {"jaxfactor", "flax"}
+  if importlib.util.find_spec("torch") is not None:
+    builds.add("torch")
+  assert set(rows) == builds
+  # The same network in every framework: the same trainable parameters.
+  assert len({r["params"] for r in rows.values()}) == 1
+  for build, r in rows.items():
+    assert r["train_ms"]["median"] > 0 and r["infer_ms"]["median"] > 0
+    assert r["per_call"] == (1 if build == "torch" else 2)
+    assert 0 < r["conv3x3_flop_fraction"] <= 0.25
+  assert rows["jaxfactor"]["memory"]["xla_train_mib"] > 0
+  table = (tmp_path / "networks_quick.md").read_text()
+  # A row per build, and the network's ranks.
+  assert table.count("| resnet18_cp |") == len(builds) + 1
