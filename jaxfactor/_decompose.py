@@ -76,8 +76,8 @@ def cp_degeneracy(cp: formats.CP, kernel: jax.typing.ArrayLike) -> jax.Array:
   rank-1 term of `cp` (its Frobenius norm is the product of the columns'
   norms) and `K` the dense kernel it approximates. A CP fit whose terms
   cancel each other (degenerate ALS: terms with huge norms whose sum is
-  small) has a large value; a fit of nearly orthogonal terms has one at
-  most 1. `decompose(..., "cp", norm_bound=b)` keeps it at most `b`.
+  small) has a large value; a least-squares fit of orthogonal terms has one
+  at most 1. `decompose(..., "cp", norm_bound=b)` keeps it at most `b`.
 
   Args:
     cp: a `jaxfactor.CP`.
@@ -167,7 +167,7 @@ def decompose(
     `T_r`, a trust-region subproblem whose Tikhonov damping is solved for
     (More and Sorensen 1983). The bounded problem always has a minimiser, so
     the fit cannot degenerate into large cancelling terms; the error still
-    never increases from sweep to sweep after the first.
+    never increases after the first update.
   * `TensorTrain`: TT-SVD (Oseledets 2011) of the kernel read as the tensor
     `[w, (c_1 f_1), ..., (c_d f_d)]`: sequential truncated SVDs, left to
     right. Exact at `max_rank`; otherwise quasi-optimal,
@@ -209,7 +209,8 @@ def decompose(
       number `b` for stable, norm-constrained ALS, whose result has
       `cp_degeneracy(result, kernel) <= b` (it bounds the root-sum-square of
       the rank-1 terms' norms, relative to `||K||`). Fits whose terms are
-      orthogonal are unaffected by `b >= 1`.
+      orthogonal are unaffected by `b >= 1`; `b = 2` is a good start (the
+      decomposition guide has measurements).
     damping: ridge added to the input covariance, relative to its mean
       eigenvalue.
     dilation: the layer's kernel dilation, for the patches of `inputs`.
