@@ -12,6 +12,7 @@ from jaxfactor._convolution import depthwise_conv as depthwise_conv
 from jaxfactor._convolution import pointwise_conv as pointwise_conv
 from jaxfactor._cost import Cost as Cost
 from jaxfactor._cost import cost as cost
+from jaxfactor._decompose import cp_degeneracy as cp_degeneracy
 from jaxfactor._decompose import decompose as decompose
 from jaxfactor._decompose import relative_error as relative_error
 from jaxfactor._formats import CP as CP
@@ -53,6 +54,7 @@ __all__ = (
   "adapter_conv",
   "conv",
   "cost",
+  "cp_degeneracy",
   "decompose",
   "depthwise_conv",
   "max_rank",

@@ -69,6 +69,59 @@ def relative_error(
   )
 
 
+def cp_degeneracy(cp: formats.CP, kernel: jax.typing.ArrayLike) -> jax.Array:
+  """The largest rank-1 term of a CP over the kernel: `max_r ||T_r|| / ||K||`.
+
+  `T_r = U[:, r] o A_1[:, r] o ... o A_N[:, r] o V[r, :]` is the `r`-th
+  rank-1 term of `cp` (its Frobenius norm is the product of the columns'
+  norms) and `K` the dense kernel it approximates. A CP fit whose terms
+  cancel each other (degenerate ALS: terms with huge norms whose sum is
+  small) has a large value; a least-squares fit of orthogonal terms has one
+  at most 1. `decompose(..., "cp", norm_bound=b)` keeps it at most `b`.
+
+  Args:
+    cp: a `jaxfactor.CP`.
+    kernel: the dense HWIO kernel `[*window, C, F]` it approximates.
+
+  Returns:
+    A scalar array in the kernel's dtype.
+
+  References:
+    Lebedev et al., 2015, Speeding-up Convolutional Neural Networks Using
+    Fine-tuned CP-Decomposition, https://arxiv.org/abs/1412.6553.
+
+  >>> import jax.numpy as jnp
+  >>> import jaxfactor
+  >>> cp = jaxfactor.CP(
+  ...     jnp.ones((2, 1)), (jnp.ones((3, 1)),), 2 * jnp.ones((1, 2)))
+  >>> float(jaxfactor.cp_degeneracy(cp, cp.to_dense()))
+  1.0
+  """
+  fn = "cp_degeneracy"
+  if not isinstance(cp, formats.CP):
+    raise TypeError(
+      f"{fn}: `cp` must be a jaxfactor.CP, got {type(cp).__name__}."
+    )
+  kernel = _validation.check_array(fn, "kernel", kernel)
+  _validation.check_floating(fn, "kernel", kernel)
+  if tuple(kernel.shape) != cp.shape:
+    raise ValueError(
+      f"{fn}: `kernel` has shape {tuple(kernel.shape)} but `cp` stands for a"
+      f" kernel of shape {cp.shape}."
+    )
+  kernel = jnp.asarray(kernel)
+  columns = [cp.in_proj, *cp.spatial, cp.out_proj.T]
+  # Scaled to max |K| = 1, as in `relative_error`.
+  scale = jnp.max(jnp.abs(kernel))
+  scale = jnp.where(scale > 0, scale, jnp.ones_like(scale))
+  share = scale ** (1 / len(columns))
+  weights = jnp.ones((cp.rank,), kernel.dtype)
+  norms = _component_norms(
+    weights, [(c.astype(kernel.dtype) / share) for c in columns]
+  )
+  return jnp.max(norms) / jnp.linalg.norm((kernel / scale).ravel())
+
+
 def decompose(
   kernel: jax.typing.ArrayLike,
   format: Any,
@@ -79,6 +132,7 @@ def decompose(
   iterations: int | None = None,
   key: jax.Array | None = None,
   restarts: int = 3,
+  norm_bound: float | None = None,
   damping: float = 1e-3,
   dilation: int | tuple[int, ...] = 1,
   compute_dtype: Any = None,
@@ -107,7 +161,13 @@ def decompose(
     at full rank) and `1 + restarts` HOSVD starts (leading singular vectors of
     each mode unfolding, filled with uniform random columns from `key` where
     a mode is smaller than the rank, as TensorLy's "svd" start); the best fit
-    is kept (Lebedev et al. 2015).
+    is kept (Lebedev et al. 2015). With `norm_bound`, norm-constrained ALS:
+    each update is the least-squares one subject to
+    `sqrt(sum_r ||T_r||^2) <= norm_bound * ||K||` over the rank-1 terms
+    `T_r`, a trust-region subproblem whose Tikhonov damping is solved for
+    (More and Sorensen 1983). The bounded problem always has a minimiser, so
+    the fit cannot degenerate into large cancelling terms; the error still
+    never increases after the first update.
   * `TensorTrain`: TT-SVD (Oseledets 2011) of the kernel read as the tensor
     `[w, (c_1 f_1), ..., (c_d f_d)]`: sequential truncated SVDs, left to
     right. Exact at `max_rank`; otherwise quasi-optimal,
@@ -145,6 +205,12 @@ def decompose(
       `jax.random.key(0)`).
     restarts: number of extra `CP` HOSVD starts with other random fills
       (default 3; the cost grows linearly with it).
+    norm_bound: `CP` only: `None` (default) for plain ALS, or a positive
+      number `b` for stable, norm-constrained ALS, whose result has
+      `cp_degeneracy(result, kernel) <= b` (it bounds the root-sum-square of
+      the rank-1 terms' norms, relative to `||K||`). Fits whose terms are
+      orthogonal are unaffected by `b >= 1`; `b = 2` is a good start (the
+      decomposition guide has measurements).
     damping: ridge added to the input covariance, relative to its mean
       eigenvalue.
     dilation: the layer's kernel dilation, for the patches of `inputs`.
@@ -171,8 +237,9 @@ def decompose(
       `jit` each gives NaN factors instead; a rank out of range
       (the message names `max_rank`), both or neither of `rank` and `energy`,
       `energy` outside (0, 1], `inputs` of the wrong shape, a kernel of the
-      wrong rank.
-    TypeError: non-array or non-floating arguments.
+      wrong rank, a `norm_bound` that is not positive or not for `CP`.
+    TypeError: non-array or non-floating arguments, a `norm_bound` that is
+      not a number.
 
   >>> import jax
   >>> import jaxfactor
@@ -186,6 +253,7 @@ def decompose(
     iterations=iterations,
     key=key,
     restarts=restarts,
+    norm_bound=norm_bound,
     compute_dtype=compute_dtype,
     in_modes=in_modes,
     out_modes=out_modes,
@@ -268,6 +336,7 @@ def _decompose(
   iterations,
   key,
   restarts,
+  norm_bound=None,
   damping=1e-3,
   dilation=1,
   compute_dtype,
@@ -290,6 +359,8 @@ def _decompose(
     raise ValueError(
       f"{fn}: `iterations` must be a non-negative int, got {iterations!r}."
     )
+  if norm_bound is not None:
+    _check_norm_bound(fn, cls, norm_bound)
   if cls is formats.LowRank:
     result = _low_rank(work, rank, whitening)
   elif cls is formats.SpatiallySeparable:
@@ -313,7 +384,7 @@ def _decompose(
       key = jax.random.key(0)
     _validation.check_key(fn, key)
     _warn_if_long(fn, tuple(kernel.shape), rank, iterations, restarts + 2)
-    result = _cp(work, rank, iterations, key, restarts)
+    result = _cp(work, rank, iterations, key, restarts, norm_bound)
   share = scale ** (1 / len(jax.tree.leaves(result)))
 
   def restore(a):
@@ -416,6 +487,26 @@ def _compute_dtype(fn, kernel_dtype, compute_dtype):
       " jax.config.update('jax_enable_x64', True) first."
     )
   return compute_dtype
+
+
+def _check_norm_bound(fn, cls, norm_bound):
+  if cls is not formats.CP:
+    raise ValueError(
+      f"{fn}: `norm_bound` (norm-constrained ALS) is for CP, not"
+      f" {cls.__name__}; pass norm_bound=None."
+    )
+  if isinstance(norm_bound, bool) or not isinstance(
+    norm_bound, (int, float, np.floating, np.integer)
+  ):
+    raise TypeError(
+      f"{fn}: `norm_bound` must be a number or None, got"
+      f" {type(norm_bound).__name__}."
+    )
+  if not 0 < norm_bound < math.inf:
+    raise ValueError(
+      f"{fn}: `norm_bound` must be a positive finite number (the bound on the"
+      f" CP components' norms relative to the kernel's), got {norm_bound!r}."
+    )
 
 
 def _select_rank(
@@ -815,9 +906,82 @@ def _cp_hosvd_start(kernel, rank, key):
   return jnp.ones((rank,), kernel.dtype), factors
 
 
-def _cp_als(kernel, weights, factors, iterations):
-  """ALS sweeps with normalised columns; returns (error, weights, factors)."""
+def _component_norms(weights, factors):
+  """`|w_r| prod_n ||a_r^(n)||`: the Frobenius norms of the rank-1 terms."""
+  norms = jnp.abs(weights)
+  for factor in factors:
+    norms = norms * jnp.linalg.norm(factor, axis=0)
+  return norms
+
+
+def _bounded_update(mttkrp, gram, bound):
+  """The least-squares update of one CP factor under a norm bound.
+
+  Minimises `||X_(n) - A W^T||^2` over the factor `A` (`mttkrp = X_(n) W`,
+  `gram = W^T W`) subject to `sum_r lambda_r^2 <= bound^2`, where
+  `lambda_r = ||a_r|| sqrt(gram[r, r])` is the norm of rank-1 term `r`. In the
+  columns scaled by `sqrt(diag(gram))` this is the trust-region subproblem:
+  `A = M (G + mu I)^-1`, with the Tikhonov damping `mu = 0` when the
+  unconstrained update is within the bound, else the root of the secular
+  equation `||A(mu)|| = bound`. Newton's method on `1 / ||A(mu)||`, which is
+  concave and increasing in `mu`, converges to it monotonically from
+  `mu = 0` (More and Sorensen 1983).
+  """
+  diagonal = jnp.diagonal(gram)
+  inv_root = jnp.where(
+    diagonal > 0, lax.rsqrt(jnp.where(diagonal > 0, diagonal, 1)), 0
+  )
+  scaled_gram = gram * inv_root[:, None] * inv_root[None, :]
+  values, vectors = jnp.linalg.eigh(scaled_gram)
+  values = jnp.maximum(values, 0)
+  projected = jnp.matmul(
+    mttkrp * inv_root[None, :], vectors, precision=_HIGHEST
+  )
+  energy = jnp.sum(projected**2, axis=0)
+  # As `pinv`: directions the other factors leave (numerically) unspanned
+  # get no weight at mu = 0.
+  cutoff = values.shape[0] * jnp.finfo(values.dtype).eps * jnp.max(values)
+
+  def inverse(mu):
+    shifted = values + mu
+    kept = shifted > cutoff
+    return jnp.where(kept, 1 / jnp.where(kept, shifted, 1), 0)
+
+  def newton(_, mu):
+    inv = inverse(mu)
+    squared = jnp.sum(energy * inv**2)  # ||A(mu)||^2
+    slope = jnp.sum(energy * inv**3)  # -d/dmu ||A(mu)||^2 / 2
+    step = squared * (jnp.sqrt(squared) / bound - 1)
+    step = jnp.where(slope > 0, step / jnp.where(slope > 0, slope, 1), 0)
+    return jnp.maximum(mu + step, 0)
+
+  mu = lax.fori_loop(0, _SECULAR_STEPS, newton, jnp.zeros((), values.dtype))
+  solved = jnp.matmul(
+    projected * inverse(mu)[None, :], vectors.T, precision=_HIGHEST
+  )
+  # Newton stops a rounding error short of the bound, on the far side.
+  total = jnp.linalg.norm(solved.ravel())
+  solved = solved * jnp.minimum(1, bound / jnp.where(total > 0, total, 1))
+  return solved * inv_root[None, :]
+
+
+# Newton steps on the secular equation per bounded update: it converges
+# quadratically once near the root, and each step is O(rank) work.
+_SECULAR_STEPS = 30
+
+
+def _cp_als(kernel, weights, factors, iterations, bound=None):
+  """ALS sweeps with normalised columns; returns (error, weights, factors).
+
+  With `bound`, each update is `_bounded_update`: the root-sum-square of the
+  rank-1 terms' norms stays at most `bound`, and the error never increases.
+  """
   letters = string.ascii_lowercase[: kernel.ndim]
+  if bound is not None:
+    # A feasible start, for `iterations=0`; the first update restores
+    # feasibility on its own.
+    total = jnp.linalg.norm(_component_norms(weights, factors))
+    weights = weights * jnp.minimum(1, bound / jnp.where(total > 0, total, 1))
 
   def update(mode, state):
     _, factors = state
@@ -830,9 +994,12 @@ def _cp_als(kernel, weights, factors, iterations):
     mttkrp = jnp.einsum(*operands, [letters[mode], "z"], precision=_HIGHEST)
     # The least-squares update of this mode given the others (the weights
     # are absorbed), then its column norms become the weights.
-    solved = jnp.matmul(
-      mttkrp, jnp.linalg.pinv(gram, hermitian=True), precision=_HIGHEST
-    )
+    if bound is None:
+      solved = jnp.matmul(
+        mttkrp, jnp.linalg.pinv(gram, hermitian=True), precision=_HIGHEST
+      )
+    else:
+      solved = _bounded_update(mttkrp, gram, bound)
     norms = jnp.linalg.norm(solved, axis=0)
     solved = solved / jnp.where(norms > 0, norms, 1)[None, :]
     return norms, [*factors[:mode], solved, *factors[mode + 1 :]]
@@ -849,7 +1016,7 @@ def _cp_als(kernel, weights, factors, iterations):
   return error, weights, factors
 
 
-def _cp(kernel, rank, iterations, key, restarts):
+def _cp(kernel, rank, iterations, key, restarts, norm_bound=None):
   starts = [_cp_tap_svd_start(kernel, rank)]
   # fold_in, not split: start i is the same whatever `restarts` is, so more
   # restarts can only improve the fit.
@@ -857,8 +1024,11 @@ def _cp(kernel, rank, iterations, key, restarts):
     starts.append(_cp_hosvd_start(kernel, rank, jax.random.fold_in(key, i)))
   weights = jnp.stack([w for w, _ in starts])
   factors = [jnp.stack(fs) for fs in zip(*(f for _, f in starts))]
+  bound = None
+  if norm_bound is not None:
+    bound = norm_bound * jnp.linalg.norm(kernel.ravel())
   errors, weights, factors = jax.vmap(
-    lambda w, fs: _cp_als(kernel, w, fs, iterations)
+    lambda w, fs: _cp_als(kernel, w, fs, iterations, bound)
   )(weights, factors)
   best = jnp.argmin(errors)
   weights = weights[best]

@@ -354,3 +354,14 @@ def test_networks_script_times_every_build(tmp_path):
   table = (tmp_path / "networks_quick.md").read_text()
   # A row per build, and the network's ranks.
   assert table.count("| resnet18_cp |") == len(builds) + 1
+
+
+def test_cp_stable_script_runs(tmp_path):
+  stdout = _run("cp_stable.py", "--quick", "--norm-bound", 2, "--out", tmp_path)
+  table = (tmp_path / "cp_stable_quick.md").read_text()
+  row = next(line for line in table.splitlines() if line.startswith("| W |"))
+  cells = row.strip("| ").split(" | ")
+  assert cells[:3] == ["W", "2", "300"] and " | ".join(cells) in stdout
+  # Plain ALS's terms have outgrown the bound; the stable ones have not.
+  plain, stable = float(cells[4].split()[0]), float(cells[6].split()[0])
+  assert plain > 2 > stable

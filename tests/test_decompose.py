@@ -8,10 +8,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from reference import FORMATS
+from reference import flax_conv
+from reference import random_input
 from sweeps import ids
 from sweeps import pairwise
 
 import jaxfactor
+from jaxfactor import _decompose
 from jaxfactor import _ranks
 
 # Tolerances against a closed-form optimum, relative to the kernel's norm:
@@ -23,7 +26,14 @@ SHAPES = {1: (3, 4, 6), 2: (3, 3, 4, 6), 3: (2, 3, 2, 3, 5)}
 # The function under test, jitted: the rank and the sweep counts are static.
 decompose = jax.jit(
   jaxfactor.decompose,
-  static_argnames=("format", "rank", "iterations", "restarts", "compute_dtype"),
+  static_argnames=(
+    "format",
+    "rank",
+    "iterations",
+    "restarts",
+    "norm_bound",
+    "compute_dtype",
+  ),
 )
 
 
@@ -252,6 +262,109 @@ def test_cp_als_converges_to_an_exact_cp_kernel_and_restarts_never_hurt():
   few = decompose(kernel, "cp", rank=3, key=key, restarts=0, iterations=16)
   more = decompose(kernel, "cp", rank=3, key=key, restarts=2, iterations=16)
   assert error(more, kernel) <= error(few, kernel) + 1e-12
+
+
+def term_norms(cp, kernel):
+  """`||T_r|| / ||K||` for each rank-1 term, each built densely in numpy."""
+  norms = []
+  for r in range(cp.rank):
+    columns = [np.asarray(a)[:, r] for a in (cp.in_proj, *cp.spatial)]
+    columns.append(np.asarray(cp.out_proj)[r])
+    term = columns[0]
+    for column in columns[1:]:
+      term = np.multiply.outer(term, column)
+    norms.append(np.linalg.norm(term))
+  return np.array(norms) / np.linalg.norm(np.asarray(kernel))
+
+
+def test_stable_cp_recovers_an_exact_cp_kernel_and_convolves_as_flax():
+  rng = np.random.default_rng(0)
+  u, a, b, v = (rng.standard_normal((n, 3)) for n in (4, 3, 3, 5))
+  kernel = jnp.asarray(np.einsum("cr,hr,wr,fr->hwcf", u, a, b, v))
+  planted = np.linalg.norm(u, axis=0) * np.linalg.norm(a, axis=0)
+  planted *= np.linalg.norm(b, axis=0) * np.linalg.norm(v, axis=0)
+  bound = 1.5
+  # The planted terms are within the bound, so the bound does not bias them.
+  assert np.linalg.norm(planted) < bound * np.linalg.norm(kernel)
+  f = decompose(kernel, "cp", rank=3, restarts=0, norm_bound=bound)
+  assert error(f, kernel) < 1e-8
+  norms = term_norms(f, kernel)
+  degeneracy = float(jaxfactor.cp_degeneracy(f, kernel))
+  assert abs(degeneracy - norms.max()) < 1e-12
+  np.testing.assert_allclose(
+    np.sort(norms), np.sort(planted) / np.linalg.norm(kernel), rtol=1e-6
+  )
+  x = random_input((2, 6, 7, 4))
+  expected = flax_conv(x, f.to_dense(), padding="SAME")
+  actual = jax.jit(jaxfactor.conv)(x, f)
+  assert np.linalg.norm(actual - expected) < 1e-12 * np.linalg.norm(expected)
+
+
+def degenerate_kernel():
+  """`a o a o b + a o b o a + b o a o a`: rank 3, but rank-2 CPs come
+  arbitrarily close, with two terms of norm ~1/error that cancel; no best
+  rank-2 approximation exists (De Silva and Lim 2008)."""
+  a, b = np.linalg.qr(np.random.default_rng(0).standard_normal((3, 2)))[0].T
+  terms = [(a, a, b), (a, b, a), (b, a, a)]
+  return jnp.asarray(sum(np.einsum("i,j,k->ijk", *t) for t in terms))
+
+
+def test_stable_cp_stays_bounded_where_als_degenerates():
+  kernel = degenerate_kernel()  # a 1-D kernel [3, C=3, F=3]
+  short, long = (
+    decompose(kernel, "cp", rank=2, iterations=i) for i in (100, 2000)
+  )
+  # Plain ALS buys its error with ever larger, cancelling terms.
+  assert error(long, kernel) < error(short, kernel) / 3
+  assert jaxfactor.cp_degeneracy(long, kernel) > 1.5 * jaxfactor.cp_degeneracy(
+    short, kernel
+  )
+  assert jaxfactor.cp_degeneracy(long, kernel) > 3
+  bound = 2.0
+  stable = decompose(kernel, "cp", rank=2, iterations=2000, norm_bound=bound)
+  norms = term_norms(stable, kernel)
+  assert np.linalg.norm(norms) <= bound * (1 + 1e-12)
+  assert jaxfactor.cp_degeneracy(stable, kernel) <= bound
+  # Bounded terms cost a little accuracy: the fit within the bound is about
+  # as good as plain ALS after 100 sweeps (whose terms are larger).
+  assert error(stable, kernel) < error(short, kernel) + 0.01
+
+
+def constrained_least_squares(mttkrp, gram, bound):
+  """`A = M (G + mu D)^-1`, `D = diag(G)`, with `mu >= 0` found by
+  bisection such that `sum_r ||a_r||^2 D_r <= bound^2` (KKT of a convex
+  problem, so the global optimum)."""
+  diagonal = np.diag(np.diag(gram))
+
+  def solve(mu):
+    a = np.linalg.solve(gram + mu * diagonal, mttkrp.T).T
+    return a, np.sqrt(np.sum(a**2 * np.diag(gram)))
+
+  a, total = solve(0.0)
+  if total <= bound:
+    return a
+  low, high = 0.0, 1.0
+  while solve(high)[1] > bound:
+    high *= 2
+  for _ in range(200):
+    mid = (low + high) / 2
+    low, high = (mid, high) if solve(mid)[1] > bound else (low, mid)
+  return solve(high)[0]
+
+
+@pytest.mark.parametrize("bound", [0.3, 100.0])
+def test_bounded_update_is_the_constrained_least_squares_optimum(bound):
+  rng = np.random.default_rng(1)
+  # Nearly collinear columns of unequal norms, as in a degenerating fit.
+  w = rng.standard_normal((12, 1)) + 0.05 * rng.standard_normal((12, 4))
+  w *= np.array([0.5, 1.0, 2.0, 3.0])
+  target = rng.standard_normal((5, 12))
+  mttkrp, gram = target @ w, w.T @ w
+  got = jax.jit(_decompose._bounded_update)(
+    jnp.asarray(mttkrp), jnp.asarray(gram), jnp.asarray(bound)
+  )
+  expected = constrained_least_squares(mttkrp, gram, bound)
+  np.testing.assert_allclose(got, expected, rtol=1e-7, atol=1e-9)
 
 
 # --- jit, vmap and dtypes -----------------------------------------------------

@@ -1318,6 +1318,54 @@ def test_iterations_restarts_key_and_compute_dtype():
     )
 
 
+def test_norm_bound_and_cp_degeneracy_arguments():
+  _raises(
+    ValueError,
+    r"decompose: `norm_bound` must be a positive finite number \(the bound"
+    r" on the CP components' norms relative to the kernel's\), got 0.0",
+    jaxfactor.decompose,
+    KERNEL,
+    "cp",
+    rank=2,
+    norm_bound=0.0,
+  )
+  _raises(
+    TypeError,
+    r"decompose: `norm_bound` must be a number or None, got bool",
+    jaxfactor.decompose,
+    KERNEL,
+    "cp",
+    rank=2,
+    norm_bound=True,
+  )
+  _raises(
+    ValueError,
+    r"decompose: `norm_bound` \(norm-constrained ALS\) is for CP, not"
+    r" Tucker; pass norm_bound=None",
+    jaxfactor.decompose,
+    KERNEL,
+    "tucker",
+    rank=2,
+    norm_bound=1.0,
+  )
+  _raises(
+    TypeError,
+    r"cp_degeneracy: `cp` must be a jaxfactor.CP, got LowRank",
+    jaxfactor.cp_degeneracy,
+    LOW_RANK,
+    jnp.ones((3, 3, 4, 6)),
+  )
+  cp = jaxfactor.CP(jnp.ones((4, 2)), (jnp.ones((3, 2)),) * 2, jnp.ones((2, 8)))
+  _raises(
+    ValueError,
+    r"cp_degeneracy: `kernel` has shape \(3, 3, 4, 4\) but `cp` stands for"
+    r" a kernel of shape \(3, 3, 4, 8\)",
+    jaxfactor.cp_degeneracy,
+    cp,
+    jnp.ones((3, 3, 4, 4)),
+  )
+
+
 def test_relative_error_and_max_rank_arguments():
   _raises(
     TypeError,
