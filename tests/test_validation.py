@@ -1763,7 +1763,7 @@ def test_model_factorization_arguments(fn):
   )
   _raises(
     ValueError,
-    rf"{fn}: the budget \(0.001 of the dense total, 0\) is"
+    rf"{fn}: the budget \(0.001 of the dense total, 0.216\) is"
     r" below the cheapest factorization's total \(19\)",
     call,
     budget=jaxfactor.Budget(params=0.001),
