@@ -35,29 +35,50 @@ DEFAULT_TT_CORES = 2
 
 @dataclasses.dataclass(frozen=True)
 class Budget:
-  """A target size for a whole model: a fraction of its dense FLOPs or params.
+  """A target size for a whole model: a fraction of its dense cost.
+
+  Exactly one of the three is given, as a fraction in (0, 1] of the dense
+  layers' total.
 
   Attributes:
-    flops: fraction in (0, 1] of the dense layers' total FLOPs, or None.
-    params: fraction in (0, 1] of their total parameters, or None.
+    flops: fraction of their FLOPs (`jaxfactor.cost` of what runs).
+    params: fraction of their parameters.
+    latency: fraction of their estimated time: seconds by the roofline
+      model `implementation="auto"` uses, for JAX's default backend (the
+      forward pass of each layer on its recorded input; an estimate, not a
+      measurement).
 
   >>> import jaxfactor
   >>> jaxfactor.Budget(flops=0.4)
-  Budget(flops=0.4, params=None)
+  Budget(flops=0.4, params=None, latency=None)
   """
 
   flops: float | None = None
   params: float | None = None
+  latency: float | None = None
 
   def __post_init__(self):
-    given = [v for v in (self.flops, self.params) if v is not None]
-    if len(given) != 1 or not all(
-      isinstance(v, (int, float)) and not isinstance(v, bool) and 0 < v <= 1
-      for v in given
+    values = {
+      "flops": self.flops,
+      "params": self.params,
+      "latency": self.latency,
+    }
+    given = [name for name, v in values.items() if v is not None]
+    if len(given) != 1:
+      raise ValueError(
+        "Budget: give exactly one of `flops`, `params` and `latency`, got"
+        f" {', '.join(f'{n}={values[n]!r}' for n in given) or 'none'}."
+      )
+    (name,) = given
+    value = values[name]
+    if (
+      isinstance(value, bool)
+      or not isinstance(value, (int, float))
+      or not 0 < value <= 1
     ):
       raise ValueError(
-        "Budget: give exactly one of `flops` and `params`, a fraction in"
-        f" (0, 1], got flops={self.flops!r}, params={self.params!r}."
+        f"Budget: `{name}` must be a fraction in (0, 1] of the dense total,"
+        f" got {value!r}."
       )
 
 
@@ -378,7 +399,7 @@ def resolve_rank(
     if rank.params is None:
       raise ValueError(
         f"{fn}: a `rank` given as a Budget must be Budget(params=...): a"
-        " FLOP fraction depends on the input, so use factorize(...,"
+        " FLOP or latency fraction depends on the input, so use factorize(...,"
         f" budget={rank!r}, inputs=...) for it."
       )
     return rank_for_fraction(fn, kernel_shape, cls, rank.params, modes)

@@ -21,6 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxfactor import _allocate
 from jaxfactor import _cost
 from jaxfactor import _decompose
 from jaxfactor import _formats as formats
@@ -43,6 +44,9 @@ class LayerReport:
     relative_error: `||to_dense() - kernel|| / ||kernel||`.
     skipped: the reason the layer was left as it is, or None.
     groups: the conv's `feature_group_count` (its rank is per group).
+    loss_increase: with a budget allocated by `criterion="loss"`, the
+      increase of the loss on the calibration batch measured with this
+      layer alone factorized at `rank`; otherwise None.
   """
 
   path: tuple[Any, ...]
@@ -56,6 +60,7 @@ class LayerReport:
   relative_error: float | None = None
   skipped: str | None = None
   groups: int = 1
+  loss_increase: float | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -63,11 +68,19 @@ class FactorizationReport:
   """Per-layer reports and totals over the factorized layers.
 
   `str(report)` is a table: per layer the rank, params and MFLOPs before and
-  after, and the relative error of the kernel.
+  after, and the relative error of the kernel (and, with
+  `criterion="loss"`, the measured loss increase).
+
+  Attributes:
+    format: the format's class name.
+    layers: one `LayerReport` per convolution seen, in model order.
+    criterion: how a `budget` scored the ranks it spread ("spectral" or
+      "loss"); None when no budget was given.
   """
 
   format: str
   layers: tuple[LayerReport, ...]
+  criterion: str | None = None
 
   @property
   def factorized(self) -> tuple[LayerReport, ...]:
@@ -110,9 +123,10 @@ class FactorizationReport:
     }
 
   def __str__(self) -> str:
+    loss = self.criterion == "loss"
     rows = [
       f"{'layer':<24} {'kernel':<18} {'rank':<10} {'params':>17}"
-      f" {'MFLOPs':>17} {'rel.err':>8}"
+      f" {'MFLOPs':>17} {'rel.err':>8}" + (f" {'d.loss':>9}" if loss else "")
     ]
     for layer in self.layers:
       name = "/".join(map(str, layer.path))
@@ -130,6 +144,7 @@ class FactorizationReport:
       rows.append(
         f"{name:<24} {shape:<18} {str(layer.rank):<10} {params:>17}"
         f" {flops:>17} {layer.relative_error:>8.4f}"
+        + (f" {layer.loss_increase:>9.4f}" if loss else "")
       )
     return "\n".join(rows)
 
@@ -307,6 +322,11 @@ def check_choice(
       raise ValueError(
         f"{fn}: a FLOP budget needs `inputs` to know each layer's input shape."
       )
+    if budget.latency is not None and inputs is None:
+      raise ValueError(
+        f"{fn}: a latency budget needs `inputs` to know each layer's input"
+        " shape."
+      )
   if rank is not None:
     _ranks.check_rank_type(fn, rank, allow_vbmf=True)
   if energy is not None and (
@@ -321,83 +341,6 @@ def check_choice(
     raise ValueError(f"{fn}: `data_aware=True` needs `inputs`.")
 
 
-def error_curve(
-  cls, kernel, candidates: Sequence[Any], groups: int = 1
-) -> list[float]:
-  """Estimated relative error of each candidate rank, from the spectra.
-
-  A grouped kernel's (`groups > 1`, `[*window, C/G, F]`) is its groups'
-  errors combined, each weighted by the group's share of `||kernel||^2`.
-  """
-  if groups > 1:
-    site = Site(path=(), kernel=np.asarray(kernel, np.float64), groups=groups)
-    kernels = site.group_kernels()
-    weights = np.array([np.sum(np.square(k)) for k in kernels])
-    weights = weights / max(float(np.sum(weights)), np.finfo(np.float64).tiny)
-    errors = np.array([error_curve(cls, k, candidates) for k in kernels])
-    return [float(e) for e in np.sqrt(weights @ np.square(errors))]
-  spectra = _decompose.spectra(cls, np.asarray(kernel, np.float64), None)
-  curves = [_ranks.energy_curve(s) for s, _ in spectra]
-
-  def tail(curve, r):
-    return min(1.0, max(0.0, 1.0 - curve[min(r, len(curve)) - 1]))
-
-  out = []
-  for rank in candidates:
-    ranks = rank if isinstance(rank, tuple) else (rank,)
-    # One spectrum: its exact tail. Tucker's two modes (or a TT chain): the
-    # energy kept by projecting on every mode, estimated as the product of
-    # the kept fractions (it lies below the HOSVD bound, the sum of tails).
-    kept = math.prod(1.0 - tail(c, r) for c, r in zip(curves, ranks))
-    out.append(math.sqrt(max(0.0, 1.0 - kept)))
-  return out
-
-
-def allocate_budget(fn: str, layers, fraction: float) -> list[int | None]:
-  """Greedy rank allocation under a total cost budget.
-
-  `layers` is a list of `(costs, errors, dense_cost)`: for each layer the
-  cost and estimated relative error of its candidate ranks (increasing
-  cost), and its dense cost. Keeping a layer dense (error 0) is always a
-  candidate, and factorizations that cost at least as much as dense are not.
-  Every layer starts at its cheapest candidate; then the move that buys the
-  largest decrease of the summed relative error per unit of cost, among
-  those that keep the total within `fraction` of the dense total, is taken
-  until none fits (marginal analysis). Returns, per layer, an index into its
-  candidates or None for "keep dense".
-  """
-  options = []
-  for costs, errors, dense in layers:
-    kept = [
-      (c, e, i) for i, (c, e) in enumerate(zip(costs, errors)) if c < dense
-    ]
-    options.append(kept + [(dense, 0.0, None)])
-  budget = fraction * sum(dense for *_, dense in layers)
-  choice = [0] * len(layers)
-  total = sum(opts[0][0] for opts in options)
-  if total > budget:
-    raise ValueError(
-      f"{fn}: the budget ({fraction} of the dense total, {budget:.0f})"
-      f" is below the cheapest factorization's total ({total})."
-    )
-  while True:
-    best, best_gain = None, 0.0
-    for i, opts in enumerate(options):
-      cost_now, error_now, _ = opts[choice[i]]
-      for k in range(choice[i] + 1, len(opts)):
-        extra = opts[k][0] - cost_now
-        if total + extra > budget:
-          break
-        gain = (error_now - opts[k][1]) / max(extra, 1)
-        if gain > best_gain:
-          best, best_gain = (i, k), gain
-    if best is None:
-      return [opts[c][2] for opts, c in zip(options, choice)]
-    i, k = best
-    total += options[i][k][0] - options[i][choice[i]][0]
-    choice[i] = k
-
-
 def factorize_sites(
   fn: str,
   sites: Sequence[Site],
@@ -410,9 +353,15 @@ def factorize_sites(
   implementation: str = "factorized",
   allow_larger: bool = False,
   progress: bool = False,
+  criterion: str = "spectral",
+  losses: Any = None,
   **decompose_kwargs: Any,
 ) -> tuple[dict[tuple[Any, ...], formats.Format], list[LayerReport]]:
   """Decomposes each site's kernel at its chosen rank.
+
+  A budget's ranks are chosen by `_allocate.choose`; with `criterion="loss"`
+  it scores them with `losses(path, kernels)`, the model's loss with each
+  kernel of the stack put in the layer at `path`.
 
   A factorization with more parameters than the dense kernel, or more FLOPs
   on the recorded input, is not used (the layer stays dense, reported with
@@ -424,33 +373,23 @@ def factorize_sites(
   """
   reports: list[LayerReport] = []
   chosen: dict[tuple[Any, ...], Any] = {}
+  loss_increase: dict[tuple[Any, ...], float | None] = {}
   if budget is not None:
-    use_flops = budget.flops is not None
-    fraction = float(
-      budget.flops
-      if use_flops  # type: ignore[arg-type]
-      else budget.params
+    ranks, increases = _allocate.choose(
+      fn,
+      sites,
+      cls,
+      budget,
+      implementation=implementation,
+      criterion=criterion,
+      losses=losses,
+      decompose=lambda site, r: _decompose_site(
+        site, cls, r, data_aware, decompose_kwargs
+      ),
+      exact=data_aware,
     )
-    layers, candidates = [], []
-    for site in sites:
-      ranks = _ranks.candidates(site.group_shape, cls)
-      if use_flops:
-        # Each candidate as the new layer will run it.
-        costs = [
-          site.flops(site.abstract(cls, r), implementation) for r in ranks
-        ]
-        dense = site.flops(site.kernel)
-      else:
-        costs = [site.num_params(cls, r) for r in ranks]
-        dense = math.prod(site.shape)
-      layers.append(
-        (costs, error_curve(cls, site.kernel, ranks, site.groups), dense)
-      )
-      candidates.append(ranks)
-    for site, ranks, index in zip(
-      sites, candidates, allocate_budget(fn, layers, fraction)
-    ):
-      if index is None:
+    for site, chosen_rank, increase in zip(sites, ranks, increases):
+      if chosen_rank is None:
         reports.append(
           LayerReport(
             path=site.path,
@@ -460,7 +399,8 @@ def factorize_sites(
           )
         )
       else:
-        chosen[site.path] = dict(rank=ranks[index])
+        chosen[site.path] = dict(rank=chosen_rank)
+        loss_increase[site.path] = increase
   else:
     for site in sites:
       if rank is not None and not isinstance(rank, str):
@@ -522,17 +462,9 @@ def factorize_sites(
         " allow_larger=True to factorize it anyway)",
       )
     else:
-      with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=_LARGER_WARNING)
-        factors = _decompose.decompose(
-          site.kernel,
-          cls,
-          inputs=inputs,
-          dilation=site.kernel_dilation or 1,
-          rank=static_rank,
-          feature_group_count=site.groups,
-          **decompose_kwargs,
-        )
+      factors = _decompose_site(
+        site, cls, static_rank, data_aware, decompose_kwargs
+      )
       factors_by_path[site.path] = factors
       report = LayerReport(
         path=site.path,
@@ -545,6 +477,7 @@ def factorize_sites(
         flops_after=site.flops(factors, implementation),
         relative_error=float(_decompose.relative_error(factors, site.kernel)),
         groups=site.groups,
+        loss_increase=loss_increase.get(site.path),
       )
     reports.append(report)
     if progress:
@@ -597,6 +530,35 @@ def _grouped(site: Site) -> str | None:
   return None
 
 
+def _decompose_site(
+  site: Site,
+  cls: type[formats.Format],
+  rank: Any,
+  data_aware: bool,
+  decompose_kwargs: Mapping[str, Any],
+) -> formats.Format:
+  """The site's kernel decomposed at `rank` (per group for a grouped conv),
+  against its recorded input where `data_aware` (an ungrouped conv whose
+  input has patches)."""
+  inputs = (
+    site.inputs
+    if data_aware and site.groups == 1 and not _too_short(site)
+    else None
+  )
+  with warnings.catch_warnings():
+    # Said in the report instead: the layer is kept dense.
+    warnings.filterwarnings("ignore", message=_LARGER_WARNING)
+    return _decompose.decompose(
+      site.kernel,
+      cls,
+      inputs=inputs,
+      dilation=site.kernel_dilation or 1,
+      rank=rank,
+      feature_group_count=site.groups,
+      **decompose_kwargs,
+    )
+
+
 def _too_short(site: Site) -> str | None:
   """Why a site's recorded input has no patches for data-aware decomposition
   (an axis shorter than the dilated window), or None."""
@@ -628,13 +590,17 @@ def _larger(
 
 
 def ordered(
-  fmt: str, reports: Sequence[LayerReport], order: Sequence[tuple[Any, ...]]
+  fmt: str,
+  reports: Sequence[LayerReport],
+  order: Sequence[tuple[Any, ...]],
+  criterion: str | None = None,
 ) -> FactorizationReport:
   """The report, its layers in the model's order."""
   index = {path: i for i, path in enumerate(order)}
   return FactorizationReport(
     format=fmt,
     layers=tuple(sorted(reports, key=lambda r: index.get(r.path, -1))),
+    criterion=criterion,
   )
 
 

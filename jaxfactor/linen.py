@@ -29,6 +29,7 @@ model's variables with `factorize_variables`:
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, ClassVar
@@ -40,6 +41,7 @@ from flax.core import meta
 from flax.linen import dtypes as flax_dtypes
 
 from jaxfactor import _adapters
+from jaxfactor import _allocate
 from jaxfactor import _formats as formats
 from jaxfactor import _layers
 from jaxfactor import _learned
@@ -520,6 +522,9 @@ def factorize_variables(
   implementation: str = "factorized",
   allow_larger: bool = False,
   progress: bool = False,
+  criterion: str = "spectral",
+  loss_fn: Callable[[Mapping[str, Any], Any], jax.Array] | None = None,
+  calibration: Any = None,
   **decompose_kwargs: Any,
 ) -> tuple[dict[str, Any], FactorizationReport]:
   """Turns a dense model's variables into the factorized model's.
@@ -550,7 +555,8 @@ def factorize_variables(
     energy: instead, per layer, the smallest rank keeping that fraction of
       the squared singular values.
     budget: instead, a `jaxfactor.Budget` spread over the layers, as in
-      `jaxfactor.nnx.factorize` (a FLOP budget needs `model` and `inputs`).
+      `jaxfactor.nnx.factorize` (a FLOP or latency budget needs `model` and
+      `inputs`).
     model: the dense model, to find its convs and record their inputs.
     inputs: a sample input for `model.apply(variables, inputs)`.
     filter: optional `filter(path, kernel) -> bool` selecting the layers.
@@ -559,6 +565,12 @@ def factorize_variables(
       for the FLOP counts of the report and of a FLOP budget.
     allow_larger: as in `jaxfactor.nnx.factorize`.
     progress: print one line per layer to stderr as it is decomposed.
+    criterion: how a `budget` scores each layer's ranks, "spectral" or
+      "loss", as in `jaxfactor.nnx.factorize`.
+    loss_fn: for `criterion="loss"`, `loss_fn(variables, batch) -> scalar`
+      (e.g. `lambda v, b: cross_entropy(model.apply(v, b[0]), b[1])`), run
+      under `jax.jit` and `jax.vmap` with one conv's kernel replaced.
+    calibration: for `criterion="loss"`, the batch passed to `loss_fn`.
     **decompose_kwargs: passed to `jaxfactor.decompose`.
 
   Returns:
@@ -573,6 +585,7 @@ def factorize_variables(
   if (model is None) != (inputs is None):
     raise ValueError(f"{fn}: give both `model` and `inputs`, or neither.")
   _surgery.check_choice(fn, rank, energy, budget, inputs, data_aware)
+  _allocate.check_criterion(fn, criterion, loss_fn, calibration, budget)
   convs = _dense_convs(model, variables, inputs) if model is not None else None
   skipped: list[LayerReport] = []
   sites: list[_surgery.Site] = []
@@ -634,6 +647,12 @@ def factorize_variables(
     implementation=implementation,
     allow_larger=allow_larger,
     progress=progress,
+    criterion=criterion,
+    losses=(
+      _kernel_losses(variables, loss_fn, calibration)
+      if criterion == "loss"
+      else None
+    ),
     **decompose_kwargs,
   )
 
@@ -649,7 +668,33 @@ def factorize_variables(
   new = {
     k: (convert((), v) if k == "params" else v) for k, v in variables.items()
   }
-  return new, _surgery.ordered(cls.__name__, [*skipped, *reports], order)
+  return new, _surgery.ordered(
+    cls.__name__,
+    [*skipped, *reports],
+    order,
+    criterion=None if budget is None else criterion,
+  )
+
+
+def _kernel_losses(variables, loss_fn, calibration):
+  """`losses(path, kernels)`: `loss_fn(variables, calibration)` with each
+  kernel of the stack `[n, *window, C, F]` as the params at `path`'s kernel,
+  as one vmap."""
+
+  def replaced(tree, keys, kernel):
+    if not keys:
+      return {**tree, "kernel": kernel}
+    return {**tree, keys[0]: replaced(tree[keys[0]], keys[1:], kernel)}
+
+  @functools.partial(jax.jit, static_argnums=0)
+  def losses(path, variables, calibration, kernels):
+    def one(kernel):
+      new = replaced(variables, ("params", *path), kernel)
+      return loss_fn(new, calibration)
+
+    return jax.vmap(one)(kernels)
+
+  return lambda path, kernels: losses(path, variables, calibration, kernels)
 
 
 def restore_structure(

@@ -17,6 +17,7 @@ Arguments follow `flax.nnx.Conv`.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, ClassVar
@@ -28,6 +29,7 @@ from flax import nnx
 from flax.linen import dtypes as flax_dtypes
 
 from jaxfactor import _adapters
+from jaxfactor import _allocate
 from jaxfactor import _formats as formats
 from jaxfactor import _layers
 from jaxfactor import _learned
@@ -886,6 +888,9 @@ def factorize(
   implementation: str = "factorized",
   allow_larger: bool = False,
   progress: bool = False,
+  criterion: str = "spectral",
+  loss_fn: Callable[[nnx.Module, Any], jax.Array] | None = None,
+  calibration: Any = None,
   **decompose_kwargs: Any,
 ) -> FactorizationReport:
   """Replaces, in place, a trained model's convs by factorized layers.
@@ -904,11 +909,13 @@ def factorize(
       parameters), as in `decompose`.
     energy: instead, per layer, the smallest rank keeping that fraction of
       the squared singular values.
-    budget: instead, `Budget(flops=f)` or `Budget(params=f)`: a target
-      fraction of the selected layers' total dense FLOPs or parameters,
-      spread over the layers by greedy marginal analysis on each layer's
-      singular-value spectra (minimising the summed relative error; a layer
-      can be kept dense). A FLOP budget needs `inputs`.
+    budget: instead, `Budget(flops=f)`, `Budget(params=f)` or
+      `Budget(latency=f)`: a target fraction of the selected layers' total
+      dense FLOPs, parameters or estimated seconds, spread over the layers
+      by `criterion` (a layer can be kept dense). Starting from the uniform
+      split (every layer at the fraction of its own cost), ranks move
+      between layers only where that lowers the criterion's total. A FLOP
+      or latency budget needs `inputs`.
     inputs: a sample batch for `model(inputs)`: records each layer's input
       (for FLOP counts in the report and FLOP budgets, and for `data_aware`).
     filter: `filter(path, conv) -> bool` selects the layers; default: every
@@ -924,27 +931,42 @@ def factorize(
       parameters than the dense kernel, or more FLOPs on the recorded input
       (by default such a layer stays dense and the report says why).
     progress: print one line per layer to stderr as it is decomposed.
+    criterion: how a `budget` scores each layer's ranks. "spectral" (the
+      default): `-log(1 - e**2)` for the relative error `e` estimated from
+      the kernel's singular values, summed over layers (minus the log of
+      the product of the energies kept). "loss": the increase of
+      `loss_fn(model, calibration)` with that layer alone factorized at
+      that rank (a subsample of its ranks, evaluated as one `jax.vmap` over
+      the reconstructed kernels per layer), summed over layers.
+    loss_fn: for `criterion="loss"`, `loss_fn(model, batch) -> scalar`. It
+      runs under `jax.jit` and `jax.vmap` on a copy of the model; put the
+      model in evaluation mode first (`model.eval()`) so that dropout and
+      batch statistics do not blur the comparison.
+    calibration: for `criterion="loss"`, the batch passed to `loss_fn`.
     **decompose_kwargs: passed to `decompose` (e.g. `iterations`, `key`).
 
   Returns:
     A `FactorizationReport`: per layer the path, shapes, rank, params and
-    FLOPs before and after and the relative error; a layer that cannot be
-    factorized (a depthwise conv, input dilation, a mask, ...) is listed
-    with the reason and left as it is. A grouped conv
-    (`feature_group_count = G`) is factorized group by group
-    (`decompose(..., feature_group_count=G)`): its rank is per group, its
-    params and FLOPs are the groups' sum.
+    FLOPs before and after, the relative error, and with `criterion="loss"`
+    the measured loss increase; a layer that cannot be factorized (a
+    depthwise conv, input dilation, a mask, ...) is listed with the reason
+    and left as it is. A grouped conv (`feature_group_count = G`) is
+    factorized group by group (`decompose(..., feature_group_count=G)`): its
+    rank is per group, its params and FLOPs are the groups' sum.
 
   Raises:
     ValueError: not exactly one of `rank`, `energy` and `budget`; a budget
-      below the cheapest factorization; `data_aware` or a FLOP budget
-      without `inputs`.
+      below the cheapest factorization; `data_aware`, a FLOP or a latency
+      budget without `inputs`; an unknown `criterion`, `criterion="loss"`
+      without a budget or `calibration`, or `loss_fn`/`calibration` without
+      it; a loss that is not a finite scalar.
     TypeError: a float `rank`, a `budget` that is not a `Budget`, a bare
-      `nnx.Conv` as `model`.
+      `nnx.Conv` as `model`, a `loss_fn` that is not callable.
   """
   fn = "factorize"
   cls = _ranks.format_class(fn, format)
   _surgery.check_choice(fn, rank, energy, budget, inputs, data_aware)
+  _allocate.check_criterion(fn, criterion, loss_fn, calibration, budget)
   if isinstance(model, nnx.Conv):
     raise TypeError(
       f"{fn}: `model` is a bare nnx.Conv; factorize works in"
@@ -1006,6 +1028,12 @@ def factorize(
     implementation=implementation,
     allow_larger=allow_larger,
     progress=progress,
+    criterion=criterion,
+    losses=(
+      _kernel_losses(model, loss_fn, calibration)
+      if criterion == "loss"
+      else None
+    ),
     **decompose_kwargs,
   )
   for path, value in factors.items():
@@ -1024,7 +1052,35 @@ def factorize(
       ),
     )
   order = [path for path, _ in nnx.iter_modules(model)]
-  return _surgery.ordered(cls.__name__, [*skipped, *reports], order)
+  return _surgery.ordered(
+    cls.__name__,
+    [*skipped, *reports],
+    order,
+    criterion=None if budget is None else criterion,
+  )
+
+
+def _kernel_losses(model, loss_fn, calibration):
+  """`losses(path, kernels)`: `loss_fn(model, calibration)` with each kernel
+  of the stack `[n, *window, C, F]` in the conv at `path`, as one vmap."""
+  graphdef, state = nnx.split(model)
+
+  @functools.partial(jax.jit, static_argnums=0)
+  def losses(path, state, calibration, kernels):
+    def one(kernel):
+      # Replaced in the state, not in a merged model: nnx refuses to set a
+      # variable from inside the vmap that did not create it.
+      flat = [
+        (key, value.replace(kernel) if key == (*path, "kernel") else value)
+        for key, value in nnx.to_flat_state(state)
+      ]
+      return loss_fn(
+        nnx.merge(graphdef, nnx.from_flat_state(flat)), calibration
+      )
+
+    return jax.vmap(one)(kernels)
+
+  return lambda path, kernels: losses(path, state, calibration, kernels)
 
 
 def _layer(

@@ -1093,8 +1093,9 @@ def test_budget_as_a_rank():
   _raises(
     ValueError,
     r"decompose: a `rank` given as a Budget must be"
-    r" Budget\(params=...\): a FLOP fraction depends on the input, so use"
-    r" factorize\(..., budget=Budget\(flops=0.5, params=None\),"
+    r" Budget\(params=...\): a FLOP or latency fraction depends on the"
+    r" input, so use factorize\(...,"
+    r" budget=Budget\(flops=0.5, params=None, latency=None\),"
     r" inputs=...\) for it",
     jaxfactor.decompose,
     KERNEL,
@@ -1111,19 +1112,25 @@ def test_budget_as_a_rank():
     "tucker",
     rank=jaxfactor.Budget(params=0.001),
   )
-  for bad in (
-    dict(flops=1.5),
-    dict(),
-    dict(flops=0.5, params=0.5),
-    dict(params=True),
+  for bad, shown in (
+    (dict(), "none"),
+    (dict(flops=0.5, params=0.5), "flops=0.5, params=0.5"),
+    (dict(params=0.5, latency=0.1), "params=0.5, latency=0.1"),
   ):
-    shown = ", ".join(f"{k}={bad.get(k)!r}" for k in ("flops", "params"))
     _raises(
       ValueError,
-      r"Budget: give exactly one of `flops` and `params`, a"
-      r" fraction in \(0, 1\], got " + re.escape(shown),
+      r"Budget: give exactly one of `flops`, `params` and `latency`, got "
+      + re.escape(shown),
       jaxfactor.Budget,
       **bad,
+    )
+  for name, value in (("flops", 1.5), ("params", True), ("latency", 0.0)):
+    _raises(
+      ValueError,
+      rf"Budget: `{name}` must be a fraction in \(0, 1\] of the dense"
+      rf" total, got {value!r}",
+      jaxfactor.Budget,
+      **{name: value},
     )
 
 
@@ -1804,7 +1811,7 @@ def test_model_factorization_arguments(fn):
   )
   _raises(
     ValueError,
-    rf"{fn}: the budget \(0.001 of the dense total, 0\) is"
+    rf"{fn}: the budget \(0.001 of the dense total, 0.216\) is"
     r" below the cheapest factorization's total \(19\)",
     call,
     budget=jaxfactor.Budget(params=0.001),
