@@ -391,9 +391,9 @@ def write_plot(rows, path, budgets):
     ax.set_ylabel("test accuracy (mean ± std over seeds)")
     ax.set_title(f"MNIST CNN: {title}")
     ax.grid(True, linewidth=0.3)
-  axes[0].legend(loc="lower right", fontsize=7)
+  axes[1].legend(loc="center left", bbox_to_anchor=(1.02, 0.5), fontsize=7)
   fig.tight_layout()
-  fig.savefig(path, dpi=120)
+  fig.savefig(path, dpi=120, bbox_inches="tight")
   plt.close(fig)
 
 
