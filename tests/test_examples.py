@@ -314,3 +314,81 @@ def test_adapt_digits_runs(tmp_path):
   assert head["merged_accuracy"] == full["merged_accuracy"] == ""
   png = (tmp_path / "adapt_digits.png").read_bytes()
   assert png.startswith(b"\x89PNG")
+
+
+def test_compress_mnist_runs(tmp_path):
+  stdout = _run(
+    "compress_mnist.py",
+    "--epochs",
+    1,
+    "--finetune-epochs",
+    1,
+    "--seeds",
+    0,
+    1,
+    "--budgets",
+    0.1,
+    "--methods",
+    "spectral-tucker",
+    "uniform-tucker",
+    "--train-size",
+    128,
+    "--sample-size",
+    32,
+    "--timing-runs",
+    2,
+    "--timing-batch",
+    16,
+    "--no-progress",
+    "--out",
+    tmp_path,
+  )
+  assert "compress_mnist.csv" in stdout
+  with open(tmp_path / "compress_mnist.csv", newline="") as f:
+    reader = csv.DictReader(f)
+    assert tuple(reader.fieldnames) == (
+      "method",
+      "budget",
+      "seeds",
+      "params",
+      "conv_flops",
+      "flop_fraction",
+      "acc_factorized",
+      "acc_factorized_std",
+      "acc_finetuned",
+      "acc_finetuned_std",
+      "infer_ms",
+      "ranks",
+      "note",
+    )
+    rows = {row["method"]: row for row in reader}
+  assert list(rows) == ["dense", "spectral-tucker", "uniform-tucker"]
+  dense = rows.pop("dense")
+  assert float(dense["flop_fraction"]) == 1.0
+  assert dense["ranks"] == "- - - - -"
+  for row in (dense, *rows.values()):
+    assert row["seeds"] == "2"
+    assert 0 <= float(row["acc_finetuned"]) <= 1
+    assert float(row["acc_finetuned_std"]) >= 0
+    assert float(row["infer_ms"]) > 0
+  for row in rows.values():
+    assert 0 <= float(row["acc_factorized"]) <= 1
+    assert int(row["params"]) < int(dense["params"])
+    assert float(row["flop_fraction"]) == pytest.approx(
+      int(row["conv_flops"]) / int(dense["conv_flops"]), abs=1e-3
+    )
+  # The spectral budget holds over the model; the uniform one holds per
+  # layer, except conv1 (one input channel), whose cheapest Tucker costs
+  # more than 10% of its FLOPs and which stays dense: it adds its share.
+  assert float(rows["spectral-tucker"]["flop_fraction"]) <= 0.1
+  assert rows["spectral-tucker"]["note"] == ""
+  conv1_share = (28 * 28 * 9 * 16 * 2) / int(dense["conv_flops"])
+  assert float(rows["uniform-tucker"]["flop_fraction"]) <= 0.1 + conv1_share
+  assert rows["uniform-tucker"]["ranks"].startswith("- ")
+  assert rows["uniform-tucker"]["note"] == "conv1 kept dense: out of reach"
+  with open(tmp_path / "compress_mnist_runs.csv", newline="") as f:
+    runs = list(csv.DictReader(f))
+  assert len(runs) == 2 * 3
+  assert {run["seed"] for run in runs} == {"0", "1"}
+  png = (tmp_path / "compress_mnist.png").read_bytes()
+  assert png.startswith(b"\x89PNG")
