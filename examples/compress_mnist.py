@@ -15,6 +15,11 @@ gets the same short fine-tune. A method is one small function registered in
   over the layers from their singular-value spectra; one row per format;
 * uniform ranks: every layer to the fraction f of its own FLOPs (one
   `factorize` per layer, its `filter` selecting that layer);
+* loss-aware ranks (`criterion="loss"`: each layer's candidate ranks scored
+  by the loss increase they cause on a sample of training images), learned
+  ranks (factorized at twice the budget, trained with
+  `jaxfactor.nnx.rank_penalty`, pruned to the budget with `prune_ranks`)
+  and CP fitted by norm-constrained ALS (`norm_bound=2`);
 * literature protocols: Kim et al. 2016 (Tucker-2 at ranks from VBMF: no
   budget, its FLOP fraction is what VBMF picks), Lebedev et al. 2015 (CP
   with a rank per layer, here uniform), Jaderberg et al. 2014 (spatially
@@ -51,6 +56,7 @@ from collections.abc import Callable
 import jax
 import matplotlib
 import numpy as np
+import optax
 from compress_digits import accuracy
 from compress_digits import compiled_forward
 from compress_digits import factorize
@@ -107,15 +113,24 @@ class Net(nnx.Module):
 # --- Methods: each builds, in place, a factorized model from a trained one.
 # A builder takes `(model, budget, sample)`: the model (a copy of the trained
 # dense one), the FLOP fraction (None for a method without a budget) and a
-# batch of training images for `factorize(inputs=...)`; it returns a note
-# (empty, or what the row should say).
+# batch of training images and labels (`sample.images` for
+# `factorize(inputs=...)`, both for a loss); it returns a note (empty, or
+# what the row should say).
+
+
+@dataclasses.dataclass(frozen=True)
+class Sample:
+  """Training images (what `factorize` records) and their labels."""
+
+  images: np.ndarray
+  labels: np.ndarray
 
 
 @dataclasses.dataclass(frozen=True)
 class Method:
   """A row of the table: how to build it, and whether it takes a budget."""
 
-  build: Callable[[Net, float | None, np.ndarray], str]
+  build: Callable[[Net, float | None, Sample], str]
   description: str
   budgeted: bool = True
 
@@ -124,7 +139,9 @@ def spectral(cls, *, data_aware=False):
   """One `factorize` at `Budget(flops=f)`: ranks from the spectra."""
 
   def build(model, budget, sample):
-    return factorize(model, cls, budget, sample, data_aware, "factorized")
+    return factorize(
+      model, cls, budget, sample.images, data_aware, "factorized"
+    )
 
   return build
 
@@ -142,7 +159,7 @@ def uniform(cls):
           model,
           cls,
           budget=jaxfactor.Budget(flops=budget),
-          inputs=sample,
+          inputs=sample.images,
           filter=lambda path, conv, name=name: path == (name,),
         )
       except ValueError as error:
@@ -157,7 +174,86 @@ def uniform(cls):
 def vbmf_tucker(model, budget, sample):
   """Kim et al. 2016: Tucker-2 at the ranks VBMF keeps, no budget."""
   del budget
-  jaxfactor.nnx.factorize(model, jaxfactor.Tucker, rank="vbmf", inputs=sample)
+  jaxfactor.nnx.factorize(
+    model, jaxfactor.Tucker, rank="vbmf", inputs=sample.images
+  )
+  return ""
+
+
+def sample_loss(model, batch):
+  """Mean cross-entropy of `model` on `(images, labels)`."""
+  images, labels = batch
+  return optax.softmax_cross_entropy_with_integer_labels(
+    model(images), labels
+  ).mean()
+
+
+def loss_aware_tucker(model, budget, sample):
+  """Tucker at `Budget(flops=f)`, each layer's candidate ranks scored by the
+  loss increase they cause on the sample (`criterion="loss"`)."""
+  jaxfactor.nnx.factorize(
+    model,
+    jaxfactor.Tucker,
+    budget=jaxfactor.Budget(flops=budget),
+    inputs=sample.images,
+    criterion="loss",
+    loss_fn=sample_loss,
+    calibration=(sample.images, sample.labels),
+  )
+  return ""
+
+
+def stable_cp(model, budget, sample):
+  """CP at the spectral budget, fitted by norm-constrained ALS
+  (`norm_bound=2`: no rank-1 term's norm grows past twice the kernel's)."""
+  jaxfactor.nnx.factorize(
+    model,
+    jaxfactor.CP,
+    budget=jaxfactor.Budget(flops=budget),
+    inputs=sample.images,
+    norm_bound=2.0,
+  )
+  return ""
+
+
+# Learned ranks: start at twice the budget, train with the rank penalty,
+# then prune to the budget.
+LEARNED_STEPS = 60
+LEARNED_LEARNING_RATE = 1e-3
+LEARNED_STRENGTH = 1e-2
+
+
+def learned_tucker(model, budget, sample):
+  """Tucker at twice the budget's FLOPs (spectral ranks), LEARNED_STEPS Adam
+  steps on the sample with `rank_penalty` driving rank components to zero,
+  then `prune_ranks` to the budget (the weakest components across layers
+  go first). Its "after factorizing" accuracy includes those steps."""
+  jaxfactor.nnx.factorize(
+    model,
+    jaxfactor.Tucker,
+    budget=jaxfactor.Budget(flops=min(1.0, 2 * budget)),
+    inputs=sample.images,
+  )
+  tx = optax.chain(
+    optax.adam(LEARNED_LEARNING_RATE),
+    jaxfactor.nnx.rank_penalty(
+      model, strength=LEARNED_STRENGTH, learning_rate=LEARNED_LEARNING_RATE
+    ),
+  )
+  optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
+
+  @nnx.jit
+  def step(model, optimizer, batch):
+    grads = nnx.grad(sample_loss)(model, batch)
+    optimizer.update(model, grads)
+
+  rng = np.random.default_rng(0)
+  for _ in range(LEARNED_STEPS):
+    index = rng.choice(len(sample.images), 64, replace=False)
+    step(model, optimizer, (sample.images[index], sample.labels[index]))
+  jaxfactor.nnx.prune_ranks(
+    model, budget=jaxfactor.Budget(flops=budget), inputs=sample.images
+  )
   return ""
 
 
@@ -193,6 +289,14 @@ METHODS = {
     uniform(jaxfactor.SpatiallySeparable),
     "Jaderberg et al. 2014: SpatiallySeparable, uniform ranks",
   ),
+  "loss-tucker": Method(
+    loss_aware_tucker, "Tucker, ranks scored by the loss on the sample"
+  ),
+  "learned-tucker": Method(
+    learned_tucker,
+    "Tucker, ranks learned with rank_penalty, pruned to the budget",
+  ),
+  "stable-cp": Method(stable_cp, "CP by norm-constrained ALS (norm_bound=2)"),
   "zhang2016": Method(
     spectral(jaxfactor.LowRank, data_aware=True),
     "Zhang et al. 2016: LowRank, data-aware, spectral ranks",
@@ -537,7 +641,7 @@ def main():
   timing_batch = np.resize(x_test, (args.timing_batch, *x_test.shape[1:]))
   # The recorded inputs give each conv's input shape (for FLOP budgets) and
   # its activations (for the data-aware decomposition).
-  sample = x_train[: args.sample_size]
+  sample = Sample(x_train[: args.sample_size], data[1][: args.sample_size])
   jobs = [
     (name, budget)
     for name in args.methods
