@@ -228,6 +228,14 @@ def learned_tucker(model, budget, sample):
   steps on the sample with `rank_penalty` driving rank components to zero,
   then `prune_ranks` to the budget (the weakest components across layers
   go first). Its "after factorizing" accuracy includes those steps."""
+  dense_flops = {
+    name: jaxfactor.cost(
+      getattr(model, name).kernel[...],
+      shape,
+      padding=getattr(model, name).padding,
+    ).flops
+    for name, shape in Net.CONV_INPUT_SHAPES.items()
+  }
   jaxfactor.nnx.factorize(
     model,
     jaxfactor.Tucker,
@@ -251,8 +259,21 @@ def learned_tucker(model, budget, sample):
   for _ in range(LEARNED_STEPS):
     index = rng.choice(len(sample.images), 64, replace=False)
     step(model, optimizer, (sample.images[index], sample.labels[index]))
+  # `prune_ranks` budgets the factorized layers: the convs kept dense take
+  # their share of the model's budget first.
+  total = sum(dense_flops.values())
+  kept = sum(
+    flops
+    for name, flops in dense_flops.items()
+    if isinstance(getattr(model, name), nnx.Conv)
+  )
+  fraction = (budget * total - kept) / (total - kept)
+  if fraction <= 0:
+    return "budget out of reach: the dense convs alone exceed it"
   jaxfactor.nnx.prune_ranks(
-    model, budget=jaxfactor.Budget(flops=budget), inputs=sample.images
+    model,
+    budget=jaxfactor.Budget(flops=min(1.0, fraction)),
+    inputs=sample.images,
   )
   return ""
 
