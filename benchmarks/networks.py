@@ -101,6 +101,8 @@ FORMATS = {
 NETWORKS = {
   "mobilenet_v1_1.0": ("mobilenet_v1", 1.0, 0.125),
   "mobilenet_v1_0.5": ("mobilenet_v1", 0.5, 0.0625),
+  # MobileNet v1 with each depthwise-separable pair a dense 3x3 conv.
+  "mobilenet_v1_dense": ("mobilenet_v1_dense", 1.0, 0.125),
   "mobilenet_v2": ("mobilenet_v2", 1.0, 0.25),
   "resnet18_dense": ("resnet18", 1.0, 0.125),
   "resnet18_tucker": ("resnet18", 1.0, 0.125),
@@ -122,13 +124,19 @@ BUILDS = ("jaxfactor", "flax", "torch", "keras")
 #   ("head", C, classes)            global average pool, then a linear layer
 
 
-def mobilenet_v1(width, classes=1000, blocks=V1_BLOCKS):
-  """MobileNet v1's layers at `width` (channels `int(c * width)`, as Keras)."""
+def mobilenet_v1(width, classes=1000, blocks=V1_BLOCKS, dense=False):
+  """MobileNet v1's layers at `width` (channels `int(c * width)`, as Keras);
+  with `dense`, its dense-conv twin: each depthwise 3x3 + pointwise pair a
+  dense 3x3 conv of the same channels and stride."""
   ch = lambda c: max(1, int(c * width))
   c = ch(32)
   layers = [("conv", 3, c, 3, 2), ("bn", c), ("relu",)]
   for f, stride in blocks:
     f = ch(f)
+    if dense:
+      layers += [("conv", c, f, 3, stride), ("bn", f), ("relu",)]
+      c = f
+      continue
     layers += [
       ("dw", c, stride),
       ("bn", c),
@@ -299,11 +307,15 @@ def network(name, quick, size, fraction):
   if not quick:
     if family == "mobilenet_v1":
       return mobilenet_v1(width), None
+    if family == "mobilenet_v1_dense":
+      return mobilenet_v1(width, dense=True), None
     if family == "mobilenet_v2":
       return mobilenet_v2(width), None
     return resnet18(width, size, format, fraction)
   if family == "mobilenet_v1":
     return mobilenet_v1(quick_width, blocks=V1_BLOCKS[:3]), None
+  if family == "mobilenet_v1_dense":
+    return mobilenet_v1(quick_width, blocks=V1_BLOCKS[:3], dense=True), None
   if family == "mobilenet_v2":
     return mobilenet_v2(quick_width, stages=V2_STAGES[:2]), None
   return resnet18(
@@ -1066,7 +1078,11 @@ def main():
     "--rounds", type=int, default=None, help="interleaved rounds (default 7)"
   )
   parser.add_argument(
-    "--networks", nargs="*", choices=list(NETWORKS), default=list(NETWORKS)
+    "--networks",
+    nargs="*",
+    choices=list(NETWORKS),
+    # The dense twin is slow (about 8x MobileNet v1's FLOPs): on request.
+    default=[name for name in NETWORKS if name != "mobilenet_v1_dense"],
   )
   parser.add_argument(
     "--builds", nargs="*", choices=BUILDS, default=list(BUILDS)
