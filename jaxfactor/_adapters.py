@@ -281,7 +281,11 @@ def _as_low_rank(update: formats.Format) -> formats.LowRank:
       (1,) * (taps.ndim - 1) + update.in_proj.shape
     )
     return formats.LowRank(spatial, update.out_proj)
-  assert isinstance(update, formats.LowRank)
+  if not isinstance(update, formats.LowRank):
+    raise TypeError(
+      f"a {type(update).__name__} update has no LowRank form here;"
+      " expected LowRank, Tucker or CP."
+    )
   return update
 
 
@@ -299,7 +303,11 @@ def _as_tucker(update: formats.Format) -> formats.Tucker:
     eye = _eye(update.rank, taps)
     core = taps[..., None] * eye.reshape((1,) * (taps.ndim - 1) + eye.shape)
     return formats.Tucker(update.in_proj, core, update.out_proj)
-  assert isinstance(update, formats.Tucker)
+  if not isinstance(update, formats.Tucker):
+    raise TypeError(
+      f"a {type(update).__name__} update has no Tucker form here;"
+      " expected Tucker, LowRank or CP."
+    )
   return update
 
 

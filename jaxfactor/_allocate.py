@@ -358,7 +358,8 @@ def choose(
     if criterion == "loss":
       keep = subsample(costs, dense, LOSS_CANDIDATES)
       ranks, costs = [ranks[i] for i in keep], [costs[i] for i in keep]
-      assert losses is not None
+      if losses is None:
+        raise ValueError(f'{fn}: criterion="loss" needs a `loss_fn`.')
       penalties = loss_increases(
         site,
         cls,
