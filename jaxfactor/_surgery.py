@@ -21,6 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxfactor import _adapters
 from jaxfactor import _allocate
 from jaxfactor import _cost
 from jaxfactor import _decompose
@@ -703,6 +704,49 @@ class AdaptationReport:
       f" frozen {self.frozen}"
     )
     return "\n".join(rows)
+
+
+def choose_adapter(
+  fn: str,
+  cls: type[formats.Format],
+  path: tuple[Any, ...],
+  kernel_shape: tuple[int, ...],
+  groups: int,
+  base: str,
+  reason: str | None,
+  *,
+  rank: Any,
+  alpha: Any,
+  allow_larger: bool,
+) -> tuple[Any, Any, AdapterLayerReport | None]:
+  """One conv's adapter rank and alpha (`_adapters.choose`), unless
+  `reason` (or the choice) skips it: then `(None, None, report)`, the
+  report saying why. nnx's `adapt` and linen's `adapt_variables` share it."""
+  layer_rank = layer_alpha = None
+  if reason is None:
+    layer_rank, layer_alpha, reason = _adapters.choose(
+      fn,
+      cls,
+      "/".join(map(str, path)),
+      kernel_shape,
+      groups,
+      rank=rank,
+      alpha=alpha,
+      allow_larger=allow_larger,
+    )
+  if reason is None:
+    return layer_rank, layer_alpha, None
+  return (
+    None,
+    None,
+    AdapterLayerReport(
+      path=path,
+      kernel_shape=kernel_shape,
+      groups=groups,
+      base=base,
+      skipped=reason,
+    ),
+  )
 
 
 def adapter_flops(site: Site, update: Any, implementation: str) -> int | None:

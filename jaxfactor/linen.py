@@ -1109,7 +1109,6 @@ def adapt_variables(
       yield from layers((*path, name), value)
 
   for number, (path, tree) in enumerate(list(layers((), params))):
-    name = "/".join(path)
     found = None if convs is None else convs[path]
     module = None if found is None else found["module"]
     groups = getattr(module, "feature_group_count", 1)
@@ -1128,30 +1127,22 @@ def adapt_variables(
       or getattr(module, "mask", None) is not None
     ):
       reason = "input dilation or mask"
-    layer_rank = layer_alpha = None
     if reason is None and filter is not None and not filter(path, tree):
       reason = "not selected by the filter"
-    if reason is None:
-      layer_rank, layer_alpha, reason = _adapters.choose(
-        fn,
-        cls,
-        name,
-        shape,
-        groups,
-        rank=rank,
-        alpha=alpha,
-        allow_larger=allow_larger,
-      )
-    if reason is not None:
-      reports.append(
-        AdapterLayerReport(
-          path=path,
-          kernel_shape=shape,
-          groups=groups,
-          base=base_name,
-          skipped=reason,
-        )
-      )
+    layer_rank, layer_alpha, skipped = _surgery.choose_adapter(
+      fn,
+      cls,
+      path,
+      shape,
+      groups,
+      base_name,
+      reason,
+      rank=rank,
+      alpha=alpha,
+      allow_larger=allow_larger,
+    )
+    if skipped is not None:
+      reports.append(skipped)
       continue
     dtype = base.dtype if base is not None else meta.unbox(tree["kernel"]).dtype
     values = _adapters.init(

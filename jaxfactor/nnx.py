@@ -1600,34 +1600,25 @@ def adapt(
       continue
     if any(path[: len(a) + 1] == (*a, "base") for a in adapters):
       continue
-    name = "/".join(map(str, path))
     shape = _base_kernel_shape(module)
     groups = getattr(module, "feature_group_count", 1)
     reason = _unsupported(module) if isinstance(module, nnx.Conv) else None
-    layer_rank = layer_alpha = None
     if reason is None and not select(path, module):
       reason = "not selected by the filter"
-    if reason is None:
-      layer_rank, layer_alpha, reason = _adapters.choose(
-        fn,
-        cls,
-        name,
-        shape,
-        groups,
-        rank=rank,
-        alpha=alpha,
-        allow_larger=allow_larger,
-      )
-    if reason is not None:
-      skipped.append(
-        AdapterLayerReport(
-          path=path,
-          kernel_shape=shape,
-          groups=groups,
-          base=_base_name(module),
-          skipped=reason,
-        )
-      )
+    layer_rank, layer_alpha, report = _surgery.choose_adapter(
+      fn,
+      cls,
+      path,
+      shape,
+      groups,
+      _base_name(module),
+      reason,
+      rank=rank,
+      alpha=alpha,
+      allow_larger=allow_larger,
+    )
+    if report is not None:
+      skipped.append(report)
       continue
     targets[path] = (layer_rank, layer_alpha)
   recorded = (
