@@ -37,6 +37,7 @@ from flax.core import meta
 from jaxfactor import _cost
 from jaxfactor import _formats as formats
 from jaxfactor import _ranks
+from jaxfactor import _surgery
 
 # The formats whose ranks are sums of separable components. A
 # DepthwiseSeparable's channel multiplier is not: its m filters per input
@@ -368,13 +369,11 @@ class PruningReport:
 
   @property
   def flops_before(self) -> int | None:
-    values = [layer.flops_before for layer in self.pruned]
-    return None if None in values else sum(values)  # type: ignore[arg-type]
+    return _surgery.total([layer.flops_before for layer in self.pruned])
 
   @property
   def flops_after(self) -> int | None:
-    values = [layer.flops_after for layer in self.pruned]
-    return None if None in values else sum(values)  # type: ignore[arg-type]
+    return _surgery.total([layer.flops_after for layer in self.pruned])
 
   @property
   def ranks(self) -> dict[str, Any]:

@@ -29,6 +29,14 @@ from jaxfactor import _formats as formats
 from jaxfactor import _ranks
 
 
+def total(values: Sequence[int | None]) -> int | None:
+  """The sum of per-layer counts; None if any is unknown (a layer without
+  a recorded input has no FLOP count)."""
+  if any(v is None for v in values):
+    return None
+  return sum(v for v in values if v is not None)
+
+
 @dataclasses.dataclass(frozen=True)
 class LayerReport:
   """What model-level factorization did to one convolution.
@@ -98,13 +106,11 @@ class FactorizationReport:
 
   @property
   def flops_before(self) -> int | None:
-    values = [layer.flops_before for layer in self.factorized]
-    return None if None in values else sum(values)  # type: ignore[arg-type]
+    return total([layer.flops_before for layer in self.factorized])
 
   @property
   def flops_after(self) -> int | None:
-    values = [layer.flops_after for layer in self.factorized]
-    return None if None in values else sum(values)  # type: ignore[arg-type]
+    return total([layer.flops_after for layer in self.factorized])
 
   @property
   def ranks(self) -> dict[str, Any]:
@@ -666,8 +672,7 @@ class AdaptationReport:
 
   @property
   def extra_flops(self) -> int | None:
-    values = [layer.extra_flops for layer in self.adapted]
-    return None if None in values else sum(values)  # type: ignore[arg-type]
+    return total([layer.extra_flops for layer in self.adapted])
 
   @property
   def ranks(self) -> dict[str, Any]:
