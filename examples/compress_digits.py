@@ -114,10 +114,11 @@ def load_data(train_size=None):
   return x_train, y_train, x_test, y_test
 
 
-def conv_cost(model: Net) -> jaxfactor.Cost:
-  """Parameters and FLOPs per image of the model's convs, dense or not."""
+def conv_cost(model) -> jaxfactor.Cost:
+  """Parameters and FLOPs per image of the model's convs, dense or not (the
+  convs and their input shapes: `model.CONV_INPUT_SHAPES`)."""
   params = flops = 0
-  for name, shape in Net.CONV_INPUT_SHAPES.items():
+  for name, shape in model.CONV_INPUT_SHAPES.items():
     layer = getattr(model, name)
     if isinstance(layer, nnx.Conv):
       kernel, implementation = layer.kernel[...], "auto"
@@ -134,10 +135,11 @@ def num_params(model: nnx.Module) -> int:
   return sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
 
 
-def layer_ranks(model: Net) -> str:
-  """Each conv's rank, e.g. "- 9 24" ("-": still dense; "8x16": Tucker)."""
+def layer_ranks(model) -> str:
+  """Each conv's rank, e.g. "- 9 24" ("-": still dense; "8x16": Tucker), in
+  the order of `model.CONV_INPUT_SHAPES`."""
   out = []
-  for name in Net.CONV_INPUT_SHAPES:
+  for name in model.CONV_INPUT_SHAPES:
     layer = getattr(model, name)
     rank = "-" if isinstance(layer, nnx.Conv) else layer.rank
     out.append(

@@ -60,7 +60,9 @@ import optax
 import pandas
 from compress_digits import accuracy
 from compress_digits import compiled_forward
+from compress_digits import conv_cost
 from compress_digits import factorize
+from compress_digits import layer_ranks
 from compress_digits import median_ms
 from compress_digits import num_params
 from compress_digits import train
@@ -380,34 +382,6 @@ def load_data(train_size=None):
   if train_size is not None:
     x_train, y_train = x_train[:train_size], y_train[:train_size]
   return x_train, y_train, x_test, y_test
-
-
-def conv_cost(model: Net) -> jaxfactor.Cost:
-  """Parameters and FLOPs per image of the model's convs, dense or not."""
-  params = flops = 0
-  for name, shape in Net.CONV_INPUT_SHAPES.items():
-    layer = getattr(model, name)
-    if isinstance(layer, nnx.Conv):
-      kernel, implementation = layer.kernel[...], "auto"
-    else:
-      kernel, implementation = layer.factors, layer.implementation
-    c = jaxfactor.cost(
-      kernel, shape, padding=layer.padding, implementation=implementation
-    )
-    params, flops = params + c.params, flops + c.flops
-  return jaxfactor.Cost(params=params, flops=flops)
-
-
-def layer_ranks(model: Net) -> str:
-  """Each conv's rank, e.g. "- 12 8x8 ..." ("-": dense; "8x8": Tucker)."""
-  out = []
-  for name in Net.CONV_INPUT_SHAPES:
-    layer = getattr(model, name)
-    rank = "-" if isinstance(layer, nnx.Conv) else layer.rank
-    out.append(
-      "x".join(map(str, rank)) if isinstance(rank, tuple) else str(rank)
-    )
-  return " ".join(out)
 
 
 def spread(values):
